@@ -1,2 +1,233 @@
-def main() -> int:
+"""`backrest-relay`: the command Backrest's hook runs, and the tools around it.
+
+Exit codes are a contract (docs/cli.md): 0 ok · 1 unexpected · 2 usage/config · 3 local
+repository integrity · 4 destination · 5 safety guard · 6 deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from local_agent import __version__
+from local_agent.errors import ConfigError, ExitCode, RelayError
+from local_agent.redact import REDACTOR, RedactingFormatter
+
+log = logging.getLogger("backrest_relay")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # exit 2 with our prefix, never a traceback
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"backrest-relay: error: {message}\n")
+        raise SystemExit(int(ExitCode.USAGE))
+
+
+def _repo_args(p: argparse.ArgumentParser, *, required_id: bool = False) -> None:
+    p.add_argument("--repo", help="repository path (also local:/path); else from Backrest")
+    p.add_argument("--repo-id", required=required_id, help="Backrest repository id")
+    p.add_argument("--repo-guid", help="restic repository id (Backrest's {{ .Repo.Guid }})")
+    p.add_argument("--config", help="config file (default: $BACKREST_RELAY_CONFIG or XDG)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="backrest-relay",
+        description="Verified off-site copies of Backrest/restic repositories.",
+    )
+    parser.add_argument("--version", action="version", version=f"backrest-relay {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    up = sub.add_parser("upload", help="mirror a restic repository to the destination")
+    _repo_args(up)
+    up.add_argument("--trigger", default="manual", help="what started the run ({{ .Event }})")
+    up.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    up.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+    up.add_argument(
+        "--reconcile",
+        action="store_true",
+        help="re-read the destination listing once instead of trusting the state store",
+    )
+
+    hook = sub.add_parser("hook-snippet", help="print the Backrest hook that runs the upload")
+    hook.add_argument("--repo-id", required=True, help="Backrest repository id")
+    hook.add_argument("--format", choices=("json", "text"), default="text")
+    hook.add_argument("--config", help="config file the hook should pass to the agent")
+
+    doctor = sub.add_parser("doctor", help="check config, credentials, bucket, clock")
+    _repo_args(doctor)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline against an embedded endpoint")
+    demo.add_argument("--keep", action="store_true", help="keep the demo's temporary files")
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("backrest-relay: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    level = logging.DEBUG if verbose else logging.INFO
+    for name in ("backrest_relay", "local_agent", "cloud"):
+        logging.getLogger(name).setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(_dispatch(args))
+    except RelayError as exc:
+        sys.stderr.write(REDACTOR(f"backrest-relay: error: {exc.message}") + "\n")
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("backrest-relay: interrupted\n")
+        return 130
+    except Exception as exc:  # last resort: one line, no traceback unless -v
+        if args.verbose:
+            log.exception("unexpected error")
+        sys.stderr.write(
+            REDACTOR(f"backrest-relay: unexpected error: {type(exc).__name__}: {exc}") + "\n"
+        )
+        return int(ExitCode.UNEXPECTED)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "upload":
+        return cmd_upload(args)
+    if args.command == "hook-snippet":
+        return cmd_hook_snippet(args)
+    if args.command == "doctor":
+        from local_agent.doctor import run_doctor
+
+        return run_doctor(args)
+    if args.command == "demo":
+        from local_agent.demo import run_demo
+
+        return run_demo(keep=args.keep)
+    raise ConfigError(f"unknown command {args.command}")
+
+
+# -- upload -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedRepo:
+    path: Path
+    repo_id: str | None
+    guid: str | None
+
+
+def resolve_repo(args: argparse.Namespace) -> ResolvedRepo:
+    """The repository from --repo, else from Backrest's config.json by --repo-id."""
+    from local_agent.backrest import find_backrest_repo, repo_path_from_uri
+    from local_agent.config import validate_repo_guid, validate_repo_id
+
+    repo_id = validate_repo_id(args.repo_id) if args.repo_id else None
+    guid = validate_repo_guid(args.repo_guid.lower()) if args.repo_guid else None
+    if args.repo:
+        return ResolvedRepo(repo_path_from_uri(args.repo), repo_id, guid)
+    if not repo_id:
+        raise ConfigError("pass --repo PATH, or --repo-id ID to read it from Backrest's config")
+    found = find_backrest_repo(repo_id)
+    if guid is None and found.guid:
+        guid = validate_repo_guid(found.guid.lower())
+    return ResolvedRepo(repo_path_from_uri(found.uri), repo_id, guid)
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from local_agent.config import load_config
+    from local_agent.upload import run_upload
+
+    loaded = load_config(args.config)
+    register_secrets(loaded.config)
+    repo = resolve_repo(args)
+    summary = run_upload(
+        loaded.config,
+        repo_path=repo.path,
+        repo_id=repo.repo_id,
+        repo_guid=repo.guid,
+        dry_run=args.dry_run,
+        reconcile=args.reconcile,
+        interactive=sys.stderr.isatty() and not args.json,
+    )
+    print_summary(summary.as_dict(), as_json=args.json)
+    return summary.exit_code
+
+
+def register_secrets(config: Any) -> None:
+    dest = config.destination
+    REDACTOR.add(dest.secret_access_key.get_secret_value(), dest.access_key_id)
+    REDACTOR.add(*(u.get_secret_value() for u in config.notify.urls))
+    REDACTOR.add(os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN"))
+
+
+def print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
+    from local_agent.units import format_duration, format_size
+
+    if as_json:
+        sys.stdout.write(REDACTOR(json.dumps(summary, sort_keys=True)) + "\n")
+    dest = summary["destination"]
+    where = f"{dest['bucket']}/{dest['prefix']}"
+    err = summary.get("error")
+    if summary["status"] == "dry-run":
+        plan = summary["plan"] or {}
+        lines = [f"dry run — nothing changed. Plan for {summary['repo_path']} → {where}:"]
+        for kind, item in plan.get("upload", {}).items():
+            if item["files"]:
+                lines.append(
+                    f"  upload {kind:<9} {item['files']:>7} files  {format_size(item['bytes'])}"
+                    + (
+                        f"  ({item['adopt_if_identical']} already there if identical)"
+                        if item["adopt_if_identical"]
+                        else ""
+                    )
+                )
+        lines.append(f"  delete {plan.get('delete', 0)} objects")
+        if plan.get("delete_guard") not in (None, "ok"):
+            lines.append(f"  the delete guard would refuse: {plan['delete_guard']}")
+        lines.append(f"  already at the destination: {summary['already_present']} files")
+        text = "\n".join(lines)
+    else:
+        text = (
+            f"{'mirrored' if not err else 'mirror FAILED'} {summary['repo_path']} → {where}: "
+            f"{summary['uploaded_files']} uploaded ({format_size(summary['uploaded_bytes'])}), "
+            f"{summary['already_present']} already there"
+            + (f", {summary['adopted_files']} adopted" if summary["adopted_files"] else "")
+            + (f", {summary['deleted_files']} deleted" if summary["deleted_files"] else "")
+            + f", {summary['requests']} requests, {format_duration(summary['duration_seconds'])}"
+        )
+    stream = sys.stderr if as_json else sys.stdout
+    stream.write(REDACTOR(text) + "\n")
+    if err:
+        sys.stderr.write(REDACTOR(f"backrest-relay: error: {err['message']}") + "\n")
+
+
+# -- hook-snippet --------------------------------------------------------------------------
+
+
+def cmd_hook_snippet(args: argparse.Namespace) -> int:
+    from local_agent.backrest import render_hook_snippet
+    from local_agent.config import find_config_path, validate_repo_id
+
+    repo_id = validate_repo_id(args.repo_id)
+    config_path = find_config_path(args.config)
+    executable = shutil.which("backrest-relay") or sys.argv[0]
+    text = render_hook_snippet(
+        repo_id,
+        executable=str(Path(executable).resolve()),
+        config_path=config_path.resolve() if config_path else None,
+        fmt=args.format,
+    )
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0

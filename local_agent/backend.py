@@ -1,0 +1,281 @@
+"""The destination bucket as the agent uses it: a handful of S3 calls, each turning
+botocore's exceptions into one sentence that names the object and the cause.
+
+botocore already retries 5xx, throttling and dropped connections (standard mode); what
+reaches this module is final. Request counts are kept so summaries and tests can prove
+that a run with nothing new made no request at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+
+from cloud.contracts.destination import Destination
+from local_agent.errors import ConfigError, DestinationError, RelayError
+
+if TYPE_CHECKING:
+    from types_boto3_s3 import S3Client
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    key: str  # repository-relative
+    size: int
+    etag: str
+
+    @property
+    def multipart(self) -> bool:
+        return "-" in self.etag
+
+
+@dataclass(frozen=True, slots=True)
+class ListedUpload:
+    key: str  # full object key
+    upload_id: str
+
+
+def md5_header(md5_hex: str) -> str:
+    return base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii")
+
+
+def _etag(value: str) -> str:
+    return value.strip('"')
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line cause without credentials (botocore never puts the secret in these)."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        err = response.get("Error", {})
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = err.get("Code", "error")
+        message = err.get("Message", "")
+        return f"{code} (HTTP {status}){': ' + message if message else ''}"
+    return str(exc) or type(exc).__name__
+
+
+def _is_sdk_error(exc: BaseException) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return isinstance(exc, BotoCoreError | ClientError)
+
+
+def error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code"))
+    return None
+
+
+class Backend:
+    """The destination's S3 operations. The client is made on first use, so a run with
+    nothing to send neither imports the SDK nor opens a connection."""
+
+    def __init__(self, client_factory: Callable[[], S3Client], destination: Destination) -> None:
+        self._client_factory = client_factory
+        self._client: S3Client | None = None
+        self.destination = destination
+        self.bucket = destination.bucket
+        self._requests = 0
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> S3Client:
+        with self._lock:
+            if self._client is None:
+                self._client = self._client_factory()
+                self._client.meta.events.register("before-send.s3", self._count)
+            return self._client
+
+    def _count(self, **_: Any) -> None:
+        with self._lock:
+            self._requests += 1
+
+    @property
+    def requests(self) -> int:
+        """HTTP requests sent so far, retries included."""
+        return self._requests
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except Exception as exc:
+            if _is_sdk_error(exc):
+                raise self._translate(what, exc) from exc
+            raise
+
+    def _translate(self, what: str, exc: Exception) -> RelayError:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+        if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+            return ConfigError(
+                "no credentials for the destination: set destination.access_key_id and "
+                "destination.secret_access_key, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "or an AWS profile"
+            )
+        hint = ""
+        code = error_code(exc)
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+            hint = " — check the key, its capabilities and its bucket/prefix restriction"
+        elif code == "NoSuchBucket":
+            hint = f" — bucket {self.bucket!r} does not exist at this endpoint"
+        elif code == "RequestTimeTooSkewed":
+            hint = " — the system clock is off; fix NTP"
+        return DestinationError(f"{what}: {describe_error(exc)}{hint}")
+
+    # -- objects --------------------------------------------------------------------------
+
+    def put(self, key: str, body: bytes | BinaryIO, size: int, md5_hex: str) -> str:
+        full = self.destination.key(key)
+        resp = self._call(
+            f"upload of {key}",
+            lambda: self.client.put_object(
+                Bucket=self.bucket,
+                Key=full,
+                Body=body,
+                ContentLength=size,
+                ContentMD5=md5_header(md5_hex),
+                ContentType="application/octet-stream",
+            ),
+        )
+        return _etag(resp["ETag"])
+
+    def delete(self, key: str) -> None:
+        # One DeleteObject per key: DeleteObjects needs a body checksum that B2 refuses
+        # in its flexible form and botocore no longer sends as Content-MD5.
+        full = self.destination.key(key)
+        self._call(
+            f"delete of {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=full)
+        )
+
+    def list(self, prefix: str = "") -> Iterator[Listed]:
+        """Every object under the destination prefix (+ `prefix`), 1000 per request."""
+        base = self.destination.key(prefix) if prefix else self.destination.key("")
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base, "MaxKeys": 1000}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call(
+                f"listing of {self.destination.describe()}",
+                lambda kw=kwargs: self.client.list_objects_v2(**kw),  # type: ignore[misc]
+            )
+            for item in page.get("Contents", []):
+                relative = self.destination.relative(item["Key"])
+                if relative:
+                    yield Listed(relative, int(item["Size"]), _etag(item.get("ETag", "")))
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+
+    # -- multipart ------------------------------------------------------------------------
+
+    def create_multipart(self, key: str) -> str:
+        full = self.destination.key(key)
+        resp = self._call(
+            f"start of multipart upload of {key}",
+            lambda: self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=full, ContentType="application/octet-stream"
+            ),
+        )
+        return resp["UploadId"]
+
+    def upload_part(
+        self, key: str, upload_id: str, number: int, body: bytes | BinaryIO, size: int, md5: str
+    ) -> str:
+        full = self.destination.key(key)
+        resp = self._call(
+            f"upload of part {number} of {key}",
+            lambda: self.client.upload_part(
+                Bucket=self.bucket,
+                Key=full,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
+                ContentLength=size,
+                ContentMD5=md5_header(md5),
+            ),
+        )
+        return _etag(resp["ETag"])
+
+    def list_parts(self, key: str, upload_id: str) -> dict[int, tuple[str, int]] | None:
+        """Part number → (ETag, size) of an unfinished upload; None if it no longer exists."""
+        full = self.destination.key(key)
+        parts: dict[int, tuple[str, int]] = {}
+        marker = 0
+        while True:
+            try:
+                page = self.client.list_parts(
+                    Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumberMarker=marker
+                )
+            except Exception as exc:
+                if error_code(exc) in ("NoSuchUpload", "404", "NotFound"):
+                    return None
+                if _is_sdk_error(exc):
+                    raise self._translate(f"listing parts of {key}", exc) from exc
+                raise
+            for part in page.get("Parts", []):
+                parts[int(part["PartNumber"])] = (_etag(part["ETag"]), int(part["Size"]))
+            if not page.get("IsTruncated"):
+                return parts
+            marker = int(page.get("NextPartNumberMarker", 0))
+            if not marker:
+                return parts
+
+    def complete_multipart(self, key: str, upload_id: str, etags: dict[int, str]) -> str:
+        full = self.destination.key(key)
+        parts = [{"PartNumber": n, "ETag": f'"{etags[n]}"'} for n in sorted(etags)]
+        resp = self._call(
+            f"completion of multipart upload of {key}",
+            lambda: self.client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=full,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+            ),
+        )
+        return _etag(resp.get("ETag", ""))
+
+    def abort_multipart(self, full_key: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=upload_id)
+        except Exception as exc:
+            if error_code(exc) in ("NoSuchUpload", "404", "NotFound"):
+                return
+            if _is_sdk_error(exc):
+                raise self._translate(f"abort of multipart upload of {full_key}", exc) from exc
+            raise
+
+    def list_multipart_uploads(self) -> Iterator[ListedUpload]:
+        base = self.destination.key("")
+        key_marker = ""
+        id_marker = ""
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base}
+            if key_marker:
+                kwargs["KeyMarker"] = key_marker
+                kwargs["UploadIdMarker"] = id_marker
+            try:
+                page = self.client.list_multipart_uploads(**kwargs)
+            except Exception as exc:
+                # rclone's S3 server answers NoSuchUpload when there are none.
+                if error_code(exc) == "NoSuchUpload":
+                    return
+                if _is_sdk_error(exc):
+                    what = f"listing unfinished uploads in {self.destination.describe()}"
+                    raise self._translate(what, exc) from exc
+                raise
+            for upload in page.get("Uploads", []):
+                yield ListedUpload(upload["Key"], upload["UploadId"])
+            if not page.get("IsTruncated"):
+                return
+            key_marker = page.get("NextKeyMarker", "")
+            id_marker = page.get("NextUploadIdMarker", "")
+            if not key_marker:
+                return

@@ -1,0 +1,352 @@
+"""The agent's configuration: one TOML file, overridable key by key from the environment.
+
+Validation happens before anything touches the repository or the bucket, and every
+message names the key (and the file or environment variable it came from), because the
+only place a Backrest user sees it is a hook log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from cloud.contracts.destination import Destination, Provider
+from cloud.integrations.s3 import S3Access
+from local_agent.errors import ConfigError
+from local_agent.units import parse_duration, parse_rate, parse_size
+
+ENV_PREFIX = "BACKREST_RELAY_"
+CONFIG_ENV = "BACKREST_RELAY_CONFIG"
+_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
+_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_GUID_RE = re.compile(r"^[0-9a-f]{64}$")
+_B2_HOST_RE = re.compile(r"^https?://s3\.([a-z0-9-]+)\.backblazeb2\.com/?$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DestinationConfig(_Section):
+    provider: Provider = "b2"
+    endpoint_url: str = ""
+    region: str = ""
+    bucket: str = Field(min_length=1)
+    prefix: str = "restic/{repo_id}"
+    access_key_id: str = ""
+    secret_access_key: SecretStr = SecretStr("")
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, value: str) -> str:
+        # B2 also allows upper case letters in legacy names; S3 does not. Be lenient.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]", value):
+            raise ValueError(f"{value!r} is not a valid bucket name")
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if value and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"{value!r} must start with https:// or http://")
+        return value.rstrip("/")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        for name in _PLACEHOLDER_RE.findall(value):
+            if name not in ("repo_id", "repo_guid"):
+                raise ValueError(
+                    f"unknown placeholder {{{name}}} (use {{repo_id}} or {{repo_guid}})"
+                )
+        if ".." in value.split("/"):
+            raise ValueError("must not contain '..'")
+        return value.strip("/")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DestinationConfig:
+        if bool(self.access_key_id) != bool(self.secret_access_key.get_secret_value()):
+            raise ValueError(
+                "set both access_key_id and secret_access_key, or neither "
+                "(then the standard AWS credential chain is used)"
+            )
+        if self.provider == "s3" and not self.endpoint_url:
+            raise ValueError("provider 's3' needs endpoint_url")
+        if self.provider == "b2" and not self.endpoint_url and not self.region:
+            raise ValueError("provider 'b2' needs endpoint_url or region")
+        if self.provider == "b2" and not self.region:
+            match = _B2_HOST_RE.match(self.endpoint_url)
+            if match:
+                self.region = match.group(1)
+        return self
+
+    def access(self) -> S3Access:
+        return S3Access(
+            provider=self.provider,
+            endpoint_url=self.endpoint_url or None,
+            region=self.region or None,
+            access_key_id=self.access_key_id or None,
+            secret_access_key=self.secret_access_key.get_secret_value() or None,
+        )
+
+
+class UploadConfig(_Section):
+    concurrency: int = Field(default=8, ge=1, le=64)
+    delete: bool = False
+    max_delete_percent: float = Field(default=10, ge=0, le=100)
+    bandwidth_limit: str = ""
+    deadline: str = "6h"
+    multipart_threshold: str = "64MiB"
+    part_size: str = "16MiB"
+    lock_wait: str = "2m"
+
+    @field_validator("bandwidth_limit")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        parse_rate(value)
+        return value
+
+    @field_validator("deadline", "lock_wait")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        if parse_duration(value) <= 0:
+            raise ValueError("must be longer than zero")
+        return value
+
+    @field_validator("multipart_threshold", "part_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        size = parse_size(value)
+        if size < 5 * 1024**2 or size > 5 * 1024**3:
+            raise ValueError("must be between 5MiB and 5GiB (S3 part size limits)")
+        return value
+
+    @property
+    def deadline_seconds(self) -> float:
+        return parse_duration(self.deadline)
+
+    @property
+    def lock_wait_seconds(self) -> float:
+        return parse_duration(self.lock_wait)
+
+    @property
+    def bandwidth_bytes_per_second(self) -> int | None:
+        return parse_rate(self.bandwidth_limit)
+
+    @property
+    def multipart_threshold_bytes(self) -> int:
+        return parse_size(self.multipart_threshold)
+
+    @property
+    def part_size_bytes(self) -> int:
+        return parse_size(self.part_size)
+
+
+class EventsConfig(_Section):
+    publisher: Literal["local", "eventbridge", "none"] = "local"
+    event_bus: str = "backrest-relay"
+    region: str = ""
+    endpoint_url: str = ""
+
+
+class NotifyConfig(_Section):
+    urls: list[SecretStr] = Field(default_factory=list)
+    success: Literal["always", "on_recovery", "never"] = "on_recovery"
+
+
+class StateConfig(_Section):
+    dir: str = ""
+
+    def path(self, env: Mapping[str, str] = os.environ) -> Path:
+        if self.dir:
+            return Path(os.path.expandvars(self.dir)).expanduser()
+        base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "backrest-relay"
+
+
+class RelayConfig(_Section):
+    destination: DestinationConfig
+    upload: UploadConfig = Field(default_factory=UploadConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+
+    def destination_for(self, *, repo_id: str | None, repo_guid: str | None) -> Destination:
+        """The destination with `{repo_id}`/`{repo_guid}` expanded in its prefix."""
+        template = self.destination.prefix
+        values = {"repo_id": repo_id, "repo_guid": repo_guid}
+        for name in _PLACEHOLDER_RE.findall(template):
+            if not values[name]:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(
+                    f"config: destination.prefix {template!r} uses {{{name}}}: pass {flag}"
+                )
+        prefix = _PLACEHOLDER_RE.sub(lambda m: values[m.group(1)] or "", template).strip("/")
+        return Destination(
+            provider=self.destination.provider,
+            endpoint_url=self.destination.access().resolved_endpoint(),
+            bucket=self.destination.bucket,
+            prefix=prefix,
+        )
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: RelayConfig
+    path: Path | None
+
+
+def validate_repo_id(repo_id: str) -> str:
+    """Repository ids become part of object keys and file names: keep them tame."""
+    if not _REPO_ID_RE.match(repo_id):
+        raise ConfigError(
+            f"--repo-id {repo_id!r}: use letters, digits, '.', '-' and '_' (at most 128)"
+        )
+    return repo_id
+
+
+def validate_repo_guid(guid: str) -> str:
+    if not _GUID_RE.match(guid):
+        raise ConfigError(f"--repo-guid {guid!r}: expected restic's 64-character hex repository id")
+    return guid
+
+
+def default_config_path(env: Mapping[str, str] = os.environ) -> Path:
+    base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "backrest-relay" / "config.toml"
+
+
+def find_config_path(explicit: str | None, env: Mapping[str, str] = os.environ) -> Path | None:
+    """`--config`, else `$BACKREST_RELAY_CONFIG`, else the XDG default if it exists."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {path} (from --config) does not exist")
+        return path
+    if env.get(CONFIG_ENV):
+        path = Path(env[CONFIG_ENV]).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {path} (from ${CONFIG_ENV}) does not exist")
+        return path
+    path = default_config_path(env)
+    return path if path.is_file() else None
+
+
+def load_config(explicit: str | None = None, env: Mapping[str, str] = os.environ) -> LoadedConfig:
+    """Read, override from the environment and validate; ConfigError names what is wrong."""
+    path = find_config_path(explicit, env)
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path}: cannot read: {exc}") from None
+    sources = {key: f"{path}" for key in _flat_keys(raw)} if path else {}
+    _apply_env_overrides(raw, sources, env)
+    if "destination" not in raw:
+        where = (
+            f"config file {path}"
+            if path
+            else (
+                f"no config file (looked for --config, ${CONFIG_ENV}, {default_config_path(env)})"
+            )
+        )
+        raise ConfigError(
+            f"{where}: missing [destination] section with at least `bucket` "
+            f"(or set {ENV_PREFIX}DESTINATION__BUCKET)"
+        )
+    try:
+        config = RelayConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc, sources, path)) from None
+    return LoadedConfig(config=config, path=path)
+
+
+def _flat_keys(raw: Mapping[str, Any]) -> list[str]:
+    keys: list[str] = []
+    for section, body in raw.items():
+        if isinstance(body, dict):
+            keys.extend(f"{section}.{key}" for key in body)
+        else:
+            keys.append(section)
+    return keys
+
+
+def _section_fields() -> dict[str, set[str]]:
+    fields = {}
+    for name, info in RelayConfig.model_fields.items():
+        annotation = info.annotation
+        assert isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        fields[name] = set(annotation.model_fields)
+    return fields
+
+
+def _apply_env_overrides(
+    raw: dict[str, Any], sources: dict[str, str], env: Mapping[str, str]
+) -> None:
+    known = _section_fields()
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or "__" not in var:
+            continue
+        section, _, key = var[len(ENV_PREFIX) :].lower().partition("__")
+        if section not in known or key not in known[section]:
+            raise ConfigError(
+                f"environment variable {var}: no such setting {section}.{key} "
+                f"(settings: {', '.join(f'{s}.{k}' for s in known for k in sorted(known[s]))})"
+            )
+        body = raw.setdefault(section, {})
+        if not isinstance(body, dict):
+            raise ConfigError(f"config: {section} must be a table, like [{section}]")
+        value: Any = env[var]
+        if (section, key) == ("notify", "urls"):
+            value = _parse_list(var, value)
+        body[key] = value
+        sources[f"{section}.{key}"] = f"${var}"
+
+
+def _parse_list(var: str, value: str) -> list[str]:
+    if value.strip().startswith("["):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            raise ConfigError(f"environment variable {var}: not a JSON list") from None
+        if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+            raise ConfigError(f"environment variable {var}: must be a list of strings")
+        return parsed
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _describe_validation_error(
+    exc: ValidationError, sources: Mapping[str, str], path: Path | None
+) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = ".".join(str(part) for part in error["loc"])
+        key = ".".join(str(part) for part in error["loc"][:2])
+        origin = sources.get(key) or (str(path) if path else "environment")
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting (check the spelling; see docs/configuration.md)"
+        elif error["type"] == "missing":
+            message = "required setting is missing"
+        # Never echo the offending value: it may be a secret.
+        lines.append(f"{loc}: {message} ({origin})")
+    return "config: " + "; ".join(lines)

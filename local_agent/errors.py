@@ -1,0 +1,65 @@
+"""Errors the agent reports, each bound to the exit code of the command contract.
+
+Backrest only sees the exit code and the hook log, so every error carries a sentence that
+names the file, key or setting at fault and what to do; none may carry a credential.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    UNEXPECTED = 1
+    USAGE = 2
+    LOCAL_INTEGRITY = 3
+    DESTINATION = 4
+    GUARD = 5
+    DEADLINE = 6
+
+
+class RelayError(Exception):
+    """Base of every error the CLI turns into a message and an exit code."""
+
+    exit_code: ExitCode = ExitCode.UNEXPECTED
+    kind: str = "unexpected"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(RelayError):
+    """Bad command line, config file, environment override or Backrest config."""
+
+    exit_code = ExitCode.USAGE
+    kind = "config"
+
+
+class RepositoryError(RelayError):
+    """The local repository is missing, not a restic repository, or corrupt."""
+
+    exit_code = ExitCode.LOCAL_INTEGRITY
+    kind = "local-integrity"
+
+
+class DestinationError(RelayError):
+    """The bucket could not be reached or refused a request after retries."""
+
+    exit_code = ExitCode.DESTINATION
+    kind = "destination"
+
+
+class GuardError(RelayError):
+    """A safety guard refused the run: nothing was deleted or overwritten."""
+
+    exit_code = ExitCode.GUARD
+    kind = "guard"
+
+
+class DeadlineError(RelayError):
+    """The run's deadline passed; the mirror is consistent and the next run resumes."""
+
+    exit_code = ExitCode.DEADLINE
+    kind = "deadline"

@@ -1,0 +1,443 @@
+"""One mirror run: from a local restic repository to the destination, in an order that
+keeps the remote copy usable whatever happens half-way.
+
+    scan → plan (state store; one listing on first run) → upload phase by phase
+    (config, keys, data, index, snapshots), each file hashed against its name first →
+    deletions (only when enabled, only after every upload succeeded, reverse order,
+    bounded by the mass-delete guard).
+
+A run with nothing new reads the directory tree and the state store and sends nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloud.contracts.destination import Destination
+from local_agent.backend import Backend, Listed
+from local_agent.deadline import StopRequested, StopSignal
+from local_agent.errors import (
+    DeadlineError,
+    DestinationError,
+    GuardError,
+    RelayError,
+    RepositoryError,
+)
+from local_agent.progress import Progress
+from local_agent.repository import (
+    DELETE_ORDER,
+    UPLOAD_ORDER,
+    Kind,
+    RepoFile,
+    RepositoryScan,
+    hash_file,
+    kind_of_key,
+    scan_repository,
+)
+from local_agent.state import RemoteObject, StateStore
+from local_agent.throttle import Throttle
+from local_agent.uploader import ObjectUploader
+
+log = logging.getLogger(__name__)
+
+KEEP_IN_MEMORY_BELOW = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class MirrorOptions:
+    repo_path: Path
+    destination: Destination
+    concurrency: int = 8
+    delete: bool = False
+    max_delete_percent: float = 10
+    multipart_threshold: int = 64 * 1024**2
+    part_size: int = 16 * 1024**2
+    bandwidth_limit: int | None = None
+    dry_run: bool = False
+    reconcile: bool = False
+
+
+@dataclass
+class MirrorSummary:
+    """What a run did; printed as JSON with `--json` and the basis of completion events."""
+
+    status: str = "ok"
+    exit_code: int = 0
+    repo_path: str = ""
+    destination: dict[str, Any] = field(default_factory=dict)
+    dry_run: bool = False
+    files: int = 0
+    bytes: int = 0
+    uploaded_files: int = 0
+    uploaded_bytes: int = 0
+    already_present: int = 0
+    adopted_files: int = 0
+    deleted_files: int = 0
+    aborted_uploads: int = 0
+    listed_objects: int | None = None
+    new_snapshots: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    plan: dict[str, Any] | None = None
+    requests: int = 0
+    duration_seconds: float = 0.0
+    error: dict[str, str] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Work:
+    file: RepoFile
+    listed: Listed | None = None  # the object a listing found under the same key
+
+
+class MirrorRun:
+    def __init__(
+        self,
+        options: MirrorOptions,
+        backend: Backend,
+        state: StateStore,
+        *,
+        stop: StopSignal,
+        progress: Progress | None = None,
+    ) -> None:
+        self.options = options
+        self.backend = backend
+        self.state = state
+        self.stop = stop
+        self.progress = progress
+        self.summary = MirrorSummary(
+            repo_path=str(options.repo_path),
+            destination=options.destination.model_dump(),
+            dry_run=options.dry_run,
+        )
+        self._lock = threading.Lock()
+        self._first_error: RelayError | None = None
+        self._unreadable: list[str] = []
+
+    # -- entry point ----------------------------------------------------------------------
+
+    def execute(self) -> MirrorSummary:
+        started = time.monotonic()
+        try:
+            self._execute()
+        except RelayError as exc:
+            self._fail(exc)
+        finally:
+            self.summary.requests = self.backend.requests
+            self.summary.duration_seconds = round(time.monotonic() - started, 3)
+        return self.summary
+
+    def _fail(self, exc: RelayError) -> None:
+        self.summary.status = "failed"
+        self.summary.exit_code = int(exc.exit_code)
+        self.summary.error = {"kind": exc.kind, "message": exc.message}
+
+    def _execute(self) -> None:
+        options = self.options
+        scan = scan_repository(options.repo_path)
+        self.summary.files = len(scan.files)
+        self.summary.bytes = scan.total_bytes
+        self.summary.skipped = [{"key": s.key, "reason": s.reason} for s in scan.skipped]
+        if scan.skipped:
+            log.warning(
+                "skipped %d entries that are not restic files (first: %s — %s)",
+                len(scan.skipped),
+                scan.skipped[0].key,
+                scan.skipped[0].reason,
+            )
+
+        listing = self._listing() if options.reconcile or not self.state.reconciled else None
+        work = self._plan(scan, listing)
+        deletions = self._deletion_candidates(scan) if options.delete else []
+        if options.dry_run:
+            self._report_plan(work, deletions)
+            return
+
+        if any(work.values()):
+            self._abort_stray_uploads()
+        self._upload(work)
+        self._delete(deletions)
+        if self.stop.reason == "deadline":
+            raise DeadlineError(
+                "deadline reached while deleting; the mirror is consistent and the next run "
+                "finishes the deletions"
+            )
+        if listing is not None:
+            self.state.mark_reconciled()
+
+    # -- planning -------------------------------------------------------------------------
+
+    def _listing(self) -> dict[str, Listed]:
+        """One paginated listing of the prefix: ⌈N/1000⌉ requests, only on first run,
+        after lost state, or with --reconcile."""
+        log.info("reading the destination listing once (%s)", self.options.destination.describe())
+        listing = {item.key: item for item in self.backend.list() if kind_of_key(item.key)}
+        self.summary.listed_objects = len(listing)
+        return listing
+
+    def _plan(
+        self, scan: RepositoryScan, listing: dict[str, Listed] | None
+    ) -> dict[Kind, list[_Work]]:
+        known = self.state.known_sizes()
+        if listing is not None:
+            # The listing is the truth about the bucket; the store is rebuilt from it.
+            adopt = [
+                RemoteObject(
+                    key=item.key,
+                    size=item.size,
+                    sha256=None,
+                    md5=None if item.multipart else item.etag,
+                    etag=item.etag,
+                )
+                for item in listing.values()
+                if item.key not in scan.files
+            ]
+            if not self.options.dry_run:
+                self.state.forget_all()
+                self.state.put_many(adopt)
+            known = {o.key: o.size for o in adopt}
+        self._check_config(scan, listing)
+        work: dict[Kind, list[_Work]] = {kind: [] for kind in UPLOAD_ORDER}
+        for key in sorted(scan.files):
+            file = scan.files[key]
+            if known.get(key) == file.size:
+                self.summary.already_present += 1
+                continue
+            listed = listing.get(key) if listing is not None else None
+            work[file.kind].append(
+                _Work(file, listed if listed and listed.size == file.size else None)
+            )
+        return work
+
+    def _check_config(self, scan: RepositoryScan, listing: dict[str, Listed] | None) -> None:
+        """Refuse to mix two repositories under one prefix: `config` never changes."""
+        local = scan.files["config"]
+        digest, _ = hash_file(self.options.repo_path / "config")
+        remote_md5: str | None = None
+        if listing is not None and "config" in listing:
+            item = listing["config"]
+            remote_md5 = None if item.multipart else item.etag
+            if item.size != local.size:
+                remote_md5 = "size differs"
+        else:
+            stored = self.state.get("config")
+            if stored is not None:
+                remote_md5 = stored.md5
+        if remote_md5 is not None and remote_md5 != digest.md5:
+            raise GuardError(
+                f"{self.options.destination.describe()} already holds a different restic "
+                "repository (its config differs); use another prefix — nothing was changed"
+            )
+
+    def _deletion_candidates(self, scan: RepositoryScan) -> list[RemoteObject]:
+        return [
+            obj
+            for obj in self.state.iter_objects()
+            if obj.key not in scan.files and obj.key != "config" and kind_of_key(obj.key)
+        ]
+
+    def _report_plan(self, work: dict[Kind, list[_Work]], deletions: list[RemoteObject]) -> None:
+        self.summary.status = "dry-run"
+        plan: dict[str, Any] = {
+            "upload": {
+                kind.name.lower(): {
+                    "files": len(items),
+                    "bytes": sum(w.file.size for w in items),
+                    "adopt_if_identical": sum(1 for w in items if w.listed is not None),
+                }
+                for kind, items in work.items()
+            },
+            "delete": len(deletions),
+        }
+        if deletions:
+            try:
+                self._delete_guard(len(deletions))
+                plan["delete_guard"] = "ok"
+            except GuardError as exc:
+                plan["delete_guard"] = exc.message
+        self.summary.plan = plan
+
+    # -- uploading ------------------------------------------------------------------------
+
+    def _abort_stray_uploads(self) -> None:
+        """Unfinished multipart uploads under the prefix that this store does not own are
+        billed by B2 until aborted. Only runs that upload pay for the listing."""
+        owned = {p.upload_id for p in self.state.pending_uploads()}
+        try:
+            for upload in self.backend.list_multipart_uploads():
+                if upload.upload_id not in owned:
+                    self.backend.abort_multipart(upload.key, upload.upload_id)
+                    self.summary.aborted_uploads += 1
+        except DestinationError as exc:
+            log.warning("could not clean up unfinished uploads: %s", exc.message)
+        if self.summary.aborted_uploads:
+            log.info("aborted %d unfinished multipart uploads", self.summary.aborted_uploads)
+
+    def _upload(self, work: dict[Kind, list[_Work]]) -> None:
+        options = self.options
+        uploader = ObjectUploader(
+            self.backend,
+            self.state,
+            multipart_threshold=options.multipart_threshold,
+            part_size=options.part_size,
+            throttle=Throttle(options.bandwidth_limit) if options.bandwidth_limit else None,
+            stop=self.stop,
+            on_bytes=lambda n: self.progress.advance(size=n) if self.progress else None,
+        )
+        if self.progress:
+            self.progress.add_work(
+                sum(len(v) for v in work.values()),
+                sum(w.file.size for v in work.values() for w in v),
+            )
+        for kind in UPLOAD_ORDER:
+            items = work[kind]
+            if not items:
+                continue
+            if self.progress:
+                self.progress.set_phase(kind.folder or "config")
+            if self._first_error is None and not self.summary.corrupt:
+                self._run_parallel(items, lambda item: self._transfer(item, uploader))
+            elif self._first_error is None:
+                # A corrupt file stopped the uploads; still name every corrupt file.
+                self._run_parallel(items, self._verify_only)
+        if self.summary.corrupt or self._unreadable:
+            names = self.summary.corrupt + self._unreadable
+            raise RepositoryError(
+                f"{len(names)} local file(s) do not match their content hash or cannot be "
+                f"read and were not uploaded: {', '.join(names[:20])}"
+                + (" …" if len(names) > 20 else "")
+                + " — run `restic check --read-data` on the local repository"
+            )
+        if self._first_error is not None:
+            raise self._first_error
+        reason = self.stop.reason
+        if reason == "deadline":
+            raise DeadlineError(
+                "deadline reached; the mirror is consistent and the next run resumes where "
+                "this one stopped"
+            )
+
+    def _run_parallel(self, items: Iterable[_Work], task: Callable[[_Work], None]) -> None:
+        """Run `task` over `items` on `concurrency` threads, pulling lazily so memory does
+        not grow with the number of files."""
+        source: Iterator[_Work] = iter(items)
+        source_lock = threading.Lock()
+
+        def worker() -> None:
+            while self.stop.reason is None:
+                with source_lock:
+                    item = next(source, None)
+                if item is None:
+                    return
+                try:
+                    task(item)
+                except StopRequested:
+                    return
+                except RelayError as exc:
+                    with self._lock:
+                        if self._first_error is None:
+                            self._first_error = exc
+                    self.stop.stop(exc.kind)
+                    return
+
+        threads = [
+            threading.Thread(target=worker, name=f"upload-{i}", daemon=True)
+            for i in range(self.options.concurrency)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _hash(self, item: _Work) -> tuple[Any, bytes | None] | None:
+        file = item.file
+        path = self.options.repo_path / file.key
+        try:
+            digest, data = hash_file(
+                path, keep_below=min(KEEP_IN_MEMORY_BELOW, self.options.multipart_threshold)
+            )
+        except RepositoryError as exc:
+            log.error("%s", exc.message)
+            with self._lock:
+                self._unreadable.append(file.key)
+            return None
+        expected = file.expected_sha256
+        if expected is not None and digest.sha256 != expected:
+            log.error("%s: content hash %s does not match its name", file.key, digest.sha256)
+            with self._lock:
+                self.summary.corrupt.append(file.key)
+            return None
+        return digest, data
+
+    def _verify_only(self, item: _Work) -> None:
+        self._hash(item)
+        if self.progress:
+            self.progress.advance(files=1)
+
+    def _transfer(self, item: _Work, uploader: ObjectUploader) -> None:
+        self.stop.check()
+        hashed = self._hash(item)
+        if hashed is None:
+            return
+        digest, data = hashed
+        file = item.file
+        listed = item.listed
+        if listed is not None and (listed.multipart or listed.etag == digest.md5):
+            # Already there from an earlier tool or a lost state: adopt, do not re-send.
+            self.state.put(
+                RemoteObject(file.key, file.size, digest.sha256, digest.md5, listed.etag)
+            )
+            with self._lock:
+                self.summary.adopted_files += 1
+            if self.progress:
+                self.progress.advance(files=1, size=file.size)
+            return
+        uploader.upload(file, self.options.repo_path / file.key, digest, data)
+        with self._lock:
+            self.summary.uploaded_files += 1
+            self.summary.uploaded_bytes += file.size
+            if file.kind is Kind.SNAPSHOTS:
+                self.summary.new_snapshots.append(file.name)
+        if self.progress:
+            self.progress.advance(files=1)
+
+    # -- deleting -------------------------------------------------------------------------
+
+    def _delete_guard(self, count: int) -> None:
+        remote = max(self.state.count(), 1)
+        limit = self.options.max_delete_percent
+        if count * 100 > limit * remote:
+            raise GuardError(
+                f"refusing to delete {count} of {remote} remote objects "
+                f"({count * 100 / remote:.1f}% > upload.max_delete_percent = {limit:g}); "
+                "nothing was deleted. If a prune really removed that much, raise the limit "
+                "for one run: BACKREST_RELAY_UPLOAD__MAX_DELETE_PERCENT=100"
+            )
+
+    def _delete(self, deletions: list[RemoteObject]) -> None:
+        if not deletions:
+            return
+        self._delete_guard(len(deletions))
+        for kind in DELETE_ORDER:
+            keys = [o.key for o in deletions if kind_of_key(o.key) is kind]
+            if not keys:
+                continue
+            self._run_parallel((_Work(RepoFile(k, kind, 0)) for k in keys), self._delete_one)
+            if self._first_error is not None:
+                raise self._first_error
+        log.info("deleted %d objects that prune removed locally", self.summary.deleted_files)
+
+    def _delete_one(self, item: _Work) -> None:
+        self.backend.delete(item.file.key)
+        self.state.forget(item.file.key)
+        with self._lock:
+            self.summary.deleted_files += 1

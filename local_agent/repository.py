@@ -1,0 +1,234 @@
+"""The local restic repository: what is in it, in which order it goes up, and whether each
+file is what its name says.
+
+restic names every file except `config` by the SHA-256 of its bytes and never changes a
+file once written, so a file can be checked without the password and, once mirrored,
+never needs reading again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+
+from local_agent.errors import RepositoryError
+
+HASH_CHUNK = 1024 * 1024
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX2 = re.compile(r"^[0-9a-f]{2}$")
+
+
+class Kind(IntEnum):
+    """Kinds of repository file, valued in upload order.
+
+    A mirror interrupted at any point must never hold an index or snapshot that names a
+    pack it lacks: packs before indexes, indexes before snapshots. Deletion runs in reverse.
+    """
+
+    CONFIG = 0
+    KEYS = 1
+    DATA = 2
+    INDEX = 3
+    SNAPSHOTS = 4
+
+    @property
+    def folder(self) -> str:
+        return {
+            Kind.CONFIG: "",
+            Kind.KEYS: "keys",
+            Kind.DATA: "data",
+            Kind.INDEX: "index",
+            Kind.SNAPSHOTS: "snapshots",
+        }[self]
+
+
+UPLOAD_ORDER = tuple(Kind)
+DELETE_ORDER = tuple(reversed(UPLOAD_ORDER))
+
+
+@dataclass(frozen=True, slots=True)
+class RepoFile:
+    """One repository file by its repository-relative key (`data/ab/ab12…`)."""
+
+    key: str
+    kind: Kind
+    size: int
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+    @property
+    def expected_sha256(self) -> str | None:
+        """The hash the name promises; `config` promises none."""
+        return None if self.kind is Kind.CONFIG else self.name
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    sha256: str
+    md5: str
+
+
+@dataclass
+class Skipped:
+    key: str
+    reason: str
+
+
+@dataclass
+class RepositoryScan:
+    """The files of one repository, plus what was passed over and why."""
+
+    root: Path
+    files: dict[str, RepoFile] = field(default_factory=dict)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def by_kind(self, kind: Kind) -> list[RepoFile]:
+        return [f for f in self.files.values() if f.kind is kind]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+
+def kind_of_key(key: str) -> Kind | None:
+    """The kind of a repository-relative key if it is a well-formed restic file name."""
+    if key == "config":
+        return Kind.CONFIG
+    parts = key.split("/")
+    if len(parts) == 2 and _HEX64.match(parts[1]):
+        for kind in (Kind.KEYS, Kind.INDEX, Kind.SNAPSHOTS):
+            if parts[0] == kind.folder:
+                return kind
+    if (
+        len(parts) == 3
+        and parts[0] == "data"
+        and _HEX64.match(parts[2])
+        and parts[2].startswith(parts[1])
+    ):
+        return Kind.DATA
+    return None
+
+
+def _is_temporary(name: str) -> bool:
+    # restic's local backend writes `<name>-tmp-<random>` then renames; editors and
+    # sync tools leave dot-files.
+    return "-tmp-" in name or name.startswith(".") or name.endswith((".tmp", ".part"))
+
+
+class _Scanner:
+    def __init__(self, root: Path) -> None:
+        self.scan = RepositoryScan(root=root)
+
+    def add(self, key: str, entry: os.DirEntry[str], kind: Kind | None) -> None:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError as exc:
+            raise RepositoryError(f"{self.scan.root / key}: cannot stat: {exc.strerror}") from None
+        if stat.S_ISLNK(st.st_mode):
+            self.scan.skipped.append(Skipped(key, "symbolic link (restic never writes one)"))
+        elif not stat.S_ISREG(st.st_mode):
+            self.scan.skipped.append(Skipped(key, "not a regular file"))
+        elif kind is None:
+            reason = "temporary file" if _is_temporary(entry.name) else "not a restic file name"
+            self.scan.skipped.append(Skipped(key, reason))
+        else:
+            self.scan.files[key] = RepoFile(key=key, kind=kind, size=st.st_size)
+
+    def folder(self, folder: str, kind: Kind) -> None:
+        for entry in _entries(self.scan.root / folder):
+            key = f"{folder}/{entry.name}"
+            self.add(key, entry, kind if _HEX64.match(entry.name) else None)
+
+    def data(self) -> None:
+        for sub in _entries(self.scan.root / "data"):
+            if not (_HEX2.match(sub.name) and sub.is_dir(follow_symlinks=False)):
+                self.scan.skipped.append(Skipped(f"data/{sub.name}", "not a data subfolder"))
+                continue
+            for entry in _entries(Path(sub.path)):
+                key = f"data/{sub.name}/{entry.name}"
+                ok = _HEX64.match(entry.name) and entry.name.startswith(sub.name)
+                self.add(key, entry, Kind.DATA if ok else None)
+
+
+def _entries(path: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return sorted(it, key=lambda e: e.name)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise RepositoryError(f"{path}: cannot list: {exc.strerror}") from None
+
+
+def scan_repository(root: Path) -> RepositoryScan:
+    """Every mirrorable file of the repository at `root`.
+
+    Refuses anything that is not recognisably a restic repository: an unmounted NAS
+    mount point is an empty directory, and mirroring it must never look like "the
+    repository is now empty".
+    """
+    if not root.exists():
+        raise RepositoryError(f"repository {root} does not exist (is the disk or NAS mounted?)")
+    if not root.is_dir():
+        raise RepositoryError(f"repository {root} is not a directory")
+    missing = [
+        name
+        for name, ok in (
+            ("config", (root / "config").is_file()),
+            ("keys/", (root / "keys").is_dir()),
+            ("data/", (root / "data").is_dir()),
+        )
+        if not ok
+    ]
+    if missing:
+        raise RepositoryError(
+            f"{root} is not a restic repository (missing {', '.join(missing)}); "
+            "if it lives on a NAS or external disk, is it mounted?"
+        )
+    scanner = _Scanner(root)
+    for entry in _entries(root):
+        if entry.name == "config":
+            scanner.add("config", entry, Kind.CONFIG)
+        elif entry.name in ("keys", "index", "snapshots") and entry.is_dir(follow_symlinks=False):
+            scanner.folder(entry.name, Kind[entry.name.upper()])
+        elif entry.name == "data" and entry.is_dir(follow_symlinks=False):
+            scanner.data()
+        elif entry.name == "locks":
+            continue  # transient by design; a mirrored lock would block restic on restore
+        else:
+            scanner.scan.skipped.append(Skipped(entry.name, "not part of a restic repository"))
+    scan = scanner.scan
+    if not scan.by_kind(Kind.KEYS):
+        raise RepositoryError(f"{root} is not a usable restic repository: keys/ holds no key")
+    return scan
+
+
+def hash_file(path: Path, *, keep_below: int = 0) -> tuple[Digest, bytes | None]:
+    """SHA-256 and MD5 of a file in one read; small files also come back as bytes.
+
+    Returning the bytes of small files saves a second read when they are uploaded.
+    """
+    sha = hashlib.sha256()
+    md5 = hashlib.md5(usedforsecurity=False)
+    kept = bytearray() if keep_below else None
+    try:
+        with path.open("rb", buffering=0) as fh:
+            while chunk := fh.read(HASH_CHUNK):
+                sha.update(chunk)
+                md5.update(chunk)
+                if kept is not None:
+                    kept += chunk
+                    if len(kept) >= keep_below:
+                        kept = None
+    except OSError as exc:
+        raise RepositoryError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return Digest(sha256=sha.hexdigest(), md5=md5.hexdigest()), (
+        bytes(kept) if kept is not None else None
+    )

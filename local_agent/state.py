@@ -1,0 +1,280 @@
+"""What the agent knows is at the destination, kept on the backup host.
+
+restic files never change, so once an object is known to be at the destination with the
+right size and digest, later runs need neither to re-read the local file nor to ask the
+bucket: a run with nothing new makes zero requests. Multipart uploads in flight are kept
+here too (UploadId and finished parts) so a killed run resumes instead of starting over.
+
+One SQLite file (WAL) per destination + repository. Every write commits at once: the
+process may be SIGKILLed at any point, and what is recorded must then be true.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cloud.contracts.destination import Destination
+from local_agent.errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS objects (
+    key TEXT PRIMARY KEY,          -- repository-relative (data/ab/ab12...)
+    size INTEGER NOT NULL,
+    sha256 TEXT,                   -- NULL when adopted from a listing without reading
+    md5 TEXT,
+    etag TEXT,
+    uploaded_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS multipart_uploads (
+    key TEXT PRIMARY KEY,
+    upload_id TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    part_size INTEGER NOT NULL,
+    started_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS multipart_parts (
+    key TEXT NOT NULL,
+    upload_id TEXT NOT NULL,
+    part_number INTEGER NOT NULL,
+    etag TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (key, upload_id, part_number)
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteObject:
+    key: str
+    size: int
+    sha256: str | None
+    md5: str | None
+    etag: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingUpload:
+    key: str
+    upload_id: str
+    size: int
+    sha256: str
+    part_size: int
+
+
+def state_file_name(destination: Destination, repo_identity: str) -> str:
+    """Stable file name for a (destination, repository) pair; reveals no secret."""
+    ident = "\0".join(
+        [destination.endpoint_url or "aws", destination.bucket, destination.prefix, repo_identity]
+    )
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return f"{destination.bucket}-{digest}.sqlite"
+
+
+class StateStore:
+    """SQLite-backed record of the destination; safe to share between upload threads."""
+
+    def __init__(self, path: Path | None) -> None:
+        """Open (creating if needed) the store at `path`; None keeps it in memory (dry runs)."""
+        self.path = path
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(
+                    f"state dir {path.parent}: cannot create: {exc.strerror}"
+                ) from None
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(
+                str(path) if path else ":memory:",
+                check_same_thread=False,
+                isolation_level=None,  # autocommit: every statement is durable on return
+                timeout=30,
+            )
+            if path is not None:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta(name, value) VALUES('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(
+                f"state file {path}: unusable ({exc}); move it away and run again "
+                "(the next run re-reads the bucket listing once)"
+            ) from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- meta -----------------------------------------------------------------------------
+
+    def get_meta(self, name: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, name: str, value: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO meta(name, value) VALUES(?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                (name, value),
+            )
+
+    @property
+    def reconciled(self) -> bool:
+        """Whether the store was ever filled from a listing of the destination."""
+        return self.get_meta("reconciled_at") is not None
+
+    def mark_reconciled(self) -> None:
+        self.set_meta("reconciled_at", str(time.time()))
+
+    # -- objects --------------------------------------------------------------------------
+
+    def known_sizes(self) -> dict[str, int]:
+        """Key → size of every object believed to be at the destination."""
+        with self._lock:
+            return dict(self._db.execute("SELECT key, size FROM objects"))
+
+    def get(self, key: str) -> RemoteObject | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT key, size, sha256, md5, etag FROM objects WHERE key=?", (key,)
+            ).fetchone()
+        return None if row is None else RemoteObject(*row)
+
+    def put(self, obj: RemoteObject) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO objects(key, size, sha256, md5, etag, uploaded_at) "
+                "VALUES(?, ?, ?, ?, ?, ?)",
+                (obj.key, obj.size, obj.sha256, obj.md5, obj.etag, time.time()),
+            )
+
+    def put_many(self, objs: list[RemoteObject]) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO objects(key, size, sha256, md5, etag, uploaded_at) "
+                "VALUES(?, ?, ?, ?, ?, ?)",
+                [(o.key, o.size, o.sha256, o.md5, o.etag, now) for o in objs],
+            )
+            self._db.execute("COMMIT")
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM objects WHERE key=?", (key,))
+
+    def forget_all(self) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM objects")
+
+    def iter_objects(self) -> Iterator[RemoteObject]:
+        """All objects in key order, fetched in batches so memory stays flat."""
+        last = ""
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT key, size, sha256, md5, etag FROM objects WHERE key > ? "
+                    "ORDER BY key LIMIT 1000",
+                    (last,),
+                ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield RemoteObject(*row)
+            last = rows[-1][0]
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM objects").fetchone()[0])
+
+    # -- multipart uploads ----------------------------------------------------------------
+
+    def pending_upload(self, key: str) -> PendingUpload | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT key, upload_id, size, sha256, part_size FROM multipart_uploads WHERE key=?",
+                (key,),
+            ).fetchone()
+        return None if row is None else PendingUpload(*row)
+
+    def pending_uploads(self) -> list[PendingUpload]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, upload_id, size, sha256, part_size FROM multipart_uploads"
+            ).fetchall()
+        return [PendingUpload(*row) for row in rows]
+
+    def begin_upload(self, pending: PendingUpload) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM multipart_parts WHERE key=?", (pending.key,))
+            self._db.execute(
+                "INSERT OR REPLACE INTO multipart_uploads"
+                "(key, upload_id, size, sha256, part_size, started_at) VALUES(?, ?, ?, ?, ?, ?)",
+                (
+                    pending.key,
+                    pending.upload_id,
+                    pending.size,
+                    pending.sha256,
+                    pending.part_size,
+                    time.time(),
+                ),
+            )
+            self._db.execute("COMMIT")
+
+    def record_part(self, key: str, upload_id: str, part_number: int, etag: str, size: int) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO multipart_parts(key, upload_id, part_number, etag, size) "
+                "VALUES(?, ?, ?, ?, ?)",
+                (key, upload_id, part_number, etag, size),
+            )
+
+    def recorded_parts(self, key: str, upload_id: str) -> dict[int, tuple[str, int]]:
+        """Part number → (ETag, size) of the parts this store saw succeed."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT part_number, etag, size FROM multipart_parts WHERE key=? AND upload_id=?",
+                (key, upload_id),
+            ).fetchall()
+        return {int(n): (str(etag), int(size)) for n, etag, size in rows}
+
+    def end_upload(self, key: str, completed: RemoteObject | None = None) -> None:
+        """Drop a multipart upload; when `completed`, record the object in the same commit."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM multipart_parts WHERE key=?", (key,))
+            self._db.execute("DELETE FROM multipart_uploads WHERE key=?", (key,))
+            if completed is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO objects(key, size, sha256, md5, etag, uploaded_at) "
+                    "VALUES(?, ?, ?, ?, ?, ?)",
+                    (
+                        completed.key,
+                        completed.size,
+                        completed.sha256,
+                        completed.md5,
+                        completed.etag,
+                        time.time(),
+                    ),
+                )
+            self._db.execute("COMMIT")

@@ -1,0 +1,69 @@
+"""A bandwidth limit shared by every upload thread (`upload.bandwidth_limit`)."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from typing import BinaryIO
+
+
+class Throttle:
+    """Token bucket in bytes: callers block until their bytes fit under the rate.
+
+    The burst is a quarter second of traffic, enough to keep requests flowing without
+    letting a home uplink saturate for long.
+    """
+
+    def __init__(self, bytes_per_second: int) -> None:
+        self.rate = float(bytes_per_second)
+        self.capacity = max(self.rate / 4, 64 * 1024)
+        self._tokens = self.capacity
+        self._stamp = time.monotonic()
+        self._lock = threading.Lock()
+
+    def consume(self, amount: int) -> None:
+        while amount > 0:
+            take = min(float(amount), self.capacity)
+            with self._lock:
+                now = time.monotonic()
+                self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
+                self._stamp = now
+                if self._tokens >= take:
+                    self._tokens -= take
+                    amount -= int(take)
+                    continue
+                wait = (take - self._tokens) / self.rate
+            time.sleep(wait)
+
+
+class ThrottledReader(io.RawIOBase):
+    """A seekable body for botocore that spends throttle tokens as it is read."""
+
+    def __init__(self, inner: BinaryIO, throttle: Throttle) -> None:
+        super().__init__()
+        self._inner = inner
+        self._throttle = throttle
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._inner.read(min(size, 64 * 1024) if size and size > 0 else 64 * 1024)
+        if chunk:
+            self._throttle.consume(len(chunk))
+        return chunk
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._inner.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._inner.tell()
