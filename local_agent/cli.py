@@ -134,14 +134,14 @@ def resolve_repo(args: argparse.Namespace) -> ResolvedRepo:
     from local_agent.config import validate_repo_guid, validate_repo_id
 
     repo_id = validate_repo_id(args.repo_id) if args.repo_id else None
-    guid = validate_repo_guid(args.repo_guid.lower()) if args.repo_guid else None
+    guid = validate_repo_guid(args.repo_guid) if args.repo_guid else None
     if args.repo:
         return ResolvedRepo(repo_path_from_uri(args.repo), repo_id, guid)
     if not repo_id:
         raise ConfigError("pass --repo PATH, or --repo-id ID to read it from Backrest's config")
     found = find_backrest_repo(repo_id)
     if guid is None and found.guid:
-        guid = validate_repo_guid(found.guid.lower())
+        guid = validate_repo_guid(found.guid)
     return ResolvedRepo(repo_path_from_uri(found.uri), repo_id, guid)
 
 
@@ -217,11 +217,16 @@ def print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
 
 
 def cmd_hook_snippet(args: argparse.Namespace) -> int:
-    from local_agent.backrest import render_hook_snippet
+    from local_agent.backrest import backrest_config_path, lookup_backrest_repo, render_hook_snippet
     from local_agent.config import find_config_path, validate_repo_id
 
     repo_id = validate_repo_id(args.repo_id)
     config_path = find_config_path(args.config)
+    if lookup_backrest_repo(repo_id) is None:
+        sys.stderr.write(
+            f"note: no readable Backrest config at {backrest_config_path()}; repository id "
+            f"{repo_id!r} was not checked (fine if Backrest runs elsewhere, e.g. in Docker)\n"
+        )
     executable = shutil.which("backrest-relay") or sys.argv[0]
     text = render_hook_snippet(
         repo_id,

@@ -35,7 +35,9 @@ ENV_PREFIX = "BACKREST_RELAY_"
 CONFIG_ENV = "BACKREST_RELAY_CONFIG"
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_GUID_RE = re.compile(r"^[0-9a-f]{64}$")
+# restic's repository id is 64 hex characters, but Backrest's guid migration gave older
+# repositories other values (sha256 of the id, random hex, "migration-<hex>").
+_GUID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _B2_HOST_RE = re.compile(r"^https?://s3\.([a-z0-9-]+)\.backblazeb2\.com/?$")
 
 
@@ -223,7 +225,10 @@ def validate_repo_id(repo_id: str) -> str:
 
 def validate_repo_guid(guid: str) -> str:
     if not _GUID_RE.match(guid):
-        raise ConfigError(f"--repo-guid {guid!r}: expected restic's 64-character hex repository id")
+        raise ConfigError(
+            f"--repo-guid {guid!r}: expected Backrest's repository guid "
+            "(letters, digits, '.', '-', '_')"
+        )
     return guid
 
 

@@ -1,0 +1,186 @@
+"""`backrest-relay doctor`: says in words what stands between this host and a good mirror.
+
+Each check is independent and runs even when an earlier one failed, so one run shows
+everything that needs fixing: config, credentials, bucket access, write and delete
+permission under the prefix, clock skew, the state directory and the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from local_agent.errors import ExitCode, RelayError
+from local_agent.redact import REDACTOR
+
+CLOCK_WARN_SECONDS = 60
+CLOCK_FAIL_SECONDS = 15 * 60  # S3 refuses signatures more than 15 minutes off
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool | None  # None: a warning, or skipped because an earlier check failed
+    detail: str
+
+
+class Doctor:
+    def __init__(self) -> None:
+        self.checks: list[Check] = []
+
+    def record(self, name: str, ok: bool | None, detail: str) -> None:
+        self.checks.append(Check(name, ok, REDACTOR(detail)))
+        mark = {True: "ok  ", False: "FAIL", None: "warn"}[ok]
+        sys.stdout.write(f"[{mark}] {name}: {REDACTOR(detail)}\n")
+        sys.stdout.flush()
+
+    def attempt(self, name: str, fn: Callable[[], str]) -> bool:
+        try:
+            self.record(name, True, fn())
+            return True
+        except RelayError as exc:
+            self.record(name, False, exc.message)
+        except Exception as exc:
+            self.record(name, False, f"{type(exc).__name__}: {exc}")
+        return False
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from cloud.integrations.s3 import make_s3_client
+    from local_agent.backend import Backend, describe_error
+    from local_agent.cli import register_secrets, resolve_repo
+    from local_agent.config import load_config
+    from local_agent.repository import scan_repository
+
+    doctor = Doctor()
+    try:
+        loaded = load_config(args.config)
+    except RelayError as exc:
+        doctor.record("config", False, exc.message)
+        return int(ExitCode.USAGE)
+    config = loaded.config
+    register_secrets(config)
+    doctor.record("config", True, f"{loaded.path or 'environment only'} is valid")
+
+    repo_id = args.repo_id
+    repo_guid = args.repo_guid
+    if args.repo or args.repo_id:
+        try:
+            repo = resolve_repo(args)
+            repo_id, repo_guid = repo.repo_id, repo.guid
+            scan = scan_repository(repo.path)
+            doctor.record(
+                "repository",
+                True,
+                f"{repo.path}: restic repository with {len(scan.files)} files"
+                + (f", {len(scan.skipped)} entries that will be skipped" if scan.skipped else ""),
+            )
+        except RelayError as exc:
+            doctor.record("repository", False, exc.message)
+    try:
+        destination = config.destination_for(
+            repo_id=repo_id or "doctor", repo_guid=repo_guid or "0" * 64
+        )
+    except RelayError as exc:
+        doctor.record("destination", False, exc.message)
+        return _exit(doctor)
+
+    state_dir = config.state.path()
+
+    def state_check() -> str:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        probe = state_dir / f".doctor-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+        return f"{state_dir} is writable"
+
+    doctor.attempt("state directory", state_check)
+
+    access = config.destination.access()
+    import boto3
+
+    session = boto3.session.Session(
+        aws_access_key_id=access.access_key_id, aws_secret_access_key=access.secret_access_key
+    )
+    credentials = session.get_credentials()
+    if credentials is None:
+        doctor.record(
+            "credentials",
+            False,
+            "none found: set destination.access_key_id/secret_access_key, "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or an AWS profile",
+        )
+        return _exit(doctor)
+    doctor.record("credentials", True, f"found ({credentials.method})")
+
+    backend = Backend(lambda: make_s3_client(access, max_attempts=2), destination)
+    headers: dict[str, Any] = {}
+
+    def list_check() -> str:
+        page = backend.client.list_objects_v2(
+            Bucket=destination.bucket, Prefix=destination.key(""), MaxKeys=1
+        )
+        headers.update(page["ResponseMetadata"].get("HTTPHeaders", {}))
+        return f"can list {destination.describe()}"
+
+    try:
+        doctor.record("bucket access", True, list_check())
+    except Exception as exc:
+        doctor.record("bucket access", False, f"{describe_error(exc)} — {destination.describe()}")
+        return _exit(doctor)
+
+    probe_key = f".backrest-relay-doctor-{secrets.token_hex(6)}"
+    body = b"backrest-relay doctor probe\n"
+
+    def write_check() -> str:
+        backend.put(
+            probe_key, body, len(body), hashlib.md5(body, usedforsecurity=False).hexdigest()
+        )
+        return "can upload (single PUT with Content-MD5)"
+
+    if doctor.attempt("write permission", write_check):
+
+        def delete_check() -> str:
+            backend.delete(probe_key)
+            return "can delete (needed only with upload.delete = true)"
+
+        try:
+            doctor.record("delete permission", True, delete_check())
+        except RelayError as exc:
+            level = False if config.upload.delete else None
+            doctor.record("delete permission", level, exc.message)
+
+    date = headers.get("date")
+    if date:
+        skew = abs(time.time() - parsedate_to_datetime(date).timestamp())
+        if skew > CLOCK_FAIL_SECONDS:
+            doctor.record("clock", False, f"off by {skew:.0f}s: requests will be refused; fix NTP")
+        elif skew > CLOCK_WARN_SECONDS:
+            doctor.record("clock", None, f"off by {skew:.0f}s; check NTP")
+        else:
+            doctor.record("clock", True, f"within {max(skew, 1):.0f}s of the server")
+    else:
+        doctor.record("clock", None, "server sent no Date header; cannot compare")
+    return _exit(doctor)
+
+
+def _exit(doctor: Doctor) -> int:
+    failed = [c for c in doctor.checks if c.ok is False]
+    if not failed:
+        sys.stdout.write("everything looks right.\n")
+        return 0
+    sys.stdout.write(f"{len(failed)} problem(s) found.\n")
+    names = {c.name for c in failed}
+    if names & {"config", "destination", "credentials", "state directory"}:
+        return int(ExitCode.USAGE)
+    if "repository" in names:
+        return int(ExitCode.LOCAL_INTEGRITY)
+    return int(ExitCode.DESTINATION)
