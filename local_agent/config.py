@@ -34,10 +34,10 @@ from local_agent.units import parse_duration, parse_rate, parse_size
 ENV_PREFIX = "BACKREST_RELAY_"
 CONFIG_ENV = "BACKREST_RELAY_CONFIG"
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
-_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_REPO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # restic's repository id is 64 hex characters, but Backrest's guid migration gave older
 # repositories other values (sha256 of the id, random hex, "migration-<hex>").
-_GUID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_GUID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _B2_HOST_RE = re.compile(r"^https?://s3\.([a-z0-9-]+)\.backblazeb2\.com/?$")
 
 
@@ -178,7 +178,7 @@ class StateConfig(_Section):
     def path(self, env: Mapping[str, str] = os.environ) -> Path:
         if self.dir:
             return Path(os.path.expandvars(self.dir)).expanduser()
-        base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        base = env.get("XDG_STATE_HOME") or str(_home(env) / ".local" / "state")
         return Path(base) / "backrest-relay"
 
 
@@ -216,7 +216,7 @@ class LoadedConfig:
 
 def validate_repo_id(repo_id: str) -> str:
     """Repository ids become part of object keys and file names: keep them tame."""
-    if not _REPO_ID_RE.match(repo_id):
+    if not _REPO_ID_RE.fullmatch(repo_id):
         raise ConfigError(
             f"--repo-id {repo_id!r}: use letters, digits, '.', '-' and '_' (at most 128)"
         )
@@ -224,7 +224,7 @@ def validate_repo_id(repo_id: str) -> str:
 
 
 def validate_repo_guid(guid: str) -> str:
-    if not _GUID_RE.match(guid):
+    if not _GUID_RE.fullmatch(guid):
         raise ConfigError(
             f"--repo-guid {guid!r}: expected Backrest's repository guid "
             "(letters, digits, '.', '-', '_')"
@@ -232,8 +232,12 @@ def validate_repo_guid(guid: str) -> str:
     return guid
 
 
+def _home(env: Mapping[str, str]) -> Path:
+    return Path(env["HOME"]) if env.get("HOME") else Path.home()
+
+
 def default_config_path(env: Mapping[str, str] = os.environ) -> Path:
-    base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    base = env.get("XDG_CONFIG_HOME") or str(_home(env) / ".config")
     return Path(base) / "backrest-relay" / "config.toml"
 
 
@@ -336,7 +340,8 @@ def _parse_list(var: str, value: str) -> list[str]:
         if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
             raise ConfigError(f"environment variable {var}: must be a list of strings")
         return parsed
-    return [part.strip() for part in value.split(",") if part.strip()]
+    # Apprise URLs may contain commas (mailto:...?to=a,b) but never white space.
+    return value.split()
 
 
 def _describe_validation_error(
@@ -346,7 +351,12 @@ def _describe_validation_error(
     for error in exc.errors():
         loc = ".".join(str(part) for part in error["loc"])
         key = ".".join(str(part) for part in error["loc"][:2])
-        origin = sources.get(key) or (str(path) if path else "environment")
+        origin = sources.get(key)
+        if origin is None:
+            # A rule spanning a section: name every place its keys came from.
+            section = str(error["loc"][0]) + "." if error["loc"] else ""
+            places = sorted({v for k, v in sources.items() if k.startswith(section)})
+            origin = ", ".join(places) or (str(path) if path else "environment")
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown setting (check the spelling; see docs/configuration.md)"

@@ -120,6 +120,8 @@ class MirrorRun:
             dry_run=options.dry_run,
         )
         self._lock = threading.Lock()
+        self._strays_checked = False
+        self._strays_lock = threading.Lock()
         self._first_error: RelayError | None = None
         self._unreadable: list[str] = []
 
@@ -162,8 +164,6 @@ class MirrorRun:
             self._report_plan(work, deletions)
             return
 
-        if any(work.values()):
-            self._abort_stray_uploads()
         self._upload(work)
         self._delete(deletions)
         if self.stop.reason == "deadline":
@@ -180,7 +180,9 @@ class MirrorRun:
         """One paginated listing of the prefix: ⌈N/1000⌉ requests, only on first run,
         after lost state, or with --reconcile."""
         log.info("reading the destination listing once (%s)", self.options.destination.describe())
-        listing = {item.key: item for item in self.backend.list() if kind_of_key(item.key)}
+        listing = {
+            item.key: item for item in self.backend.list() if kind_of_key(item.key) is not None
+        }
         self.summary.listed_objects = len(listing)
         return listing
 
@@ -242,7 +244,9 @@ class MirrorRun:
         return [
             obj
             for obj in self.state.iter_objects()
-            if obj.key not in scan.files and obj.key != "config" and kind_of_key(obj.key)
+            if obj.key not in scan.files
+            and obj.key != "config"
+            and kind_of_key(obj.key) is not None
         ]
 
     def _report_plan(self, work: dict[Kind, list[_Work]], deletions: list[RemoteObject]) -> None:
@@ -268,9 +272,17 @@ class MirrorRun:
 
     # -- uploading ------------------------------------------------------------------------
 
-    def _abort_stray_uploads(self) -> None:
+    def _abort_stray_uploads_once(self) -> None:
         """Unfinished multipart uploads under the prefix that this store does not own are
-        billed by B2 until aborted. Only runs that upload pay for the listing."""
+        billed by B2 until aborted. Checked once, just before this run's first upload, so
+        only runs that upload pay for the listing; every upload waits for it, so none of
+        this run's own uploads can be mistaken for a stray."""
+        with self._strays_lock:
+            if not self._strays_checked:
+                self._abort_stray_uploads()
+                self._strays_checked = True
+
+    def _abort_stray_uploads(self) -> None:
         owned = {p.upload_id for p in self.state.pending_uploads()}
         try:
             for upload in self.backend.list_multipart_uploads():
@@ -401,6 +413,7 @@ class MirrorRun:
             if self.progress:
                 self.progress.advance(files=1, size=file.size)
             return
+        self._abort_stray_uploads_once()
         uploader.upload(file, self.options.repo_path / file.key, digest, data)
         with self._lock:
             self.summary.uploaded_files += 1

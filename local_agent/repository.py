@@ -19,8 +19,8 @@ from pathlib import Path
 from local_agent.errors import RepositoryError
 
 HASH_CHUNK = 1024 * 1024
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_HEX2 = re.compile(r"^[0-9a-f]{2}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX2 = re.compile(r"[0-9a-f]{2}")
 
 
 class Kind(IntEnum):
@@ -102,14 +102,15 @@ def kind_of_key(key: str) -> Kind | None:
     if key == "config":
         return Kind.CONFIG
     parts = key.split("/")
-    if len(parts) == 2 and _HEX64.match(parts[1]):
+    if len(parts) == 2 and _HEX64.fullmatch(parts[1]):
         for kind in (Kind.KEYS, Kind.INDEX, Kind.SNAPSHOTS):
             if parts[0] == kind.folder:
                 return kind
     if (
         len(parts) == 3
         and parts[0] == "data"
-        and _HEX64.match(parts[2])
+        and _HEX2.fullmatch(parts[1])
+        and _HEX64.fullmatch(parts[2])
         and parts[2].startswith(parts[1])
     ):
         return Kind.DATA
@@ -126,9 +127,11 @@ class _Scanner:
     def __init__(self, root: Path) -> None:
         self.scan = RepositoryScan(root=root)
 
-    def add(self, key: str, entry: os.DirEntry[str], kind: Kind | None) -> None:
+    def add(
+        self, key: str, entry: os.DirEntry[str], kind: Kind | None, *, follow: bool = False
+    ) -> None:
         try:
-            st = entry.stat(follow_symlinks=False)
+            st = entry.stat(follow_symlinks=follow)
         except OSError as exc:
             raise RepositoryError(f"{self.scan.root / key}: cannot stat: {exc.strerror}") from None
         if stat.S_ISLNK(st.st_mode):
@@ -144,16 +147,16 @@ class _Scanner:
     def folder(self, folder: str, kind: Kind) -> None:
         for entry in _entries(self.scan.root / folder):
             key = f"{folder}/{entry.name}"
-            self.add(key, entry, kind if _HEX64.match(entry.name) else None)
+            self.add(key, entry, kind if _HEX64.fullmatch(entry.name) else None)
 
     def data(self) -> None:
         for sub in _entries(self.scan.root / "data"):
-            if not (_HEX2.match(sub.name) and sub.is_dir(follow_symlinks=False)):
+            if not (_HEX2.fullmatch(sub.name) and sub.is_dir(follow_symlinks=False)):
                 self.scan.skipped.append(Skipped(f"data/{sub.name}", "not a data subfolder"))
                 continue
             for entry in _entries(Path(sub.path)):
                 key = f"data/{sub.name}/{entry.name}"
-                ok = _HEX64.match(entry.name) and entry.name.startswith(sub.name)
+                ok = _HEX64.fullmatch(entry.name) and entry.name.startswith(sub.name)
                 self.add(key, entry, Kind.DATA if ok else None)
 
 
@@ -194,11 +197,13 @@ def scan_repository(root: Path) -> RepositoryScan:
         )
     scanner = _Scanner(root)
     for entry in _entries(root):
+        # The repository's own top-level entries may be symlinks (a data/ folder moved to
+        # another disk); they are followed, as restic follows them.
         if entry.name == "config":
-            scanner.add("config", entry, Kind.CONFIG)
-        elif entry.name in ("keys", "index", "snapshots") and entry.is_dir(follow_symlinks=False):
+            scanner.add("config", entry, Kind.CONFIG, follow=True)
+        elif entry.name in ("keys", "index", "snapshots") and entry.is_dir():
             scanner.folder(entry.name, Kind[entry.name.upper()])
-        elif entry.name == "data" and entry.is_dir(follow_symlinks=False):
+        elif entry.name == "data" and entry.is_dir():
             scanner.data()
         elif entry.name == "locks":
             continue  # transient by design; a mirrored lock would block restic on restore

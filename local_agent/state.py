@@ -16,6 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +119,18 @@ class StateStore:
                 "(the next run re-reads the bucket listing once)"
             ) from None
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """All or nothing; a failure rolls back so later writes are not swallowed by an
+        open transaction. Callers hold `self._lock`."""
+        self._db.execute("BEGIN")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -169,14 +182,12 @@ class StateStore:
 
     def put_many(self, objs: list[RemoteObject]) -> None:
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.executemany(
+        with self._lock, self._transaction() as db:
+            db.executemany(
                 "INSERT OR REPLACE INTO objects(key, size, sha256, md5, etag, uploaded_at) "
                 "VALUES(?, ?, ?, ?, ?, ?)",
                 [(o.key, o.size, o.sha256, o.md5, o.etag, now) for o in objs],
             )
-            self._db.execute("COMMIT")
 
     def forget(self, key: str) -> None:
         with self._lock:
@@ -224,10 +235,9 @@ class StateStore:
         return [PendingUpload(*row) for row in rows]
 
     def begin_upload(self, pending: PendingUpload) -> None:
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM multipart_parts WHERE key=?", (pending.key,))
-            self._db.execute(
+        with self._lock, self._transaction() as db:
+            db.execute("DELETE FROM multipart_parts WHERE key=?", (pending.key,))
+            db.execute(
                 "INSERT OR REPLACE INTO multipart_uploads"
                 "(key, upload_id, size, sha256, part_size, started_at) VALUES(?, ?, ?, ?, ?, ?)",
                 (
@@ -239,7 +249,6 @@ class StateStore:
                     time.time(),
                 ),
             )
-            self._db.execute("COMMIT")
 
     def record_part(self, key: str, upload_id: str, part_number: int, etag: str, size: int) -> None:
         with self._lock:
@@ -260,12 +269,11 @@ class StateStore:
 
     def end_upload(self, key: str, completed: RemoteObject | None = None) -> None:
         """Drop a multipart upload; when `completed`, record the object in the same commit."""
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM multipart_parts WHERE key=?", (key,))
-            self._db.execute("DELETE FROM multipart_uploads WHERE key=?", (key,))
+        with self._lock, self._transaction() as db:
+            db.execute("DELETE FROM multipart_parts WHERE key=?", (key,))
+            db.execute("DELETE FROM multipart_uploads WHERE key=?", (key,))
             if completed is not None:
-                self._db.execute(
+                db.execute(
                     "INSERT OR REPLACE INTO objects(key, size, sha256, md5, etag, uploaded_at) "
                     "VALUES(?, ?, ?, ?, ?, ?)",
                     (
@@ -277,4 +285,3 @@ class StateStore:
                         time.time(),
                     ),
                 )
-            self._db.execute("COMMIT")

@@ -51,8 +51,13 @@ class ThrottledReader(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
-    def read(self, size: int = -1) -> bytes:
-        chunk = self._inner.read(min(size, 64 * 1024) if size and size > 0 else 64 * 1024)
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            parts = []
+            while chunk := self.read(64 * 1024):
+                parts.append(chunk)
+            return b"".join(parts)
+        chunk = self._inner.read(min(size, 64 * 1024))
         if chunk:
             self._throttle.consume(len(chunk))
         return chunk

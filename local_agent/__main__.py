@@ -1,0 +1,7 @@
+"""`python -m local_agent` runs the CLI (used where the console script is not on PATH)."""
+
+import sys
+
+from local_agent.cli import main
+
+sys.exit(main())

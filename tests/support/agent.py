@@ -1,0 +1,136 @@
+"""Running the real agent in tests: config files and the CLI as a subprocess or in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.support.s3servers import S3Endpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_agent_config(
+    path: Path,
+    endpoint: S3Endpoint,
+    bucket: str,
+    *,
+    state_dir: Path,
+    prefix: str = "restic/{repo_id}",
+    provider: str = "s3",
+    upload: Mapping[str, Any] | None = None,
+    events: Mapping[str, Any] | None = None,
+) -> Path:
+    """A config.toml pointing the agent at a test endpoint."""
+    upload_section = {"concurrency": 4, **(upload or {})}
+    lines = [
+        "[destination]",
+        f'provider = "{provider}"',
+        f'endpoint_url = "{endpoint.endpoint_url}"',
+        f'region = "{endpoint.region}"',
+        f'bucket = "{bucket}"',
+        f'prefix = "{prefix}"',
+        f'access_key_id = "{endpoint.access_key}"',
+        f'secret_access_key = "{endpoint.secret_key}"',
+        "[upload]",
+        *(f"{k} = {json.dumps(v)}" for k, v in upload_section.items()),
+        "[events]",
+        *(f"{k} = {json.dumps(v)}" for k, v in {"publisher": "none", **(events or {})}.items()),
+        "[state]",
+        f'dir = "{state_dir}"',
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class AgentResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The `--json` summary (the last JSON line on stdout)."""
+        for line in reversed(self.stdout.splitlines()):
+            if line.startswith("{"):
+                parsed: dict[str, Any] = json.loads(line)
+                return parsed
+        raise AssertionError(f"no JSON summary on stdout:\n{self.stdout}\n{self.stderr}")
+
+
+def agent_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for the agent: no AWS settings of the host leak in."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_", "BACKREST_RELAY_", "BACKREST_CONFIG"))
+    }
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra or {})
+    return env
+
+
+def agent_command(args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "local_agent", *args]
+
+
+def run_agent(
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 300,
+    cwd: Path | None = None,
+) -> AgentResult:
+    """Run `backrest-relay ARGS` as a separate process, as Backrest would."""
+    proc = subprocess.run(
+        agent_command(args),
+        env=agent_env(env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=cwd,
+    )
+    return AgentResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def start_agent(
+    args: Sequence[str], *, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        agent_command(args),
+        env=agent_env(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def remote_keys(endpoint: S3Endpoint, bucket: str, prefix: str = "") -> dict[str, int]:
+    """Key → size of every object under `prefix` (a test's independent view of the bucket)."""
+    client = endpoint.client()
+    out: dict[str, int] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            out[item["Key"]] = item["Size"]
+    return out
+
+
+def unfinished_uploads(endpoint: S3Endpoint, bucket: str) -> list[str]:
+    client = endpoint.client()
+    try:
+        resp = client.list_multipart_uploads(Bucket=bucket)
+    except client.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+            return []
+        raise
+    return [u["Key"] for u in resp.get("Uploads", [])]

@@ -1,0 +1,233 @@
+"""`backrest-relay` usage errors and refusals that happen before any request is made.
+
+The destination is http://127.0.0.1:9 (nothing listens there): every case here must end
+before the first request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from local_agent import __version__
+from local_agent.cli import main
+
+SECRET = "SENTINEL-SECRET-7f3a"
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No real config, state or Backrest install; logging restored after `main`."""
+    for name in list(os.environ):
+        if name.startswith(("BACKREST_RELAY_", "BACKREST_", "AWS_")):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    saved_levels = {
+        n: logging.getLogger(n).level for n in ("backrest_relay", "local_agent", "cloud")
+    }
+    yield
+    root.handlers[:] = saved_handlers
+    root.setLevel(saved_level)
+    for name, level in saved_levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def write_config(tmp_path: Path, extra: str = "", prefix: str = "restic/{repo_id}") -> Path:
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        "[destination]\n"
+        'provider = "s3"\n'
+        'endpoint_url = "http://127.0.0.1:9"\n'
+        'bucket = "bkt"\n'
+        f'prefix = "{prefix}"\n'
+        'access_key_id = "AKIDEXAMPLE"\n'
+        f'secret_access_key = "{SECRET}"\n'
+        "[state]\n"
+        f'dir = "{tmp_path / "state"}"\n' + extra,
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_no_subcommand_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err
+    assert "backrest-relay: error:" in err
+
+
+def test_unknown_subcommand_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+    assert "frobnicate" in capsys.readouterr().err
+
+
+def test_unknown_option_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["upload", "--no-such-flag"])
+    assert info.value.code == 2
+    assert "--no-such-flag" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.strip() == f"backrest-relay {__version__}"
+
+
+def test_upload_without_any_config_names_what_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["upload", "--repo", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "backrest-relay: error:" in err
+    assert "[destination]" in err
+    assert "bucket" in err
+    assert "BACKREST_RELAY_CONFIG" in err
+    assert str(tmp_path / "xdg-config" / "backrest-relay" / "config.toml") in err
+    assert "Traceback" not in err
+
+
+def test_upload_with_missing_config_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.toml"
+    assert main(["upload", "--config", str(missing), "--repo", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err
+    assert "does not exist" in err
+
+
+def test_upload_with_bad_config_names_key_and_never_the_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, extra='[upload]\nconcurrency = "lots"\n')
+    assert main(["upload", "--config", str(config), "--repo", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert "upload.concurrency" in captured.err
+    assert str(config) in captured.err
+    assert SECRET not in captured.err + captured.out
+
+
+def test_upload_with_unknown_env_override(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BACKREST_RELAY_UPLOAD__CONCURENCY", "4")
+    config = write_config(tmp_path)
+    assert main(["upload", "--config", str(config), "--repo", str(tmp_path)]) == 2
+    assert "BACKREST_RELAY_UPLOAD__CONCURENCY" in capsys.readouterr().err
+
+
+def test_upload_without_repo_or_repo_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    assert main(["upload", "--config", str(config)]) == 2
+    assert "--repo" in capsys.readouterr().err
+
+
+def test_upload_with_unsafe_repo_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    code = main(["upload", "--config", str(config), "--repo", str(tmp_path), "--repo-id", "../x"])
+    assert code == 2
+    assert "--repo-id" in capsys.readouterr().err
+
+
+def test_upload_prefix_placeholder_needs_repo_id(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path)
+    assert main(["upload", "--config", str(config), "--repo", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "{repo_id}" in err
+    assert "--repo-id" in err
+
+
+@pytest.mark.parametrize("form", ["{path}", "local:{path}"])
+def test_upload_missing_repository_is_exit_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], form: str
+) -> None:
+    config = write_config(tmp_path)
+    repo = tmp_path / "nonexistent"
+    code = main(
+        ["upload", "--config", str(config), "--repo", form.format(path=repo), "--repo-id", "r1"]
+    )
+    assert code == 3
+    captured = capsys.readouterr()
+    assert "does not exist" in captured.err
+    assert str(repo) in captured.err
+    assert SECRET not in captured.err + captured.out
+
+
+def test_upload_nonexistent_root_path_is_exit_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, prefix="fixed")
+    assert main(["upload", "--config", str(config), "--repo", "/nonexistent"]) == 3
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_upload_empty_directory_is_refused_as_unmounted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path)
+    mount = tmp_path / "nas"
+    mount.mkdir()
+    code = main(["upload", "--config", str(config), "--repo", str(mount), "--repo-id", "r1"])
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "mounted" in err
+    assert str(mount) in err
+    assert list(mount.iterdir()) == []  # nothing was written into the source
+
+
+def test_upload_empty_directory_json_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path)
+    mount = tmp_path / "nas"
+    mount.mkdir()
+    code = main(
+        ["upload", "--config", str(config), "--repo", str(mount), "--repo-id", "r1", "--json"]
+    )
+    assert code == 3
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.strip()]
+    assert len(lines) == 1, captured.out  # exactly one JSON document on stdout
+    summary = json.loads(lines[0])
+    assert summary["status"] == "failed"
+    assert summary["exit_code"] == 3
+    assert summary["error"]["kind"] == "local-integrity"
+    assert "mounted" in summary["error"]["message"]
+    assert summary["requests"] == 0
+    assert summary["uploaded_files"] == 0
+    assert summary["destination"]["bucket"] == "bkt"
+    assert summary["destination"]["prefix"] == "restic/r1"
+    assert SECRET not in captured.out + captured.err
+    assert "mounted" in captured.err
+
+
+def test_upload_dry_run_on_empty_directory_is_also_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path)
+    mount = tmp_path / "nas"
+    mount.mkdir()
+    code = main(
+        ["upload", "--config", str(config), "--repo", str(mount), "--repo-id", "r1", "--dry-run"]
+    )
+    assert code == 3
+    assert "mounted" in capsys.readouterr().err
+    assert not (tmp_path / "state").exists()  # a dry run writes no state and takes no lock
