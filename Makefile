@@ -60,6 +60,10 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+## schemas: regenerate docs/schemas/ from the event and manifest models
+schemas: install
+	$(VENV)/bin/python -m cloud.contracts.schemas docs/schemas
+
 format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .

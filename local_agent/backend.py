@@ -132,9 +132,15 @@ class Backend:
     # -- objects --------------------------------------------------------------------------
 
     def put(self, key: str, body: bytes | BinaryIO, size: int, md5_hex: str) -> str:
-        full = self.destination.key(key)
+        """Upload a repository file (`key` relative to the prefix); returns the ETag."""
+        return self.put_at(self.destination.key(key), body, size, md5_hex, what=key)
+
+    def put_at(
+        self, full: str, body: bytes | BinaryIO, size: int, md5_hex: str, *, what: str = ""
+    ) -> str:
+        """Upload to an absolute object key (manifests live outside the prefix)."""
         resp = self._call(
-            f"upload of {key}",
+            f"upload of {what or full}",
             lambda: self.client.put_object(
                 Bucket=self.bucket,
                 Key=full,

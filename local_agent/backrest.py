@@ -51,6 +51,7 @@ __all__ = [
 #: The hook condition the mirror runs on: after ``restic check`` has passed, so that only a
 #: repository restic itself just verified is copied off-site.
 CHECK_SUCCESS = "CONDITION_CHECK_SUCCESS"
+CHECK_ERROR = "CONDITION_CHECK_ERROR"
 
 #: ``Hook.OnError`` for the snippet. Backrest's retry policies would re-run the whole check and
 #: FATAL/CANCEL would mark a good check as failed; the agent reports its own failures instead.
@@ -78,6 +79,15 @@ _TEMPLATE_ARGS = (
     ("--repo-id", "{{ .ShellEscape .Repo.Id }}"),
     ("--repo-guid", "{{ .ShellEscape .Repo.Guid }}"),
     ("--trigger", "{{ .Event }}"),
+)
+#: The failure hook: the check failed, so nothing is mirrored; the agent only reports it.
+#: `.Error` is the check's error text (no secret: restic never prints the password).
+_FAILURE_TEMPLATE_ARGS = (
+    ("--repo", "{{ .ShellEscape .Repo.Uri }}"),
+    ("--repo-id", "{{ .ShellEscape .Repo.Id }}"),
+    ("--repo-guid", "{{ .ShellEscape .Repo.Guid }}"),
+    ("--trigger", "{{ .Event }}"),
+    ("--error", "{{ .ShellEscape .Error }}"),
 )
 
 
@@ -285,8 +295,23 @@ def hook_command(
     relative path) is made absolute because the hook runs in Backrest's working directory; a
     bare command name is left to Backrest's ``PATH``.
     """
-    words = [_literal(_absolute_command(executable), "executable"), "upload"]
-    for flag, value in _TEMPLATE_ARGS:
+    return _command(executable, "upload", _TEMPLATE_ARGS, config_path, extra_args)
+
+
+def failure_hook_command(*, executable: str, config_path: Path | None) -> str:
+    """The command for the CONDITION_CHECK_ERROR hook: `report-failure`, same quoting rules."""
+    return _command(executable, "report-failure", _FAILURE_TEMPLATE_ARGS, config_path, ())
+
+
+def _command(
+    executable: str,
+    subcommand: str,
+    template_args: Sequence[tuple[str, str]],
+    config_path: Path | None,
+    extra_args: Sequence[str],
+) -> str:
+    words = [_literal(_absolute_command(executable), "executable"), subcommand]
+    for flag, value in template_args:
         words += [flag, value]
     if config_path is not None:
         words += ["--config", _literal(str(_absolute(config_path)), "config path")]
@@ -342,6 +367,7 @@ def render_hook_snippet(
     fmt: Literal["json", "text"],
     backrest_config: Path | None = None,
     env: Mapping[str, str] = os.environ,
+    hook: Literal["success", "failure"] = "success",
 ) -> str:
     """What ``backrest-relay hook-snippet`` prints: the hook as JSON or as paste-able text.
 
@@ -358,11 +384,28 @@ def render_hook_snippet(
     """
     lookup_backrest_repo(repo_id, backrest_config, env)
     command = hook_command(executable=executable, config_path=config_path)
+    failure = failure_hook_command(executable=executable, config_path=config_path)
     if fmt == "json":
-        return json.dumps(hook_object(command), indent=2, ensure_ascii=False)
+        obj = (
+            hook_object(command)
+            if hook == "success"
+            else hook_object(failure, conditions=(CHECK_ERROR,))
+        )
+        return json.dumps(obj, indent=2, ensure_ascii=False)
     if fmt == "text":
+        if hook == "failure":
+            return _failure_instructions(repo_id) + failure
         return _instructions(repo_id) + command
     raise ValueError(f"unknown snippet format {fmt!r} (json or text)")
+
+
+def _failure_instructions(repo_id: str) -> str:
+    lines = (
+        f"Second hook for Repositories > {repo_id}, so a failed check alerts too:",
+        f'"Runs when..." {CHECK_ERROR}, "Error Behavior" {ON_ERROR_IGNORE}; paste the',
+        "command below. It mirrors nothing; it only reports the failed check.",
+    )
+    return "".join(f"# {line}\n" for line in lines)
 
 
 def _instructions(repo_id: str) -> str:
@@ -372,5 +415,6 @@ def _instructions(repo_id: str) -> str:
         "and paste the command below into the Script box. Add it to the repository, not to",
         "a plan: check conditions fire only on repository hooks. The command passes no secret;",
         "it ends in </dev/null so the agent cannot read the rest of the script.",
+        "For a second hook that reports failed checks: hook-snippet --hook failure.",
     )
     return "".join(f"# {line}\n" for line in lines)

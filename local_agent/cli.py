@@ -58,9 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-read the destination listing once instead of trusting the state store",
     )
 
+    fail = sub.add_parser(
+        "report-failure", help="publish Mirror Failed (Backrest's CONDITION_CHECK_ERROR hook)"
+    )
+    _repo_args(fail)
+    fail.add_argument("--trigger", default="CONDITION_CHECK_ERROR", help="{{ .Event }}")
+    fail.add_argument("--error", default="", help="what failed ({{ .Error }})")
+    fail.add_argument("--json", action="store_true", help="print one JSON result on stdout")
+
     hook = sub.add_parser("hook-snippet", help="print the Backrest hook that runs the upload")
     hook.add_argument("--repo-id", required=True, help="Backrest repository id")
     hook.add_argument("--format", choices=("json", "text"), default="text")
+    hook.add_argument(
+        "--hook",
+        choices=("success", "failure"),
+        default="success",
+        help="success: mirror on CONDITION_CHECK_SUCCESS; failure: report "
+        "CONDITION_CHECK_ERROR (text format shows both)",
+    )
     hook.add_argument("--config", help="config file the hook should pass to the agent")
 
     doctor = sub.add_parser("doctor", help="check config, credentials, bucket, clock")
@@ -107,6 +122,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_upload(args)
     if args.command == "hook-snippet":
         return cmd_hook_snippet(args)
+    if args.command == "report-failure":
+        return cmd_report_failure(args)
     if args.command == "doctor":
         from local_agent.doctor import run_doctor
 
@@ -151,12 +168,28 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
     loaded = load_config(args.config)
     register_secrets(loaded.config)
-    repo = resolve_repo(args)
+    try:
+        repo = resolve_repo(args)
+    except ConfigError as exc:
+        if not args.dry_run:
+            from local_agent.upload import report_failure
+
+            report_failure(
+                loaded.config,
+                repo_id=args.repo_id,
+                repo_guid=args.repo_guid,
+                repo_path=args.repo,
+                trigger=args.trigger,
+                kind=exc.kind,
+                message=exc.message,
+            )
+        raise
     summary = run_upload(
         loaded.config,
         repo_path=repo.path,
         repo_id=repo.repo_id,
         repo_guid=repo.guid,
+        trigger=args.trigger,
         dry_run=args.dry_run,
         reconcile=args.reconcile,
         interactive=sys.stderr.isatty() and not args.json,
@@ -213,6 +246,37 @@ def print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
         sys.stderr.write(REDACTOR(f"backrest-relay: error: {err['message']}") + "\n")
 
 
+# -- report-failure ------------------------------------------------------------------------
+
+
+def cmd_report_failure(args: argparse.Namespace) -> int:
+    from local_agent.config import load_config, validate_repo_guid, validate_repo_id
+    from local_agent.upload import report_failure
+
+    loaded = load_config(args.config)
+    register_secrets(loaded.config)
+    repo_id = validate_repo_id(args.repo_id) if args.repo_id else None
+    guid = validate_repo_guid(args.repo_guid) if args.repo_guid else None
+    if not repo_id and not guid:
+        raise ConfigError("report-failure needs --repo-id or --repo-guid")
+    message = args.error.strip() or f"Backrest reported {args.trigger} without an error text"
+    result = report_failure(
+        loaded.config,
+        repo_id=repo_id,
+        repo_guid=guid,
+        repo_path=args.repo,
+        trigger=args.trigger,
+        kind="check",
+        message=message,
+    )
+    if args.json:
+        sys.stdout.write(REDACTOR(json.dumps(result, sort_keys=True)) + "\n")
+    else:
+        state = "sent" if not result["pending"] else "kept in the outbox (sent on the next run)"
+        sys.stdout.write(f"Mirror Failed for {repo_id or guid}: {state}\n")
+    return 0
+
+
 # -- hook-snippet --------------------------------------------------------------------------
 
 
@@ -233,6 +297,7 @@ def cmd_hook_snippet(args: argparse.Namespace) -> int:
         executable=str(Path(executable).resolve()),
         config_path=config_path.resolve() if config_path else None,
         fmt=args.format,
+        hook=args.hook,
     )
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0

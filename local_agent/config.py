@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from cloud.contracts.destination import Destination, Provider
+from cloud.contracts.manifest import DEFAULT_MANIFEST_PREFIX
 from cloud.integrations.s3 import S3Access
 from local_agent.errors import ConfigError
 from local_agent.units import parse_duration, parse_rate, parse_size
@@ -51,6 +52,7 @@ class DestinationConfig(_Section):
     region: str = ""
     bucket: str = Field(min_length=1)
     prefix: str = "restic/{repo_id}"
+    manifest_prefix: str = DEFAULT_MANIFEST_PREFIX
     access_key_id: str = ""
     secret_access_key: SecretStr = SecretStr("")
 
@@ -69,7 +71,7 @@ class DestinationConfig(_Section):
             raise ValueError(f"{value!r} must start with https:// or http://")
         return value.rstrip("/")
 
-    @field_validator("prefix")
+    @field_validator("prefix", "manifest_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
         for name in _PLACEHOLDER_RE.findall(value):
@@ -188,6 +190,26 @@ class RelayConfig(_Section):
     events: EventsConfig = Field(default_factory=EventsConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
     state: StateConfig = Field(default_factory=StateConfig)
+
+    def manifest_prefix_for(self, *, repo_id: str | None, repo_guid: str | None) -> str:
+        """Where manifests go. `{repo_guid}` falls back to the repository id when Backrest
+        passed no guid, so a manual run still has a stable place."""
+        values = {"repo_id": repo_id or repo_guid, "repo_guid": repo_guid or repo_id}
+        template = self.destination.manifest_prefix
+        for name in _PLACEHOLDER_RE.findall(template):
+            if not values[name]:
+                raise ConfigError(
+                    f"config: destination.manifest_prefix {template!r} needs --repo-id or "
+                    "--repo-guid"
+                )
+        prefix = _PLACEHOLDER_RE.sub(lambda m: values[m.group(1)] or "", template).strip("/")
+        repo_prefix = self.destination_for(repo_id=repo_id, repo_guid=repo_guid).prefix
+        if repo_prefix and (prefix + "/").startswith(repo_prefix + "/"):
+            raise ConfigError(
+                f"config: destination.manifest_prefix {prefix!r} lies inside the repository "
+                f"prefix {repo_prefix!r}; put manifests outside it"
+            )
+        return prefix
 
     def destination_for(self, *, repo_id: str | None, repo_guid: str | None) -> Destination:
         """The destination with `{repo_id}`/`{repo_guid}` expanded in its prefix."""

@@ -61,6 +61,7 @@ class MirrorOptions:
     bandwidth_limit: int | None = None
     dry_run: bool = False
     reconcile: bool = False
+    run_id: str | None = None
 
 
 @dataclass
@@ -88,6 +89,9 @@ class MirrorSummary:
     requests: int = 0
     duration_seconds: float = 0.0
     error: dict[str, str] | None = None
+    run_id: str | None = None
+    manifest: dict[str, Any] | None = None
+    event: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -303,6 +307,7 @@ class MirrorRun:
             part_size=options.part_size,
             throttle=Throttle(options.bandwidth_limit) if options.bandwidth_limit else None,
             stop=self.stop,
+            run_id=options.run_id,
             on_bytes=lambda n: self.progress.advance(size=n) if self.progress else None,
         )
         if self.progress:

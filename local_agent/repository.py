@@ -170,12 +170,11 @@ def _entries(path: Path) -> list[os.DirEntry[str]]:
         raise RepositoryError(f"{path}: cannot list: {exc.strerror}") from None
 
 
-def scan_repository(root: Path) -> RepositoryScan:
-    """Every mirrorable file of the repository at `root`.
+def ensure_repository(root: Path) -> None:
+    """Refuse anything that is not recognisably a restic repository (exit 3).
 
-    Refuses anything that is not recognisably a restic repository: an unmounted NAS
-    mount point is an empty directory, and mirroring it must never look like "the
-    repository is now empty".
+    Cheap enough to run before anything else is touched, so a missing or unmounted
+    repository leaves no state behind.
     """
     if not root.exists():
         raise RepositoryError(f"repository {root} does not exist (is the disk or NAS mounted?)")
@@ -195,6 +194,16 @@ def scan_repository(root: Path) -> RepositoryScan:
             f"{root} is not a restic repository (missing {', '.join(missing)}); "
             "if it lives on a NAS or external disk, is it mounted?"
         )
+
+
+def scan_repository(root: Path) -> RepositoryScan:
+    """Every mirrorable file of the repository at `root`.
+
+    Refuses anything that is not recognisably a restic repository: an unmounted NAS
+    mount point is an empty directory, and mirroring it must never look like "the
+    repository is now empty".
+    """
+    ensure_repository(root)
     scanner = _Scanner(root)
     for entry in _entries(root):
         # The repository's own top-level entries may be symlinks (a data/ folder moved to

@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS objects (
     sha256 TEXT,                   -- NULL when adopted from a listing without reading
     md5 TEXT,
     etag TEXT,
-    uploaded_at REAL NOT NULL
+    uploaded_at REAL NOT NULL,
+    run_id TEXT                    -- the run that uploaded it; NULL when adopted
 );
 CREATE TABLE IF NOT EXISTS multipart_uploads (
     key TEXT PRIMARY KEY,
@@ -64,6 +65,7 @@ class RemoteObject:
     sha256: str | None
     md5: str | None
     etag: str | None
+    run_id: str | None = None  # the run that uploaded it; None when adopted
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,25 +170,25 @@ class StateStore:
     def get(self, key: str) -> RemoteObject | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT key, size, sha256, md5, etag FROM objects WHERE key=?", (key,)
+                "SELECT key, size, sha256, md5, etag, run_id FROM objects WHERE key=?", (key,)
             ).fetchone()
         return None if row is None else RemoteObject(*row)
 
     def put(self, obj: RemoteObject) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO objects(key, size, sha256, md5, etag, uploaded_at) "
-                "VALUES(?, ?, ?, ?, ?, ?)",
-                (obj.key, obj.size, obj.sha256, obj.md5, obj.etag, time.time()),
+                "INSERT OR REPLACE INTO objects(key, size, sha256, md5, etag, uploaded_at, run_id) "
+                "VALUES(?, ?, ?, ?, ?, ?, ?)",
+                (obj.key, obj.size, obj.sha256, obj.md5, obj.etag, time.time(), obj.run_id),
             )
 
     def put_many(self, objs: list[RemoteObject]) -> None:
         now = time.time()
         with self._lock, self._transaction() as db:
             db.executemany(
-                "INSERT OR REPLACE INTO objects(key, size, sha256, md5, etag, uploaded_at) "
-                "VALUES(?, ?, ?, ?, ?, ?)",
-                [(o.key, o.size, o.sha256, o.md5, o.etag, now) for o in objs],
+                "INSERT OR REPLACE INTO objects(key, size, sha256, md5, etag, uploaded_at, run_id) "
+                "VALUES(?, ?, ?, ?, ?, ?, ?)",
+                [(o.key, o.size, o.sha256, o.md5, o.etag, now, o.run_id) for o in objs],
             )
 
     def forget(self, key: str) -> None:
@@ -203,7 +205,7 @@ class StateStore:
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    "SELECT key, size, sha256, md5, etag FROM objects WHERE key > ? "
+                    "SELECT key, size, sha256, md5, etag, run_id FROM objects WHERE key > ? "
                     "ORDER BY key LIMIT 1000",
                     (last,),
                 ).fetchall()
@@ -274,8 +276,9 @@ class StateStore:
             db.execute("DELETE FROM multipart_uploads WHERE key=?", (key,))
             if completed is not None:
                 db.execute(
-                    "INSERT OR REPLACE INTO objects(key, size, sha256, md5, etag, uploaded_at) "
-                    "VALUES(?, ?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO objects"
+                    "(key, size, sha256, md5, etag, uploaded_at, run_id) "
+                    "VALUES(?, ?, ?, ?, ?, ?, ?)",
                     (
                         completed.key,
                         completed.size,
@@ -283,5 +286,6 @@ class StateStore:
                         completed.md5,
                         completed.etag,
                         time.time(),
+                        completed.run_id,
                     ),
                 )

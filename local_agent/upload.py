@@ -1,26 +1,36 @@
-"""The `upload` command put together: config → lock → state → backend → MirrorRun.
+"""The `upload` command put together: config → lock → state → backend → MirrorRun →
+manifest → event.
 
-Kept apart from the CLI so tests, the demo and later the local pipeline run exactly
-what the hook runs.
+Kept apart from the CLI so tests, the demo and the local pipeline run exactly what the
+hook runs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
 
+from cloud.contracts.events import EventDetail, ManifestRef, RepoRef
 from cloud.integrations.s3 import make_s3_client
 from local_agent.backend import Backend
 from local_agent.config import RelayConfig
 from local_agent.deadline import StopSignal, start_hard_stop
 from local_agent.errors import RelayError
+from local_agent.events import RunContext, completed_event, failed_event
+from local_agent.manifest import ManifestWriter
 from local_agent.mirror import MirrorOptions, MirrorRun, MirrorSummary
+from local_agent.outbox import Outbox
 from local_agent.progress import Progress
+from local_agent.publishers import Publisher, make_publisher
+from local_agent.repository import ensure_repository
 from local_agent.runlock import RunLock
 from local_agent.state import StateStore, state_file_name
 
 log = logging.getLogger(__name__)
+
+LAST_MANIFEST = "last_manifest"
 
 
 def run_upload(
@@ -29,12 +39,19 @@ def run_upload(
     repo_path: Path,
     repo_id: str | None,
     repo_guid: str | None,
+    trigger: str = "manual",
     dry_run: bool = False,
     reconcile: bool = False,
     interactive: bool = False,
     show_progress: bool = True,
+    publisher: Publisher | None = None,
 ) -> MirrorSummary:
     destination = config.destination_for(repo_id=repo_id, repo_guid=repo_guid)
+    ctx = RunContext(
+        repo=RepoRef(id=repo_id, guid=repo_guid, path=str(repo_path)),
+        trigger=trigger,
+        destination=destination,
+    )
     upload = config.upload
     options = MirrorOptions(
         repo_path=repo_path,
@@ -47,18 +64,27 @@ def run_upload(
         bandwidth_limit=upload.bandwidth_bytes_per_second,
         dry_run=dry_run,
         reconcile=reconcile,
+        run_id=ctx.run_id,
     )
+    state_dir = config.state.path()
     stop = StopSignal(upload.deadline_seconds)
     hard_stop = start_hard_stop(upload.deadline_seconds)
     identity = repo_guid or str(repo_path.resolve())
-    state_path = config.state.path() / state_file_name(destination, identity)
+    state_path = state_dir / state_file_name(destination, identity)
     lock = RunLock(state_path.with_suffix(".lock"))
     access = config.destination.access()
     backend = Backend(
         lambda: make_s3_client(access, max_pool_connections=upload.concurrency + 2), destination
     )
     progress = Progress(sys.stderr, tty=interactive) if show_progress else None
+    publisher = publisher or make_publisher(config.events, state_dir)
+    outbox: Outbox | None = None
+    summary: MirrorSummary
     try:
+        if not dry_run:
+            outbox = Outbox(state_dir / "outbox.sqlite")
+            _send_backlog(outbox, publisher, summary=None)
+        ensure_repository(repo_path)
         if not dry_run:
             lock.acquire(min(upload.lock_wait_seconds, upload.deadline_seconds))
         state = StateStore(None if dry_run and not state_path.exists() else state_path)
@@ -67,10 +93,12 @@ def run_upload(
             if progress:
                 progress.start()
             try:
-                return run.execute()
+                summary = run.execute()
             finally:
                 if progress:
                     progress.close()
+            if not dry_run and summary.exit_code == 0:
+                _attach_manifest(config, state, backend, ctx, summary)
         finally:
             state.close()
     except RelayError as exc:
@@ -82,7 +110,121 @@ def run_upload(
             dry_run=dry_run,
             error={"kind": exc.kind, "message": exc.message},
         )
-        return summary
     finally:
         lock.release()
         hard_stop.cancel()
+    summary.run_id = ctx.run_id
+    if outbox is not None:
+        event: EventDetail
+        if summary.exit_code == 0 and summary.manifest is not None:
+            event = completed_event(ctx, summary, ManifestRef.model_validate(summary.manifest))
+        else:
+            error = summary.error or {"kind": "unexpected", "message": "unknown failure"}
+            event = failed_event(ctx, kind=error["kind"], message=error["message"], summary=summary)
+        outbox.add(event)
+        _send_backlog(outbox, publisher, summary=summary)
+        outbox.close()
+    return summary
+
+
+def _attach_manifest(
+    config: RelayConfig,
+    state: StateStore,
+    backend: Backend,
+    ctx: RunContext,
+    summary: MirrorSummary,
+) -> None:
+    """Write a new manifest, or point at the last one when the run changed nothing."""
+    changed = (
+        summary.uploaded_files
+        or summary.deleted_files
+        or summary.adopted_files
+        or summary.listed_objects is not None
+    )
+    previous = state.get_meta(LAST_MANIFEST)
+    if not changed and previous:
+        summary.manifest = json.loads(previous)
+        return
+    prefix = config.manifest_prefix_for(repo_id=ctx.repo.id, repo_guid=ctx.repo.guid)
+    try:
+        ref = ManifestWriter(backend, state).write(
+            run_id=ctx.run_id,
+            manifest_prefix=prefix,
+            repo_id=ctx.repo.id,
+            repo_guid=ctx.repo.guid,
+        )
+    except RelayError as exc:
+        summary.status = "failed"
+        summary.exit_code = int(exc.exit_code)
+        summary.error = {"kind": exc.kind, "message": f"mirror done, manifest not: {exc.message}"}
+        return
+    summary.requests = backend.requests
+    summary.manifest = ref.model_dump()
+    state.set_meta(LAST_MANIFEST, ref.model_dump_json())
+
+
+def _send_backlog(outbox: Outbox, publisher: Publisher, *, summary: MirrorSummary | None) -> None:
+    result = outbox.flush(publisher)
+    if summary is not None:
+        summary.event = {
+            "publisher": publisher.name,
+            "sent": result.sent,
+            "pending": result.pending,
+            "error": result.error,
+        }
+    if result.error:
+        log.warning(
+            "could not publish %d event(s) via %s (kept, sent on the next run): %s",
+            result.pending,
+            publisher.name,
+            result.error,
+        )
+    elif result.sent and summary is None:
+        log.info("sent %d event(s) left over from earlier runs", result.sent)
+
+
+def report_failure(
+    config: RelayConfig,
+    *,
+    repo_id: str | None,
+    repo_guid: str | None,
+    repo_path: str | None,
+    trigger: str,
+    kind: str,
+    message: str,
+    publisher: Publisher | None = None,
+) -> dict[str, object]:
+    """Publish `Mirror Failed` for a run that never got to mirroring (Backrest's check
+    failed, or the repository could not even be resolved). Goes through the outbox."""
+    try:
+        destination = config.destination_for(repo_id=repo_id, repo_guid=repo_guid)
+    except RelayError:
+        # The prefix needs a value we do not have; report the template rather than nothing.
+        destination = config.destination_for(repo_id="{repo_id}", repo_guid="{repo_guid}")
+    ctx = RunContext(
+        repo=RepoRef(id=repo_id, guid=repo_guid, path=repo_path),
+        trigger=trigger,
+        destination=destination,
+    )
+    state_dir = config.state.path()
+    publisher = publisher or make_publisher(config.events, state_dir)
+    outbox = Outbox(state_dir / "outbox.sqlite")
+    try:
+        outbox.add(failed_event(ctx, kind=kind, message=message))
+        result = outbox.flush(publisher)
+    finally:
+        outbox.close()
+    if result.error:
+        log.warning(
+            "could not publish %d event(s) via %s (kept, sent on the next run): %s",
+            result.pending,
+            publisher.name,
+            result.error,
+        )
+    return {
+        "run_id": ctx.run_id,
+        "publisher": publisher.name,
+        "sent": result.sent,
+        "pending": result.pending,
+        "error": result.error,
+    }

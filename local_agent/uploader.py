@@ -40,8 +40,10 @@ class ObjectUploader:
         part_size: int,
         throttle: Throttle | None,
         stop: StopSignal,
+        run_id: str | None = None,
         on_bytes: Callable[[int], None] = lambda _: None,
     ) -> None:
+        self.run_id = run_id
         self.backend = backend
         self.state = state
         self.multipart_threshold = multipart_threshold
@@ -62,7 +64,7 @@ class ObjectUploader:
             with _open(path) as fh:
                 etag = self.backend.put(file.key, self._body(fh), file.size, digest.md5)
         self.on_bytes(file.size)
-        obj = RemoteObject(file.key, file.size, digest.sha256, digest.md5, etag)
+        obj = RemoteObject(file.key, file.size, digest.sha256, digest.md5, etag, self.run_id)
         self.state.put(obj)
         return obj
 
@@ -124,7 +126,7 @@ class ObjectUploader:
                 done[number] = etag
                 self.on_bytes(len(chunk))
         final_etag = self.backend.complete_multipart(file.key, pending.upload_id, done)
-        obj = RemoteObject(file.key, file.size, digest.sha256, digest.md5, final_etag)
+        obj = RemoteObject(file.key, file.size, digest.sha256, digest.md5, final_etag, self.run_id)
         self.state.end_upload(file.key, completed=obj)
         return obj
 

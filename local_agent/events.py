@@ -1,0 +1,99 @@
+"""Turning a run into its event: `Mirror Completed` or `Mirror Failed`."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from cloud.contracts.destination import Destination
+from cloud.contracts.events import (
+    MAX_LISTED_PROBLEMS,
+    MAX_LISTED_SNAPSHOTS,
+    MAX_MESSAGE_CHARS,
+    ErrorInfo,
+    ErrorKind,
+    ManifestRef,
+    MirrorCompleted,
+    MirrorFailed,
+    MirrorStats,
+    RepoRef,
+)
+from cloud.contracts.ids import new_run_id
+from local_agent.mirror import MirrorSummary
+from local_agent.redact import REDACTOR
+
+_KINDS: set[str] = {
+    "config",
+    "local-integrity",
+    "destination",
+    "guard",
+    "deadline",
+    "check",
+    "unexpected",
+}
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What is known about a run before it starts."""
+
+    repo: RepoRef
+    trigger: str
+    destination: Destination
+    run_id: str = field(default_factory=new_run_id)
+    host: str = field(default_factory=socket.gethostname)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+def stats_of(summary: MirrorSummary) -> MirrorStats:
+    return MirrorStats(
+        files=summary.files,
+        bytes=summary.bytes,
+        uploaded_files=summary.uploaded_files,
+        uploaded_bytes=summary.uploaded_bytes,
+        already_present=summary.already_present,
+        adopted_files=summary.adopted_files,
+        deleted_files=summary.deleted_files,
+        requests=summary.requests,
+        duration_seconds=summary.duration_seconds,
+    )
+
+
+def completed_event(
+    ctx: RunContext, summary: MirrorSummary, manifest: ManifestRef
+) -> MirrorCompleted:
+    return MirrorCompleted(
+        run_id=ctx.run_id,
+        repo=ctx.repo,
+        host=ctx.host,
+        trigger=ctx.trigger,
+        destination=ctx.destination,
+        started_at=ctx.started_at,
+        finished_at=datetime.now(UTC),
+        stats=stats_of(summary),
+        manifest=manifest,
+        new_snapshots=sorted(summary.new_snapshots)[:MAX_LISTED_SNAPSHOTS],
+        new_snapshots_total=len(summary.new_snapshots),
+    )
+
+
+def failed_event(
+    ctx: RunContext, *, kind: str, message: str, summary: MirrorSummary | None = None
+) -> MirrorFailed:
+    safe_kind: ErrorKind = kind if kind in _KINDS else "unexpected"  # type: ignore[assignment]
+    text = REDACTOR(message)
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[: MAX_MESSAGE_CHARS - 1] + "…"
+    return MirrorFailed(
+        run_id=ctx.run_id,
+        repo=ctx.repo,
+        host=ctx.host,
+        trigger=ctx.trigger,
+        destination=ctx.destination,
+        started_at=ctx.started_at,
+        finished_at=datetime.now(UTC),
+        stats=stats_of(summary) if summary is not None and summary.files else None,
+        error=ErrorInfo(kind=safe_kind, message=text),
+        corrupt_files=(summary.corrupt if summary else [])[:MAX_LISTED_PROBLEMS],
+    )

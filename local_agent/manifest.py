@@ -1,0 +1,105 @@
+"""Writing a run's manifest into the bucket, as a stream.
+
+The manifest lists every object the state store knows to be at the destination. It is
+built from the store in key order, batch by batch, gzip-compressed into a temporary file
+while its SHA-256 and MD5 are computed, then uploaded with Content-MD5 — so memory stays
+flat however many objects the repository has.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import re
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from cloud.contracts.events import ManifestRef
+from cloud.contracts.manifest import ManifestEntry, ManifestHeader, manifest_key
+from local_agent.backend import Backend
+from local_agent.state import StateStore
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, inner: BinaryIO) -> None:
+        super().__init__()
+        self.inner = inner
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        chunk = bytes(data)
+        self.sha256.update(chunk)
+        self.md5.update(chunk)
+        self.size += len(chunk)
+        self.inner.write(chunk)
+        return len(chunk)
+
+
+class ManifestWriter:
+    def __init__(self, backend: Backend, state: StateStore, *, tmp_dir: Path | None = None):
+        self.backend = backend
+        self.state = state
+        self.tmp_dir = tmp_dir
+
+    def write(
+        self,
+        *,
+        run_id: str,
+        manifest_prefix: str,
+        repo_id: str | None,
+        repo_guid: str | None,
+    ) -> ManifestRef:
+        destination = self.backend.destination
+        count = self.state.count()
+        header = ManifestHeader(
+            run_id=run_id,
+            repo_guid=repo_guid,
+            repo_id=repo_id,
+            bucket=destination.bucket,
+            prefix=destination.prefix,
+            created_at=datetime.now(UTC),
+            objects=count,
+        )
+        key = manifest_key(manifest_prefix, run_id)
+        with tempfile.TemporaryFile(dir=self.tmp_dir) as tmp:
+            hashing = _HashingWriter(tmp)
+            written = 0
+            with gzip.GzipFile(fileobj=hashing, mode="wb", mtime=0, compresslevel=6) as gz:
+                gz.write(header.model_dump_json().encode() + b"\n")
+                for obj in self.state.iter_objects():
+                    name = obj.key.rsplit("/", 1)[-1]
+                    sha256 = obj.sha256 or (name if _HEX64.fullmatch(name) else None)
+                    line = {
+                        "key": obj.key,
+                        "size": obj.size,
+                        "sha256": sha256,
+                        "md5": obj.md5,
+                        "uploaded": obj.run_id == run_id,
+                    }
+                    gz.write(json.dumps(line, separators=(",", ":")).encode() + b"\n")
+                    written += 1
+            if written != count:
+                raise AssertionError(f"manifest: counted {count} objects but wrote {written}")
+            tmp.seek(0)
+            self.backend.put_at(
+                key, tmp, hashing.size, hashing.md5.hexdigest(), what=f"manifest {key}"
+            )
+        return ManifestRef(
+            key=key, sha256=hashing.sha256.hexdigest(), objects=count, created_by_run=run_id
+        )
+
+
+def validate_entry_line(line: bytes) -> ManifestEntry:
+    """Parse one manifest line (used by readers and tests)."""
+    return ManifestEntry.model_validate_json(line)
