@@ -36,8 +36,8 @@ def schema_documents() -> dict[str, str]:
         ("manifest-header", ManifestHeader),
         ("manifest-entry", ManifestEntry),
     )
-    for name, model in manifest_models:
-        schema = model.model_json_schema(mode="serialization")
+    for name, manifest_model in manifest_models:
+        schema = manifest_model.model_json_schema(mode="serialization")
         schema["$id"] = f"backrest-relay/{name}.schema.json"
         docs[f"{name}.schema.json"] = _dump(schema)
     return docs

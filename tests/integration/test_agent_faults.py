@@ -291,7 +291,9 @@ def test_credentials_never_reach_output_summary_or_state(
     outputs: list[tuple[str, str | bytes]] = []
 
     def run(label: str, args: list[str], code: int, env: dict[str, str] | None = None) -> None:
+        t0 = time.monotonic()
         result = run_agent(args, env=env, timeout=120)
+        print(label, round(time.monotonic() - t0, 2), result.stderr[-300:])
         assert result.returncode == code, (label, result.stdout, result.stderr)
         assert "Traceback" not in result.stderr, (label, result.stderr)
         outputs.extend([(f"{label} stdout", result.stdout), (f"{label} stderr", result.stderr)])

@@ -1,0 +1,122 @@
+"""The interfaces `cloud/logic` needs from the outside world.
+
+Logic depends only on these; `cloud/integrations` fills them (boto3, DynamoDB, SQLite),
+and unit tests fill them with in-memory fakes. Nothing here imports an SDK.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ListedObject:
+    """One object of a listing: the full key, its size and its ETag (quotes stripped)."""
+
+    key: str
+    size: int
+    etag: str
+
+    @property
+    def multipart(self) -> bool:
+        return "-" in self.etag
+
+
+class ObjectStoreError(Exception):
+    """The destination could not be read (unreachable, denied, missing bucket)."""
+
+
+class ObjectNotFoundError(ObjectStoreError):
+    pass
+
+
+class ObjectStore(Protocol):
+    """A read-only view of one bucket."""
+
+    def list(self, prefix: str) -> Iterator[ListedObject]:
+        """Every object whose key starts with `prefix`, in S3 key order, paginated."""
+        ...
+
+    def read(self, key: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
+        """The object's bytes as a stream of chunks (ObjectNotFoundError if absent)."""
+        ...
+
+    @property
+    def requests(self) -> int:
+        """Requests sent so far (for counting list calls)."""
+        ...
+
+
+class ReportSink(Protocol):
+    """Where full verification reports go (an object beside the manifest, or a file)."""
+
+    def put(self, key: str, data: bytes) -> str | None:
+        """Store the report; returns where it went, or None when it could not be stored."""
+        ...
+
+
+RunKind = Literal["mirror", "verification", "stale", "failure"]
+RunStatus = Literal["completed", "failed", "verified", "verification-failed", "stale"]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as the run store keeps it.
+
+    `repo_key` is the repository's guid (else its Backrest id); `run_id` is a UUIDv7, so
+    runs of one repository sort by time. `detail` is the event detail as JSON-able dict.
+    """
+
+    repo_key: str
+    run_id: str
+    kind: RunKind
+    status: RunStatus
+    started_at: datetime
+    finished_at: datetime
+    repo_id: str | None = None
+    host: str | None = None
+    mirror_run_id: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RepoStatus:
+    """What the watchdog and `status` need to know about one repository."""
+
+    repo_key: str
+    repo_id: str | None
+    latest_run: RunRecord | None
+    latest_verified: RunRecord | None
+    verifications: int
+    stale_alerted_at: datetime | None = None
+
+
+class RunStore(Protocol):
+    """Runs by repository and run id, plus each repository's latest verified run."""
+
+    def record(self, run: RunRecord) -> None:
+        """Store a run (idempotent on (repo_key, run_id)); keeps latest-verified current."""
+        ...
+
+    def get(self, repo_key: str, run_id: str) -> RunRecord | None: ...
+
+    def runs(self, repo_key: str, limit: int = 50) -> list[RunRecord]:
+        """The newest `limit` runs of a repository, newest first."""
+        ...
+
+    def latest_verified(self, repo_key: str) -> RunRecord | None: ...
+
+    def verification_count(self, repo_key: str) -> int:
+        """How many verifications were recorded (drives the rotating deep-check slice)."""
+        ...
+
+    def repos(self) -> Iterator[RepoStatus]:
+        """Every repository the store knows, for the watchdog and `status`."""
+        ...
+
+    def mark_stale_alerted(self, repo_key: str, at: datetime | None) -> None:
+        """Remember when the watchdog last alerted (None clears it after a recovery)."""
+        ...
