@@ -134,8 +134,10 @@ class VerificationStats(_Model):
     listed: int = 0
     compared: int = 0
     deep_checked: int = 0
+    deep_checked_new: int = 0
     bytes_read: int = 0
     extra_objects: int = 0
+    list_requests: int = 0
     duration_seconds: float = 0.0
 
 
@@ -153,6 +155,7 @@ class _VerificationResult(EventDetail):
     stats: VerificationStats
     problems: list[Problem] = Field(default_factory=list, max_length=MAX_LISTED_PROBLEMS)
     problems_total: int = 0
+    warnings: list[str] = Field(default_factory=list, max_length=MAX_LISTED_PROBLEMS)
     report_key: str | None = None
     new_snapshots: list[str] = Field(default_factory=list, max_length=MAX_LISTED_SNAPSHOTS)
     mirror_stats: MirrorStats | None = None

@@ -45,8 +45,8 @@ class ObjectStore(Protocol):
         ...
 
     @property
-    def requests(self) -> int:
-        """Requests sent so far (for counting list calls)."""
+    def list_requests(self) -> int:
+        """List requests sent so far (B2 bills them as Class C)."""
         ...
 
 

@@ -1,0 +1,442 @@
+"""Proving an off-site copy: is every object the manifest names there, whole and intact?
+
+restic names every file by the SHA-256 of its bytes, so the mirror can be proved near the
+data and without the repository password:
+
+1. the manifest is fetched and its SHA-256 checked against the event that announced it;
+2. the prefix is listed once (⌈N/1000⌉ requests, no per-object HEAD) and merged, in key
+   order, with the manifest: missing objects, wrong sizes and, for single-part objects,
+   ETags that are not the MD5 the agent uploaded are problems; extra objects are warnings;
+3. a deep check downloads and hashes every object uploaded by that run (within a byte
+   budget) plus a rotating slice of older ones, so every object is re-read at least once
+   every `rotation_runs` verifications.
+
+Everything streams: the manifest from a temporary file, the listing page by page, deep
+checks through a bounded pool. Memory stays flat in the number of objects.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import IO, Literal
+
+from cloud.contracts.destination import Destination
+from cloud.contracts.events import MAX_LISTED_PROBLEMS, Problem, VerificationStats
+from cloud.contracts.manifest import ManifestEntry, ManifestHeader
+from cloud.logic.ports import (
+    ListedObject,
+    ObjectNotFoundError,
+    ObjectStore,
+    ObjectStoreError,
+)
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+IGNORED_FOLDERS = ("locks/",)  # restic writes locks while it checks a mirror: not extra
+
+ProblemKind = Literal["missing", "size", "etag", "hash", "manifest", "unreadable", "extra"]
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How much to read back.
+
+    `new_bytes_budget` caps the deep check of objects the mirror run uploaded (None: all).
+    `rotation_runs` N and `rotation_index` pick the slice of older objects (1/N of them)
+    re-read this time; callers pass the repository's verification count as the index.
+    `extra_percent` / `extra_bytes` widen the deep check (`verify --deep`).
+    """
+
+    new_bytes_budget: int | None = None
+    rotation_runs: int = 30
+    rotation_index: int = 0
+    extra_percent: float = 0.0
+    extra_bytes: int = 0
+    concurrency: int = 8
+
+
+@dataclass
+class VerificationOutcome:
+    header: ManifestHeader | None
+    manifest_sha256: str | None
+    stats: VerificationStats
+    problems: list[Problem] = field(default_factory=list)
+    problems_total: int = 0
+    warnings: list[str] = field(default_factory=list)
+    report: bytes | None = None  # gzip JSON Lines of every problem, when there are any
+
+    @property
+    def verified(self) -> bool:
+        return self.problems_total == 0 and self.header is not None
+
+
+class _Problems:
+    """Keeps the first few problems for the event and all of them for the report."""
+
+    def __init__(self) -> None:
+        self.first: list[Problem] = []
+        self.total = 0
+        self.warnings: list[str] = []
+        self._report = io.BytesIO()
+        self._gzip = gzip.GzipFile(fileobj=self._report, mode="wb", mtime=0)
+        self._lock = threading.Lock()
+
+    def add(self, key: str, kind: ProblemKind, detail: str) -> None:
+        problem = Problem(key=key, kind=kind, detail=detail[:500])
+        with self._lock:
+            self.total += 1
+            if len(self.first) < MAX_LISTED_PROBLEMS:
+                self.first.append(problem)
+            self._gzip.write(problem.model_dump_json().encode() + b"\n")
+
+    def warn(self, text: str) -> None:
+        with self._lock:
+            if len(self.warnings) < MAX_LISTED_PROBLEMS:
+                self.warnings.append(text)
+
+    def report(self) -> bytes | None:
+        self._gzip.close()
+        return self._report.getvalue() if self.total else None
+
+
+def slice_of(key: str, runs: int) -> int:
+    """Which rotation slice an object belongs to: stable, and spread evenly over keys."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % max(runs, 1)
+
+
+def _fraction(key: str) -> float:
+    """A stable pseudo-random number in [0, 1) per key, independent of `slice_of`."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[8:16], 16) / 0x1_0000_0000
+
+
+def expected_sha256(entry: ManifestEntry) -> str | None:
+    """What an object's bytes must hash to: its name, else what the manifest recorded."""
+    name = entry.key.rsplit("/", 1)[-1]
+    if _HEX64.fullmatch(name) and entry.key != "config":
+        return name
+    return entry.sha256
+
+
+class _Unordered(Exception):
+    """A listing or manifest not in key order: fall back to a keyed comparison."""
+
+
+def _ordered(items: Iterator[ListedObject]) -> Iterator[ListedObject]:
+    last = ""
+    for item in items:
+        if item.key < last:
+            raise _Unordered(item.key)
+        last = item.key
+        yield item
+
+
+class MirrorVerifier:
+    def __init__(
+        self, store: ObjectStore, destination: Destination, options: VerifyOptions | None = None
+    ) -> None:
+        self.store = store
+        self.destination = destination
+        self.options = options or VerifyOptions()
+
+    # -- entry point ----------------------------------------------------------------------
+
+    def verify(self, manifest_key: str, manifest_sha256: str | None) -> VerificationOutcome:
+        """Verify the mirror against the manifest at `manifest_key`.
+
+        `manifest_sha256` is what the completion event promised; None (a manual verify
+        that found the manifest by listing) trusts the manifest as found.
+        ObjectStoreError propagates: an unreachable destination is not a verdict.
+        """
+        started = time.monotonic()
+        problems = _Problems()
+        stats = {"listed": 0, "compared": 0, "deep": 0, "deep_new": 0, "bytes": 0, "extra": 0}
+        requests_before = self.store.list_requests
+        header: ManifestHeader | None = None
+        actual_sha: str | None = None
+        with tempfile.TemporaryFile() as manifest_file:
+            try:
+                actual_sha = self._download(manifest_key, manifest_file)
+            except ObjectNotFoundError:
+                problems.add(manifest_key, "manifest", "manifest object is missing")
+            if actual_sha is not None and manifest_sha256 and actual_sha != manifest_sha256:
+                problems.add(
+                    manifest_key,
+                    "manifest",
+                    f"manifest SHA-256 {actual_sha} differs from the event's {manifest_sha256}",
+                )
+            elif actual_sha is not None:
+                header = self._compare(manifest_file, manifest_key, problems, stats)
+        list_requests = self.store.list_requests - requests_before
+        return VerificationOutcome(
+            header=header,
+            manifest_sha256=actual_sha,
+            stats=VerificationStats(
+                listed=stats["listed"],
+                compared=stats["compared"],
+                deep_checked=stats["deep"],
+                deep_checked_new=stats["deep_new"],
+                bytes_read=stats["bytes"],
+                extra_objects=stats["extra"],
+                list_requests=list_requests,
+                duration_seconds=round(time.monotonic() - started, 3),
+            ),
+            problems=problems.first,
+            problems_total=problems.total,
+            warnings=problems.warnings,
+            report=problems.report(),
+        )
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def _download(self, key: str, out: IO[bytes]) -> str:
+        sha = hashlib.sha256()
+        for chunk in self.store.read(key):
+            sha.update(chunk)
+            out.write(chunk)
+        out.seek(0)
+        return sha.hexdigest()
+
+    def _entries(self, manifest_file: IO[bytes]) -> tuple[ManifestHeader, Iterator[ManifestEntry]]:
+        stream = gzip.GzipFile(fileobj=manifest_file, mode="rb")
+        header = ManifestHeader.model_validate_json(stream.readline())
+
+        def entries() -> Iterator[ManifestEntry]:
+            for line in stream:
+                if line.strip():
+                    yield ManifestEntry.model_validate_json(line)
+
+        return header, entries()
+
+    def _compare(
+        self,
+        manifest_file: IO[bytes],
+        manifest_key: str,
+        problems: _Problems,
+        stats: dict[str, int],
+    ) -> ManifestHeader | None:
+        try:
+            header, entries = self._entries(manifest_file)
+        except (OSError, EOFError, ValueError) as exc:
+            problems.add(manifest_key, "manifest", f"manifest unreadable: {exc}")
+            return None
+        if header.prefix != self.destination.prefix or header.bucket != self.destination.bucket:
+            problems.add(
+                manifest_key,
+                "manifest",
+                f"manifest describes {header.bucket}/{header.prefix}, not "
+                f"{self.destination.bucket}/{self.destination.prefix}",
+            )
+            return header
+        deep = _DeepChecker(self.store, self.destination, self.options, problems, stats)
+        try:
+            try:
+                self._merge(entries, problems, stats, deep)
+            except _Unordered:
+                # Start again with a keyed listing (memory grows with N, correctness first).
+                manifest_file.seek(0)
+                for name in ("listed", "compared", "extra"):
+                    stats[name] = 0
+                _, entries = self._entries(manifest_file)
+                self._keyed(entries, problems, stats, deep)
+        except (OSError, EOFError, ValueError) as exc:
+            problems.add(manifest_key, "manifest", f"manifest unreadable: {exc}")
+        finally:
+            deep.close()
+        written = stats["compared"]
+        if written != header.objects:
+            problems.add(
+                manifest_key,
+                "manifest",
+                f"manifest header promises {header.objects} objects, lists {written}",
+            )
+        return header
+
+    def _listing(self) -> Iterator[ListedObject]:
+        base = self.destination.key("")
+        for item in self.store.list(base):
+            relative = item.key[len(base) :]
+            if relative.startswith(IGNORED_FOLDERS) or not relative:
+                continue
+            yield ListedObject(relative, item.size, item.etag)
+
+    def _merge(
+        self,
+        entries: Iterator[ManifestEntry],
+        problems: _Problems,
+        stats: dict[str, int],
+        deep: _DeepChecker,
+    ) -> None:
+        listing = _ordered(self._listing())
+        current = next(listing, None)
+        last_entry = ""
+        for entry in entries:
+            if entry.key < last_entry:
+                raise _Unordered(entry.key)
+            last_entry = entry.key
+            while current is not None and current.key < entry.key:
+                self._extra(current, problems, stats)
+                current = next(listing, None)
+            stats["compared"] += 1
+            if current is not None and current.key == entry.key:
+                stats["listed"] += 1
+                self._check(entry, current, problems, deep)
+                current = next(listing, None)
+            else:
+                problems.add(entry.key, "missing", "in the manifest but not in the bucket")
+        while current is not None:
+            self._extra(current, problems, stats)
+            current = next(listing, None)
+
+    def _keyed(
+        self,
+        entries: Iterator[ManifestEntry],
+        problems: _Problems,
+        stats: dict[str, int],
+        deep: _DeepChecker,
+    ) -> None:
+        remote = {item.key: item for item in self._listing()}
+        for entry in entries:
+            stats["compared"] += 1
+            item = remote.pop(entry.key, None)
+            if item is None:
+                problems.add(entry.key, "missing", "in the manifest but not in the bucket")
+                continue
+            stats["listed"] += 1
+            self._check(entry, item, problems, deep)
+        for item in remote.values():
+            self._extra(item, problems, stats)
+
+    def _extra(self, item: ListedObject, problems: _Problems, stats: dict[str, int]) -> None:
+        stats["listed"] += 1
+        stats["extra"] += 1
+        problems.warn(f"{item.key}: in the bucket but not in the manifest ({item.size} bytes)")
+
+    def _check(
+        self, entry: ManifestEntry, item: ListedObject, problems: _Problems, deep: _DeepChecker
+    ) -> None:
+        if item.size != entry.size:
+            problems.add(
+                entry.key, "size", f"{item.size} bytes in the bucket, manifest says {entry.size}"
+            )
+            return
+        if not item.multipart and entry.md5 and item.etag and item.etag != entry.md5:
+            problems.add(entry.key, "etag", f"ETag {item.etag} is not the uploaded MD5 {entry.md5}")
+            return
+        deep.consider(entry)
+
+
+class _DeepChecker:
+    """Picks the objects to read back and hashes them on a bounded thread pool."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        destination: Destination,
+        options: VerifyOptions,
+        problems: _Problems,
+        stats: dict[str, int],
+    ) -> None:
+        self.store = store
+        self.destination = destination
+        self.options = options
+        self.problems = problems
+        self.stats = stats
+        self.new_bytes = 0
+        self.extra_bytes = 0
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(options.concurrency * 2)
+        self._pool = ThreadPoolExecutor(max_workers=options.concurrency)
+        self._failure: BaseException | None = None
+
+    def consider(self, entry: ManifestEntry) -> None:
+        if self._failure is not None:
+            raise self._failure
+        options = self.options
+        pick = False
+        if entry.uploaded:
+            if options.new_bytes_budget is None or (
+                self.new_bytes + entry.size <= options.new_bytes_budget
+            ):
+                self.new_bytes += entry.size
+                pick = True
+        elif slice_of(entry.key, options.rotation_runs) == (
+            options.rotation_index % max(options.rotation_runs, 1)
+        ) or (options.extra_percent > 0 and _fraction(entry.key) * 100 < options.extra_percent):
+            pick = True
+        elif options.extra_bytes and self.extra_bytes + entry.size <= options.extra_bytes:
+            self.extra_bytes += entry.size
+            pick = True
+        if pick:
+            self._slots.acquire()
+            future = self._pool.submit(self._read, entry)
+            future.add_done_callback(self._done)
+
+    def _done(self, future: Future[None]) -> None:
+        self._slots.release()
+        exc = future.exception()
+        if exc is not None and self._failure is None:
+            self._failure = exc
+
+    def _read(self, entry: ManifestEntry) -> None:
+        sha = hashlib.sha256()
+        size = 0
+        try:
+            for chunk in self.store.read(self.destination.key(entry.key)):
+                sha.update(chunk)
+                size += len(chunk)
+        except ObjectNotFoundError:
+            self.problems.add(entry.key, "missing", "listed, but gone when read back")
+            return
+        except ObjectStoreError as exc:
+            if _is_denied(exc):
+                raise
+            self.problems.add(entry.key, "unreadable", f"could not be read back: {exc}")
+            return
+        with self._lock:
+            self.stats["deep"] += 1
+            self.stats["deep_new"] += 1 if entry.uploaded else 0
+            self.stats["bytes"] += size
+        expected = expected_sha256(entry)
+        if size != entry.size:
+            self.problems.add(entry.key, "size", f"read {size} bytes, expected {entry.size}")
+        elif expected and sha.hexdigest() != expected:
+            self.problems.add(
+                entry.key, "hash", f"content hashes to {sha.hexdigest()}, expected {expected}"
+            )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._failure is not None:
+            raise self._failure
+
+
+def _is_denied(exc: ObjectStoreError) -> bool:
+    return "AccessDenied" in str(exc) or "InvalidAccessKeyId" in str(exc)
+
+
+def problems_report_key(manifest_key: str) -> str:
+    """The full report sits beside the manifest: `<run>.jsonl.gz` → `<run>.report.jsonl.gz`."""
+    return manifest_key.removesuffix(".jsonl.gz") + ".report.jsonl.gz"
+
+
+def dump_outcome(outcome: VerificationOutcome) -> str:
+    """A compact JSON of an outcome (for logs and the CLI's --json)."""
+    return json.dumps(
+        {
+            "verified": outcome.verified,
+            "stats": outcome.stats.model_dump(),
+            "problems_total": outcome.problems_total,
+            "problems": [p.model_dump() for p in outcome.problems],
+            "warnings": outcome.warnings,
+        },
+        sort_keys=True,
+    )
