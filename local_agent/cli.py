@@ -58,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-read the destination listing once instead of trusting the state store",
     )
 
+    ver = sub.add_parser("verify", help="prove the off-site copy against its manifest")
+    ver.add_argument("--repo-id", help="Backrest repository id")
+    ver.add_argument("--repo-guid", help="restic repository id (Backrest's guid)")
+    ver.add_argument("--config", help="config file (default: $BACKREST_RELAY_CONFIG or XDG)")
+    ver.add_argument("--run", help="verify the manifest of this upload run (default: newest)")
+    ver.add_argument(
+        "--deep",
+        help="also read back older objects: a share (5%%) or a size (2GiB)",
+    )
+    ver.add_argument("--json", action="store_true", help="print the result event as JSON")
+
     fail = sub.add_parser(
         "report-failure", help="publish Mirror Failed (Backrest's CONDITION_CHECK_ERROR hook)"
     )
@@ -124,6 +135,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_hook_snippet(args)
     if args.command == "report-failure":
         return cmd_report_failure(args)
+    if args.command == "verify":
+        return cmd_verify(args)
     if args.command == "doctor":
         from local_agent.doctor import run_doctor
 
@@ -240,10 +253,33 @@ def print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
             + (f", {summary['deleted_files']} deleted" if summary["deleted_files"] else "")
             + f", {summary['requests']} requests, {format_duration(summary['duration_seconds'])}"
         )
+    if summary.get("verification"):
+        from local_agent.verification import verdict_line
+
+        text += "\n" + verdict_line(summary["verification"])
     stream = sys.stderr if as_json else sys.stdout
     stream.write(REDACTOR(text) + "\n")
     if err:
         sys.stderr.write(REDACTOR(f"backrest-relay: error: {err['message']}") + "\n")
+
+
+# -- verify --------------------------------------------------------------------------------
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from local_agent.config import load_config, validate_repo_guid, validate_repo_id
+    from local_agent.verification import run_verify
+
+    loaded = load_config(args.config)
+    register_secrets(loaded.config)
+    return run_verify(
+        loaded.config,
+        repo_id=validate_repo_id(args.repo_id) if args.repo_id else None,
+        repo_guid=validate_repo_guid(args.repo_guid) if args.repo_guid else None,
+        run_id=args.run,
+        deep=args.deep,
+        as_json=args.json,
+    )
 
 
 # -- report-failure ------------------------------------------------------------------------

@@ -92,6 +92,7 @@ class MirrorSummary:
     run_id: str | None = None
     manifest: dict[str, Any] | None = None
     event: dict[str, Any] | None = None
+    verification: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,7 +3,8 @@
 - `eventbridge`: PutEvents on `events.event_bus`, with the standard AWS configuration
   (credential chain, region, `AWS_ENDPOINT_URL_EVENTBRIDGE`) unless `events.region` /
   `events.endpoint_url` say otherwise. These are AWS credentials, never the bucket's.
-- `local`: hands the event to the in-process pipeline on this host.
+- `local`: hands the event to the in-process pipeline on this host (verification and
+  the run store; see `local_agent.pipeline`).
 - `none`: drops it.
 """
 
@@ -21,7 +22,7 @@ from cloud.contracts.events import EventDetail, put_events_entry
 if TYPE_CHECKING:
     from types_boto3_events import EventBridgeClient
 
-    from local_agent.config import EventsConfig
+    from local_agent.config import RelayConfig
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +135,14 @@ class EventLog:
             raise PublishError(f"local event log {self.path}: {exc.strerror}") from None
 
 
-def make_publisher(config: EventsConfig, state_dir: Path) -> Publisher:
-    if config.publisher == "eventbridge":
+def make_publisher(config: RelayConfig, state_dir: Path) -> Publisher:
+    events = config.events
+    if events.publisher == "eventbridge":
         return EventBridgePublisher(
-            config.event_bus, region=config.region, endpoint_url=config.endpoint_url
+            events.event_bus, region=events.region, endpoint_url=events.endpoint_url
         )
-    if config.publisher == "local":
-        return LocalPublisher(EventLog(state_dir / "events.jsonl"))
+    if events.publisher == "local":
+        from local_agent.pipeline import LocalPipeline
+
+        return LocalPublisher(LocalPipeline(config, state_dir))
     return NullPublisher()

@@ -12,7 +12,13 @@ import logging
 import sys
 from pathlib import Path
 
-from cloud.contracts.events import EventDetail, ManifestRef, RepoRef
+from cloud.contracts.events import (
+    EventDetail,
+    ManifestRef,
+    MirrorVerificationFailed,
+    MirrorVerified,
+    RepoRef,
+)
 from cloud.integrations.s3 import make_s3_client
 from local_agent.backend import Backend
 from local_agent.config import RelayConfig
@@ -77,7 +83,7 @@ def run_upload(
         lambda: make_s3_client(access, max_pool_connections=upload.concurrency + 2), destination
     )
     progress = Progress(sys.stderr, tty=interactive) if show_progress else None
-    publisher = publisher or make_publisher(config.events, state_dir)
+    publisher = publisher or make_publisher(config, state_dir)
     outbox: Outbox | None = None
     summary: MirrorSummary
     try:
@@ -124,7 +130,26 @@ def run_upload(
         outbox.add(event)
         _send_backlog(outbox, publisher, summary=summary)
         outbox.close()
+        summary.verification = _local_verdict(publisher, ctx.run_id)
     return summary
+
+
+def _local_verdict(publisher: Publisher, run_id: str) -> dict[str, object] | None:
+    """The in-process verification of this run, when local mode ran one."""
+    pipeline = getattr(publisher, "pipeline", None)
+    for result in reversed(getattr(pipeline, "results", [])):
+        if isinstance(result, MirrorVerified | MirrorVerificationFailed) and (
+            result.mirror_run_id == run_id
+        ):
+            return {
+                "verified": isinstance(result, MirrorVerified),
+                "run_id": result.run_id,
+                "stats": result.stats.model_dump(),
+                "problems_total": result.problems_total,
+                "problems": [p.model_dump() for p in result.problems],
+                "report_key": result.report_key,
+            }
+    return None
 
 
 def _attach_manifest(
@@ -207,7 +232,7 @@ def report_failure(
         destination=destination,
     )
     state_dir = config.state.path()
-    publisher = publisher or make_publisher(config.events, state_dir)
+    publisher = publisher or make_publisher(config, state_dir)
     outbox = Outbox(state_dir / "outbox.sqlite")
     try:
         outbox.add(failed_event(ctx, kind=kind, message=message))

@@ -98,6 +98,14 @@ class _Problems:
                 self.first.append(problem)
             self._gzip.write(problem.model_dump_json().encode() + b"\n")
 
+    def reset(self) -> None:
+        with self._lock:
+            self.first.clear()
+            self.total = 0
+            self.warnings.clear()
+            self._report = io.BytesIO()
+            self._gzip = gzip.GzipFile(fileobj=self._report, mode="wb", mtime=0)
+
     def warn(self, text: str) -> None:
         with self._lock:
             if len(self.warnings) < MAX_LISTED_PROBLEMS:
@@ -236,21 +244,23 @@ class MirrorVerifier:
                 f"{self.destination.bucket}/{self.destination.prefix}",
             )
             return header
-        deep = _DeepChecker(self.store, self.destination, self.options, problems, stats)
         try:
+            deep = _DeepChecker(self.store, self.destination, self.options, problems, stats)
             try:
                 self._merge(entries, problems, stats, deep)
             except _Unordered:
                 # Start again with a keyed listing (memory grows with N, correctness first).
+                deep.close()
+                problems.reset()
+                stats.update(dict.fromkeys(stats, 0))
                 manifest_file.seek(0)
-                for name in ("listed", "compared", "extra"):
-                    stats[name] = 0
                 _, entries = self._entries(manifest_file)
+                deep = _DeepChecker(self.store, self.destination, self.options, problems, stats)
                 self._keyed(entries, problems, stats, deep)
+            finally:
+                deep.close()
         except (OSError, EOFError, ValueError) as exc:
             problems.add(manifest_key, "manifest", f"manifest unreadable: {exc}")
-        finally:
-            deep.close()
         written = stats["compared"]
         if written != header.objects:
             problems.add(
@@ -414,9 +424,11 @@ class _DeepChecker:
             )
 
     def close(self) -> None:
+        """Wait for every read; re-raise what stopped one (idempotent)."""
         self._pool.shutdown(wait=True)
-        if self._failure is not None:
-            raise self._failure
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
 
 
 def _is_denied(exc: ObjectStoreError) -> bool:

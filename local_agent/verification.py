@@ -1,0 +1,174 @@
+"""`backrest-relay verify`: the verifier, run from any machine with read access.
+
+Finds the newest manifest of the repository in the bucket (or the one of `--run`), runs
+the same `cloud.logic` verification the Lambda runs, records it in the local run store,
+and prints a readable report. Exit 0 verified · 3 problems found · 4 destination
+unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from cloud.contracts.events import ManifestRef, MirrorVerified, RepoRef
+from cloud.contracts.manifest import manifest_key
+from cloud.logic.ports import ObjectStoreError
+from cloud.logic.verification import record_verification, verification_event
+from cloud.logic.verify import MirrorVerifier, VerifyOptions, problems_report_key
+from local_agent.errors import ConfigError, DestinationError, ExitCode
+from local_agent.redact import REDACTOR
+from local_agent.units import format_duration, format_size, parse_size
+
+if TYPE_CHECKING:
+    from local_agent.config import RelayConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeepSpec:
+    percent: float = 0.0
+    size: int = 0
+
+
+def parse_deep(text: str | None) -> DeepSpec:
+    """`--deep 5%` re-reads a further 5 % of the older objects; `--deep 2GiB` up to 2 GiB."""
+    if not text:
+        return DeepSpec()
+    stripped = text.strip()
+    if stripped.endswith("%"):
+        try:
+            percent = float(stripped[:-1])
+        except ValueError:
+            raise ConfigError(f"--deep {text!r}: expected a percentage like 5% or a size") from None
+        if not 0 <= percent <= 100:
+            raise ConfigError(f"--deep {text!r}: a percentage is between 0% and 100%")
+        return DeepSpec(percent=percent)
+    try:
+        return DeepSpec(size=parse_size(stripped))
+    except ValueError as exc:
+        raise ConfigError(f"--deep: {exc}") from None
+
+
+def find_manifest(store: Any, prefix: str, run_id: str | None) -> str | None:
+    """The key of the run's manifest, else the newest one (run ids sort by time)."""
+    if run_id:
+        return manifest_key(prefix, run_id)
+    newest: str | None = None
+    for item in store.list(prefix.rstrip("/") + "/"):
+        if item.key.endswith(".jsonl.gz") and not item.key.endswith(".report.jsonl.gz"):
+            newest = max(newest or item.key, item.key)
+    return newest
+
+
+def run_verify(
+    config: RelayConfig,
+    *,
+    repo_id: str | None,
+    repo_guid: str | None,
+    run_id: str | None,
+    deep: str | None,
+    as_json: bool,
+) -> int:
+    from cloud.integrations.s3 import make_s3_client
+    from cloud.integrations.s3_store import S3ObjectStore
+    from local_agent.pipeline import LocalPipeline
+
+    if not repo_id and not repo_guid:
+        raise ConfigError("verify needs --repo-id or --repo-guid")
+    spec = parse_deep(deep)
+    destination = config.destination_for(repo_id=repo_id, repo_guid=repo_guid)
+    prefix = config.manifest_prefix_for(repo_id=repo_id, repo_guid=repo_guid)
+    client = make_s3_client(config.destination.access(), max_pool_connections=16)
+    store = S3ObjectStore(client, destination.bucket)
+    runs = LocalPipeline(config, config.state.path()).runs()
+    repo = RepoRef(id=repo_id, guid=repo_guid)
+    started = datetime.now(UTC)
+    try:
+        key = find_manifest(store, prefix, run_id)
+        if key is None:
+            raise ConfigError(
+                f"no manifest under {destination.bucket}/{prefix}/ — has an upload of this "
+                "repository completed yet?"
+            )
+        options = VerifyOptions(
+            rotation_index=runs.verification_count(repo.key),
+            extra_percent=spec.percent,
+            extra_bytes=spec.size,
+            concurrency=config.upload.concurrency,
+        )
+        outcome = MirrorVerifier(store, destination, options).verify(key, None)
+    except ObjectStoreError as exc:
+        raise DestinationError(f"cannot read the mirror: {exc}") from None
+    header = outcome.header
+    result = verification_event(
+        outcome,
+        repo=repo,
+        destination=destination,
+        mirror_run_id=header.run_id if header else (run_id or "unknown"),
+        manifest=ManifestRef(
+            key=key,
+            sha256=outcome.manifest_sha256 or "0" * 64,
+            objects=header.objects if header else 0,
+            created_by_run=header.run_id if header else (run_id or "unknown"),
+        ),
+        started_at=started,
+        trigger="verify command",
+        report_key=problems_report_key(key) if outcome.report else None,
+    )
+    if outcome.report:
+        from cloud.integrations.s3_store import S3ReportSink
+
+        S3ReportSink(client, destination.bucket).put(problems_report_key(key), outcome.report)
+    record_verification(runs, result)
+    verified = isinstance(result, MirrorVerified)
+    if as_json:
+        sys.stdout.write(REDACTOR(result.model_dump_json()) + "\n")
+    else:
+        _print_report(result.model_dump(mode="json"), verified)
+    return int(ExitCode.OK if verified else ExitCode.LOCAL_INTEGRITY)
+
+
+def _print_report(result: dict[str, Any], verified: bool) -> None:
+    stats = result["stats"]
+    dest = result["destination"]
+    lines = [
+        f"{'VERIFIED' if verified else 'VERIFICATION FAILED'}: "
+        f"{dest['bucket']}/{dest['prefix']} against manifest {result['manifest']['key']}",
+        f"  objects in manifest: {result['manifest']['objects']}, listed: {stats['listed']} "
+        f"({stats['list_requests']} list requests), compared: {stats['compared']}",
+        f"  read back and hashed: {stats['deep_checked']} objects, "
+        f"{format_size(stats['bytes_read'])} ({stats['deep_checked_new']} from the last upload)",
+        f"  took {format_duration(stats['duration_seconds'])}",
+    ]
+    if stats["extra_objects"]:
+        lines.append(f"  {stats['extra_objects']} object(s) in the bucket not in the manifest")
+    for problem in result["problems"]:
+        lines.append(f"  PROBLEM {problem['kind']}: {problem['key']}: {problem['detail']}")
+    more = result["problems_total"] - len(result["problems"])
+    if more > 0:
+        lines.append(f"  … and {more} more (full report: {result['report_key']})")
+    sys.stdout.write(REDACTOR("\n".join(lines)) + "\n")
+
+
+def verdict_line(verification: dict[str, Any]) -> str:
+    """One line for the upload summary in local mode."""
+    stats = verification["stats"]
+    if verification["verified"]:
+        return (
+            f"verified: {stats['compared']} objects checked against the listing, "
+            f"{stats['deep_checked']} read back ({format_size(stats['bytes_read'])})"
+        )
+    first = verification["problems"][0] if verification["problems"] else {}
+    return f"VERIFICATION FAILED: {verification['problems_total']} problem(s)" + (
+        f", first: {first.get('kind')} {first.get('key')}" if first else ""
+    )
+
+
+def dump(result: dict[str, Any]) -> str:
+    return json.dumps(result, sort_keys=True)
