@@ -120,3 +120,43 @@ class RunStore(Protocol):
     def mark_stale_alerted(self, repo_key: str, at: datetime | None) -> None:
         """Remember when the watchdog last alerted (None clears it after a recovery)."""
         ...
+
+
+Severity = Literal["success", "recovery", "failure", "stale"]
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One message, rendered for every channel: short `text` for chat, `html` for email.
+
+    `outcome` tells ping-style channels (Healthchecks) whether this is good news.
+    """
+
+    subject: str
+    text: str
+    html: str
+    severity: Severity
+    repo_key: str
+    repo_id: str | None
+    run_id: str
+
+    @property
+    def ok(self) -> bool:
+        return self.severity in ("success", "recovery")
+
+
+class ChannelError(Exception):
+    """A channel could not deliver. The message must not contain the channel's secrets."""
+
+
+class NotificationChannel(Protocol):
+    """Somewhere a notification goes (SNS topic, Apprise URL, Healthchecks check)."""
+
+    @property
+    def name(self) -> str:
+        """A label safe to log: the kind and a redacted target, never a token."""
+        ...
+
+    def send(self, notification: Notification) -> None:
+        """Deliver it or raise ChannelError."""
+        ...
