@@ -1,0 +1,311 @@
+"""The run store of local mode: one SQLite file on the backup host.
+
+Local mode has no DynamoDB, yet `status`, `status --check-stale` (from cron) and the agent's
+in-process verifier all read and write run history, possibly from different processes and
+while the agent may be killed at any moment (a hung hook, a reboot). Hence WAL, one
+transaction per write (committed before `record` returns), `synchronous=FULL` (records are
+rare, so durability costs nothing noticeable), and `BEGIN IMMEDIATE` so two processes never
+deadlock upgrading read locks. One connection is shared by threads behind a lock.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from cloud.integrations.runstore_codec import (
+    detail_from_json,
+    detail_to_json,
+    dt_from_text,
+    dt_to_text,
+    is_verification,
+    normalize,
+    parse_kind,
+    parse_status,
+)
+from cloud.logic.ports import RepoStatus, RunRecord
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS meta (
+        name  TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS repos (
+        repo_key         TEXT PRIMARY KEY,
+        repo_id          TEXT,
+        latest_run_id    TEXT,
+        verifications    INTEGER NOT NULL DEFAULT 0,
+        stale_alerted_at TEXT
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS runs (
+        repo_key      TEXT NOT NULL,
+        run_id        TEXT NOT NULL,
+        kind          TEXT NOT NULL,
+        status        TEXT NOT NULL,
+        started_at    TEXT NOT NULL,
+        finished_at   TEXT NOT NULL,
+        repo_id       TEXT,
+        host          TEXT,
+        mirror_run_id TEXT,
+        detail        TEXT NOT NULL,
+        PRIMARY KEY (repo_key, run_id)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE INDEX IF NOT EXISTS runs_verified ON runs(repo_key, run_id)
+        WHERE kind = 'verification' AND status = 'verified'
+    """,
+)
+
+_RUN_COLUMNS = (
+    "repo_key, run_id, kind, status, started_at, finished_at, repo_id, host, mirror_run_id, detail"
+)
+
+
+class RunStoreError(Exception):
+    """The run-store file cannot be used (corrupt, unreadable, or from a newer version)."""
+
+
+def _run_from_row(row: tuple[Any, ...]) -> RunRecord:
+    (repo_key, run_id, kind, status, started, finished, repo_id, host, mirror_run_id, detail) = row
+    return RunRecord(
+        repo_key=repo_key,
+        run_id=run_id,
+        kind=parse_kind(kind),
+        status=parse_status(status),
+        started_at=dt_from_text(started),
+        finished_at=dt_from_text(finished),
+        repo_id=repo_id,
+        host=host,
+        mirror_run_id=mirror_run_id,
+        detail=detail_from_json(detail),
+    )
+
+
+class SqliteRunStore:
+    """`RunStore` over one SQLite file; safe to share between threads and processes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                str(path),
+                check_same_thread=False,
+                isolation_level=None,  # autocommit; writes use explicit transactions
+                timeout=30,
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise RunStoreError(f"run store {path}: cannot open ({exc})") from None
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            with self._transaction() as db:
+                self._init_schema(db)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise RunStoreError(
+                f"run store {path}: unusable ({exc}); move it away to start a fresh history"
+            ) from None
+        except RunStoreError:
+            self._db.close()
+            raise
+
+    def _init_schema(self, db: sqlite3.Connection) -> None:
+        """A file written by a newer release may mean something else: refuse, never guess."""
+        has_meta = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        row = (
+            db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+            if has_meta
+            else None
+        )
+        version = None if row is None else int(row[0])
+        if version is not None and version > SCHEMA_VERSION:
+            raise RunStoreError(
+                f"run store {self.path}: schema version {version} is newer than this "
+                f"release understands ({SCHEMA_VERSION}); upgrade backrest-relay"
+            )
+        # Older versions migrate here, one step at a time, once a version 2 exists.
+        for statement in _SCHEMA:
+            db.execute(statement)
+        if version is None:
+            db.execute(
+                "INSERT INTO meta(name, value) VALUES('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """All or nothing. IMMEDIATE takes the write lock up front, so a second process waits
+        on the busy timeout instead of failing on a lock upgrade. Callers hold `_lock`
+        (or are the constructor)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> SqliteRunStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- RunStore ----------------------------------------------------------------------------
+
+    def record(self, run: RunRecord) -> None:
+        run = normalize(run)
+        with self._lock, self._transaction() as db:
+            inserted = db.execute(
+                f"INSERT OR IGNORE INTO runs({_RUN_COLUMNS}) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run.repo_key,
+                    run.run_id,
+                    run.kind,
+                    run.status,
+                    dt_to_text(run.started_at),
+                    dt_to_text(run.finished_at),
+                    run.repo_id,
+                    run.host,
+                    run.mirror_run_id,
+                    detail_to_json(run.detail),
+                ),
+            ).rowcount
+            if inserted == 0:
+                return  # duplicate delivery: the first record wins, the counter stays put
+            db.execute(
+                "INSERT OR IGNORE INTO repos(repo_key) VALUES(?)",
+                (run.repo_key,),
+            )
+            # repo_id follows the newest run that names one, and fills a gap from any run.
+            db.execute(
+                """
+                UPDATE repos SET
+                    verifications = verifications + :inc,
+                    repo_id = CASE
+                        WHEN :repo_id IS NOT NULL
+                             AND (repo_id IS NULL OR latest_run_id IS NULL
+                                  OR latest_run_id < :run_id)
+                        THEN :repo_id ELSE repo_id END,
+                    latest_run_id = CASE
+                        WHEN latest_run_id IS NULL OR latest_run_id < :run_id
+                        THEN :run_id ELSE latest_run_id END
+                WHERE repo_key = :repo_key
+                """,
+                {
+                    "inc": 1 if is_verification(run) else 0,
+                    "repo_id": run.repo_id,
+                    "run_id": run.run_id,
+                    "repo_key": run.repo_key,
+                },
+            )
+
+    def get(self, repo_key: str, run_id: str) -> RunRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE repo_key = ? AND run_id = ?",  # noqa: S608
+                (repo_key, run_id),
+            ).fetchone()
+        return None if row is None else _run_from_row(row)
+
+    def runs(self, repo_key: str, limit: int = 50) -> list[RunRecord]:
+        if limit <= 0:
+            return []
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE repo_key = ? "  # noqa: S608
+                "ORDER BY run_id DESC LIMIT ?",
+                (repo_key, limit),
+            ).fetchall()
+        return [_run_from_row(r) for r in rows]
+
+    def latest_verified(self, repo_key: str) -> RunRecord | None:
+        with self._lock:
+            return self._latest_verified(repo_key)
+
+    def verification_count(self, repo_key: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT verifications FROM repos WHERE repo_key = ?", (repo_key,)
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def repos(self) -> Iterator[RepoStatus]:
+        """Read in one transaction, so a concurrent record cannot tear a repository's view."""
+        statuses: list[RepoStatus] = []
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                rows = self._db.execute(
+                    "SELECT repo_key, repo_id, latest_run_id, verifications, stale_alerted_at "
+                    "FROM repos ORDER BY repo_key"
+                ).fetchall()
+                for repo_key, repo_id, latest_run_id, verifications, stale in rows:
+                    latest = None
+                    if latest_run_id is not None:
+                        row = self._db.execute(
+                            f"SELECT {_RUN_COLUMNS} FROM runs "  # noqa: S608
+                            "WHERE repo_key = ? AND run_id = ?",
+                            (repo_key, latest_run_id),
+                        ).fetchone()
+                        latest = None if row is None else _run_from_row(row)
+                    statuses.append(
+                        RepoStatus(
+                            repo_key=repo_key,
+                            repo_id=repo_id,
+                            latest_run=latest,
+                            latest_verified=self._latest_verified(repo_key),
+                            verifications=int(verifications),
+                            stale_alerted_at=None if stale is None else dt_from_text(stale),
+                        )
+                    )
+            finally:
+                self._db.execute("COMMIT")
+        return iter(statuses)
+
+    def mark_stale_alerted(self, repo_key: str, at: datetime | None) -> None:
+        """Creates the repository entry if needed: the watchdog may alert on a repository
+        that never had a verified run."""
+        value = None if at is None else dt_to_text(at, "stale_alerted_at")
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO repos(repo_key, stale_alerted_at) VALUES(?, ?) "
+                "ON CONFLICT(repo_key) DO UPDATE SET stale_alerted_at = excluded.stale_alerted_at",
+                (repo_key, value),
+            )
+
+    def _latest_verified(self, repo_key: str) -> RunRecord | None:
+        row = self._db.execute(
+            f"SELECT {_RUN_COLUMNS} FROM runs "  # noqa: S608
+            "WHERE repo_key = ? AND kind = 'verification' AND status = 'verified' "
+            "ORDER BY run_id DESC LIMIT 1",
+            (repo_key,),
+        ).fetchone()
+        return None if row is None else _run_from_row(row)

@@ -1,0 +1,281 @@
+"""Which results people hear about, and what the message says.
+
+Failures and stale copies always notify. Success follows the repository's policy:
+`always`, `on_recovery` (the default: only the first success after a failure or a stale
+alert, so a working setup stays quiet) or `never`. The message is short enough for chat
+and complete enough for email: repository and host, trigger, verdict, what was uploaded
+and verified, new snapshots, and the first problems by object name.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cloud.contracts.events import (
+    EventDetail,
+    MirrorCompleted,
+    MirrorFailed,
+    MirrorStale,
+    MirrorVerificationFailed,
+    MirrorVerified,
+)
+from cloud.logic.ports import (
+    ChannelError,
+    Notification,
+    NotificationChannel,
+    RunStore,
+    Severity,
+)
+
+log = logging.getLogger(__name__)
+
+SuccessPolicy = Literal["always", "on_recovery", "never"]
+MAX_PROBLEMS_IN_MESSAGE = 10
+_BAD = {"failed", "verification-failed", "stale"}
+
+
+# -- policy -----------------------------------------------------------------------------------
+
+
+def previous_outcome(runs: RunStore, repo_key: str, exclude_run_id: str) -> str | None:
+    """ "ok" or "bad": how the repository's last verdict before this one went."""
+    for run in runs.runs(repo_key, limit=50):
+        if run.run_id == exclude_run_id:
+            continue
+        if run.status == "verified":
+            return "ok"
+        if run.status in _BAD:
+            return "bad"
+    return None
+
+
+def decide(event: EventDetail, policy: SuccessPolicy, previous: str | None) -> Severity | None:
+    """The severity to notify with, or None to stay quiet."""
+    if isinstance(event, MirrorStale):
+        return "stale"
+    if isinstance(event, MirrorFailed | MirrorVerificationFailed):
+        return "failure"
+    if isinstance(event, MirrorVerified):
+        recovered = previous == "bad"
+        if policy == "always":
+            return "recovery" if recovered else "success"
+        if policy == "on_recovery":
+            return "recovery" if recovered else None
+        return None
+    return None  # Mirror Completed: the verification result is what people hear about
+
+
+# -- rendering --------------------------------------------------------------------------------
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 72 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _repo_label(event: EventDetail) -> str:
+    return event.repo.id or (event.repo.guid or "unknown")[:12]
+
+
+@dataclass
+class _Message:
+    subject: str
+    rows: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    more_problems: int = 0
+    footer: str = ""
+
+
+def _compose(event: EventDetail, severity: Severity) -> _Message:
+    repo = _repo_label(event)
+    where = f"{event.destination.bucket}/{event.destination.prefix}"
+    if isinstance(event, MirrorVerified | MirrorVerificationFailed):
+        stats = event.stats
+        ok = isinstance(event, MirrorVerified)
+        verdict = "verified" if ok else f"FAILED — {event.problems_total} problem(s)"
+        prefix = {"recovery": "✅ recovered", "success": "✅"}.get(severity, "❌")
+        msg = _Message(
+            subject=f"{prefix} {repo}: off-site copy "
+            + ("verified" if ok else f"verification FAILED ({event.problems_total} problems)")
+        )
+        msg.rows.append(("Verdict", verdict))
+        if event.mirror_stats is not None:
+            ms = event.mirror_stats
+            msg.rows.append(
+                ("Uploaded", f"{ms.uploaded_files} objects, {_size(ms.uploaded_bytes)}")
+            )
+        msg.rows.append(
+            (
+                "Verified",
+                f"{stats.compared} objects against the listing, {stats.deep_checked} read "
+                f"back ({_size(stats.bytes_read)})",
+            )
+        )
+        msg.rows.append(("Duration", _duration(stats.duration_seconds)))
+        if event.new_snapshots:
+            shown = ", ".join(s[:8] for s in event.new_snapshots[:5])
+            extra = len(event.new_snapshots) - 5
+            msg.rows.append(("New snapshots", shown + (f" (+{extra})" if extra > 0 else "")))
+        msg.problems = [
+            f"{p.kind}: {p.key} — {p.detail}" for p in event.problems[:MAX_PROBLEMS_IN_MESSAGE]
+        ]
+        msg.more_problems = event.problems_total - len(msg.problems)
+        if event.report_key:
+            msg.footer = f"Full report: {event.destination.bucket}/{event.report_key}"
+        if event.warnings:
+            msg.rows.append(("Warnings", f"{len(event.warnings)} (e.g. {event.warnings[0]})"))
+    elif isinstance(event, MirrorFailed):
+        msg = _Message(subject=f"❌ {repo}: off-site mirror failed ({event.error.kind})")
+        msg.rows.append(("Verdict", f"failed: {event.error.kind}"))
+        msg.rows.append(("Error", event.error.message))
+        if event.stats is not None:
+            msg.rows.append(
+                (
+                    "Uploaded before failing",
+                    f"{event.stats.uploaded_files} objects, {_size(event.stats.uploaded_bytes)}",
+                )
+            )
+        msg.problems = [f"corrupt local file: {k}" for k in event.corrupt_files[:10]]
+        msg.footer = (
+            "The remote copy was left consistent; the next run resumes."
+            if event.error.kind != "check"
+            else "Backrest's repository check failed; nothing was mirrored."
+        )
+    elif isinstance(event, MirrorStale):
+        age = _duration(event.age_seconds) if event.age_seconds is not None else "never verified"
+        msg = _Message(subject=f"⏰ {repo}: no verified off-site copy for {age}")
+        last = (
+            event.last_verified_at.strftime("%Y-%m-%d %H:%M UTC")
+            if event.last_verified_at
+            else "never"
+        )
+        msg.rows.append(("Verdict", "stale"))
+        msg.rows.append(
+            ("Last verified copy", f"{last} ({age} ago)" if event.age_seconds else last)
+        )
+        msg.rows.append(("Allowed age", _duration(event.max_age_seconds)))
+        msg.footer = (
+            "No upload or verification arrived in time: is the backup host up, is Backrest "
+            "running its checks, does the hook still run?"
+        )
+    elif isinstance(event, MirrorCompleted):
+        msg = _Message(subject=f"{repo}: mirror completed")
+    else:
+        msg = _Message(subject=f"{repo}: {event.DETAIL_TYPE.value}")
+    msg.rows[0:0] = [
+        ("Repository", f"{repo} on {event.host}"),
+        ("Destination", where),
+        ("Trigger", event.trigger),
+    ]
+    msg.rows.append(("Run", event.run_id))
+    return msg
+
+
+def render(event: EventDetail, severity: Severity) -> Notification:
+    msg = _compose(event, severity)
+    subject = f"[backrest-relay] {msg.subject}"
+    text_lines = [msg.subject, ""] + [f"{k}: {v}" for k, v in msg.rows]
+    if msg.problems:
+        text_lines += ["", "Problems:"] + [f"- {p}" for p in msg.problems]
+        if msg.more_problems > 0:
+            text_lines.append(f"- … and {msg.more_problems} more")
+    if msg.footer:
+        text_lines += ["", msg.footer]
+    rows = "".join(
+        f"<tr><th align='left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+        for k, v in msg.rows
+    )
+    problems = ""
+    if msg.problems:
+        items = "".join(f"<li><code>{html.escape(p)}</code></li>" for p in msg.problems)
+        if msg.more_problems > 0:
+            items += f"<li>… and {msg.more_problems} more</li>"
+        problems = f"<h3>Problems</h3><ul>{items}</ul>"
+    footer = f"<p>{html.escape(msg.footer)}</p>" if msg.footer else ""
+    body = (
+        f"<html><body><h2>{html.escape(msg.subject)}</h2><table>{rows}</table>"
+        f"{problems}{footer}</body></html>"
+    )
+    return Notification(
+        subject=subject,
+        text="\n".join(text_lines),
+        html=body,
+        severity=severity,
+        repo_key=event.repo.key,
+        repo_id=event.repo.id,
+        run_id=event.run_id,
+    )
+
+
+# -- delivery ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChannelResult:
+    channel: str
+    ok: bool
+    error: str | None = None
+
+
+@dataclass
+class NotifyOutcome:
+    severity: Severity | None
+    notification: Notification | None = None
+    results: list[ChannelResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for r in self.results if not r.ok)
+
+
+def deliver(
+    notification: Notification, channels: Iterable[NotificationChannel]
+) -> list[ChannelResult]:
+    """Send to every channel; one failing channel never stops the others."""
+    results = []
+    for channel in channels:
+        try:
+            channel.send(notification)
+            results.append(ChannelResult(channel.name, True))
+        except ChannelError as exc:
+            log.warning("notification via %s failed: %s", channel.name, exc)
+            results.append(ChannelResult(channel.name, False, str(exc)))
+        except Exception as exc:  # a channel's bug must not silence the others
+            log.warning("notification via %s failed: %s", channel.name, type(exc).__name__)
+            results.append(ChannelResult(channel.name, False, type(exc).__name__))
+    return results
+
+
+def notify_event(
+    event: EventDetail,
+    *,
+    runs: RunStore,
+    channels: Sequence[NotificationChannel],
+    policy: SuccessPolicy = "on_recovery",
+) -> NotifyOutcome:
+    """Decide, render and deliver the notification for one result event.
+
+    Call it after the event's run is recorded: the policy looks at the runs before it.
+    """
+    severity = decide(event, policy, previous_outcome(runs, event.repo.key, event.run_id))
+    if severity is None:
+        return NotifyOutcome(None)
+    notification = render(event, severity)
+    return NotifyOutcome(severity, notification, deliver(notification, channels))
