@@ -66,7 +66,7 @@ def _is_sdk_error(exc: BaseException) -> bool:
     return isinstance(exc, BotoCoreError | ClientError)
 
 
-def error_code(exc: BaseException) -> str | None:
+def error_code(exc: BaseException | None) -> str | None:
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         return str(response.get("Error", {}).get("Code"))
@@ -233,6 +233,19 @@ class Backend:
             marker = int(page.get("NextPartNumberMarker", 0))
             if not marker:
                 return parts
+
+    def head_size(self, key: str) -> int | None:
+        """Size of a repository object, None if it does not exist."""
+        full = self.destination.key(key)
+        try:
+            resp = self.client.head_object(Bucket=self.bucket, Key=full)
+        except Exception as exc:
+            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            if _is_sdk_error(exc):
+                raise self._translate(f"checking {key}", exc) from exc
+            raise
+        return int(resp["ContentLength"])
 
     def complete_multipart(self, key: str, upload_id: str, etags: dict[int, str]) -> str:
         full = self.destination.key(key)

@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ver.add_argument("--json", action="store_true", help="print the result event as JSON")
 
+    st = sub.add_parser("status", help="each repository's latest verified off-site copy")
+    st.add_argument("--config", help="config file (default: $BACKREST_RELAY_CONFIG or XDG)")
+    st.add_argument("--json", action="store_true", default=None, help="JSON even on a TTY")
+    st.add_argument(
+        "--check-stale",
+        action="store_true",
+        help="exit 3 when a repository has no verified copy within notify.max_age (cron)",
+    )
+
     fail = sub.add_parser(
         "report-failure", help="publish Mirror Failed (Backrest's CONDITION_CHECK_ERROR hook)"
     )
@@ -137,6 +146,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_report_failure(args)
     if args.command == "verify":
         return cmd_verify(args)
+    if args.command == "status":
+        from local_agent.config import load_config
+        from local_agent.status import run_status
+
+        loaded = load_config(args.config)
+        register_secrets(loaded.config)
+        return run_status(loaded.config, as_json=args.json, check_stale=args.check_stale)
     if args.command == "doctor":
         from local_agent.doctor import run_doctor
 
@@ -215,7 +231,12 @@ def register_secrets(config: Any) -> None:
     dest = config.destination
     REDACTOR.add(dest.secret_access_key.get_secret_value(), dest.access_key_id)
     REDACTOR.add(*(u.get_secret_value() for u in config.notify.urls))
-    REDACTOR.add(os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN"))
+    REDACTOR.add(*(u.get_secret_value() for u in config.notify.healthchecks.values()))
+    REDACTOR.add(
+        os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        os.environ.get("AWS_SESSION_TOKEN"),
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+    )
 
 
 def print_summary(summary: dict[str, Any], *, as_json: bool) -> None:

@@ -172,6 +172,26 @@ class EventsConfig(_Section):
 class NotifyConfig(_Section):
     urls: list[SecretStr] = Field(default_factory=list)
     success: Literal["always", "on_recovery", "never"] = "on_recovery"
+    # Healthchecks ping URL per repository (Backrest id or guid → URL); the URL is a secret.
+    healthchecks: dict[str, SecretStr] = Field(default_factory=dict)
+    max_age: str = "26h"  # `status --check-stale`: older than this without a verified copy
+
+    @field_validator("max_age")
+    @classmethod
+    def _max_age(cls, value: str) -> str:
+        if parse_duration(value) <= 0:
+            raise ValueError("must be longer than zero")
+        return value
+
+    @property
+    def max_age_seconds(self) -> float:
+        return parse_duration(self.max_age)
+
+    def healthchecks_url(self, repo_id: str | None, repo_guid: str | None) -> str | None:
+        for key in (repo_guid, repo_id):
+            if key and key in self.healthchecks:
+                return self.healthchecks[key].get_secret_value()
+        return None
 
 
 class StateConfig(_Section):
@@ -349,6 +369,13 @@ def _apply_env_overrides(
         value: Any = env[var]
         if (section, key) == ("notify", "urls"):
             value = _parse_list(var, value)
+        elif (section, key) == ("notify", "healthchecks"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ConfigError(
+                    f'environment variable {var}: expected a JSON object {{"repo-id": "url"}}'
+                ) from None
         body[key] = value
         sources[f"{section}.{key}"] = f"${var}"
 

@@ -68,7 +68,7 @@ class EventBridgePublisher:
                     "events",
                     endpoint_url=self.endpoint_url or None,
                     config=Config(
-                        retries={"mode": "standard", "max_attempts": 3},
+                        retries={"mode": "standard", "total_max_attempts": 3},
                         connect_timeout=5,
                         read_timeout=15,
                         user_agent_extra="backrest-relay",

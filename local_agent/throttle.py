@@ -38,12 +38,18 @@ class Throttle:
 
 
 class ThrottledReader(io.RawIOBase):
-    """A seekable body for botocore that spends throttle tokens as it is read."""
+    """A seekable body for botocore that spends throttle tokens as it is read.
+
+    Only bytes past the furthest point read so far cost tokens: over plain http botocore
+    reads the body once to sign it and again to send it, and a retry re-reads it. The
+    limit then holds for the file's content, which is what users configure.
+    """
 
     def __init__(self, inner: BinaryIO, throttle: Throttle) -> None:
         super().__init__()
         self._inner = inner
         self._throttle = throttle
+        self._high_water = inner.tell()
 
     def readable(self) -> bool:
         return True
@@ -57,9 +63,12 @@ class ThrottledReader(io.RawIOBase):
             while chunk := self.read(64 * 1024):
                 parts.append(chunk)
             return b"".join(parts)
+        start = self._inner.tell()
         chunk = self._inner.read(min(size, 64 * 1024))
-        if chunk:
-            self._throttle.consume(len(chunk))
+        end = start + len(chunk)
+        if end > self._high_water:
+            self._throttle.consume(end - max(start, self._high_water))
+            self._high_water = end
         return chunk
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]

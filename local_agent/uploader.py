@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from local_agent.backend import Backend
+from local_agent.backend import Backend, error_code
 from local_agent.deadline import StopSignal
-from local_agent.errors import RepositoryError
+from local_agent.errors import DestinationError, RepositoryError
 from local_agent.repository import Digest, RepoFile
 from local_agent.state import PendingUpload, RemoteObject, StateStore
 from local_agent.throttle import Throttle, ThrottledReader
@@ -125,7 +125,17 @@ class ObjectUploader:
                 self.state.record_part(file.key, pending.upload_id, number, etag, len(chunk))
                 done[number] = etag
                 self.on_bytes(len(chunk))
-        final_etag = self.backend.complete_multipart(file.key, pending.upload_id, done)
+        try:
+            final_etag = self.backend.complete_multipart(file.key, pending.upload_id, done)
+        except DestinationError as exc:
+            # The reply to a completion that succeeded can be lost; botocore's retry then
+            # finds no such upload. The object being there, whole, settles it.
+            if error_code(exc.__cause__) != "NoSuchUpload":
+                raise
+            if self.backend.head_size(file.key) != file.size:
+                raise
+            log.info("%s: completion reply was lost, but the object is complete", file.key)
+            final_etag = ""
         obj = RemoteObject(file.key, file.size, digest.sha256, digest.md5, final_etag, self.run_id)
         self.state.end_upload(file.key, completed=obj)
         return obj

@@ -66,7 +66,8 @@ def client_config(
         read_timeout=read_timeout,
         # "standard" retries 5xx, throttling (SlowDown, 429) and connection errors with
         # exponential backoff and jitter.
-        retries={"mode": "standard", "max_attempts": max_attempts},
+        # total_max_attempts counts the first try; botocore's max_attempts would not.
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
         request_checksum_calculation=checksum,
         response_checksum_validation=checksum,
         s3={"addressing_style": "virtual" if provider == "aws" else "path"},

@@ -1,0 +1,105 @@
+"""The alarm for silence: a repository whose newest verified copy is too old.
+
+No hook can report that backups stopped arriving — the host is off, Backrest stopped
+checking, the hook was deleted. The watchdog looks at the run store on a schedule: a
+repository whose latest verified run is older than its maximum age gets one
+`Mirror Stale`, repeated every `repeat_every` while it stays stale. The next verified run
+clears the alert and (through the notification policy) sends the recovery message.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from cloud.contracts.destination import Destination
+from cloud.contracts.events import MirrorStale, RepoRef
+from cloud.contracts.ids import new_run_id
+from cloud.logic.ports import RepoStatus, RunRecord, RunStore
+
+DEFAULT_MAX_AGE = timedelta(hours=26)
+DEFAULT_REPEAT = timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class StaleCheck:
+    repo_key: str
+    repo_id: str | None
+    stale: bool
+    age: timedelta | None
+    max_age: timedelta
+    last_verified_at: datetime | None
+
+
+def assess(status: RepoStatus, now: datetime, max_age: timedelta) -> StaleCheck:
+    """Is this repository stale? A repository never verified counts from its first run."""
+    last = status.latest_verified
+    if last is not None:
+        age: timedelta | None = now - last.finished_at
+        stale = age is not None and age > max_age
+        return StaleCheck(status.repo_key, status.repo_id, stale, age, max_age, last.finished_at)
+    reference = status.latest_run
+    if reference is None:
+        return StaleCheck(status.repo_key, status.repo_id, False, None, max_age, None)
+    since = now - reference.started_at
+    return StaleCheck(status.repo_key, status.repo_id, since > max_age, None, max_age, None)
+
+
+def _destination_of(status: RepoStatus) -> Destination:
+    for run in (status.latest_run, status.latest_verified):
+        if run is not None and isinstance(run.detail.get("destination"), dict):
+            return Destination.model_validate(run.detail["destination"])
+    return Destination(provider="s3", endpoint_url=None, bucket="unknown", prefix="")
+
+
+def run_watchdog(
+    runs: RunStore,
+    *,
+    now: datetime | None = None,
+    max_age_for: Callable[[RepoStatus], timedelta] = lambda _: DEFAULT_MAX_AGE,
+    repeat_every: timedelta = DEFAULT_REPEAT,
+    host: str | None = None,
+) -> list[MirrorStale]:
+    """One watchdog pass: the `Mirror Stale` events to publish (already recorded)."""
+    now = now or datetime.now(UTC)
+    events: list[MirrorStale] = []
+    for status in runs.repos():
+        check = assess(status, now, max_age_for(status))
+        if not check.stale:
+            if status.stale_alerted_at is not None:
+                runs.mark_stale_alerted(status.repo_key, None)
+            continue
+        if status.stale_alerted_at is not None and now - status.stale_alerted_at < repeat_every:
+            continue
+        guid = status.repo_key if status.repo_key != status.repo_id else None
+        event = MirrorStale(
+            run_id=new_run_id(),
+            repo=RepoRef(id=status.repo_id, guid=guid),
+            host=host or socket.gethostname(),
+            trigger="watchdog",
+            destination=_destination_of(status),
+            started_at=now,
+            finished_at=now,
+            last_verified_at=check.last_verified_at,
+            last_verified_run_id=status.latest_verified.run_id if status.latest_verified else None,
+            age_seconds=check.age.total_seconds() if check.age is not None else None,
+            max_age_seconds=check.max_age.total_seconds(),
+        )
+        runs.record(
+            RunRecord(
+                repo_key=status.repo_key,
+                run_id=event.run_id,
+                kind="stale",
+                status="stale",
+                started_at=now,
+                finished_at=now,
+                repo_id=status.repo_id,
+                host=event.host,
+                detail=event.model_dump(mode="json"),
+            )
+        )
+        runs.mark_stale_alerted(status.repo_key, now)
+        events.append(event)
+    return events

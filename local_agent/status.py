@@ -1,0 +1,118 @@
+"""`backrest-relay status`: each repository's latest verified off-site copy, on this host.
+
+Reads the local run store (local mode, and every `verify` run here). A table on a
+terminal, JSON otherwise; `--check-stale` applies the watchdog's rule and exits 3 when a
+repository has had no verified copy for longer than `notify.max_age` (for cron).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from cloud.logic.watchdog import assess
+from local_agent.errors import ExitCode
+from local_agent.redact import REDACTOR
+
+if TYPE_CHECKING:
+    from cloud.logic.ports import RepoStatus
+    from local_agent.config import RelayConfig
+
+
+def _age(delta: timedelta | None) -> str:
+    if delta is None:
+        return "never"
+    seconds = delta.total_seconds()
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 72 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def repo_summary(status: RepoStatus, now: datetime, max_age: timedelta) -> dict[str, Any]:
+    check = assess(status, now, max_age)
+    last = status.latest_verified
+    latest = status.latest_run
+    problems: list[dict[str, Any]] = []
+    if latest is not None and latest.status in ("failed", "verification-failed"):
+        detail = latest.detail
+        problems = list(detail.get("problems", []))[:5]
+        if "error" in detail:
+            problems = [{"kind": detail["error"]["kind"], "detail": detail["error"]["message"]}]
+    return {
+        "repo_key": status.repo_key,
+        "repo_id": status.repo_id,
+        "stale": check.stale,
+        "max_age_seconds": max_age.total_seconds(),
+        "last_verified_at": last.finished_at.isoformat() if last else None,
+        "last_verified_run_id": last.run_id if last else None,
+        "age_seconds": check.age.total_seconds() if check.age is not None else None,
+        "latest_run": (
+            {
+                "run_id": latest.run_id,
+                "kind": latest.kind,
+                "status": latest.status,
+                "finished_at": latest.finished_at.isoformat(),
+            }
+            if latest
+            else None
+        ),
+        "last_problems": problems,
+        "verifications": status.verifications,
+    }
+
+
+def run_status(
+    config: RelayConfig, *, as_json: bool | None, check_stale: bool, now: datetime | None = None
+) -> int:
+    from local_agent.pipeline import LocalPipeline
+
+    now = now or datetime.now(UTC)
+    max_age = timedelta(seconds=config.notify.max_age_seconds)
+    runs = LocalPipeline(config, config.state.path()).runs()
+    rows = [repo_summary(s, now, max_age) for s in runs.repos()]
+    use_json = as_json if as_json is not None else not sys.stdout.isatty()
+    if use_json:
+        sys.stdout.write(REDACTOR(json.dumps({"repositories": rows}, sort_keys=True)) + "\n")
+    else:
+        sys.stdout.write(_table(rows) + "\n")
+    if check_stale and any(r["stale"] for r in rows):
+        stale = ", ".join(r["repo_id"] or r["repo_key"] for r in rows if r["stale"])
+        sys.stderr.write(f"backrest-relay: stale (no verified off-site copy): {stale}\n")
+        return int(ExitCode.LOCAL_INTEGRITY)
+    return 0
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no runs recorded on this host yet (local mode records every upload)"
+    header = ("REPOSITORY", "LAST VERIFIED", "AGE", "LATEST RUN", "STATE")
+    lines = [header]
+    for row in rows:
+        age = row["age_seconds"]
+        latest = row["latest_run"] or {}
+        state = "STALE" if row["stale"] else "ok"
+        if latest.get("status") in ("failed", "verification-failed"):
+            state = "FAILING" + (" + STALE" if row["stale"] else "")
+        lines.append(
+            (
+                row["repo_id"] or row["repo_key"][:16],
+                (row["last_verified_at"] or "never")[:16].replace("T", " "),
+                _age(timedelta(seconds=age) if age is not None else None),
+                f"{latest.get('kind', '-')} {latest.get('status', '')}".strip(),
+                state,
+            )
+        )
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    out = ["  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)) for line in lines]
+    for row in rows:
+        for problem in row["last_problems"]:
+            where = problem.get("key", "")
+            out.append(
+                f"  {row['repo_id'] or row['repo_key'][:16]}: {problem.get('kind')} "
+                f"{where} {problem.get('detail', '')}".rstrip()
+            )
+    return REDACTOR("\n".join(out))
