@@ -21,8 +21,6 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import pytest
-
 from tests.support.agent import (
     AgentResult,
     agent_env,
