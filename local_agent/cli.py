@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the whole pipeline against an embedded endpoint")
     demo.add_argument("--keep", action="store_true", help="keep the demo's temporary files")
+    demo.add_argument(
+        "--notify",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="also send the demo's notifications to this Apprise URL (repeatable)",
+    )
     return parser
 
 
@@ -160,7 +167,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from local_agent.demo import run_demo
 
-        return run_demo(keep=args.keep)
+        return run_demo(keep=args.keep, notify=args.notify)
     raise ConfigError(f"unknown command {args.command}")
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cloud.contracts.events import EventDetail, MirrorCompleted, MirrorFailed
-from cloud.logic.ports import ObjectStoreError
+from cloud.logic.notify import NotifyOutcome, notify_event
+from cloud.logic.ports import NotificationChannel, ObjectStoreError
 from cloud.logic.verification import mirror_run_record, verify_completed_mirror
 from cloud.logic.verify import VerifyOptions
 from local_agent.publishers import EventLog, PublishError
@@ -30,11 +32,19 @@ def run_store_path(state_dir: Path) -> Path:
 
 
 class LocalPipeline:
-    def __init__(self, config: RelayConfig, state_dir: Path) -> None:
+    def __init__(
+        self,
+        config: RelayConfig,
+        state_dir: Path,
+        *,
+        extra_channels: Sequence[NotificationChannel] = (),
+    ) -> None:
         self.config = config
         self.state_dir = state_dir
         self.event_log = EventLog(state_dir / "events.jsonl")
         self.results: list[EventDetail] = []
+        self.notifications: list[NotifyOutcome] = []
+        self.extra_channels = list(extra_channels)
         self._runs: SqliteRunStore | None = None
         self._lock = threading.Lock()
 
@@ -52,12 +62,40 @@ class LocalPipeline:
             self.event_log(event)
             self.event_log(result)
             self.results.append(result)
+            self._notify(result)
         elif isinstance(event, MirrorFailed):
             self.runs().record(mirror_run_record(event))
             self.event_log(event)
             self.results.append(event)
+            self._notify(event)
         else:
             self.event_log(event)
+
+    def channels(self, repo_id: str | None, repo_guid: str | None) -> list[NotificationChannel]:
+        """`notify.urls` (Apprise), the repository's Healthchecks URL, and any extras."""
+        from cloud.integrations.channels import AppriseChannel, HealthchecksChannel
+
+        notify = self.config.notify
+        channels: list[NotificationChannel] = [
+            AppriseChannel(url.get_secret_value()) for url in notify.urls
+        ]
+        ping = notify.healthchecks_url(repo_id, repo_guid)
+        if ping:
+            channels.append(HealthchecksChannel(ping))
+        return channels + self.extra_channels
+
+    def _notify(self, event: EventDetail) -> None:
+        channels = self.channels(event.repo.id, event.repo.guid)
+        if not channels:
+            return
+        outcome = notify_event(
+            event, runs=self.runs(), channels=channels, policy=self.config.notify.success
+        )
+        self.notifications.append(outcome)
+        if outcome.failed:
+            log.warning(
+                "%d of %d notification channel(s) failed", outcome.failed, len(outcome.results)
+            )
 
     def _verify(self, event: MirrorCompleted) -> EventDetail:
         from cloud.integrations.s3 import make_s3_client

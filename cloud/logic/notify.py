@@ -90,6 +90,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
+def _count(n: int) -> str:
+    return f"{n} problem" if n == 1 else f"{n} problems"
+
+
 def _repo_label(event: EventDetail) -> str:
     return event.repo.id or (event.repo.guid or "unknown")[:12]
 
@@ -109,11 +113,11 @@ def _compose(event: EventDetail, severity: Severity) -> _Message:
     if isinstance(event, MirrorVerified | MirrorVerificationFailed):
         stats = event.stats
         ok = isinstance(event, MirrorVerified)
-        verdict = "verified" if ok else f"FAILED — {event.problems_total} problem(s)"
+        verdict = "verified" if ok else f"FAILED — {_count(event.problems_total)}"
         prefix = {"recovery": "✅ recovered", "success": "✅"}.get(severity, "❌")
         msg = _Message(
             subject=f"{prefix} {repo}: off-site copy "
-            + ("verified" if ok else f"verification FAILED ({event.problems_total} problems)")
+            + ("verified" if ok else f"verification FAILED ({_count(event.problems_total)})")
         )
         msg.rows.append(("Verdict", verdict))
         if event.mirror_stats is not None:
