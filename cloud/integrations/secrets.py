@@ -1,0 +1,128 @@
+"""The destination's read credentials, from AWS Secrets Manager through powertools Parameters.
+
+The verifier never takes bucket credentials from plain environment variables: the function
+is configured with the secret's ARN (or name) only. The secret is a JSON object::
+
+    {"provider": "b2", "endpoint_url": "https://s3.us-west-004.backblazeb2.com",
+     "region": "us-west-004", "access_key_id": "...", "secret_access_key": "..."}
+
+`provider` is required; the rest is optional (`aws` with no keys uses the function's own
+role). The bucket and prefix are not in the secret: they come from each event's
+destination. Values are cached per container (`max_age`, default 300 s), so a rotated key
+is picked up within minutes without a cold start.
+
+Nothing here may put a value of the secret into an exception, a log line or a repr: errors
+name the secret id and the offending *field*, never its content.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+
+from cloud.contracts.destination import Provider
+from cloud.integrations.s3 import S3Access
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.parameters import SecretsProvider
+
+DEFAULT_MAX_AGE = 300
+
+
+class DestinationSecretError(Exception):
+    """The secret is missing, unreadable or not in the expected shape (message is safe to log)."""
+
+
+class DestinationCredentials(BaseModel):
+    """The secret's JSON. Unknown keys are refused so a misspelt key is loud, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    provider: Provider
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+
+    def access(self) -> S3Access:
+        return S3Access(
+            provider=self.provider,
+            endpoint_url=self.endpoint_url or None,
+            region=self.region or None,
+            access_key_id=_reveal(self.access_key_id),
+            secret_access_key=_reveal(self.secret_access_key),
+        )
+
+
+def _reveal(value: SecretStr | None) -> str | None:
+    if value is None:
+        return None
+    return value.get_secret_value() or None
+
+
+def _describe(exc: ValidationError) -> str:
+    """Which fields are wrong and why, without the values (pydantic's str() shows inputs)."""
+    parts = []
+    for error in exc.errors(include_url=False, include_context=False, include_input=False):
+        where = ".".join(str(p) for p in error.get("loc", ())) or "(top level)"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def parse_destination_secret(secret_id: str, value: Any) -> S3Access:
+    """Validate the secret's decoded JSON into an `S3Access`."""
+    if not isinstance(value, dict):
+        raise DestinationSecretError(
+            f"destination secret {secret_id!r} must be a JSON object, not {type(value).__name__}"
+        )
+    try:
+        credentials = DestinationCredentials.model_validate(value)
+    except ValidationError as exc:
+        raise DestinationSecretError(
+            f"destination secret {secret_id!r} is not valid: {_describe(exc)}"
+        ) from None
+    if (credentials.access_key_id is None) != (credentials.secret_access_key is None):
+        raise DestinationSecretError(
+            f"destination secret {secret_id!r}: access_key_id and secret_access_key "
+            "must be given together"
+        )
+    return credentials.access()
+
+
+def load_destination_access(
+    secret_id: str,
+    *,
+    provider: SecretsProvider | None = None,
+    max_age: int = DEFAULT_MAX_AGE,
+    force_fetch: bool = False,
+) -> S3Access:
+    """Fetch (or take from the per-container cache) and validate the destination secret.
+
+    `provider` defaults to powertools' shared Secrets Manager provider (`get_secret`).
+    """
+    from aws_lambda_powertools.utilities import parameters
+    from aws_lambda_powertools.utilities.parameters.exceptions import (
+        GetParameterError,
+        TransformParameterError,
+    )
+
+    try:
+        if provider is None:
+            value: Any = parameters.get_secret(
+                secret_id, transform="json", max_age=max_age, force_fetch=force_fetch
+            )
+        else:
+            value = provider.get(
+                secret_id, transform="json", max_age=max_age, force_fetch=force_fetch
+            )
+    except TransformParameterError:
+        raise DestinationSecretError(
+            f"destination secret {secret_id!r} is not valid JSON"
+        ) from None
+    except GetParameterError as exc:
+        # The SDK's message (e.g. ResourceNotFoundException, AccessDenied) carries no value.
+        raise DestinationSecretError(
+            f"destination secret {secret_id!r} could not be read: {exc}"
+        ) from None
+    return parse_destination_secret(secret_id, value)

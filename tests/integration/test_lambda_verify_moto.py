@@ -1,0 +1,349 @@
+"""The verifier Lambda end to end on moto's server (ThreadedMotoServer, reached over HTTP).
+
+The agent uploads a mirror and publishes `Mirror Completed` to EventBridge; a rule sends it
+to the verify queue (redrive to a DLQ after 2 receives); the handler is fed the real SQS
+messages the way Lambda's event source mapping does (successes deleted, reported failures
+left on the queue); a second rule sends the verifier's results to a results queue.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
+
+import json
+import logging
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from aws_lambda_powertools.utilities import parameters
+
+from cloud.handlers import verify as verify_handler
+from cloud.integrations.runstore_dynamodb import DynamoRunStore, create_table
+from tests.support.agent import run_agent, write_agent_config
+from tests.support.repos import make_fake_restic_repo
+from tests.support.s3servers import S3Endpoint
+
+REGION = "us-east-1"
+BUS = "backrest-relay"
+GUID = "cd" * 32
+PREFIX = "restic/home"
+SECRET_KEY = "moto-accepts-any-key-but-this-one-is-secret"
+
+
+class _CurrentStdout:
+    """The powertools logger bound the stdout it saw at import; follow pytest's instead."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def logs_to_current_stdout() -> Iterator[None]:
+    handler = verify_handler.logger.registered_handler
+    assert isinstance(handler, logging.StreamHandler)
+    original = handler.setStream(_CurrentStdout())
+    yield
+    handler.setStream(original or sys.__stdout__)
+
+
+@dataclass
+class Cloud:
+    """The deployed cloud side, in moto."""
+
+    endpoint: S3Endpoint
+    sqs: Any
+    dynamodb: Any
+    verify_queue: str
+    verify_arn: str
+    dlq: str
+    results_queue: str
+
+    def deliver(self, *, max_messages: int = 10) -> dict[str, Any] | None:
+        """One poll of Lambda's event source mapping: receive, invoke, delete successes."""
+        messages = self.sqs.receive_message(
+            QueueUrl=self.verify_queue,
+            MaxNumberOfMessages=max_messages,
+            AttributeNames=["All"],
+            WaitTimeSeconds=0,
+        ).get("Messages", [])
+        if not messages:
+            return None
+        event = {"Records": [self._record(m) for m in messages]}
+        response: dict[str, Any] = verify_handler.handler(event, FakeLambdaContext())
+        failed = {f["itemIdentifier"] for f in response["batchItemFailures"]}
+        for message in messages:
+            if message["MessageId"] not in failed:
+                self.sqs.delete_message(
+                    QueueUrl=self.verify_queue, ReceiptHandle=message["ReceiptHandle"]
+                )
+        response["delivered"] = [m["MessageId"] for m in messages]
+        return response
+
+    def _record(self, message: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "messageId": message["MessageId"],
+            "receiptHandle": message["ReceiptHandle"],
+            "body": message["Body"],
+            "attributes": message["Attributes"],
+            "messageAttributes": {},
+            "md5OfBody": message["MD5OfBody"],
+            "eventSource": "aws:sqs",
+            "eventSourceARN": self.verify_arn,
+            "awsRegion": REGION,
+        }
+
+    def drain(self, queue: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        while True:
+            messages = self.sqs.receive_message(
+                QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=0
+            ).get("Messages", [])
+            if not messages:
+                return out
+            for message in messages:
+                out.append(json.loads(message["Body"]))
+                self.sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
+
+    def peek_bodies(self, queue: str) -> list[str]:
+        messages = self.sqs.receive_message(
+            QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=0, VisibilityTimeout=0
+        ).get("Messages", [])
+        return [m["Body"] for m in messages]
+
+    def runs(self) -> DynamoRunStore:
+        return DynamoRunStore("backrest-relay-runs", client=self.dynamodb)
+
+
+@dataclass
+class FakeLambdaContext:
+    function_name: str = "backrest-relay-verify"
+    function_version: str = "$LATEST"
+    memory_limit_in_mb: int = 1024
+    invoked_function_arn: str = (
+        "arn:aws:lambda:us-east-1:123456789012:function:backrest-relay-verify"
+    )
+    aws_request_id: str = ""
+    log_group_name: str = "/aws/lambda/backrest-relay-verify"
+    log_stream_name: str = "stream"
+
+    def __post_init__(self) -> None:
+        self.aws_request_id = self.aws_request_id or str(uuid.uuid4())
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 600_000
+
+
+@pytest.fixture
+def cloud(moto_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cloud]:
+    url = moto_endpoint.endpoint_url
+    kwargs: dict[str, Any] = {
+        "endpoint_url": url,
+        "region_name": REGION,
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
+    }
+    events = boto3.client("events", **kwargs)
+    sqs: Any = boto3.client("sqs", **kwargs)
+    dynamodb = boto3.client("dynamodb", **kwargs)
+
+    def queue(name: str, **attributes: str) -> tuple[str, str]:
+        queue_url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
+            "Attributes"
+        ]["QueueArn"]
+        return queue_url, arn
+
+    dlq, dlq_arn = queue("verify-dlq")
+    verify_queue, verify_arn = queue(
+        "verify",
+        VisibilityTimeout="0",  # a failed record is visible again at once (test speed)
+        RedrivePolicy=json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "2"}),
+    )
+    results_queue, results_arn = queue("results")
+    events.create_event_bus(Name=BUS)
+    for rule, pattern, arn in (
+        (
+            "mirror-completed",
+            {"source": ["backrest-relay.agent"], "detail-type": ["Mirror Completed"]},
+            verify_arn,
+        ),
+        ("verifier-results", {"source": ["backrest-relay.verifier"]}, results_arn),
+    ):
+        events.put_rule(Name=rule, EventBusName=BUS, EventPattern=json.dumps(pattern))
+        events.put_targets(Rule=rule, EventBusName=BUS, Targets=[{"Id": "q", "Arn": arn}])
+    create_table(dynamodb, "backrest-relay-runs")
+    dynamodb.create_table(
+        TableName="backrest-relay-idempotency",
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    secret = boto3.client("secretsmanager", **kwargs).create_secret(
+        Name="backrest-relay/destination",
+        SecretString=json.dumps(
+            {
+                "provider": "s3",
+                "endpoint_url": url,
+                "region": REGION,
+                "access_key_id": moto_endpoint.access_key,
+                "secret_access_key": SECRET_KEY,
+            }
+        ),
+    )
+    for name in ("AWS_PROFILE",):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {
+        # The function's own AWS access (DynamoDB, EventBridge, Secrets Manager) → moto.
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+        "AWS_LAMBDA_FUNCTION_NAME": "backrest-relay-verify",
+        "RUNS_TABLE": "backrest-relay-runs",
+        "IDEMPOTENCY_TABLE": "backrest-relay-idempotency",
+        "EVENT_BUS_NAME": BUS,
+        "DESTINATION_SECRET_ARN": secret["ARN"],
+    }.items():
+        monkeypatch.setenv(name, value)
+    parameters.clear_caches()  # type: ignore[no-untyped-call]
+    verify_handler.set_dependencies(None)
+    yield Cloud(moto_endpoint, sqs, dynamodb, verify_queue, verify_arn, dlq, results_queue)
+    verify_handler.set_dependencies(None)
+    verify_handler.metrics.clear_metrics()
+    parameters.clear_caches()  # type: ignore[no-untyped-call]
+
+
+def upload(tmp_path: Path, cloud: Cloud, bucket: str, *, seed: int = 1) -> dict[str, Any]:
+    """Mirror a restic-format repository with the real agent (a separate process)."""
+    repo = make_fake_restic_repo(tmp_path / "repo", packs=12, pack_size=(500, 40_000), seed=seed)
+    config = write_agent_config(
+        tmp_path / "relay.toml",
+        cloud.endpoint,
+        bucket,
+        state_dir=tmp_path / "state",
+        events={
+            "publisher": "eventbridge",
+            "event_bus": BUS,
+            "region": REGION,
+            "endpoint_url": cloud.endpoint.endpoint_url,
+        },
+    )
+    result = run_agent(
+        [
+            "upload",
+            "--repo",
+            str(repo.root),
+            "--repo-id",
+            "home",
+            "--repo-guid",
+            GUID,
+            "--trigger",
+            "CONDITION_CHECK_SUCCESS",
+            "--config",
+            str(config),
+            "--json",
+        ],
+        env={
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": REGION,
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    return result.summary
+
+
+def test_mirror_completed_is_verified_once_despite_duplicates(
+    tmp_path: Path,
+    cloud: Cloud,
+    unique_bucket: Callable[[S3Endpoint], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bucket = unique_bucket(cloud.endpoint)
+    summary = upload(tmp_path, cloud, bucket)
+
+    [body] = cloud.peek_bodies(cloud.verify_queue)
+    # EventBridge (and SQS) deliver at least once: the same event arrives twice.
+    cloud.sqs.send_message(QueueUrl=cloud.verify_queue, MessageBody=body)
+
+    first = cloud.deliver(max_messages=1)
+    second = cloud.deliver(max_messages=1)
+    assert first is not None and first["batchItemFailures"] == []
+    assert second is not None and second["batchItemFailures"] == []
+    assert cloud.deliver() is None  # both deleted
+
+    [result] = cloud.drain(cloud.results_queue)
+    assert result["source"] == "backrest-relay.verifier"
+    assert result["detail-type"] == "Mirror Verified"
+    detail = result["detail"]
+    assert detail["mirror_run_id"] == summary["run_id"]
+    assert detail["destination"]["bucket"] == bucket
+    assert detail["problems_total"] == 0
+    assert detail["stats"]["compared"] == detail["manifest"]["objects"] > 10
+    assert detail["stats"]["deep_checked_new"] == detail["manifest"]["objects"]
+    assert detail["host"] == "lambda:backrest-relay-verify"
+
+    runs = cloud.runs().runs(GUID)
+    assert sorted((r.kind, r.status) for r in runs) == [
+        ("mirror", "completed"),
+        ("verification", "verified"),
+    ]
+    latest = cloud.runs().latest_verified(GUID)
+    assert latest is not None and latest.run_id == detail["run_id"]
+    assert SECRET_KEY not in capsys.readouterr().out
+
+
+def test_damaged_object_is_reported_by_name(
+    tmp_path: Path, cloud: Cloud, unique_bucket: Callable[[S3Endpoint], str]
+) -> None:
+    bucket = unique_bucket(cloud.endpoint)
+    upload(tmp_path, cloud, bucket, seed=2)
+    s3 = cloud.endpoint.client()
+    keys = [
+        o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"{PREFIX}/data/")["Contents"]
+    ]
+    victim = keys[len(keys) // 2]
+    data = bytearray(s3.get_object(Bucket=bucket, Key=victim)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    s3.put_object(Bucket=bucket, Key=victim, Body=bytes(data))  # same size, new ETag
+
+    response = cloud.deliver()
+    assert response is not None and response["batchItemFailures"] == []
+    [result] = cloud.drain(cloud.results_queue)
+    assert result["detail-type"] == "Mirror Verification Failed"
+    problems = result["detail"]["problems"]
+    assert [(p["key"], p["kind"]) for p in problems] == [(victim[len(PREFIX) + 1 :], "etag")]
+    assert cloud.runs().latest_verified(GUID) is None
+
+
+def test_malformed_message_fails_alone_and_reaches_the_dlq(
+    tmp_path: Path, cloud: Cloud, unique_bucket: Callable[[S3Endpoint], str]
+) -> None:
+    bucket = unique_bucket(cloud.endpoint)
+    upload(tmp_path, cloud, bucket, seed=3)
+    cloud.sqs.send_message(QueueUrl=cloud.verify_queue, MessageBody="{not json")
+
+    first = cloud.deliver()
+    assert first is not None and len(first["delivered"]) == 2
+    [failed] = first["batchItemFailures"]
+    [result] = cloud.drain(cloud.results_queue)
+    assert result["detail-type"] == "Mirror Verified"  # the good record was not held back
+
+    retry = cloud.deliver()  # second receive: fails again
+    assert retry is not None and retry["delivered"] == [failed["itemIdentifier"]]
+    assert retry["batchItemFailures"] == [failed]
+    assert cloud.deliver() is None  # maxReceiveCount reached: moved, not delivered
+    assert cloud.peek_bodies(cloud.dlq) == ["{not json"]
+    assert cloud.drain(cloud.results_queue) == []

@@ -1,0 +1,856 @@
+"""The verifier Lambda handler, fed SQS events the way Lambda delivers them.
+
+Dependencies are the in-memory bucket and run store and a recording event bus; idempotency
+is powertools' real DynamoDB persistence layer on moto. The last tests run the production
+wiring (`dependencies_from_env`) on moto: Secrets Manager, S3, DynamoDB and EventBridge.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
+
+import gzip
+import hashlib
+import json
+import logging
+import random
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import boto3
+import pytest
+from aws_lambda_powertools.utilities import parameters
+from aws_lambda_powertools.utilities.idempotency import DynamoDBPersistenceLayer
+from moto import mock_aws
+
+from cloud.contracts.destination import Destination
+from cloud.contracts.events import (
+    DetailType,
+    ErrorInfo,
+    EventDetail,
+    ManifestRef,
+    MirrorCompleted,
+    MirrorFailed,
+    MirrorStats,
+    MirrorVerificationFailed,
+    MirrorVerified,
+    RepoRef,
+    Source,
+)
+from cloud.contracts.ids import new_run_id
+from cloud.contracts.manifest import ManifestHeader, manifest_key
+from cloud.handlers import verify as verify_handler
+from cloud.handlers.common import Bucket, ConfigError, SecretDestinations, endpoint_mismatch
+from cloud.integrations.eventbus import EventBridgeBus, EventPublishError, RecordingEventBus
+from cloud.integrations.object_store_memory import InMemoryObjectStore
+from cloud.integrations.runstore_memory import InMemoryRunStore
+from cloud.integrations.s3 import S3Access
+from cloud.integrations.secrets import DestinationSecretError, load_destination_access
+from cloud.logic.ports import ListedObject, ObjectStoreError
+from cloud.logic.verify import VerifyOptions
+
+REGION = "us-east-1"
+IDEMPOTENCY_TABLE = "backrest-relay-idempotency"
+GUID = "ab" * 32
+DEST = Destination(
+    provider="b2",
+    endpoint_url="https://s3.us-west-004.backblazeb2.com",
+    bucket="offsite",
+    prefix="restic/home",
+)
+SECRET_KEY = "K004-very-secret-application-key-value"
+ACCESS_KEY = "004a1b2c3d4e5f60000000042"
+
+
+# -- fakes and builders ----------------------------------------------------------------------
+
+
+@dataclass
+class FakeLambdaContext:
+    function_name: str = "backrest-relay-verify"
+    function_version: str = "$LATEST"
+    memory_limit_in_mb: int = 512
+    invoked_function_arn: str = (
+        "arn:aws:lambda:us-east-1:123456789012:function:backrest-relay-verify"
+    )
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    log_group_name: str = "/aws/lambda/backrest-relay-verify"
+    log_stream_name: str = "2026/01/01/[$LATEST]abc"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 300_000
+
+
+class UnreachableStore:
+    """A bucket that cannot be read (DNS failure, denied, missing bucket...)."""
+
+    list_requests = 0
+
+    def list(self, prefix: str) -> Iterator[ListedObject]:
+        raise ObjectStoreError(f"listing {prefix}: EndpointConnectionError")
+
+    def read(self, key: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
+        raise ObjectStoreError(f"reading {key}: EndpointConnectionError")
+
+
+class Buckets:
+    """Destination opener over in-memory buckets; a name in `unreachable` cannot be read."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[str, InMemoryObjectStore] = {}
+        self.unreachable: set[str] = set()
+        self.opened: list[str] = []
+
+    def bucket(self, name: str) -> InMemoryObjectStore:
+        return self.buckets.setdefault(name, InMemoryObjectStore(page_size=5))
+
+    def __call__(self, destination: Destination) -> Bucket:
+        self.opened.append(destination.bucket)
+        if destination.bucket in self.unreachable:
+            return UnreachableStore(), None
+        store = self.bucket(destination.bucket)
+        return store, store
+
+
+def write_mirror(
+    put: Any, destination: Destination, *, seed: int, objects: int = 8
+) -> tuple[MirrorCompleted, list[str]]:
+    """Objects of a restic-like repository plus a manifest, through `put(key, bytes)`;
+    returns the Mirror Completed event that announces them and the object keys."""
+    rng = random.Random(seed)
+    run_id = new_run_id()
+    files: list[tuple[str, bytes]] = [("config", rng.randbytes(155))]
+    for _ in range(objects):
+        data = rng.randbytes(rng.randint(10, 4000))
+        sha = hashlib.sha256(data).hexdigest()
+        files.append((f"data/{sha[:2]}/{sha}", data))
+    index = rng.randbytes(300)
+    files.append((f"index/{hashlib.sha256(index).hexdigest()}", index))
+    snap = rng.randbytes(200)
+    files.append((f"snapshots/{hashlib.sha256(snap).hexdigest()}", snap))
+    files.sort()
+    keys = []
+    lines = []
+    for key, data in files:
+        full = destination.key(key)
+        put(full, data)
+        keys.append(full)
+        lines.append(
+            json.dumps(
+                {
+                    "key": key,
+                    "size": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "md5": hashlib.md5(data, usedforsecurity=False).hexdigest(),
+                    "uploaded": True,
+                }
+            )
+        )
+    now = datetime.now(UTC)
+    header = ManifestHeader(
+        run_id=run_id,
+        repo_guid=GUID,
+        repo_id="home",
+        bucket=destination.bucket,
+        prefix=destination.prefix,
+        created_at=now,
+        objects=len(files),
+    )
+    body = gzip.compress(("\n".join([header.model_dump_json(), *lines]) + "\n").encode(), mtime=0)
+    mkey = manifest_key(f".backrest-relay/{GUID}/manifests", run_id)
+    put(mkey, body)
+    event = MirrorCompleted(
+        run_id=run_id,
+        repo=RepoRef(id="home", guid=GUID, path="/srv/restic/home"),
+        host="nas",
+        trigger="CONDITION_CHECK_SUCCESS",
+        destination=destination,
+        started_at=now - timedelta(minutes=5),
+        finished_at=now - timedelta(minutes=1),
+        stats=MirrorStats(files=len(files), uploaded_files=len(files)),
+        manifest=ManifestRef(
+            key=mkey,
+            sha256=hashlib.sha256(body).hexdigest(),
+            objects=len(files),
+            created_by_run=run_id,
+        ),
+        new_snapshots=["1234abcd"],
+        new_snapshots_total=1,
+    )
+    return event, keys
+
+
+def eventbridge_event(
+    detail: EventDetail | dict[str, Any],
+    *,
+    source: str | None = None,
+    detail_type: str | None = None,
+) -> dict[str, Any]:
+    """The event as an EventBridge rule delivers it to an SQS target."""
+    if isinstance(detail, EventDetail):
+        source = source or detail.SOURCE.value
+        detail_type = detail_type or detail.DETAIL_TYPE.value
+        detail = json.loads(detail.model_dump_json())
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": detail_type,
+        "source": source,
+        "account": "123456789012",
+        "time": "2026-01-01T12:00:00Z",
+        "region": REGION,
+        "resources": [],
+        "detail": detail,
+    }
+
+
+def sqs_record(body: str, message_id: str | None = None, receive_count: int = 1) -> dict[str, Any]:
+    return {
+        "messageId": message_id or str(uuid.uuid4()),
+        "receiptHandle": "AQEB" + uuid.uuid4().hex,
+        "body": body,
+        "attributes": {
+            "ApproximateReceiveCount": str(receive_count),
+            "SentTimestamp": "1767268800000",
+            "SenderId": "AIDAIENQZJOLO23YVJ4VO",
+            "ApproximateFirstReceiveTimestamp": "1767268800001",
+        },
+        "messageAttributes": {},
+        "md5OfBody": hashlib.md5(body.encode(), usedforsecurity=False).hexdigest(),
+        "eventSource": "aws:sqs",
+        "eventSourceARN": f"arn:aws:sqs:{REGION}:123456789012:backrest-relay-verify",
+        "awsRegion": REGION,
+    }
+
+
+def sqs_event(*records: dict[str, Any]) -> dict[str, Any]:
+    return {"Records": list(records)}
+
+
+def record_for(detail: EventDetail, message_id: str | None = None) -> dict[str, Any]:
+    return sqs_record(json.dumps(eventbridge_event(detail)), message_id)
+
+
+def invoke(event: dict[str, Any]) -> dict[str, Any]:
+    response: dict[str, Any] = verify_handler.handler(event, FakeLambdaContext())
+    return response
+
+
+def failed_ids(response: dict[str, Any]) -> list[str]:
+    return [f["itemIdentifier"] for f in response["batchItemFailures"]]
+
+
+@dataclass
+class Output:
+    logs: list[dict[str, Any]]
+    metrics: list[dict[str, Any]]
+    raw: str
+
+    def metric_values(self, name: str) -> list[float]:
+        values: list[float] = []
+        for blob in self.metrics:
+            if name in blob:
+                value = blob[name]
+                values.extend(value if isinstance(value, list) else [value])
+        return values
+
+    def messages(self, level: str | None = None) -> list[str]:
+        return [
+            str(line["message"]) for line in self.logs if level is None or line["level"] == level
+        ]
+
+
+def read_output(capsys: pytest.CaptureFixture[str]) -> Output:
+    raw = capsys.readouterr().out
+    logs: list[dict[str, Any]] = []
+    emf: list[dict[str, Any]] = []
+    for line in raw.splitlines():
+        if not line.startswith("{"):
+            continue
+        blob = json.loads(line)
+        (emf if "_aws" in blob else logs).append(blob)
+    return Output(logs, emf, raw)
+
+
+# -- fixtures --------------------------------------------------------------------------------
+
+
+class _CurrentStdout:
+    """Writes to whatever `sys.stdout` is now: the powertools logger bound the stream it
+    saw at import, and pytest swaps stdout per test phase (capsys)."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def logs_to_current_stdout() -> Iterator[None]:
+    handler = verify_handler.logger.registered_handler
+    assert isinstance(handler, logging.StreamHandler)
+    original = handler.setStream(_CurrentStdout())
+    yield
+    handler.setStream(original or sys.__stdout__)
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A moto account with fake credentials; nothing can reach a real one."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+    }.items():
+        monkeypatch.setenv(name, value)
+    with mock_aws():
+        parameters.clear_caches()  # type: ignore[no-untyped-call]
+        yield
+    parameters.clear_caches()  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+def idempotency_client(aws: None) -> Any:
+    client = boto3.client("dynamodb", region_name=REGION)
+    client.create_table(
+        TableName=IDEMPOTENCY_TABLE,
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    return client
+
+
+@dataclass
+class World:
+    buckets: Buckets
+    runs: InMemoryRunStore
+    bus: RecordingEventBus
+    idempotency: Any
+
+
+@pytest.fixture
+def world(idempotency_client: Any, capsys: pytest.CaptureFixture[str]) -> Iterator[World]:
+    """Fakes behind the handler."""
+    buckets = Buckets()
+    runs = InMemoryRunStore()
+    bus = RecordingEventBus()
+    verify_handler.set_dependencies(
+        verify_handler.Dependencies(
+            runs=runs,
+            destinations=buckets,
+            events=bus,
+            persistence=lambda: DynamoDBPersistenceLayer(
+                table_name=IDEMPOTENCY_TABLE, boto3_client=idempotency_client
+            ),
+            options=VerifyOptions(concurrency=2),
+            host="lambda:test",
+        )
+    )
+    yield World(buckets, runs, bus, idempotency_client)
+    verify_handler.set_dependencies(None)
+    verify_handler.metrics.clear_metrics()
+
+
+def mirror(world: World, *, seed: int = 1, bucket: str = DEST.bucket) -> MirrorCompleted:
+    destination = DEST.model_copy(update={"bucket": bucket})
+    store = world.buckets.bucket(bucket)
+    event, _ = write_mirror(store.put, destination, seed=seed)
+    return event
+
+
+# -- the handler -----------------------------------------------------------------------------
+
+
+def test_good_mirror_is_verified_recorded_and_published(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    event = mirror(world)
+    response = invoke(sqs_event(record_for(event)))
+
+    assert response == {"batchItemFailures": []}
+    [result] = world.bus.events
+    assert isinstance(result, MirrorVerified)
+    assert result.mirror_run_id == event.run_id
+    assert result.repo == event.repo and result.destination == event.destination
+    assert result.stats.compared == event.manifest.objects
+    assert result.stats.bytes_read > 0
+    assert result.problems == [] and result.problems_total == 0
+    assert result.host == "lambda:test"
+
+    runs = world.runs.runs(GUID)
+    assert {(r.kind, r.status) for r in runs} == {
+        ("mirror", "completed"),
+        ("verification", "verified"),
+    }
+    latest = world.runs.latest_verified(GUID)
+    assert latest is not None and latest.run_id == result.run_id
+    assert latest.mirror_run_id == event.run_id
+
+    out = read_output(capsys)
+    assert out.metric_values("ObjectsVerified") == [event.manifest.objects]
+    assert out.metric_values("BytesRead") == [result.stats.bytes_read]
+    assert out.metric_values("VerificationFailures") == [0]
+    [age] = out.metric_values("MirrorAgeSeconds")
+    assert 55 <= age <= 600
+    emf = next(m for m in out.metrics if "ObjectsVerified" in m)
+    [directive] = emf["_aws"]["CloudWatchMetrics"]
+    assert directive["Namespace"] == "BackrestRelay"
+    assert directive["Dimensions"] == [["service"]]
+    units = {m["Name"]: m["Unit"] for m in directive["Metrics"]}
+    assert units["BytesRead"] == "Bytes" and units["MirrorAgeSeconds"] == "Seconds"
+    verify_logs = [line for line in out.logs if line["message"] == "Mirror Verified"]
+    assert verify_logs and verify_logs[0]["correlation_id"] == event.run_id
+    assert verify_logs[0]["function_name"] == "backrest-relay-verify"  # inject_lambda_context
+
+
+def test_tampered_object_gives_verification_failed_naming_it(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    event = mirror(world)
+    store = world.buckets.bucket(DEST.bucket)
+    victim = next(k for k in sorted(store.objects) if "/data/" in k)
+    original = store.objects[victim]
+    # Same size and the same ETag: only reading the bytes back can see it.
+    store.put(victim, bytes([original[0] ^ 0xFF]) + original[1:], etag=store.etags[victim])
+
+    response = invoke(sqs_event(record_for(event)))
+
+    assert response == {"batchItemFailures": []}  # a verdict, not an error
+    [result] = world.bus.events
+    assert isinstance(result, MirrorVerificationFailed)
+    assert [(p.key, p.kind) for p in result.problems] == [(DEST.relative(victim), "hash")]
+    assert result.report_key is not None and result.report_key in store.objects
+    assert world.runs.latest_verified(GUID) is None
+    out = read_output(capsys)
+    assert out.metric_values("VerificationFailures") == [1]
+    assert "Mirror Verification Failed" in out.messages("WARNING")
+
+
+def test_unreachable_bucket_fails_only_its_record_and_the_retry_verifies(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = mirror(world, seed=1, bucket="bucket-a")
+    broken = mirror(world, seed=2, bucket="bucket-b")
+    third = mirror(world, seed=3, bucket="bucket-c")
+    world.buckets.unreachable.add("bucket-b")
+
+    response = invoke(
+        sqs_event(
+            record_for(first, "m-1"),
+            record_for(broken, "m-2"),
+            record_for(third, "m-3"),
+        )
+    )
+
+    assert failed_ids(response) == ["m-2"]
+    assert sorted(r.mirror_run_id for r in world.bus.events if isinstance(r, MirrorVerified)) == (
+        sorted([first.run_id, third.run_id])
+    )
+    out = read_output(capsys)
+    assert out.metric_values("DestinationUnreachable") == [1]
+    assert out.metric_values("RecordFailures") == [1]
+    [failure] = [line for line in out.logs if line["level"] == "ERROR"]
+    assert failure["message_id"] == "m-2" and failure["error_type"] == "ObjectStoreError"
+    assert failure["correlation_id"] == broken.run_id
+
+    # SQS redelivers m-2; the bucket is back: the failed attempt left no idempotency record.
+    world.buckets.unreachable.clear()
+    retry = invoke(sqs_event(record_for(broken, "m-2")))
+    assert retry == {"batchItemFailures": []}
+    last = world.bus.events[-1]
+    assert isinstance(last, MirrorVerified) and last.mirror_run_id == broken.run_id
+    assert len(world.bus.events) == 3
+
+
+def test_whole_batch_failing_is_reported_item_by_item(world: World) -> None:
+    event = mirror(world, bucket="down")
+    world.buckets.unreachable.add("down")
+    response = invoke(sqs_event(record_for(event, "only")))
+    assert failed_ids(response) == ["only"]  # not an invocation error
+
+
+def test_malformed_messages_fail_only_themselves_and_are_logged(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = mirror(world)
+    not_json = sqs_record("this is not json {", "m-garbage")
+    not_eventbridge = sqs_record(json.dumps({"hello": "world"}), "m-envelope")
+    bad_detail = json.loads(good.model_dump_json())
+    del bad_detail["manifest"]
+    broken_detail = sqs_record(
+        json.dumps(
+            eventbridge_event(
+                bad_detail, source=Source.AGENT.value, detail_type=DetailType.MIRROR_COMPLETED.value
+            )
+        ),
+        "m-detail",
+    )
+    future = json.loads(good.model_dump_json()) | {"schema_version": 2}
+    future_version = sqs_record(
+        json.dumps(
+            eventbridge_event(
+                future, source=Source.AGENT.value, detail_type=DetailType.MIRROR_COMPLETED.value
+            )
+        ),
+        "m-future",
+    )
+
+    response = invoke(
+        sqs_event(
+            not_json, not_eventbridge, record_for(good, "m-good"), broken_detail, future_version
+        )
+    )
+
+    # Malformed messages fail their own record only: SQS retries them, then the DLQ keeps
+    # them for inspection (and for a redrive once the verifier knows schema_version 2).
+    assert failed_ids(response) == ["m-garbage", "m-envelope", "m-detail", "m-future"]
+    assert [e.DETAIL_TYPE for e in world.bus.events] == [DetailType.MIRROR_VERIFIED]
+    out = read_output(capsys)
+    assert out.metric_values("MalformedEvents") == [1, 1, 1, 1]
+    malformed = {
+        line["message_id"]: line
+        for line in out.logs
+        if line["message"].startswith("malformed message")
+    }
+    assert set(malformed) == {"m-garbage", "m-envelope", "m-detail", "m-future"}
+    assert any("manifest" in e for e in malformed["m-detail"]["errors"])
+    assert any("schema_version" in e for e in malformed["m-future"]["errors"])
+    assert all(line["level"] == "ERROR" for line in malformed.values())
+
+
+def test_other_event_kinds_are_logged_counted_and_acknowledged(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = mirror(world)
+    failed = MirrorFailed(
+        **good.model_dump(include={"run_id", "repo", "host", "trigger", "destination"}),
+        started_at=good.started_at,
+        finished_at=good.finished_at,
+        error=ErrorInfo(kind="destination", message="B2 said no"),
+    )
+    foreign = sqs_record(
+        json.dumps(
+            eventbridge_event({"state": "running"}, source="aws.ec2", detail_type="EC2 State")
+        ),
+        "m-foreign",
+    )
+    response = invoke(sqs_event(record_for(failed, "m-failed"), foreign))
+
+    assert response == {"batchItemFailures": []}  # retrying cannot help: no poison loop
+    assert world.bus.events == []
+    assert world.buckets.opened == []
+    out = read_output(capsys)
+    assert out.metric_values("IgnoredEvents") == [1, 1]
+    ignored = [line for line in out.logs if line["message"].startswith("not a Mirror Completed")]
+    assert [line["level"] for line in ignored] == ["ERROR", "ERROR"]
+    assert {line["detail_type"] for line in ignored} == {"Mirror Failed", "EC2 State"}
+
+
+def test_duplicate_delivery_verifies_and_publishes_once(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    event = mirror(world)
+    # Twice in one batch, then again in a later invocation (EventBridge and SQS are both
+    # at-least-once).
+    first = invoke(sqs_event(record_for(event, "m-1"), record_for(event, "m-2")))
+    again = invoke(sqs_event(record_for(event, "m-3")))
+
+    assert first == again == {"batchItemFailures": []}
+    assert len(world.bus.events) == 1
+    runs = world.runs.runs(GUID)
+    assert sorted(r.kind for r in runs) == ["mirror", "verification"]
+    assert world.buckets.opened == [DEST.bucket]
+    out = read_output(capsys)
+    assert out.metric_values("ObjectsVerified") == [event.manifest.objects]
+    assert out.metric_values("DuplicateDeliveries") == [1, 1]
+
+
+def test_reused_run_id_with_another_manifest_is_not_taken_for_a_duplicate(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    event = mirror(world, seed=1)
+    other = mirror(world, seed=2).model_copy(update={"run_id": event.run_id})
+    invoke(sqs_event(record_for(event, "m-1")))
+    response = invoke(sqs_event(record_for(other, "m-2")))
+    assert failed_ids(response) == ["m-2"]
+    assert len(world.bus.events) == 1
+    out = read_output(capsys)
+    [error] = [line for line in out.logs if line["level"] == "ERROR"]
+    assert error["error_type"] == "IdempotencyValidationError"
+
+
+def test_publish_failure_retries_publishing_without_verifying_again(world: World) -> None:
+    event = mirror(world)
+    world.bus.fail_next = 1
+    response = invoke(sqs_event(record_for(event, "m-1")))
+    assert failed_ids(response) == ["m-1"]
+    assert world.bus.events == []
+
+    retry = invoke(sqs_event(record_for(event, "m-1")))
+    assert retry == {"batchItemFailures": []}
+    [result] = world.bus.events
+    assert isinstance(result, MirrorVerified)
+    assert world.buckets.opened == [DEST.bucket]  # verified once
+    verifications = [r for r in world.runs.runs(GUID) if r.kind == "verification"]
+    assert [r.run_id for r in verifications] == [result.run_id]
+
+
+def test_missing_configuration_fails_the_invocation_loudly(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    verify_handler.set_dependencies(None)
+    for name in ("RUNS_TABLE", "IDEMPOTENCY_TABLE", "EVENT_BUS_NAME", "DESTINATION_SECRET_ARN"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="RUNS_TABLE"):
+        invoke(sqs_event(sqs_record("{}")))
+
+
+# -- the production wiring on moto -----------------------------------------------------------
+
+
+@pytest.fixture
+def deployed(
+    idempotency_client: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[dict[str, Any]]:
+    """What the SAM template deploys, in moto: tables, bus + rule → result queue, secret,
+    and the destination bucket (AWS S3 here, so moto can serve it in-process)."""
+    from cloud.integrations.runstore_dynamodb import create_table
+
+    create_table(idempotency_client, "backrest-relay-runs")
+    events = boto3.client("events", region_name=REGION)
+    sqs = boto3.client("sqs", region_name=REGION)
+    events.create_event_bus(Name="backrest-relay")
+    queue = sqs.create_queue(QueueName="results")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    events.put_rule(
+        Name="results",
+        EventBusName="backrest-relay",
+        EventPattern=json.dumps({"source": [Source.VERIFIER.value]}),
+    )
+    events.put_targets(
+        Rule="results", EventBusName="backrest-relay", Targets=[{"Id": "q", "Arn": arn}]
+    )
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket="offsite-aws")
+    secret = boto3.client("secretsmanager", region_name=REGION).create_secret(
+        Name="backrest-relay/destination",
+        SecretString=json.dumps(
+            {
+                "provider": "aws",
+                "region": REGION,
+                "access_key_id": ACCESS_KEY,
+                "secret_access_key": SECRET_KEY,
+            }
+        ),
+    )
+    env = {
+        "RUNS_TABLE": "backrest-relay-runs",
+        "IDEMPOTENCY_TABLE": IDEMPOTENCY_TABLE,
+        "EVENT_BUS_NAME": "backrest-relay",
+        "DESTINATION_SECRET_ARN": secret["ARN"],
+        "VERIFY_ROTATION_RUNS": "7",
+        "VERIFY_NEW_BYTES_BUDGET": "1_000_000",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("POWERTOOLS_LOG_LEVEL", "DEBUG")
+    verify_handler.logger.setLevel("DEBUG")
+    verify_handler.set_dependencies(None)
+    yield {"s3": s3, "sqs": sqs, "queue": queue, "secret_arn": secret["ARN"]}
+    verify_handler.set_dependencies(None)
+    verify_handler.metrics.clear_metrics()
+    verify_handler.logger.setLevel("INFO")
+
+
+def results(sqs: Any, queue: str) -> list[dict[str, Any]]:
+    messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
+    return [json.loads(m["Body"]) for m in messages]
+
+
+def test_env_wiring_verifies_a_bucket_with_credentials_from_the_secret(
+    deployed: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    s3 = deployed["s3"]
+    destination = Destination(provider="aws", endpoint_url=None, bucket="offsite-aws", prefix="r")
+    event, keys = write_mirror(
+        lambda k, b: s3.put_object(Bucket="offsite-aws", Key=k, Body=b), destination, seed=5
+    )
+    response = invoke(sqs_event(record_for(event, "m-1"), record_for(event, "m-2")))
+
+    assert response == {"batchItemFailures": []}
+    [published] = results(deployed["sqs"], deployed["queue"])
+    assert published["detail-type"] == "Mirror Verified"
+    assert published["detail"]["mirror_run_id"] == event.run_id
+    assert published["detail"]["stats"]["compared"] == len(keys) == event.manifest.objects
+    assert published["detail"]["host"] == "lambda:verifier"
+
+    from cloud.integrations.runstore_dynamodb import DynamoRunStore
+
+    store = DynamoRunStore("backrest-relay-runs", boto3.client("dynamodb", region_name=REGION))
+    assert sorted(r.kind for r in store.runs(GUID)) == ["mirror", "verification"]
+    options = verify_handler.get_verifier().deps.options
+    assert (options.rotation_runs, options.new_bytes_budget) == (7, 1_000_000)
+
+    # Now a tampered object and an unreadable bucket, so errors get logged too.
+    victim = next(k for k in keys if "/data/" in k)
+    s3.put_object(Bucket="offsite-aws", Key=victim, Body=b"tampered")
+    other = event.model_copy(update={"run_id": new_run_id()})
+    gone = other.model_copy(
+        update={
+            "run_id": new_run_id(),
+            "destination": destination.model_copy(update={"bucket": "no-such-bucket"}),
+        }
+    )
+    response = invoke(sqs_event(record_for(other, "m-3"), record_for(gone, "m-4")))
+    assert failed_ids(response) == ["m-4"]
+    [published] = results(deployed["sqs"], deployed["queue"])
+    assert published["detail-type"] == "Mirror Verification Failed"
+
+    out = read_output(capsys)
+    assert out.logs, "expected JSON logs on stdout"
+    assert any(line.get("error_type") == "ObjectStoreError" for line in out.logs)
+    assert SECRET_KEY not in out.raw
+    assert ACCESS_KEY not in out.raw
+
+
+def test_secret_errors_are_clear_and_never_echo_the_value(aws: None) -> None:
+    client = boto3.client("secretsmanager", region_name=REGION)
+    client.create_secret(
+        Name="bad-shape",
+        SecretString=json.dumps(
+            {"provider": "b2", "secret_access_key": [SECRET_KEY], "acces_key_id": ACCESS_KEY}
+        ),
+    )
+    client.create_secret(Name="not-json", SecretString=f"key={SECRET_KEY}")
+    client.create_secret(
+        Name="half", SecretString=json.dumps({"provider": "b2", "secret_access_key": SECRET_KEY})
+    )
+    client.create_secret(
+        Name="good",
+        SecretString=json.dumps(
+            {
+                "provider": "b2",
+                "region": "us-west-004",
+                "access_key_id": ACCESS_KEY,
+                "secret_access_key": SECRET_KEY,
+            }
+        ),
+    )
+
+    messages = []
+    for name in ("bad-shape", "not-json", "half", "missing"):
+        with pytest.raises(DestinationSecretError) as info:
+            load_destination_access(name)
+        messages.append(str(info.value))
+        assert info.value.__cause__ is None  # the SDK/pydantic error is not chained along
+    assert "secret_access_key" in messages[0] and "acces_key_id" in messages[0]
+    assert "not valid JSON" in messages[1]
+    assert "together" in messages[2]
+    assert "could not be read" in messages[3]
+    for message in messages:
+        assert SECRET_KEY not in message and ACCESS_KEY not in message
+
+    access = load_destination_access("good")
+    assert access == S3Access(
+        provider="b2",
+        region="us-west-004",
+        access_key_id=ACCESS_KEY,
+        secret_access_key=SECRET_KEY,
+    )
+    assert SECRET_KEY not in repr(access)
+    assert access.resolved_endpoint() == "https://s3.us-west-004.backblazeb2.com"
+
+
+def test_secret_destinations_reuse_the_client_until_the_key_rotates() -> None:
+    current = {"key": "one"}
+    made: list[S3Access] = []
+    warnings: list[str] = []
+
+    def load(secret_id: str) -> S3Access:
+        return S3Access(
+            provider="b2",
+            region="us-west-004",
+            access_key_id="id",
+            secret_access_key=current["key"],
+        )
+
+    def make_client(access: S3Access) -> Any:
+        made.append(access)
+        return object()
+
+    opener = SecretDestinations("arn", load=load, make_client=make_client, warn=warnings.append)
+    opener(DEST)
+    opener(DEST.model_copy(update={"bucket": "other"}))
+    assert len(made) == 1 and warnings == []
+    current["key"] = "two"
+    opener(DEST)
+    assert len(made) == 2
+    opener(DEST.model_copy(update={"endpoint_url": "https://s3.eu-central-003.backblazeb2.com"}))
+    assert warnings and "eu-central-003" in warnings[0]
+
+
+def test_endpoint_mismatch_rules() -> None:
+    b2 = S3Access(provider="b2", region="us-west-004")
+    assert endpoint_mismatch(DEST, b2) is None
+    assert endpoint_mismatch(DEST.model_copy(update={"endpoint_url": None}), b2) is None
+    assert endpoint_mismatch(DEST.model_copy(update={"provider": "s3"}), b2) is not None
+
+
+# -- the event bus publisher -----------------------------------------------------------------
+
+
+class FakeEvents:
+    def __init__(self, refuse: list[int]) -> None:
+        self.refuse = refuse  # per call: how many of the leading entries to refuse
+        self.calls: list[list[dict[str, Any]]] = []
+
+    def put_events(self, Entries: list[dict[str, Any]]) -> dict[str, Any]:  # noqa: N803
+        self.calls.append(Entries)
+        n = self.refuse.pop(0) if self.refuse else 0
+        results = [
+            {"ErrorCode": "ThrottlingException", "ErrorMessage": "slow down"}
+            if i < n
+            else {"EventId": str(uuid.uuid4())}
+            for i in range(len(Entries))
+        ]
+        return {"FailedEntryCount": min(n, len(Entries)), "Entries": results}
+
+
+def verified_events(n: int) -> list[EventDetail]:
+    store = InMemoryObjectStore()
+    out: list[EventDetail] = []
+    for seed in range(n):
+        event, _ = write_mirror(store.put, DEST, seed=seed, objects=1)
+        out.append(event)
+    return out
+
+
+def test_eventbridge_bus_resends_refused_entries_then_gives_up() -> None:
+    events = verified_events(12)
+    fake = FakeEvents(refuse=[2, 1, 0])
+    bus = EventBridgeBus("backrest-relay", client=fake, sleep=lambda s: None)  # type: ignore[arg-type]
+    bus.publish(*events)
+    # 12 entries: 10 + 2 per call limit; the first call refused 2, resent, then 1, resent.
+    assert [len(c) for c in fake.calls] == [10, 2, 1, 2]
+    assert fake.calls[1] == fake.calls[0][:2]
+    assert all(e["EventBusName"] == "backrest-relay" for c in fake.calls for e in c)
+
+    stubborn = FakeEvents(refuse=[1] * 10)
+    bus = EventBridgeBus("backrest-relay", client=stubborn, attempts=3, sleep=lambda s: None)  # type: ignore[arg-type]
+    with pytest.raises(EventPublishError, match=r"refused 1 event.*ThrottlingException"):
+        bus.publish(events[0])
+    assert len(stubborn.calls) == 3
