@@ -1,0 +1,80 @@
+"""Local mode end to end: upload → in-process verification → notification.
+
+With `success = "always"` a verified mirror sends a success message naming the
+repository; a remote object damaged afterwards is named in the next run's failure alert.
+Apprise delivers to a local HTTP server (`json://`), Healthchecks pings to another.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.support.agent import run_agent, write_agent_config
+from tests.support.repos import make_fake_restic_repo
+from tests.support.s3servers import RcloneS3Server
+from tests.support.sinks import HttpSink
+
+GUID = "ef" * 32
+HC_UUID = "5e1f0c2a-7d1b-4a5e-9f00-123456789abc"
+
+
+def test_success_then_damage_is_named_in_the_next_alert(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str
+) -> None:
+    repo = make_fake_restic_repo(tmp_path / "repo", packs=12, pack_size=(500, 20_000), seed=21)
+    with HttpSink() as chat, HttpSink() as healthchecks:
+        config = write_agent_config(
+            tmp_path / "relay.toml",
+            rclone_server.endpoint,
+            rclone_bucket,
+            state_dir=tmp_path / "state",
+            events={"publisher": "local"},
+        )
+        apprise_url = f"json://127.0.0.1:{chat.port}/hook"
+        with config.open("a") as fh:
+            fh.write(
+                "[notify]\n"
+                f'urls = ["{apprise_url}"]\n'
+                'success = "always"\n'
+                f'healthchecks = {{ home = "{healthchecks.url}/{HC_UUID}" }}\n'
+            )
+        args = [
+            "upload",
+            "--repo",
+            str(repo.root),
+            "--repo-id",
+            "home",
+            "--repo-guid",
+            GUID,
+            "--config",
+            str(config),
+            "--json",
+        ]
+        first = run_agent(args)
+        assert first.returncode == 0, first.stderr
+        [message] = chat.wait_for(1)
+        body = json.loads(message.body)
+        assert "home" in body["title"] and "verified" in body["title"]
+        [ping] = healthchecks.wait_for(1)
+        assert ping.path == f"/{HC_UUID}"
+
+        victim = repo.data[4].relative_to(repo.root).as_posix()
+        remote = rclone_server.bucket_path(rclone_bucket) / "restic/home" / victim
+        data = remote.read_bytes()
+        remote.write_bytes(data[:-1] + bytes([data[-1] ^ 0x55]))
+
+        chat.clear()
+        healthchecks.clear()
+        second = run_agent(args)
+        assert second.returncode == 0, second.stderr
+        assert second.summary["uploaded_files"] == 0
+        assert second.summary["verification"]["verified"] is False
+        [alert] = chat.wait_for(1)
+        alert_body = json.loads(alert.body)
+        assert "FAILED" in alert_body["title"]
+        assert victim in alert_body["message"]
+        [fail_ping] = healthchecks.wait_for(1)
+        assert fail_ping.path == f"/{HC_UUID}/fail"
+        for text in (first.stdout, first.stderr, second.stdout, second.stderr):
+            assert HC_UUID not in text
