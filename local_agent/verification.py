@@ -66,6 +66,33 @@ def find_manifest(store: Any, prefix: str, run_id: str | None) -> str | None:
     return newest
 
 
+def expected_manifest_sha256(
+    config: RelayConfig, destination: Any, repo_guid: str | None, key: str
+) -> str | None:
+    """The SHA-256 this host's uploads recorded for the manifest, when this host wrote it.
+
+    Lets a manual verify detect a manifest altered in the bucket; elsewhere (another
+    machine, no guid) the manifest is taken as found.
+    """
+    from local_agent.state import StateStore, state_file_name
+    from local_agent.upload import LAST_MANIFEST
+
+    if not repo_guid:
+        return None
+    path = config.state.path() / state_file_name(destination, repo_guid)
+    if not path.exists():
+        return None
+    state = StateStore(path)
+    try:
+        raw = state.get_meta(LAST_MANIFEST)
+    finally:
+        state.close()
+    if not raw:
+        return None
+    recorded = ManifestRef.model_validate_json(raw)
+    return recorded.sha256 if recorded.key == key else None
+
+
 def run_verify(
     config: RelayConfig,
     *,
@@ -102,7 +129,8 @@ def run_verify(
             extra_bytes=spec.size,
             concurrency=config.upload.concurrency,
         )
-        outcome = MirrorVerifier(store, destination, options).verify(key, None)
+        expected = expected_manifest_sha256(config, destination, repo_guid, key)
+        outcome = MirrorVerifier(store, destination, options).verify(key, expected)
     except ObjectStoreError as exc:
         raise DestinationError(f"cannot read the mirror: {exc}") from None
     header = outcome.header

@@ -7,6 +7,7 @@ directly on disk, the way bit rot or a bad provider would.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -128,3 +129,44 @@ def test_verify_without_any_manifest_is_a_clear_error(
     result = run_agent(["verify", *ids(), "--config", str(cfg)])
     assert result.returncode == 2
     assert "no manifest" in result.stderr
+
+
+def test_tampered_manifest_is_reported(
+    mirrored: Mirrored, rclone_server: RcloneS3Server, rclone_bucket: str
+) -> None:
+    _, cfg, result = mirrored
+    manifest = result.summary["manifest"]["key"]
+    path = rclone_server.bucket_path(rclone_bucket) / manifest
+    body = bytearray(path.read_bytes())
+    body[-5] ^= 0x01
+    path.write_bytes(bytes(body))
+    verdict = run_agent(["verify", *ids(), "--config", str(cfg)])
+    assert verdict.returncode == 3, verdict.stdout + verdict.stderr
+    assert "manifest" in verdict.stdout and manifest in verdict.stdout
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damage_through_the_s3_api_is_named_on_moto(
+    damage: str,
+    tmp_path: Path,
+    moto_endpoint: S3Endpoint,
+    unique_bucket: Callable[[S3Endpoint], str],
+) -> None:
+    bucket = unique_bucket(moto_endpoint)
+    repo = make_fake_restic_repo(tmp_path / "repo", packs=8, pack_size=(500, 9000), seed=13)
+    cfg = config(tmp_path, moto_endpoint, bucket)
+    first = run_agent(["upload", "--repo", str(repo.root), *ids(), "--config", str(cfg), "--json"])
+    assert first.returncode == 0, first.stderr
+    assert first.summary["verification"]["verified"] is True
+    key = repo.data[2].relative_to(repo.root).as_posix()
+    client = moto_endpoint.client()
+    full = f"{PREFIX}/{key}"
+    data = client.get_object(Bucket=bucket, Key=full)["Body"].read()
+    if damage == "delete":
+        client.delete_object(Bucket=bucket, Key=full)
+    else:
+        new = data[:-1] if damage == "truncate" else data[:-1] + bytes([data[-1] ^ 1])
+        client.put_object(Bucket=bucket, Key=full, Body=new)
+    result = run_agent(["verify", *ids(), "--config", str(cfg), "--deep", "100%"])
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert key in result.stdout
