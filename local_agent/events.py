@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import get_args
 
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import (
@@ -23,15 +24,7 @@ from cloud.contracts.ids import new_run_id
 from local_agent.mirror import MirrorSummary
 from local_agent.redact import REDACTOR
 
-_KINDS: set[str] = {
-    "config",
-    "local-integrity",
-    "destination",
-    "guard",
-    "deadline",
-    "check",
-    "unexpected",
-}
+_KINDS: frozenset[str] = frozenset(get_args(ErrorKind))
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from cloud.contracts.events import EventDetail, put_events_entry
+from cloud.contracts.events import EventDetail
 
 if TYPE_CHECKING:
-    from types_boto3_events import EventBridgeClient
-
     from local_agent.config import RelayConfig
 
 log = logging.getLogger(__name__)
@@ -48,58 +45,22 @@ class NullPublisher:
 
 
 class EventBridgePublisher:
+    """The cloud side's EventBridge bus (`cloud.integrations.eventbus`), as a publisher."""
+
     name = "eventbridge"
 
     def __init__(self, event_bus: str, *, region: str = "", endpoint_url: str = "") -> None:
-        self.event_bus = event_bus
-        self.region = region
-        self.endpoint_url = endpoint_url
-        self._client: EventBridgeClient | None = None
-        self._lock = threading.Lock()
+        from cloud.integrations.eventbus import EventBridgeBus
 
-    def _events(self) -> EventBridgeClient:
-        with self._lock:
-            if self._client is None:
-                import boto3
-                from botocore.config import Config
-
-                session = boto3.session.Session(region_name=self.region or None)
-                self._client = session.client(
-                    "events",
-                    endpoint_url=self.endpoint_url or None,
-                    config=Config(
-                        retries={"mode": "standard", "total_max_attempts": 3},
-                        connect_timeout=5,
-                        read_timeout=15,
-                        user_agent_extra="backrest-relay",
-                    ),
-                )
-            return self._client
+        self.bus = EventBridgeBus(event_bus, region=region, endpoint_url=endpoint_url)
 
     def publish(self, event: EventDetail) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError, NoRegionError
+        from cloud.integrations.eventbus import EventPublishError
 
         try:
-            response = self._events().put_events(
-                Entries=[put_events_entry(event, self.event_bus)]  # type: ignore[list-item]
-            )
-        except NoRegionError:
-            raise PublishError(
-                "EventBridge: no AWS region; set events.region or AWS_REGION"
-            ) from None
-        except ClientError as exc:
-            err = exc.response.get("Error", {})
-            raise PublishError(
-                f"EventBridge PutEvents failed: {err.get('Code')}: {err.get('Message', '')}"
-            ) from None
-        except BotoCoreError as exc:
-            raise PublishError(f"EventBridge unreachable: {exc}") from None
-        if response.get("FailedEntryCount", 0):
-            entry: dict[str, Any] = dict(response["Entries"][0])
-            raise PublishError(
-                f"EventBridge refused the event: {entry.get('ErrorCode')}: "
-                f"{entry.get('ErrorMessage', '')}"
-            )
+            self.bus.publish(event)
+        except EventPublishError as exc:
+            raise PublishError(str(exc)) from None
 
 
 class LocalPublisher:

@@ -43,8 +43,12 @@ class EventBridgeBus:
         attempts: int = 4,
         backoff: float = 0.2,
         sleep: Callable[[float], None] = time.sleep,
+        region: str | None = None,
+        endpoint_url: str | None = None,
     ) -> None:
         self.bus_name = bus_name
+        self.region = region or None
+        self.endpoint_url = endpoint_url or None
         self.attempts = max(attempts, 1)
         self.backoff = backoff
         self._sleep = sleep
@@ -57,8 +61,10 @@ class EventBridgeBus:
                 import boto3
                 from botocore.config import Config
 
-                self._client = boto3.client(
+                session = boto3.session.Session(region_name=self.region)
+                self._client = session.client(
                     "events",
+                    endpoint_url=self.endpoint_url,
                     config=Config(
                         retries={"mode": "standard", "max_attempts": 5},
                         connect_timeout=5,
@@ -94,6 +100,12 @@ class EventBridgeBus:
                     f"{err.get('Code')}: {err.get('Message', '')}"
                 ) from exc
             except BotoCoreError as exc:
+                from botocore.exceptions import NoRegionError
+
+                if isinstance(exc, NoRegionError):
+                    raise EventPublishError(
+                        "EventBridge: no AWS region; set events.region or AWS_REGION"
+                    ) from exc
                 raise EventPublishError(f"EventBridge unreachable: {exc}") from exc
             if not response.get("FailedEntryCount", 0):
                 return

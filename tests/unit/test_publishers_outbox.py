@@ -68,7 +68,7 @@ def test_outbox_survives_reopen(tmp_path: Path) -> None:
 
 def test_eventbridge_failed_entry_count_raises() -> None:
     publisher = EventBridgePublisher("bus", region="us-east-1")
-    client = publisher._events()
+    client = publisher.bus.client()
     with Stubber(client) as stub:
         stub.add_response(
             "put_events",
@@ -77,18 +77,19 @@ def test_eventbridge_failed_entry_count_raises() -> None:
                 "Entries": [{"ErrorCode": "InternalFailure", "ErrorMessage": "try later"}],
             },
         )
+        publisher.bus.attempts = 1
         with pytest.raises(PublishError, match="InternalFailure"):
             publisher.publish(event(1))
 
 
 def test_eventbridge_entry_shape() -> None:
     publisher = EventBridgePublisher("my-bus", region="us-east-1")
-    client = publisher._events()
+    client = publisher.bus.client()
     e = event(7)
     with Stubber(client) as stub:
         stub.add_response(
             "put_events",
-            {"FailedEntryCount": 0, "Entries": [{"EventId": "1"}]},
+            {"FailedEntryCount": 0, "Entries": [{"EventId": "1"}]},  # one entry, as sent
             {
                 "Entries": [
                     {
