@@ -32,14 +32,18 @@ from local_agent.backend import Backend
 from local_agent.manifest import ManifestWriter
 from local_agent.state import StateStore
 args = json.loads(sys.argv[1])
-dest = Destination(provider="s3", endpoint_url=args["url"], bucket=args["bucket"], prefix="restic/bench")
+dest = Destination(
+    provider="s3", endpoint_url=args["url"], bucket=args["bucket"], prefix="restic/bench"
+)
 access = S3Access(provider="s3", endpoint_url=args["url"], region="us-east-1",
                   access_key_id=args["ak"], secret_access_key=args["sk"])
 backend = Backend(lambda: make_s3_client(access), dest)
 state = StateStore(Path(args["state"]))
 started = time.monotonic()
-ref = ManifestWriter(backend, state).write(run_id="bench-run", manifest_prefix=".backrest-relay/bench/manifests",
-                                          repo_id="bench", repo_guid=None)
+ref = ManifestWriter(backend, state).write(
+    run_id="bench-run", manifest_prefix=".backrest-relay/bench/manifests",
+    repo_id="bench", repo_guid=None,
+)
 print(json.dumps({"seconds": time.monotonic() - started, "objects": ref.objects, "key": ref.key}))
 """
 
