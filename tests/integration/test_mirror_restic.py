@@ -165,9 +165,15 @@ def test_noop_run_sends_zero_requests_and_incremental_sends_only_new_files(
     put_keys = {
         r.key.removeprefix(f"{PREFIX}/")
         for r in counting_proxy.requests
-        if r.operation in ("PutObject", "CompleteMultipartUpload") and r.key
+        if r.operation in ("PutObject", "CompleteMultipartUpload")
+        and r.key
+        and r.key.startswith(f"{PREFIX}/")
     }
     assert put_keys == new
+    manifests = [
+        r.key for r in counting_proxy.requests if r.key and r.key.startswith(".backrest-relay/")
+    ]
+    assert len(manifests) == 1, manifests  # a run that uploaded writes one new manifest
     assert third.summary["new_snapshots"] == [snapshot]
     assert not counting_proxy.list_calls() or all(
         r.operation == "ListMultipartUploads" for r in counting_proxy.list_calls()
