@@ -1,4 +1,5 @@
-"""The destination's read credentials, from AWS Secrets Manager through powertools Parameters.
+"""Secrets of the cloud functions, from AWS Secrets Manager through powertools Parameters:
+the verifier's destination read credentials and the notifier's notification targets.
 
 The verifier never takes bucket credentials from plain environment variables: the function
 is configured with the secret's ARN (or name) only. The secret is a JSON object::
@@ -11,15 +12,20 @@ role). The bucket and prefix are not in the secret: they come from each event's
 destination. Values are cached per container (`max_age`, default 300 s), so a rotated key
 is picked up within minutes without a cold start.
 
-Nothing here may put a value of the secret into an exception, a log line or a repr: errors
+The notifier's secret (`load_notify_targets`) holds its Apprise URLs and per-repository
+Healthchecks ping URLs, JSON ``{"apprise_urls": [...], "healthchecks": {"<repo>": "<url>"}}``.
+
+Nothing here may put a value of a secret into an exception, a log line or a repr: errors
 name the secret id and the offending *field*, never its content.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from cloud.contracts.destination import Provider
 from cloud.integrations.s3 import S3Access
@@ -126,3 +132,103 @@ def load_destination_access(
             f"destination secret {secret_id!r} could not be read: {exc}"
         ) from None
     return parse_destination_secret(secret_id, value)
+
+
+# -- notification targets --------------------------------------------------------------------
+
+
+class NotifySecretError(Exception):
+    """The notify secret is missing, unreadable or not in the expected shape (message is safe
+    to log: it names the secret id and the offending field, never a value)."""
+
+
+class _NotifySecret(BaseModel):
+    """The notify secret's JSON. Unknown keys are refused so a misspelt key is loud."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    apprise_urls: list[SecretStr] = Field(default_factory=list)
+    healthchecks: dict[str, SecretStr] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NotifyTargets:
+    """Where the notifier sends besides the SNS topic: Apprise URLs (every repository) and
+    one Healthchecks ping URL per repository, keyed by the repository's Backrest id or guid.
+
+    Every URL is a credential: the repr shows only counts and the repository keys.
+    """
+
+    apprise_urls: tuple[str, ...] = field(default=(), repr=False)
+    healthchecks: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def healthchecks_url(self, *keys: str | None) -> str | None:
+        """The ping URL of the first key that has one (pass the guid, then the id)."""
+        for key in keys:
+            if key and key in self.healthchecks:
+                return self.healthchecks[key]
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"NotifyTargets({len(self.apprise_urls)} Apprise URL(s), "
+            f"Healthchecks for {sorted(self.healthchecks)})"
+        )
+
+
+def parse_notify_secret(secret_id: str, value: Any) -> NotifyTargets:
+    """Validate the notify secret's decoded JSON::
+
+        {"apprise_urls": ["slack://...", "ntfy://..."],
+         "healthchecks": {"<repo id or guid>": "https://hc-ping.com/<uuid>"}}
+
+    Both keys are optional (``{}`` means: the SNS topic only). Blank URLs are skipped.
+    """
+    if not isinstance(value, dict):
+        raise NotifySecretError(
+            f"notify secret {secret_id!r} must be a JSON object, not {type(value).__name__}"
+        )
+    try:
+        parsed = _NotifySecret.model_validate(value)
+    except ValidationError as exc:
+        raise NotifySecretError(
+            f"notify secret {secret_id!r} is not valid: {_describe(exc)}"
+        ) from None
+    urls = tuple(url for url in (u.get_secret_value().strip() for u in parsed.apprise_urls) if url)
+    pings = {
+        key.strip(): url
+        for key, url in ((k, v.get_secret_value().strip()) for k, v in parsed.healthchecks.items())
+        if key.strip() and url
+    }
+    return NotifyTargets(apprise_urls=tuple(dict.fromkeys(urls)), healthchecks=pings)
+
+
+def load_notify_targets(
+    secret_id: str,
+    *,
+    provider: SecretsProvider | None = None,
+    max_age: int = DEFAULT_MAX_AGE,
+    force_fetch: bool = False,
+) -> NotifyTargets:
+    """Fetch (or take from the per-container cache) and validate the notify secret, like
+    `load_destination_access`: powertools Parameters, `transform="json"`, cached `max_age`."""
+    from aws_lambda_powertools.utilities import parameters
+    from aws_lambda_powertools.utilities.parameters.exceptions import (
+        GetParameterError,
+        TransformParameterError,
+    )
+
+    try:
+        if provider is None:
+            value: Any = parameters.get_secret(
+                secret_id, transform="json", max_age=max_age, force_fetch=force_fetch
+            )
+        else:
+            value = provider.get(
+                secret_id, transform="json", max_age=max_age, force_fetch=force_fetch
+            )
+    except TransformParameterError:
+        raise NotifySecretError(f"notify secret {secret_id!r} is not valid JSON") from None
+    except GetParameterError as exc:
+        raise NotifySecretError(f"notify secret {secret_id!r} could not be read: {exc}") from None
+    return parse_notify_secret(secret_id, value)

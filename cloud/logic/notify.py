@@ -42,9 +42,13 @@ _BAD = {"failed", "verification-failed", "stale"}
 
 
 def previous_outcome(runs: RunStore, repo_key: str, exclude_run_id: str) -> str | None:
-    """ "ok" or "bad": how the repository's last verdict before this one went."""
+    """ "ok" or "bad": how the repository's last verdict before this one went.
+
+    Only runs older than the event count (run ids sort by time), so an event processed
+    late is judged against what came before it, not after.
+    """
     for run in runs.runs(repo_key, limit=50):
-        if run.run_id == exclude_run_id:
+        if run.run_id >= exclude_run_id:
             continue
         if run.status == "verified":
             return "ok"

@@ -43,6 +43,9 @@ def assess(status: RepoStatus, now: datetime, max_age: timedelta) -> StaleCheck:
     reference = status.latest_run
     if reference is None:
         return StaleCheck(status.repo_key, status.repo_id, False, None, max_age, None)
+    if reference.kind == "stale":
+        # Never verified and already alerted: still stale (the alert is not a fresh run).
+        return StaleCheck(status.repo_key, status.repo_id, True, None, max_age, None)
     since = now - reference.started_at
     return StaleCheck(status.repo_key, status.repo_id, since > max_age, None, max_age, None)
 

@@ -1,0 +1,527 @@
+"""The notifier (and the watchdog) Lambda end to end on moto's server (ThreadedMotoServer).
+
+What the SAM template deploys, in moto: the event bus with the notify rule (the template's
+``$or`` pattern) → the notify queue (redrive to a DLQ after 2 receives), the SNS topic with
+an SQS queue subscribed (standing in for the email subscribers), the run store and the
+idempotency table, and the notify secret. Its Apprise URL (``json://``) points at a local
+HTTP sink, its Healthchecks ping URL at another. The handler is fed the real SQS messages
+the way Lambda's event source mapping does (successes deleted, reported failures left on
+the queue), with the production wiring (`dependencies_from_env`).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
+
+import json
+import logging
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import boto3
+import pytest
+from aws_lambda_powertools.utilities import parameters
+
+from cloud.contracts.destination import Destination
+from cloud.contracts.events import (
+    ErrorInfo,
+    ManifestRef,
+    MirrorFailed,
+    MirrorVerified,
+    RepoRef,
+    VerificationStats,
+)
+from cloud.contracts.ids import new_run_id
+from cloud.handlers import notify as notify_handler
+from cloud.handlers import watchdog as watchdog_handler
+from cloud.integrations.eventbus import EventBridgeBus
+from cloud.integrations.runstore_dynamodb import DynamoRunStore, create_table
+from cloud.logic.verification import record_verification
+from tests.support.s3servers import S3Endpoint
+from tests.support.sinks import HttpRequest, HttpSink, closed_port
+
+REGION = "us-east-1"
+BUS = "backrest-relay"
+GUID = "ef" * 32
+REPO = RepoRef(id="home", guid=GUID, path="/srv/restic/home")
+DEST = Destination(provider="b2", endpoint_url="https://s3.x", bucket="offsite", prefix="r/home")
+HC_UUID = "5f2d0b9e-8c61-4c43-a2a5-0f8f3cbd3c2a"
+CHAT_TOKEN = "TIiajkdnlazkcOXrIdevi7FQ"
+FLAKY_TOKEN = "JHMHI8qBe7bk2ZwO5U711o3dV"
+SECRETS = (HC_UUID, CHAT_TOKEN, FLAKY_TOKEN)
+NOTIFY_PATTERN = {
+    "$or": [
+        {
+            "source": ["backrest-relay.verifier"],
+            "detail-type": ["Mirror Verified", "Mirror Verification Failed"],
+        },
+        {"source": ["backrest-relay.agent"], "detail-type": ["Mirror Failed"]},
+        {"source": ["backrest-relay.watchdog"], "detail-type": ["Mirror Stale"]},
+    ]
+}
+
+
+class _CurrentStdout:
+    """The powertools loggers bound the stdout they saw at import; follow pytest's."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def logs_to_current_stdout() -> Iterator[None]:
+    handlers: list[logging.StreamHandler[Any]] = []
+    for logger in (notify_handler.logger, watchdog_handler.logger):
+        handler = logger.registered_handler
+        assert isinstance(handler, logging.StreamHandler)
+        handlers.append(handler)
+    originals = [handler.setStream(_CurrentStdout()) for handler in handlers]
+    yield
+    for handler, original in zip(handlers, originals, strict=True):
+        handler.setStream(original or sys.__stdout__)
+
+
+@dataclass
+class FakeLambdaContext:
+    function_name: str = "backrest-relay-notify"
+    function_version: str = "$LATEST"
+    memory_limit_in_mb: int = 256
+    invoked_function_arn: str = (
+        "arn:aws:lambda:us-east-1:123456789012:function:backrest-relay-notify"
+    )
+    aws_request_id: str = ""
+    log_group_name: str = "/aws/lambda/backrest-relay-notify"
+    log_stream_name: str = "stream"
+
+    def __post_init__(self) -> None:
+        self.aws_request_id = self.aws_request_id or str(uuid.uuid4())
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 120_000
+
+
+@dataclass
+class Cloud:
+    """The deployed cloud side, in moto, and the local receivers."""
+
+    url: str
+    sqs: Any
+    secrets: Any
+    notify_queue: str
+    notify_arn: str
+    dlq: str
+    inbox: str
+    secret_arn: str
+    chat: HttpSink
+    pings: HttpSink
+    runs: DynamoRunStore
+    bus: EventBridgeBus
+
+    def put_targets(self, *apprise_urls: str) -> None:
+        """The notify secret: these Apprise URLs and the repository's Healthchecks check."""
+        self.secrets.put_secret_value(
+            SecretId=self.secret_arn,
+            SecretString=json.dumps(
+                {
+                    "apprise_urls": list(apprise_urls),
+                    "healthchecks": {"home": f"{self.pings.url}/{HC_UUID}"},
+                }
+            ),
+        )
+        parameters.clear_caches()  # type: ignore[no-untyped-call]
+
+    def deliver(self, *, max_messages: int = 10) -> dict[str, Any] | None:
+        """One poll of Lambda's event source mapping: receive, invoke, delete successes."""
+        messages = self.sqs.receive_message(
+            QueueUrl=self.notify_queue,
+            MaxNumberOfMessages=max_messages,
+            AttributeNames=["All"],
+            WaitTimeSeconds=0,
+        ).get("Messages", [])
+        if not messages:
+            return None
+        records = [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": m["Attributes"],
+                "messageAttributes": {},
+                "md5OfBody": m["MD5OfBody"],
+                "eventSource": "aws:sqs",
+                "eventSourceARN": self.notify_arn,
+                "awsRegion": REGION,
+            }
+            for m in messages
+        ]
+        response: dict[str, Any] = notify_handler.handler({"Records": records}, FakeLambdaContext())
+        failed = {f["itemIdentifier"] for f in response["batchItemFailures"]}
+        for message in messages:
+            if message["MessageId"] not in failed:
+                self.sqs.delete_message(
+                    QueueUrl=self.notify_queue, ReceiptHandle=message["ReceiptHandle"]
+                )
+        response["delivered"] = [m["MessageId"] for m in messages]
+        return response
+
+    def emails(self) -> list[dict[str, Any]]:
+        """What the SNS topic sent to its subscribers since the last call."""
+        out: list[dict[str, Any]] = []
+        while True:
+            messages = self.sqs.receive_message(
+                QueueUrl=self.inbox, MaxNumberOfMessages=10, WaitTimeSeconds=0
+            ).get("Messages", [])
+            if not messages:
+                return out
+            for message in messages:
+                out.append(json.loads(message["Body"]))
+                self.sqs.delete_message(QueueUrl=self.inbox, ReceiptHandle=message["ReceiptHandle"])
+
+    def peek_bodies(self, queue: str) -> list[str]:
+        messages = self.sqs.receive_message(
+            QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=0, VisibilityTimeout=0
+        ).get("Messages", [])
+        return [m["Body"] for m in messages]
+
+
+@pytest.fixture
+def chat() -> Iterator[HttpSink]:
+    with HttpSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+def pings() -> Iterator[HttpSink]:
+    with HttpSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+def cloud(
+    moto_endpoint: S3Endpoint, chat: HttpSink, pings: HttpSink, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Cloud]:
+    url = moto_endpoint.endpoint_url
+    kwargs: dict[str, Any] = {
+        "endpoint_url": url,
+        "region_name": REGION,
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
+    }
+    events = boto3.client("events", **kwargs)
+    sqs: Any = boto3.client("sqs", **kwargs)
+    sns = boto3.client("sns", **kwargs)
+    dynamodb = boto3.client("dynamodb", **kwargs)
+    secrets = boto3.client("secretsmanager", **kwargs)
+
+    def queue(name: str, **attributes: str) -> tuple[str, str]:
+        queue_url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
+            "Attributes"
+        ]["QueueArn"]
+        return queue_url, arn
+
+    dlq, dlq_arn = queue("notify-dlq")
+    notify_queue, notify_arn = queue(
+        "notify",
+        VisibilityTimeout="0",  # a failed record is visible again at once (test speed)
+        RedrivePolicy=json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "2"}),
+    )
+    inbox, inbox_arn = queue("email-inbox")
+    topic = sns.create_topic(Name="backrest-relay-alerts")["TopicArn"]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=inbox_arn)
+    events.create_event_bus(Name=BUS)
+    events.put_rule(Name="notify", EventBusName=BUS, EventPattern=json.dumps(NOTIFY_PATTERN))
+    events.put_targets(Rule="notify", EventBusName=BUS, Targets=[{"Id": "q", "Arn": notify_arn}])
+    create_table(dynamodb, "backrest-relay-runs")
+    dynamodb.create_table(
+        TableName="backrest-relay-idempotency",
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    secret = secrets.create_secret(Name="backrest-relay/notify", SecretString="{}")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    for name, value in {
+        # The functions' own AWS access (DynamoDB, SNS, Secrets Manager, EventBridge) → moto.
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+        "AWS_LAMBDA_FUNCTION_NAME": "backrest-relay-notify",
+        "RUNS_TABLE": "backrest-relay-runs",
+        "IDEMPOTENCY_TABLE": "backrest-relay-idempotency",
+        "TOPIC_ARN": topic,
+        "NOTIFY_SECRET_ARN": secret["ARN"],
+        "SUCCESS_POLICY": "on_recovery",
+        "EVENT_BUS_NAME": BUS,
+        "MAX_AGE_HOURS": "26",
+        "POWERTOOLS_LOG_LEVEL": "DEBUG",
+    }.items():
+        monkeypatch.setenv(name, value)
+    notify_handler.logger.setLevel("DEBUG")
+    parameters.clear_caches()  # type: ignore[no-untyped-call]
+    notify_handler.set_dependencies(None)
+    watchdog_handler.set_dependencies(None)
+    world = Cloud(
+        url=url,
+        sqs=sqs,
+        secrets=secrets,
+        notify_queue=notify_queue,
+        notify_arn=notify_arn,
+        dlq=dlq,
+        inbox=inbox,
+        secret_arn=secret["ARN"],
+        chat=chat,
+        pings=pings,
+        runs=DynamoRunStore("backrest-relay-runs", client=dynamodb),
+        bus=EventBridgeBus(BUS, client=events),
+    )
+    world.put_targets(f"json://127.0.0.1:{chat.port}/hooks/{CHAT_TOKEN}")
+    yield world
+    notify_handler.set_dependencies(None)
+    watchdog_handler.set_dependencies(None)
+    notify_handler.metrics.clear_metrics()
+    watchdog_handler.metrics.clear_metrics()
+    notify_handler.logger.setLevel("INFO")
+    parameters.clear_caches()  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+def every_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """Apprise and urllib3 at their most verbose (Apprise's TRACE is DEBUG - 1): they log
+    request URLs, which is where a token would leak."""
+    for name in ("apprise", "urllib3"):
+        caplog.set_level(1, logger=name)
+    return caplog
+
+
+def assert_no_secrets(*texts: str) -> None:
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text, f"secret {secret[:4]}… leaked"
+
+
+def mirror_failed() -> MirrorFailed:
+    now = datetime.now(UTC)
+    return MirrorFailed(
+        run_id=new_run_id(),
+        repo=REPO,
+        host="nas",
+        trigger="CONDITION_CHECK_SUCCESS",
+        destination=DEST,
+        started_at=now - timedelta(minutes=3),
+        finished_at=now,
+        error=ErrorInfo(kind="destination", message="upload of data/ab/x: SlowDown (HTTP 503)"),
+    )
+
+
+def verified(at: datetime) -> MirrorVerified:
+    return MirrorVerified(
+        run_id=new_run_id(),
+        repo=REPO,
+        host="lambda:verifier",
+        trigger="Mirror Completed m1",
+        destination=DEST,
+        started_at=at,
+        finished_at=at,
+        mirror_run_id="m1",
+        manifest=ManifestRef(key="m/1.jsonl.gz", sha256="0" * 64, objects=9, created_by_run="m1"),
+        stats=VerificationStats(compared=9, deep_checked=9, bytes_read=9000),
+    )
+
+
+def paths(requests: list[HttpRequest]) -> list[str]:
+    return [r.path for r in requests]
+
+
+# -- tests -----------------------------------------------------------------------------------
+
+
+def test_failure_reaches_email_chat_and_healthchecks_once(
+    cloud: Cloud, capsys: pytest.CaptureFixture[str], every_log: pytest.LogCaptureFixture
+) -> None:
+    event = mirror_failed()
+    cloud.bus.publish(event)  # as the agent does
+    [body] = cloud.peek_bodies(cloud.notify_queue)
+    # EventBridge (and SQS) deliver at least once: the same event arrives twice.
+    cloud.sqs.send_message(QueueUrl=cloud.notify_queue, MessageBody=body)
+
+    first = cloud.deliver(max_messages=1)
+    second = cloud.deliver(max_messages=1)
+    assert first is not None and first["batchItemFailures"] == []
+    assert second is not None and second["batchItemFailures"] == []
+    assert cloud.deliver() is None  # both deleted
+
+    [email] = cloud.emails()
+    assert email["Subject"] == "[backrest-relay] home: off-site mirror failed (destination)"
+    assert "SlowDown (HTTP 503)" in email["Message"] and "home on nas" in email["Message"]
+    assert email["MessageAttributes"]["severity"]["Value"] == "failure"
+    assert email["MessageAttributes"]["run_id"]["Value"] == event.run_id
+
+    [chat] = cloud.chat.wait_for(1)
+    assert chat.path == f"/hooks/{CHAT_TOKEN}"
+    assert chat.json()["type"] == "failure"
+    assert chat.json()["title"].endswith("home: off-site mirror failed (destination)")
+    assert "SlowDown" in chat.json()["message"]
+
+    [ping] = cloud.pings.wait_for(1)
+    assert ping.path == f"/{HC_UUID}/fail"
+    assert ping.query == {"rid": [event.run_id]}
+
+    [run] = cloud.runs.runs(GUID)
+    assert (run.run_id, run.kind) == (event.run_id, "failure")
+
+    out = capsys.readouterr().out
+    logs = [json.loads(line) for line in out.splitlines() if line.startswith('{"level"')]
+    delivered = [line for line in logs if line["message"] == "notification delivered"]
+    assert [{c["status"] for c in line["channels"]} for line in delivered] == [
+        {"sent"},
+        {"already sent"},
+    ]
+    assert delivered[0]["correlation_id"] == event.run_id
+    names = [c["channel"] for c in delivered[0]["channels"]]
+    assert names[0].startswith("sns:arn:aws:sns:")
+    assert names[1].startswith(f"apprise:json://127.0.0.1:{cloud.chat.port}/hooks/")
+    assert names[2] == f"healthchecks:{cloud.pings.url}/…"
+    assert "JSON POST URL" in every_log.text  # Apprise did log the URL, scrubbed
+    assert_no_secrets(out, every_log.text)
+    assert len(cloud.chat.requests) == 1 and len(cloud.pings.requests) == 1
+
+
+def test_broken_channel_others_receive_and_redelivery_retries_only_it(
+    cloud: Cloud, capsys: pytest.CaptureFixture[str], every_log: pytest.LogCaptureFixture
+) -> None:
+    with HttpSink() as flaky:
+        flaky_port = flaky.port
+        cloud.put_targets(
+            f"json://127.0.0.1:{flaky.port}/hooks/{FLAKY_TOKEN}",
+            f"json://127.0.0.1:{cloud.chat.port}/hooks/{CHAT_TOKEN}",
+        )
+        flaky.answer_next(500)
+        event = mirror_failed()
+        cloud.bus.publish(event)
+
+        first = cloud.deliver()
+        assert first is not None
+        assert first["batchItemFailures"] == [{"itemIdentifier": first["delivered"][0]}]
+        assert len(cloud.emails()) == 1  # the others received it
+        assert len(cloud.chat.wait_for(1)) == 1 and len(cloud.pings.wait_for(1)) == 1
+        assert len(flaky.requests) == 1
+
+        second = cloud.deliver()  # SQS redelivers; the webhook is back
+        assert second is not None and second["batchItemFailures"] == []
+        assert cloud.deliver() is None
+        assert paths(flaky.wait_for(2)) == [f"/hooks/{FLAKY_TOKEN}"] * 2
+        assert cloud.emails() == []  # not sent again
+        assert len(cloud.chat.requests) == 1 and len(cloud.pings.requests) == 1
+        assert flaky.requests[1].json()["message"] == cloud.chat.requests[0].json()["message"]
+
+    out = capsys.readouterr().out
+    logs = [json.loads(line) for line in out.splitlines() if line.startswith('{"level"')]
+    [partial] = [line for line in logs if line["message"].startswith("notification not")]
+    failed = [c for c in partial["channels"] if c["status"] == "failed"]
+    assert len(failed) == 1 and "500" in (failed[0]["error"] or "")
+    assert failed[0]["channel"].startswith(f"apprise:json://127.0.0.1:{flaky_port}/hooks/")
+    [retried] = [line for line in logs if line["message"] == "notification delivered"]
+    assert sorted(c["status"] for c in retried["channels"]) == [
+        "already sent",
+        "already sent",
+        "already sent",
+        "sent",
+    ]
+    assert_no_secrets(out, every_log.text)
+
+
+def test_channel_that_stays_broken_sends_the_event_to_the_dlq(cloud: Cloud) -> None:
+    cloud.put_targets(f"json://127.0.0.1:{closed_port()}/hooks/{FLAKY_TOKEN}")
+    cloud.bus.publish(mirror_failed())
+
+    for _ in range(2):
+        response = cloud.deliver()
+        assert response is not None and len(response["batchItemFailures"]) == 1
+    assert cloud.deliver() is None  # maxReceiveCount reached: moved, not delivered
+    [dead] = cloud.peek_bodies(cloud.dlq)
+    assert json.loads(dead)["detail-type"] == "Mirror Failed"
+    assert len(cloud.emails()) == 1  # email went out once, on the first attempt
+    assert len(cloud.pings.requests) == 1
+
+
+def test_unreadable_secret_still_emails_and_the_record_is_retried(
+    cloud: Cloud, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cloud.secrets.put_secret_value(
+        SecretId=cloud.secret_arn,
+        SecretString=json.dumps({"apprise": [f"json://x/{CHAT_TOKEN}"]}),  # misspelt key
+    )
+    parameters.clear_caches()  # type: ignore[no-untyped-call]
+    cloud.bus.publish(mirror_failed())
+
+    response = cloud.deliver()
+    assert response is not None and len(response["batchItemFailures"]) == 1
+    assert len(cloud.emails()) == 1
+    out = capsys.readouterr().out
+    assert "notify-secret:" in out and "apprise: Extra inputs are not permitted" in out
+    assert_no_secrets(out)
+
+    cloud.put_targets(f"json://127.0.0.1:{cloud.chat.port}/hooks/{CHAT_TOKEN}")  # fixed
+    retry = cloud.deliver()
+    assert retry is not None and retry["batchItemFailures"] == []
+    assert cloud.emails() == []  # already sent
+    assert len(cloud.chat.wait_for(1)) == 1 and len(cloud.pings.wait_for(1)) == 1
+
+
+def test_watchdog_stale_alert_then_recovery_end_to_end(cloud: Cloud) -> None:
+    t0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+    first = verified(t0)
+    record_verification(cloud.runs, first)  # the verifier records, then publishes
+    cloud.bus.publish(first)
+    response = cloud.deliver()
+    assert response is not None and response["batchItemFailures"] == []
+    assert cloud.emails() == []  # on_recovery: a first success is quiet
+
+    def watchdog(at: datetime) -> dict[str, Any]:
+        deps = watchdog_handler.dependencies_from_env()
+        deps.clock = lambda: at
+        watchdog_handler.set_dependencies(deps)
+        context = FakeLambdaContext(function_name="backrest-relay-watchdog")
+        result: dict[str, Any] = watchdog_handler.handler({"id": "scheduled"}, context)
+        return result
+
+    assert watchdog(t0 + timedelta(hours=27))["stale"] == ["home"]
+    response = cloud.deliver()
+    assert response is not None and response["batchItemFailures"] == []
+    [stale] = cloud.emails()
+    assert stale["Subject"] == "[backrest-relay] home: no verified off-site copy for 27.0 h"
+    assert stale["MessageAttributes"]["severity"]["Value"] == "stale"
+    assert cloud.pings.wait_for(1)[0].path == f"/{HC_UUID}/fail"
+    assert cloud.chat.wait_for(1)[0].json()["type"] == "warning"
+
+    assert watchdog(t0 + timedelta(hours=28))["stale"] == []  # within 24 h: quiet
+    assert cloud.deliver() is None
+
+    back = verified(t0 + timedelta(hours=30))
+    record_verification(cloud.runs, back)
+    cloud.bus.publish(back)
+    response = cloud.deliver()
+    assert response is not None and response["batchItemFailures"] == []
+    [recovery] = cloud.emails()
+    assert recovery["Subject"] == "[backrest-relay] recovered home: off-site copy verified"
+    assert recovery["MessageAttributes"]["severity"]["Value"] == "recovery"
+    ok_ping = cloud.pings.wait_for(2)[1]
+    assert ok_ping.path == f"/{HC_UUID}" and ok_ping.query == {"rid": [back.run_id]}
+    assert cloud.chat.wait_for(2)[1].json()["type"] == "success"
+
+    assert watchdog(t0 + timedelta(hours=31))["stale"] == []
+    [status] = list(cloud.runs.repos())
+    assert status.stale_alerted_at is None  # cleared by the verified run
+    assert cloud.deliver() is None

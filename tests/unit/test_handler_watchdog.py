@@ -1,0 +1,500 @@
+"""The watchdog Lambda handler with a controlled clock, alone and together with the notifier.
+
+The run store is in memory, the bus records what is published; the combined test feeds the
+watchdog's `Mirror Stale` to the notifier handler the way the rule → SQS → Lambda path
+would, with powertools idempotency on moto. The last test runs the production wiring on
+moto: DynamoDB run store, EventBridge bus → SQS.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
+
+import hashlib
+import json
+import logging
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import boto3
+import pytest
+from aws_lambda_powertools.utilities.idempotency import DynamoDBPersistenceLayer
+from moto import mock_aws
+
+from cloud.contracts.destination import Destination
+from cloud.contracts.events import (
+    EventDetail,
+    ManifestRef,
+    MirrorStale,
+    MirrorVerified,
+    RepoRef,
+    VerificationStats,
+)
+from cloud.contracts.ids import new_run_id
+from cloud.handlers import notify as notify_handler
+from cloud.handlers import watchdog as watchdog_handler
+from cloud.handlers.common import ConfigError
+from cloud.integrations.eventbus import RecordingEventBus
+from cloud.integrations.runstore_memory import InMemoryRunStore
+from cloud.logic.ports import Notification, RunRecord
+from cloud.logic.verification import record_verification
+
+REGION = "us-east-1"
+GUID = "ab" * 32
+OTHER = "cd" * 32
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+DEST = Destination(provider="b2", endpoint_url="https://s3.x", bucket="offsite", prefix="r/home")
+MANIFEST = ManifestRef(key="m/1.jsonl.gz", sha256="0" * 64, objects=10, created_by_run="m1")
+
+
+def verified(at: datetime, guid: str = GUID, repo_id: str = "home") -> MirrorVerified:
+    return MirrorVerified(
+        run_id=new_run_id(),
+        repo=RepoRef(id=repo_id, guid=guid),
+        host="lambda:verifier",
+        trigger="Mirror Completed m1",
+        destination=DEST,
+        started_at=at,
+        finished_at=at,
+        mirror_run_id="m1",
+        manifest=MANIFEST,
+        stats=VerificationStats(compared=10, deep_checked=3, bytes_read=3000),
+    )
+
+
+@dataclass
+class FakeLambdaContext:
+    function_name: str = "backrest-relay-watchdog"
+    function_version: str = "$LATEST"
+    memory_limit_in_mb: int = 256
+    invoked_function_arn: str = (
+        "arn:aws:lambda:us-east-1:123456789012:function:backrest-relay-watchdog"
+    )
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    log_group_name: str = "/aws/lambda/backrest-relay-watchdog"
+    log_stream_name: str = "2026/11/01/[$LATEST]abc"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 120_000
+
+
+SCHEDULED_EVENT = {
+    "version": "0",
+    "id": "5d0c3a1e-0000-4000-8000-000000000001",
+    "detail-type": "Scheduled Event",
+    "source": "aws.events",
+    "account": "123456789012",
+    "time": "2026-11-02T15:00:00Z",
+    "region": REGION,
+    "resources": ["arn:aws:events:us-east-1:123456789012:rule/backrest-relay-watchdog"],
+    "detail": {},
+}
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
+class Output:
+    logs: list[dict[str, Any]]
+    metrics: list[dict[str, Any]]
+
+    def metric_values(self, name: str) -> list[float]:
+        values: list[float] = []
+        for blob in self.metrics:
+            if name in blob:
+                value = blob[name]
+                values.extend(value if isinstance(value, list) else [value])
+        return values
+
+    def lines(self, message: str) -> list[dict[str, Any]]:
+        return [line for line in self.logs if str(line["message"]).startswith(message)]
+
+
+def read_output(capsys: pytest.CaptureFixture[str]) -> Output:
+    logs: list[dict[str, Any]] = []
+    emf: list[dict[str, Any]] = []
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("{"):
+            blob = json.loads(line)
+            (emf if "_aws" in blob else logs).append(blob)
+    return Output(logs, emf)
+
+
+class _CurrentStdout:
+    """The powertools loggers bound the stdout they saw at import; follow pytest's."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def logs_to_current_stdout() -> Iterator[None]:
+    handlers: list[logging.StreamHandler[Any]] = []
+    for logger in (notify_handler.logger, watchdog_handler.logger):
+        handler = logger.registered_handler
+        assert isinstance(handler, logging.StreamHandler)
+        handlers.append(handler)
+    originals = [handler.setStream(_CurrentStdout()) for handler in handlers]
+    yield
+    for handler, original in zip(handlers, originals, strict=True):
+        handler.setStream(original or sys.__stdout__)
+
+
+@dataclass
+class World:
+    runs: InMemoryRunStore
+    bus: RecordingEventBus
+    clock: Clock
+
+    def run(self, at: datetime) -> dict[str, Any]:
+        self.clock.now = at
+        result: dict[str, Any] = watchdog_handler.handler(SCHEDULED_EVENT, FakeLambdaContext())
+        return result
+
+    def alerted_at(self, repo_key: str = GUID) -> datetime | None:
+        return next(s for s in self.runs.repos() if s.repo_key == repo_key).stale_alerted_at
+
+
+@pytest.fixture
+def world(capsys: pytest.CaptureFixture[str]) -> Iterator[World]:
+    world = World(InMemoryRunStore(), RecordingEventBus(), Clock(T0))
+    watchdog_handler.set_dependencies(
+        watchdog_handler.Dependencies(
+            runs=world.runs, events=world.bus, host="lambda:watchdog", clock=world.clock
+        )
+    )
+    yield world
+    watchdog_handler.set_dependencies(None)
+    watchdog_handler.metrics.clear_metrics()
+
+
+# -- the watchdog alone ----------------------------------------------------------------------
+
+
+def test_repository_27_hours_old_gets_one_stale_alert_a_day(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record_verification(world.runs, verified(T0))
+
+    assert world.run(T0 + timedelta(hours=25))["stale"] == []  # fresh enough
+    result = world.run(T0 + timedelta(hours=27))
+    assert result["stale"] == ["home"] and result["failed"] == []
+    [event] = world.bus.events
+    assert isinstance(event, MirrorStale)
+    assert event.repo == RepoRef(id="home", guid=GUID)
+    assert event.age_seconds == pytest.approx(27 * 3600)
+    assert event.max_age_seconds == 26 * 3600
+    assert event.host == "lambda:watchdog"
+    assert world.alerted_at() == T0 + timedelta(hours=27)
+    [stale_run] = [r for r in world.runs.runs(GUID) if r.kind == "stale"]
+    assert stale_run.run_id == event.run_id
+
+    assert world.run(T0 + timedelta(hours=28))["stale"] == []  # within 24 h: quiet
+    assert world.run(T0 + timedelta(hours=50))["stale"] == []
+    assert world.run(T0 + timedelta(hours=51, minutes=1))["stale"] == ["home"]  # a day later
+    assert len(world.bus.events) == 2
+
+    out = read_output(capsys)
+    assert out.metric_values("StaleRepositories") == [0, 1, 0, 0, 1]
+    [alert, _] = out.lines("Mirror Stale")
+    assert alert["level"] == "WARNING" and alert["repo"] == "home"
+    assert alert["repo_key"] == GUID and alert["age_seconds"] == 27 * 3600
+    assert alert["correlation_id"] == SCHEDULED_EVENT["id"]
+    assert alert["function_name"] == "backrest-relay-watchdog"
+
+
+def test_max_age_comes_from_the_dependencies(world: World) -> None:
+    deps = watchdog_handler.get_dependencies()
+    deps.max_age = timedelta(hours=48)
+    record_verification(world.runs, verified(T0))
+    assert world.run(T0 + timedelta(hours=47))["stale"] == []
+    assert world.run(T0 + timedelta(hours=49))["stale"] == ["home"]
+
+
+def test_publish_failure_raises_and_the_alert_is_retried_next_hour(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record_verification(world.runs, verified(T0))
+    world.bus.fail_next = 1
+
+    with pytest.raises(watchdog_handler.StaleAlertError, match="home: not published"):
+        world.run(T0 + timedelta(hours=27))
+    assert world.bus.events == []
+    assert world.alerted_at() is None  # not marked: the next run tries again
+
+    assert world.run(T0 + timedelta(hours=28))["stale"] == ["home"]
+    assert len(world.bus.events) == 1
+    assert world.alerted_at() == T0 + timedelta(hours=28)
+    out = read_output(capsys)
+    assert out.metric_values("StalePublishFailures") == [1]
+    [error] = out.lines("Mirror Stale not published")
+    assert error["level"] == "ERROR" and error["error_type"] == "EventPublishError"
+
+
+def test_one_failed_publish_does_not_stop_the_others(world: World) -> None:
+    record_verification(world.runs, verified(T0, guid=GUID, repo_id="home"))
+    record_verification(world.runs, verified(T0, guid=OTHER, repo_id="media"))
+    world.bus.fail_next = 1  # the first repository's alert (runs.repos() is sorted)
+
+    with pytest.raises(watchdog_handler.StaleAlertError, match="1 of 2"):
+        world.run(T0 + timedelta(hours=27))
+    assert [e.repo.id for e in world.bus.events] == ["media"]
+    assert world.alerted_at(GUID) is None
+    assert world.alerted_at(OTHER) == T0 + timedelta(hours=27)
+
+    assert world.run(T0 + timedelta(hours=28))["stale"] == ["home"]
+
+
+class FlakyRuns(InMemoryRunStore):
+    """Fails to record the `fail_on`-th run it is asked to record (counting from 1)."""
+
+    def __init__(self, fail_on: int) -> None:
+        super().__init__()
+        self.fail_on = fail_on
+        self.calls = 0
+
+    def record(self, run: RunRecord) -> None:
+        if run.kind == "stale":
+            self.calls += 1
+            if self.calls == self.fail_on:
+                raise RuntimeError("ProvisionedThroughputExceededException")
+        super().record(run)
+
+
+def test_a_pass_that_dies_half_way_marks_nothing_it_did_not_publish(world: World) -> None:
+    runs = FlakyRuns(fail_on=2)
+    record_verification(runs, verified(T0, guid=GUID, repo_id="home"))
+    record_verification(runs, verified(T0, guid=OTHER, repo_id="media"))
+    watchdog_handler.set_dependencies(
+        watchdog_handler.Dependencies(runs=runs, events=world.bus, clock=world.clock)
+    )
+    world.runs = runs
+
+    with pytest.raises(RuntimeError, match="Throughput"):
+        world.run(T0 + timedelta(hours=27))
+    assert world.bus.events == []
+    # `run_watchdog` had marked "home" before dying on "media": held back, so not lost.
+    assert world.alerted_at(GUID) is None and world.alerted_at(OTHER) is None
+
+    assert sorted(world.run(T0 + timedelta(hours=28))["stale"]) == ["home", "media"]
+
+
+def test_configuration_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNS_TABLE", "runs")
+    monkeypatch.setenv("EVENT_BUS_NAME", "bus")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "backrest-relay-watchdog")
+    monkeypatch.delenv("MAX_AGE_HOURS", raising=False)
+    deps = watchdog_handler.dependencies_from_env()
+    assert deps.max_age == timedelta(hours=26)
+    assert deps.repeat_every == timedelta(hours=24)
+    assert deps.host == "lambda:backrest-relay-watchdog"
+    monkeypatch.setenv("MAX_AGE_HOURS", "50")
+    assert watchdog_handler.dependencies_from_env().max_age == timedelta(hours=50)
+    for bad in ("0", "a day", "1.5"):
+        monkeypatch.setenv("MAX_AGE_HOURS", bad)
+        with pytest.raises(ConfigError, match="MAX_AGE_HOURS"):
+            watchdog_handler.dependencies_from_env()
+    monkeypatch.delenv("EVENT_BUS_NAME")
+    with pytest.raises(ConfigError, match="EVENT_BUS_NAME"):
+        watchdog_handler.dependencies_from_env()
+
+
+# -- watchdog and notifier together ----------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self, name: str = "email") -> None:
+        self._name = name
+        self.sent: list[Notification] = []
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def send(self, notification: Notification) -> None:
+        self.sent.append(notification)
+
+
+def notify(event: EventDetail) -> dict[str, Any]:
+    """The notifier handler, given the event as the rule → SQS → Lambda path delivers it."""
+    body = json.dumps(
+        {
+            "version": "0",
+            "id": str(uuid.uuid4()),
+            "detail-type": event.DETAIL_TYPE.value,
+            "source": event.SOURCE.value,
+            "account": "123456789012",
+            "time": "2026-11-01T12:00:00Z",
+            "region": REGION,
+            "resources": [],
+            "detail": json.loads(event.model_dump_json()),
+        }
+    )
+    record = {
+        "messageId": str(uuid.uuid4()),
+        "receiptHandle": "AQEB",
+        "body": body,
+        "attributes": {
+            "ApproximateReceiveCount": "1",
+            "SentTimestamp": "1767268800000",
+            "SenderId": "AIDAIENQZJOLO23YVJ4VO",
+            "ApproximateFirstReceiveTimestamp": "1767268800001",
+        },
+        "messageAttributes": {},
+        "md5OfBody": hashlib.md5(body.encode(), usedforsecurity=False).hexdigest(),
+        "eventSource": "aws:sqs",
+        "eventSourceARN": f"arn:aws:sqs:{REGION}:123456789012:notify",
+        "awsRegion": REGION,
+    }
+    context = FakeLambdaContext(function_name="backrest-relay-notify")
+    response: dict[str, Any] = notify_handler.handler({"Records": [record]}, context)
+    return response
+
+
+@pytest.fixture
+def idempotency(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+    }.items():
+        monkeypatch.setenv(name, value)
+    with mock_aws():
+        client = boto3.client("dynamodb", region_name=REGION)
+        client.create_table(
+            TableName="idempotency",
+            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        yield client
+
+
+def test_stale_alert_then_recovery_through_the_notifier(
+    world: World, idempotency: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    email = Recorder()
+    notify_handler.set_dependencies(
+        notify_handler.Dependencies(
+            runs=world.runs,
+            channels=lambda repo: [email],
+            persistence=lambda: DynamoDBPersistenceLayer(
+                table_name="idempotency", boto3_client=idempotency
+            ),
+            policy="on_recovery",
+        )
+    )
+    try:
+        first = verified(T0)
+        record_verification(world.runs, first)  # the verifier records, then publishes
+        assert notify(first) == {"batchItemFailures": []}
+        assert email.sent == []  # on_recovery: a first success is quiet
+
+        world.run(T0 + timedelta(hours=27))
+        [stale] = world.bus.events
+        assert notify(stale) == {"batchItemFailures": []}
+        assert notify(stale) == {"batchItemFailures": []}  # redelivered: not sent again
+        assert [n.severity for n in email.sent] == ["stale"]
+        assert "no verified off-site copy for 27.0 h" in email.sent[0].subject
+
+        assert world.run(T0 + timedelta(hours=28))["stale"] == []  # within 24 h
+
+        back = verified(T0 + timedelta(hours=30))
+        record_verification(world.runs, back)
+        assert notify(back) == {"batchItemFailures": []}
+        assert [n.severity for n in email.sent] == ["stale", "recovery"]
+        assert "recovered" in email.sent[1].subject
+
+        assert world.run(T0 + timedelta(hours=31))["stale"] == []
+        assert world.alerted_at() is None  # cleared: the next staleness alerts at once
+
+        later = verified(T0 + timedelta(hours=40))
+        record_verification(world.runs, later)
+        assert notify(later) == {"batchItemFailures": []}
+        assert len(email.sent) == 2  # quiet again
+        assert len(world.bus.events) == 1
+    finally:
+        notify_handler.set_dependencies(None)
+        notify_handler.metrics.clear_metrics()
+
+
+# -- the production wiring on moto -----------------------------------------------------------
+
+
+def test_env_wiring_publishes_to_the_bus(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cloud.integrations.runstore_dynamodb import DynamoRunStore, create_table
+
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "RUNS_TABLE": "backrest-relay-runs",
+        "EVENT_BUS_NAME": "backrest-relay",
+        "MAX_AGE_HOURS": "26",
+        "AWS_LAMBDA_FUNCTION_NAME": "backrest-relay-watchdog",
+    }.items():
+        monkeypatch.setenv(name, value)
+    with mock_aws():
+        dynamodb = boto3.client("dynamodb", region_name=REGION)
+        create_table(dynamodb, "backrest-relay-runs")
+        runs = DynamoRunStore("backrest-relay-runs", client=dynamodb)
+        record_verification(runs, verified(T0))
+        events = boto3.client("events", region_name=REGION)
+        sqs = boto3.client("sqs", region_name=REGION)
+        events.create_event_bus(Name="backrest-relay")
+        queue = sqs.create_queue(QueueName="notify")["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
+        events.put_rule(
+            Name="stale",
+            EventBusName="backrest-relay",
+            EventPattern=json.dumps(
+                {"source": ["backrest-relay.watchdog"], "detail-type": ["Mirror Stale"]}
+            ),
+        )
+        events.put_targets(
+            Rule="stale", EventBusName="backrest-relay", Targets=[{"Id": "q", "Arn": arn}]
+        )
+
+        deps = watchdog_handler.dependencies_from_env()
+        deps.clock = Clock(T0 + timedelta(hours=27))
+        watchdog_handler.set_dependencies(deps)
+        try:
+            watchdog_handler.handler(SCHEDULED_EVENT, FakeLambdaContext())
+            watchdog_handler.handler(SCHEDULED_EVENT, FakeLambdaContext())  # within 24 h
+        finally:
+            watchdog_handler.set_dependencies(None)
+            watchdog_handler.metrics.clear_metrics()
+
+        messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
+        [body] = [json.loads(m["Body"]) for m in messages]
+        assert body["source"] == "backrest-relay.watchdog"
+        assert body["detail-type"] == "Mirror Stale"
+        assert body["detail"]["repo"]["guid"] == GUID
+        assert body["detail"]["host"] == "lambda:backrest-relay-watchdog"
+        [status] = list(runs.repos())
+        assert status.stale_alerted_at == T0 + timedelta(hours=27)
+        assert status.latest_run is not None and status.latest_run.kind == "stale"
