@@ -65,9 +65,8 @@ from aws_lambda_powertools.utilities.idempotency.exceptions import (
 )
 from aws_lambda_powertools.utilities.idempotency.persistence.base import BasePersistenceLayer
 from aws_lambda_powertools.utilities.idempotency.persistence.datarecord import DataRecord
-from aws_lambda_powertools.utilities.parser.models import EventBridgeModel, SqsRecordModel
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import Json, ValidationError
+from pydantic import ValidationError
 
 from cloud.contracts.events import (
     MirrorCompleted,
@@ -80,10 +79,15 @@ from cloud.contracts.events import (
 from cloud.handlers.common import (
     METRICS_NAMESPACE,
     DestinationOpener,
+    EventBridgeEnvelope,
+    EventQueueRecord,
+    MalformedEventError,
     SecretDestinations,
     env_int,
+    record_correlation_id,
     require_env,
     service_name,
+    validation_errors,
 )
 from cloud.integrations.eventbus import EventBridgeBus, EventBus
 from cloud.logic.ports import ObjectStoreError, RunStore
@@ -103,33 +107,10 @@ metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE)
 # -- parsing -------------------------------------------------------------------------------
 
 
-class AgentEvent(EventBridgeModel):
-    """The EventBridge envelope. The detail is checked against the contract only after the
-    (source, detail-type) routing, so an event of another kind is not mistaken for a
-    malformed `Mirror Completed`."""
-
-    detail: dict[str, Any]
-    # EventBridge always sends the account; moto's rule → SQS delivery leaves it out, and
-    # nothing here reads it, so its absence must not make a good event "malformed".
-    account: str = ""
-
-
-class VerifyQueueRecord(SqsRecordModel):
-    """An SQS record whose body is an EventBridge event (the rule's target is the queue)."""
-
-    body: Json[AgentEvent]
-
-
-class MalformedEventError(ValueError):
-    """A `Mirror Completed` event whose detail breaks the contract (goes to the DLQ)."""
-
-
-def _validation_errors(exc: ValidationError) -> list[str]:
-    """Where and why validation failed, without echoing the input."""
-    return [
-        f"{'.'.join(str(p) for p in err.get('loc', ())) or '(body)'}: {err.get('msg')}"
-        for err in exc.errors(include_url=False, include_context=False, include_input=False)
-    ][:20]
+# The envelope, record model and error shapes are shared with the notifier.
+AgentEvent = EventBridgeEnvelope
+VerifyQueueRecord = EventQueueRecord
+_validation_errors = validation_errors
 
 
 # -- dependencies --------------------------------------------------------------------------
@@ -397,17 +378,9 @@ processor = VerifyBatchProcessor(
 )
 
 
-def _correlation_id(record: Any) -> str | None:
-    """The mirror's run id when the record has one, else the SQS message id."""
-    body = getattr(record, "body", None)
-    run_id = body.detail.get("run_id") if isinstance(body, AgentEvent) else None
-    if isinstance(run_id, str) and run_id:
-        return run_id
-    message_id = getattr(record, "messageId", None) or getattr(record, "message_id", None)
-    return str(message_id) if message_id else None
+_correlation_id = record_correlation_id
 
 
-@tracer.capture_method
 def record_handler(record: VerifyQueueRecord) -> str:
     # Stays set until the next record (or the end of the batch), so the failure handler's
     # log line carries it too.
