@@ -110,25 +110,27 @@ def _directories(names: list[str]) -> list[str]:
 
 
 def write_zip(files: dict[str, Path], output: Path) -> int:
-    """Write the archive deterministically; returns the unzipped size in bytes."""
+    """Write the archive deterministically; returns the unzipped size in bytes.
+
+    Entries (directories included, so every unzip tool recreates the same tree) are in
+    sorted order, all dated 1980-01-01 with fixed permissions.
+    """
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     unzipped = 0
-    names = sorted(files)
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        for directory in _directories(names):
-            info = zipfile.ZipInfo(directory, date_time=FIXED_TIME)
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
+        for name in sorted({*files, *_directories(list(files))}):
+            info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
             info.create_system = 3  # unix, so the permission bits below are honoured
-            info.external_attr = (0o040755 << 16) | 0x10
-            zf.writestr(info, b"")
-        for name in names:
+            if name.endswith("/"):
+                info.external_attr = (0o040755 << 16) | 0x10  # directory
+                zf.writestr(info, b"")
+                continue
             data = files[name].read_bytes()
             unzipped += len(data)
-            info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
-            info.create_system = 3
             info.external_attr = 0o100644 << 16  # Lambda needs world-readable files
             info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, data, compresslevel=9)
+            zf.writestr(info, data, compresslevel=6)
     tmp.replace(output)
     return unzipped
 
