@@ -13,16 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from cloud.logic.ports import RepoStatus, RunRecord, RunStore
+from cloud.logic.text import format_size
 
 WIDTH, HEIGHT, PAD = 760, 240, 70
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _points(runs: list[RunRecord]) -> list[tuple[datetime, int, int]]:
@@ -63,21 +56,21 @@ def chart_svg(points: list[tuple[datetime, int, int]], chart_id: str) -> str:
     bars = "".join(
         f"<rect class='upload' x='{x(t) - bar_w / 2:.1f}' y='{y_up(up):.1f}' width='{bar_w:.1f}' "
         f"height='{PAD + plot_h - y_up(up):.1f}'><title>{html.escape(t.strftime('%Y-%m-%d %H:%M'))}"
-        f": uploaded {_size(up)}</title></rect>"
+        f": uploaded {format_size(up)}</title></rect>"
         for t, _, up in points
     )
     line = " ".join(f"{x(t):.1f},{y(size):.1f}" for t, size, _ in points)
     dots = "".join(
         f"<circle class='size' cx='{x(t):.1f}' cy='{y(size):.1f}' r='3'><title>"
-        f"{html.escape(t.strftime('%Y-%m-%d %H:%M'))}: mirror {_size(size)}</title></circle>"
+        f"{html.escape(t.strftime('%Y-%m-%d %H:%M'))}: mirror {format_size(size)}</title></circle>"
         for t, size, _ in points
     )
     labels = (
         f"<text x='{PAD}' y='{HEIGHT - 12}'>{points[0][0]:%Y-%m-%d}</text>"
         f"<text x='{WIDTH - PAD}' y='{HEIGHT - 12}' text-anchor='end'>{points[-1][0]:%Y-%m-%d}</text>"
-        f"<text x='{PAD - 6}' y='{PAD + 4}' text-anchor='end'>{_size(top)}</text>"
+        f"<text x='{PAD - 6}' y='{PAD + 4}' text-anchor='end'>{format_size(top)}</text>"
         f"<text x='{PAD - 6}' y='{PAD + plot_h}' text-anchor='end'>0</text>"
-        f"<text x='{WIDTH - PAD + 6}' y='{y_up(top_up) + 4:.1f}' class='upload-key'>{_size(top_up)}</text>"
+        f"<text x='{WIDTH - PAD + 6}' y='{y_up(top_up) + 4:.1f}' class='upload-key'>{format_size(top_up)}</text>"
     )
     axes = (
         f"<line x1='{PAD}' y1='{PAD + plot_h}' x2='{WIDTH - PAD}' y2='{PAD + plot_h}' class='axis'/>"
@@ -112,7 +105,7 @@ def _evidence(status: RepoStatus, now: datetime) -> str:
         ("Listed and compared", f"{stats.get('listed', 0)} / {stats.get('compared', 0)}"),
         (
             "Read back and hashed",
-            f"{stats.get('deep_checked', 0)} objects, {_size(stats.get('bytes_read', 0))}",
+            f"{stats.get('deep_checked', 0)} objects, {format_size(stats.get('bytes_read', 0))}",
         ),
         ("Verification run", last.run_id),
     ]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cloud.contracts.events import ManifestRef
-from cloud.contracts.manifest import ManifestEntry, ManifestHeader, manifest_key
+from cloud.contracts.manifest import ManifestHeader, manifest_key
 from local_agent.backend import Backend
 from local_agent.state import RemoteObject, StateStore
 
@@ -112,8 +112,3 @@ class ManifestWriter:
         return ManifestRef(
             key=key, sha256=hashing.sha256.hexdigest(), objects=count, created_by_run=run_id
         )
-
-
-def validate_entry_line(line: bytes) -> ManifestEntry:
-    """Parse one manifest line (used by readers and tests)."""
-    return ManifestEntry.model_validate_json(line)

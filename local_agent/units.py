@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import re
 
+from cloud.logic.text import format_size
+
+__all__ = ["format_duration", "format_size", "parse_duration", "parse_rate", "parse_size"]
+
 _SIZE_UNITS = {
     "": 1,
     "b": 1,
@@ -62,15 +66,6 @@ def parse_duration(text: str) -> float:
     if pos != len(stripped) or not stripped:
         raise ValueError(f"{text!r} is not a duration (examples: 6h, 45m, 1h30m, 90s)")
     return total
-
-
-def format_size(size: float) -> str:
-    """Binary units for humans: `1.5 GiB`."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def format_duration(seconds: float) -> str:

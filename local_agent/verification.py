@@ -8,7 +8,6 @@ unreachable.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -196,7 +195,3 @@ def verdict_line(verification: dict[str, Any]) -> str:
     return f"VERIFICATION FAILED: {verification['problems_total']} problem(s)" + (
         f", first: {first.get('kind')} {first.get('key')}" if first else ""
     )
-
-
-def dump(result: dict[str, Any]) -> str:
-    return json.dumps(result, sort_keys=True)

@@ -30,6 +30,7 @@ from cloud.logic.ports import (
     RunStore,
     Severity,
 )
+from cloud.logic.text import format_size
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +77,6 @@ def decide(event: EventDetail, policy: SuccessPolicy, previous: str | None) -> S
 # -- rendering --------------------------------------------------------------------------------
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f}s"
@@ -127,13 +120,13 @@ def _compose(event: EventDetail, severity: Severity) -> _Message:
         if event.mirror_stats is not None:
             ms = event.mirror_stats
             msg.rows.append(
-                ("Uploaded", f"{ms.uploaded_files} objects, {_size(ms.uploaded_bytes)}")
+                ("Uploaded", f"{ms.uploaded_files} objects, {format_size(ms.uploaded_bytes)}")
             )
         msg.rows.append(
             (
                 "Verified",
                 f"{stats.compared} objects against the listing, {stats.deep_checked} read "
-                f"back ({_size(stats.bytes_read)})",
+                f"back ({format_size(stats.bytes_read)})",
             )
         )
         msg.rows.append(("Duration", _duration(stats.duration_seconds)))
@@ -157,7 +150,8 @@ def _compose(event: EventDetail, severity: Severity) -> _Message:
             msg.rows.append(
                 (
                     "Uploaded before failing",
-                    f"{event.stats.uploaded_files} objects, {_size(event.stats.uploaded_bytes)}",
+                    f"{event.stats.uploaded_files} objects, "
+                    f"{format_size(event.stats.uploaded_bytes)}",
                 )
             )
         msg.problems = [f"corrupt local file: {k}" for k in event.corrupt_files[:10]]

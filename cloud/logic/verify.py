@@ -20,7 +20,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import re
 import tempfile
 import threading
@@ -438,17 +437,3 @@ def _is_denied(exc: ObjectStoreError) -> bool:
 def problems_report_key(manifest_key: str) -> str:
     """The full report sits beside the manifest: `<run>.jsonl.gz` → `<run>.report.jsonl.gz`."""
     return manifest_key.removesuffix(".jsonl.gz") + ".report.jsonl.gz"
-
-
-def dump_outcome(outcome: VerificationOutcome) -> str:
-    """A compact JSON of an outcome (for logs and the CLI's --json)."""
-    return json.dumps(
-        {
-            "verified": outcome.verified,
-            "stats": outcome.stats.model_dump(),
-            "problems_total": outcome.problems_total,
-            "problems": [p.model_dump() for p in outcome.problems],
-            "warnings": outcome.warnings,
-        },
-        sort_keys=True,
-    )

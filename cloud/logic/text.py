@@ -1,0 +1,12 @@
+"""Numbers for people, shared by messages, reports and the CLI."""
+
+from __future__ import annotations
+
+
+def format_size(size: float) -> str:
+    """Binary units: `1.5 GiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
