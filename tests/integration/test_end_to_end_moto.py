@@ -1,0 +1,325 @@
+"""The whole chain end to end on moto's server (ThreadedMotoServer, reached over HTTP).
+
+The real agent (a separate process) mirrors a restic-format repository to moto's S3 and
+publishes `Mirror Completed` to EventBridge; the template's rule sends it to the verify
+queue; the verify handler is fed those SQS messages the way Lambda's event source mapping
+does and publishes its result to the bus; the template's notify rule sends the result to the
+notify queue; the notify handler is fed those messages and sends to the SNS topic (an SQS
+queue subscribed to it stands in for the email subscribers), the Apprise URL and the
+Healthchecks URL of the notify secret (local HTTP sinks).
+
+Both handlers run with their production wiring (`dependencies_from_env`) against moto: the
+run store and the shared idempotency table in DynamoDB, the secrets in Secrets Manager. The
+rules' event patterns are read from `infra/template.yaml`. The per-handler edge cases
+(duplicates, malformed records, broken channels, DLQ) are in `test_lambda_verify_moto.py`
+and `test_lambda_notify_moto.py`, whose fixtures' `Cloud` helpers this module reuses.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from aws_lambda_powertools.utilities import parameters
+
+from cloud.handlers import notify as notify_handler
+from cloud.handlers import verify as verify_handler
+from cloud.integrations.eventbus import EventBridgeBus
+from cloud.integrations.runstore_dynamodb import DynamoRunStore, create_table
+from tests.infra.conftest import load_sam_template
+from tests.integration.test_lambda_notify_moto import CHAT_TOKEN, HC_UUID
+from tests.integration.test_lambda_notify_moto import Cloud as NotifySide
+from tests.integration.test_lambda_verify_moto import Cloud as VerifySide
+from tests.support.agent import run_agent, write_agent_config
+from tests.support.repos import FakeRepo, add_packs, make_fake_restic_repo
+from tests.support.s3servers import S3Endpoint
+from tests.support.sinks import HttpSink
+
+REGION = "us-east-1"
+BUS = "backrest-relay"
+GUID = "e2" * 32
+PREFIX = "restic/home"
+RUNS_TABLE = "backrest-relay-runs"
+IDEMPOTENCY_TABLE = "backrest-relay-idempotency"
+
+
+@dataclass
+class Deployment:
+    """The cloud side as the template deploys it, in moto, seen from each function."""
+
+    endpoint: S3Endpoint
+    verify: VerifySide
+    notify: NotifySide
+    verify_dlq: str
+    notify_dlq: str
+
+
+def rule_patterns() -> dict[str, Any]:
+    """The event patterns of the template's two rules, as written there."""
+    resources = load_sam_template()["Resources"]
+    return {
+        name: resources[name]["Properties"]["EventPattern"]
+        for name in ("MirrorCompletedRule", "NotifyRule")
+    }
+
+
+@pytest.fixture
+def deployment(moto_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Deployment]:
+    url = moto_endpoint.endpoint_url
+    kwargs: dict[str, Any] = {
+        "endpoint_url": url,
+        "region_name": REGION,
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
+    }
+    events = boto3.client("events", **kwargs)
+    sqs: Any = boto3.client("sqs", **kwargs)
+    sns = boto3.client("sns", **kwargs)
+    dynamodb = boto3.client("dynamodb", **kwargs)
+    secrets = boto3.client("secretsmanager", **kwargs)
+
+    def queue(name: str, **attributes: str) -> tuple[str, str]:
+        queue_url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
+            "Attributes"
+        ]["QueueArn"]
+        return queue_url, arn
+
+    def with_dlq(name: str) -> tuple[str, str, str]:
+        dlq, dlq_arn = queue(f"{name}-dlq")
+        redrive = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}
+        queue_url, arn = queue(name, RedrivePolicy=json.dumps(redrive))
+        return queue_url, arn, dlq
+
+    verify_queue, verify_arn, verify_dlq = with_dlq("verify")
+    notify_queue, notify_arn, notify_dlq = with_dlq("notify")
+    inbox, inbox_arn = queue("email-inbox")
+    topic = sns.create_topic(Name="backrest-relay-alerts")["TopicArn"]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=inbox_arn)
+
+    events.create_event_bus(Name=BUS)
+    patterns = rule_patterns()
+    for rule, arn in (("MirrorCompletedRule", verify_arn), ("NotifyRule", notify_arn)):
+        events.put_rule(Name=rule, EventBusName=BUS, EventPattern=json.dumps(patterns[rule]))
+        events.put_targets(Rule=rule, EventBusName=BUS, Targets=[{"Id": "q", "Arn": arn}])
+
+    create_table(dynamodb, RUNS_TABLE)
+    dynamodb.create_table(  # shared by both functions (their key prefixes differ)
+        TableName=IDEMPOTENCY_TABLE,
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    destination_secret = secrets.create_secret(
+        Name="backrest-relay/destination",
+        SecretString=json.dumps(
+            {
+                "provider": "s3",
+                "endpoint_url": url,
+                "region": REGION,
+                "access_key_id": moto_endpoint.access_key,
+                "secret_access_key": "verifier-read-only-key",
+            }
+        ),
+    )
+    notify_secret = secrets.create_secret(Name="backrest-relay/notify", SecretString="{}")
+
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    for name, value in {
+        # Both functions' own AWS access → moto; then each one's configuration.
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+        "AWS_LAMBDA_FUNCTION_NAME": "backrest-relay-verify",  # only the verifier reads it
+        "RUNS_TABLE": RUNS_TABLE,
+        "IDEMPOTENCY_TABLE": IDEMPOTENCY_TABLE,
+        "EVENT_BUS_NAME": BUS,
+        "DESTINATION_SECRET_ARN": destination_secret["ARN"],
+        "TOPIC_ARN": topic,
+        "NOTIFY_SECRET_ARN": notify_secret["ARN"],
+        "SUCCESS_POLICY": "always",
+    }.items():
+        monkeypatch.setenv(name, value)
+    parameters.clear_caches()  # type: ignore[no-untyped-call]
+    verify_handler.set_dependencies(None)
+    notify_handler.set_dependencies(None)
+    runs = DynamoRunStore(RUNS_TABLE, client=dynamodb)
+    with HttpSink() as chat, HttpSink() as pings:
+        notify = NotifySide(
+            url=url,
+            sqs=sqs,
+            secrets=secrets,
+            notify_queue=notify_queue,
+            notify_arn=notify_arn,
+            dlq=notify_dlq,
+            inbox=inbox,
+            secret_arn=notify_secret["ARN"],
+            chat=chat,
+            pings=pings,
+            runs=runs,
+            bus=EventBridgeBus(BUS, client=events),
+        )
+        notify.put_targets(f"json://127.0.0.1:{chat.port}/hooks/{CHAT_TOKEN}")
+        verify = VerifySide(
+            endpoint=moto_endpoint,
+            sqs=sqs,
+            dynamodb=dynamodb,
+            verify_queue=verify_queue,
+            verify_arn=verify_arn,
+            dlq=verify_dlq,
+            results_queue=notify_queue,  # where the notify rule delivers the results
+        )
+        yield Deployment(moto_endpoint, verify, notify, verify_dlq, notify_dlq)
+    verify_handler.set_dependencies(None)
+    notify_handler.set_dependencies(None)
+    verify_handler.metrics.clear_metrics()
+    notify_handler.metrics.clear_metrics()
+    parameters.clear_caches()  # type: ignore[no-untyped-call]
+
+
+def mirror(repo: FakeRepo, config: Path) -> dict[str, Any]:
+    """One run of the real agent, as Backrest's hook runs it; its `--json` summary."""
+    result = run_agent(
+        [
+            "upload",
+            "--repo",
+            str(repo.root),
+            "--repo-id",
+            "home",
+            "--repo-guid",
+            GUID,
+            "--trigger",
+            "CONDITION_CHECK_SUCCESS",
+            "--config",
+            str(config),
+            "--json",
+        ],
+        env={  # the AWS chain its EventBridge client uses (never the bucket's keys)
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": REGION,
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    return result.summary
+
+
+def events_on(sqs: Any, queue: str) -> list[dict[str, Any]]:
+    """The EventBridge events waiting on a queue, left there (visibility 0)."""
+    messages = sqs.receive_message(
+        QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=0, VisibilityTimeout=0
+    ).get("Messages", [])
+    return [json.loads(m["Body"]) for m in messages]
+
+
+def test_agent_upload_is_verified_then_damage_is_reported_by_email(
+    tmp_path: Path, deployment: Deployment, unique_bucket: Callable[[S3Endpoint], str]
+) -> None:
+    verify, notify = deployment.verify, deployment.notify
+    bucket = unique_bucket(deployment.endpoint)
+    repo = make_fake_restic_repo(tmp_path / "repo", packs=12, pack_size=(500, 40_000), seed=7)
+    config = write_agent_config(
+        tmp_path / "relay.toml",
+        deployment.endpoint,
+        bucket,
+        state_dir=tmp_path / "state",
+        events={
+            "publisher": "eventbridge",
+            "event_bus": BUS,
+            "region": REGION,
+            "endpoint_url": deployment.endpoint.endpoint_url,
+        },
+    )
+
+    # 1. A good mirror: agent → bus → verify queue → verifier → bus → notify queue → SNS.
+    first = mirror(repo, config)
+    [completed] = events_on(verify.sqs, verify.verify_queue)
+    assert (completed["source"], completed["detail-type"]) == (
+        "backrest-relay.agent",
+        "Mirror Completed",
+    )
+    assert completed["detail"]["run_id"] == first["run_id"]
+    assert notify.deliver() is None  # the notify rule does not take the agent's success
+
+    response = verify.deliver()
+    assert response is not None and response["batchItemFailures"] == []
+    assert verify.deliver() is None  # deleted, as the event source mapping does
+    [result] = events_on(notify.sqs, notify.notify_queue)
+    assert (result["source"], result["detail-type"]) == (
+        "backrest-relay.verifier",
+        "Mirror Verified",
+    )
+    assert result["detail"]["mirror_run_id"] == first["run_id"]
+    assert result["detail"]["stats"]["compared"] == result["detail"]["manifest"]["objects"] > 10
+
+    response = notify.deliver()
+    assert response is not None and response["batchItemFailures"] == []
+    assert notify.deliver() is None
+    [email] = notify.emails()
+    assert email["Subject"] == "[backrest-relay] home: off-site copy verified"  # SNS: ASCII
+    assert email["MessageAttributes"]["severity"]["Value"] == "success"
+    assert email["MessageAttributes"]["run_id"]["Value"] == result["detail"]["run_id"]
+    assert f"Verified: {result['detail']['stats']['compared']} objects" in email["Message"]
+    [chat] = notify.chat.wait_for(1)
+    assert chat.json()["type"] == "success"
+    [ping] = notify.pings.wait_for(1)
+    assert ping.path == f"/{HC_UUID}"
+
+    # 2. One object damaged in the bucket (same size, new ETag); the next backup adds packs.
+    s3 = deployment.endpoint.client()
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"{PREFIX}/data/")["Contents"]
+    victim = sorted(o["Key"] for o in listing)[len(listing) // 2]
+    data = bytearray(s3.get_object(Bucket=bucket, Key=victim)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    s3.put_object(Bucket=bucket, Key=victim, Body=bytes(data))
+    add_packs(repo, 3, (500, 40_000), seed=8)
+
+    second = mirror(repo, config)
+    assert second["run_id"] != first["run_id"]
+    response = verify.deliver()
+    assert response is not None and response["batchItemFailures"] == []
+    assert len(response["delivered"]) == 1  # the second run's `Mirror Completed`
+    assert verify.deliver() is None
+    [result] = events_on(notify.sqs, notify.notify_queue)
+    assert result["detail-type"] == "Mirror Verification Failed"
+    assert result["detail"]["mirror_run_id"] == second["run_id"]
+    relative = victim[len(PREFIX) + 1 :]
+    problems = result["detail"]["problems"]
+    assert [(p["key"], p["kind"]) for p in problems] == [(relative, "etag")]
+
+    response = notify.deliver()
+    assert response is not None and response["batchItemFailures"] == []
+    assert notify.deliver() is None
+    [email] = notify.emails()
+    assert (
+        email["Subject"] == "[backrest-relay] home: off-site copy verification FAILED (1 problem)"
+    )
+    assert email["MessageAttributes"]["severity"]["Value"] == "failure"
+    assert f"etag: {relative}" in email["Message"]
+    chat = notify.chat.wait_for(2)[1]
+    assert chat.json()["type"] == "failure" and relative in chat.json()["message"]
+    ping = notify.pings.wait_for(2)[1]
+    assert ping.path == f"/{HC_UUID}/fail"
+
+    # What the run store says, and nothing left behind.
+    assert sorted((r.kind, r.status) for r in notify.runs.runs(GUID)) == [
+        ("mirror", "completed"),
+        ("mirror", "completed"),
+        ("verification", "verification-failed"),
+        ("verification", "verified"),
+    ]
+    latest = notify.runs.latest_verified(GUID)
+    assert latest is not None and latest.mirror_run_id == first["run_id"]
+    for queue in (deployment.verify_dlq, deployment.notify_dlq, notify.inbox):
+        assert events_on(verify.sqs, queue) == []
