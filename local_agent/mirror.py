@@ -98,7 +98,7 @@ class MirrorSummary:
         return asdict(self)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Work:
     file: RepoFile
     listed: Listed | None = None  # the object a listing found under the same key
