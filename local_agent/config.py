@@ -33,6 +33,7 @@ from local_agent.errors import ConfigError
 from local_agent.units import parse_duration, parse_rate, parse_size
 
 ENV_PREFIX = "BACKREST_RELAY_"
+MAX_DURATION_SECONDS = 30 * 86400
 CONFIG_ENV = "BACKREST_RELAY_CONFIG"
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 _REPO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -129,8 +130,11 @@ class UploadConfig(_Section):
     @field_validator("deadline", "lock_wait")
     @classmethod
     def _duration(cls, value: str) -> str:
-        if parse_duration(value) <= 0:
+        seconds = parse_duration(value)
+        if seconds <= 0:
             raise ValueError("must be longer than zero")
+        if seconds > MAX_DURATION_SECONDS:
+            raise ValueError("must be at most 30d (a hook that runs longer blocks Backrest)")
         return value
 
     @field_validator("multipart_threshold", "part_size")
@@ -179,8 +183,11 @@ class NotifyConfig(_Section):
     @field_validator("max_age")
     @classmethod
     def _max_age(cls, value: str) -> str:
-        if parse_duration(value) <= 0:
+        seconds = parse_duration(value)
+        if seconds <= 0:
             raise ValueError("must be longer than zero")
+        if seconds > 366 * 86400:
+            raise ValueError("must be at most 366d")
         return value
 
     @property

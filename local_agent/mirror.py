@@ -170,6 +170,11 @@ class MirrorRun:
             return
 
         self._upload(work)
+        if self._strays_checked:
+            # A lost reply to CreateMultipartUpload makes botocore start a second upload;
+            # the first would stay unfinished (and billed). Look once more, now that every
+            # upload of this run is complete.
+            self._abort_stray_uploads()
         self._delete(deletions)
         if self.stop.reason == "deadline":
             raise DeadlineError(

@@ -34,7 +34,10 @@ def parse_size(text: str) -> int:
     match = _SIZE_RE.match(text)
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"{text!r} is not a size (examples: 16MiB, 5MB, 1048576)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    value = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if not value < 2**62:  # also catches inf from 300-digit numbers
+        raise ValueError(f"{text!r} is too large")
+    return int(value)
 
 
 def parse_rate(text: str) -> int | None:

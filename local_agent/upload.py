@@ -77,7 +77,10 @@ def run_upload(
     hard_stop = start_hard_stop(upload.deadline_seconds)
     identity = repo_guid or str(repo_path.resolve())
     state_path = state_dir / state_file_name(destination, identity)
-    lock = RunLock(state_path.with_suffix(".lock"))
+    # One upload per destination prefix at a time, whatever identity the caller gave the
+    # repository (with or without --repo-guid): two runs into one prefix must never
+    # interleave, or one could abort the other's multipart upload as a stray.
+    lock = RunLock(state_dir / state_file_name(destination, "").replace(".sqlite", ".lock"))
     access = config.destination.access()
     backend = Backend(
         lambda: make_s3_client(access, max_pool_connections=upload.concurrency + 2), destination

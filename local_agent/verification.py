@@ -65,13 +65,13 @@ def find_manifest(store: Any, prefix: str, run_id: str | None) -> str | None:
     return newest
 
 
-def expected_manifest_sha256(
-    config: RelayConfig, destination: Any, repo_guid: str | None, key: str
-) -> str | None:
-    """The SHA-256 this host's uploads recorded for the manifest, when this host wrote it.
+def recorded_manifest(
+    config: RelayConfig, destination: Any, repo_guid: str | None
+) -> ManifestRef | None:
+    """The manifest this host's last upload wrote (key and SHA-256), if this host has one.
 
-    Lets a manual verify detect a manifest altered in the bucket; elsewhere (another
-    machine, no guid) the manifest is taken as found.
+    Lets a manual verify detect a manifest altered or deleted in the bucket; elsewhere
+    (another machine, no guid) the newest manifest in the bucket is taken as found.
     """
     from local_agent.state import StateStore, state_file_name
     from local_agent.upload import LAST_MANIFEST
@@ -86,10 +86,7 @@ def expected_manifest_sha256(
         raw = state.get_meta(LAST_MANIFEST)
     finally:
         state.close()
-    if not raw:
-        return None
-    recorded = ManifestRef.model_validate_json(raw)
-    return recorded.sha256 if recorded.key == key else None
+    return ManifestRef.model_validate_json(raw) if raw else None
 
 
 def run_verify(
@@ -116,7 +113,12 @@ def run_verify(
     repo = RepoRef(id=repo_id, guid=repo_guid)
     started = datetime.now(UTC)
     try:
+        recorded = recorded_manifest(config, destination, repo_guid)
         key = find_manifest(store, prefix, run_id)
+        if recorded is not None and run_id is None:
+            # This host wrote the newest manifest: verify that one, so a deleted newest
+            # manifest is a problem, not a silent fall-back to an older one.
+            key = recorded.key
         if key is None:
             raise ConfigError(
                 f"no manifest under {destination.bucket}/{prefix}/ — has an upload of this "
@@ -128,7 +130,7 @@ def run_verify(
             extra_bytes=spec.size,
             concurrency=config.upload.concurrency,
         )
-        expected = expected_manifest_sha256(config, destination, repo_guid, key)
+        expected = recorded.sha256 if recorded is not None and recorded.key == key else None
         outcome = MirrorVerifier(store, destination, options).verify(key, expected)
     except ObjectStoreError as exc:
         raise DestinationError(f"cannot read the mirror: {exc}") from None

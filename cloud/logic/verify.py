@@ -40,7 +40,8 @@ from cloud.logic.ports import (
 )
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-IGNORED_FOLDERS = ("locks/",)  # restic writes locks while it checks a mirror: not extra
+IGNORED_FOLDERS = ("locks/",)
+READ_ATTEMPTS = 3  # restic writes locks while it checks a mirror: not extra
 
 ProblemKind = Literal["missing", "size", "etag", "hash", "manifest", "unreadable", "extra"]
 
@@ -396,20 +397,23 @@ class _DeepChecker:
             self._failure = exc
 
     def _read(self, entry: ManifestEntry) -> None:
-        sha = hashlib.sha256()
-        size = 0
-        try:
-            for chunk in self.store.read(self.destination.key(entry.key)):
-                sha.update(chunk)
-                size += len(chunk)
-        except ObjectNotFoundError:
-            self.problems.add(entry.key, "missing", "listed, but gone when read back")
-            return
-        except ObjectStoreError as exc:
-            if _is_denied(exc):
-                raise
-            self.problems.add(entry.key, "unreadable", f"could not be read back: {exc}")
-            return
+        # A download cut off half-way says nothing about the object: read it again, and if
+        # it still cannot be read, that is "could not look" (ObjectStoreError), not a verdict.
+        for attempt in range(READ_ATTEMPTS):
+            sha = hashlib.sha256()
+            size = 0
+            try:
+                for chunk in self.store.read(self.destination.key(entry.key)):
+                    sha.update(chunk)
+                    size += len(chunk)
+                break
+            except ObjectNotFoundError:
+                self.problems.add(entry.key, "missing", "listed, but gone when read back")
+                return
+            except ObjectStoreError:
+                if attempt + 1 == READ_ATTEMPTS:
+                    raise
+                time.sleep(0.2 * 2**attempt)
         with self._lock:
             self.stats["deep"] += 1
             self.stats["deep_new"] += 1 if entry.uploaded else 0
@@ -428,10 +432,6 @@ class _DeepChecker:
         failure, self._failure = self._failure, None
         if failure is not None:
             raise failure
-
-
-def _is_denied(exc: ObjectStoreError) -> bool:
-    return "AccessDenied" in str(exc) or "InvalidAccessKeyId" in str(exc)
 
 
 def problems_report_key(manifest_key: str) -> str:
