@@ -14,7 +14,7 @@ export PATH := $(VENV)/bin:$(TOOLS)/bin:$(PATH)
 
 PYTEST_ARGS ?=
 
-.PHONY: install tools system-tools demo test ci bench lint format schemas lambda-package clean
+.PHONY: install tools system-tools demo test ci bench soak lint format schemas lambda-package clean
 
 $(UV):
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(CACHE)/uv uv==$(UV_VERSION)
@@ -53,6 +53,11 @@ ci: install tools system-tools
 ## bench: side-by-side benchmarks against rclone sync and s5cmd
 bench: install tools
 	$(VENV)/bin/python -m bench
+
+## soak: the reliability suite with its heavy seeded counts; rewrites docs/reliability.md
+##       (BACKREST_RELAY_SEED=N repeats a run)
+soak: install tools
+	$(VENV)/bin/python -m tests.reliability.soak
 
 ## lint: ruff and mypy
 lint: install
