@@ -145,7 +145,7 @@ def test_tampered_manifest_is_reported(
     assert "manifest" in verdict.stdout and manifest in verdict.stdout
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "manifest"])
 def test_damage_through_the_s3_api_is_named_on_moto(
     damage: str,
     tmp_path: Path,
@@ -161,6 +161,8 @@ def test_damage_through_the_s3_api_is_named_on_moto(
     key = repo.data[2].relative_to(repo.root).as_posix()
     client = moto_endpoint.client()
     full = f"{PREFIX}/{key}"
+    if damage == "manifest":
+        key = full = first.summary["manifest"]["key"]
     data = client.get_object(Bucket=bucket, Key=full)["Body"].read()
     if damage == "delete":
         client.delete_object(Bucket=bucket, Key=full)
