@@ -92,8 +92,8 @@ CATEGORIES: dict[str, tuple[str, str, str, str]] = {
         "leaks found",
     ),
     "concurrency": (
-        "two uploads of one repository at once (same path, local: URI, trailing slash, "
-        "symlink; short and long lock_wait)",
+        "two uploads of one repository at once (the second by the same path, a local: URI, "
+        "a trailing slash, a symlink, or without --repo-guid; short and long lock_wait)",
         "concurrent pairs",
         "pairs that did not interleave",
         "local files missing afterwards",

@@ -25,15 +25,13 @@ import os
 
 os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
 
-import gzip
-import hashlib
 import io
 import json
 import logging
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import boto3
@@ -73,6 +71,7 @@ from cloud.integrations.runstore_memory import InMemoryRunStore
 from cloud.logic.ports import Notification
 from cloud.logic.verify import VerifyOptions
 from tests.reliability.common import SEED, SOAK, Ledger, count
+from tests.reliability.lambdas import Context, envelope, event_body, sqs_record, write_mirror
 
 REGION = "us-east-1"
 TABLE = "reliability-idempotency"
@@ -86,22 +85,6 @@ SETTINGS = settings(
 )
 
 # -- the world behind the handlers ------------------------------------------------------------
-
-
-@dataclass
-class Context:
-    """What Lambda passes as `context` (the parts powertools reads)."""
-
-    function_name: str = "reliability"
-    function_version: str = "$LATEST"
-    memory_limit_in_mb: int = 512
-    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:reliability"
-    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    log_group_name: str = "/aws/lambda/reliability"
-    log_stream_name: str = "2026/11/26/[$LATEST]abc"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 300_000
 
 
 class Buckets:
@@ -284,20 +267,6 @@ KNOWN = [(m.SOURCE.value, m.DETAIL_TYPE.value) for m in (MirrorCompleted, Mirror
 ]
 
 
-def envelope(source: str, detail_type: str, detail: Any) -> dict[str, Any]:
-    return {
-        "version": "0",
-        "id": str(uuid.uuid4()),
-        "detail-type": detail_type,
-        "source": source,
-        "account": "123456789012",
-        "time": "2026-11-26T12:00:00Z",
-        "region": REGION,
-        "resources": [],
-        "detail": detail,
-    }
-
-
 @dataclass(frozen=True)
 class Body:
     """One SQS body and what a correct handler must do with it."""
@@ -417,25 +386,6 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def sqs_record(body: str, message_id: str) -> dict[str, Any]:
-    return {
-        "messageId": message_id,
-        "receiptHandle": "AQEB" + uuid.uuid4().hex,
-        "body": body,
-        "attributes": {
-            "ApproximateReceiveCount": "1",
-            "SentTimestamp": "1767268800000",
-            "SenderId": "AIDAIENQZJOLO23YVJ4VO",
-            "ApproximateFirstReceiveTimestamp": "1767268800001",
-        },
-        "messageAttributes": {},
-        "md5OfBody": hashlib.md5(body.encode(errors="replace"), usedforsecurity=False).hexdigest(),
-        "eventSource": "aws:sqs",
-        "eventSourceARN": f"arn:aws:sqs:{REGION}:123456789012:reliability",
-        "awsRegion": REGION,
-    }
-
-
 batches = st.lists(bodies(), min_size=1, max_size=4)
 
 # -- the properties ----------------------------------------------------------------------------
@@ -544,52 +494,12 @@ def test_a_valid_event_next_to_garbage_is_still_processed(world: World) -> None:
     """Poison pills fail alone: the good record in the same batch is verified."""
     store = world.buckets.buckets.setdefault("offsite", InMemoryObjectStore())
     destination = Destination(provider="s3", endpoint_url=None, bucket="offsite", prefix="r")
-    config = b"config bytes"
-    store.put("r/config", config)
-    now = datetime.now(UTC)
-    header = json.dumps(
-        {
-            "type": "backrest-relay-manifest",
-            "schema_version": 1,
-            "run_id": "m1",
-            "repo_guid": None,
-            "repo_id": "home",
-            "bucket": "offsite",
-            "prefix": "r",
-            "created_at": now.isoformat(),
-            "objects": 1,
-        }
-    )
-    line = json.dumps(
-        {
-            "key": "config",
-            "size": len(config),
-            "sha256": hashlib.sha256(config).hexdigest(),
-            "md5": hashlib.md5(config, usedforsecurity=False).hexdigest(),
-            "uploaded": True,
-        }
-    )
-    manifest = gzip.compress(f"{header}\n{line}\n".encode(), mtime=0)
-    store.put("m/m1.jsonl.gz", manifest)
-    good = MirrorCompleted(
-        run_id=str(uuid.uuid4()),
-        repo=RepoRef(id="home"),
-        host="nas",
-        trigger="t",
-        destination=destination,
-        started_at=now - timedelta(minutes=1),
-        finished_at=now,
-        stats=MirrorStats(),
-        manifest=ManifestRef(
-            key="m/m1.jsonl.gz",
-            sha256=hashlib.sha256(manifest).hexdigest(),
-            objects=1,
-            created_by_run="m1",
-        ),
-    )
-    detail = json.loads(good.model_dump_json())
-    good_body = json.dumps(envelope(good.SOURCE.value, good.DETAIL_TYPE.value, detail))
-    items = [Body("{", "garbage"), Body(good_body, "valid"), Body("x" * (SQS_LIMIT + 1), "garbage")]
+    good, _ = write_mirror(store.put, destination, seed=8)
+    items = [
+        Body("{", "garbage"),
+        Body(event_body(good), "valid"),
+        Body("x" * (SQS_LIMIT + 1), "garbage"),
+    ]
     ids, failed = run_batch(verify_handler.handler, items)
     assert failed == {ids[0], ids[2]}
     [result] = world.bus.events

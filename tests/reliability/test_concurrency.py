@@ -59,6 +59,11 @@ class Traffic:
 
         self.proxy._log = timed  # type: ignore[method-assign]
 
+    def reset(self) -> None:
+        with self.lock:
+            self.started.clear()
+            self.ended.clear()
+
     def hook(self, info: RequestInfo) -> None:
         agent = info.headers.get("user-agent", "")
         who = next((w for w in ("run-a", "run-b") if f"app/{w}" in agent), "other")
@@ -125,13 +130,14 @@ def test_two_uploads_of_one_repository_never_interleave(
     }
     outcomes: Counter[str] = Counter()
     failures: list[str] = []
+    traffic = Traffic(counting_proxy)
     for pair in range(PAIRS):
         rng = random.Random(sub_seed("concurrency", pair))
         wait = rng.choice(["1s", "60s"])
         form = rng.choice(sorted(forms))
         delay = round(rng.uniform(0.2, 2.5), 2)
         counting_proxy.reset()
-        traffic = Traffic(counting_proxy)
+        traffic.reset()
         bucket = unique_bucket(rclone_server.endpoint)
         config = write_agent_config(
             tmp_path / f"pair{pair}.toml",
@@ -147,6 +153,7 @@ def test_two_uploads_of_one_repository_never_interleave(
         exits = f"{a.returncode}/{b.returncode}"
         label = f"pair {pair} ({form}, lock_wait {wait}, +{delay}s): exits {exits}"
         outcomes[f"exits {exits}"] += 1
+        outcomes[f"{form}, lock_wait {wait}"] += 1
         senders = {who for who, n in traffic.by_process().items() if n and who != "other"}
         problems = []
         if "Traceback" in a.stderr + b.stderr:

@@ -99,7 +99,7 @@ class Killer:
         with self.lock:
             self.proc, self.point, self.seen, self.fired = proc, point, 0, None
         if point.mode == "time":
-            timer = threading.Timer(point.at, self._kill, args=(f"{point.at:.2f}s in",))
+            timer = threading.Timer(point.at, self._kill, args=(f"{point.at:.2f}s in", proc))
             timer.daemon = True
             timer.start()
 
@@ -107,21 +107,21 @@ class Killer:
         with self.lock:
             self.proc = self.point = None
 
-    def _kill(self, what: str) -> None:
+    def _kill(self, what: str, target: subprocess.Popen[str] | None) -> None:
         with self.lock:
             proc = self.proc
-            if proc is None or proc.poll() is not None or self.fired is not None:
-                return
+            if proc is None or proc is not target or proc.poll() is not None or self.fired:
+                return  # finished, or a later run is armed now
             self.fired = what
         os.kill(proc.pid, signal.SIGKILL)
 
-    def _kill_after_logged(self, seq: int, what: str) -> None:
+    def _kill_after_logged(self, seq: int, what: str, target: subprocess.Popen[str] | None) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if any(r.seq == seq for r in self.proxy.requests):
                 break
             time.sleep(0.002)
-        self._kill(what)
+        self._kill(what, target)
 
     def __call__(self, info: RequestInfo) -> Fault | None:
         with self.lock:
@@ -131,11 +131,13 @@ class Killer:
             self.seen += 1
             if self.seen != int(point.at):
                 return None
+            target = self.proc
         what = f"{point.mode} {info.operation} {info.key or ''}".strip()
         if point.mode == "request":
-            self._kill(what)
+            self._kill(what, target)
             return Fault.drop()
-        threading.Thread(target=self._kill_after_logged, args=(info.seq, what), daemon=True).start()
+        args = (info.seq, what, target)
+        threading.Thread(target=self._kill_after_logged, args=args, daemon=True).start()
         return Fault.drop_after_forward()
 
 

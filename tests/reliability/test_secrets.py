@@ -31,7 +31,6 @@ import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import boto3
 import pytest
@@ -163,14 +162,13 @@ def test_no_command_leaks_a_secret(
         failed = run("wrong secret", ["-v", *up, "--config", str(wrong), "--json"], [4])
         assert "SignatureDoesNotMatch" in failed.stdout + failed.stderr
         run("AWS chain", [*up, "--config", str(chain)], [0], **env_notify)  # text summary
-        run("verify", ["-v", "verify", *ids, "--config", str(good), "--deep", "100%"], [0])
-        run("verify json", ["verify", *ids, "--config", str(chain), "--json"], [0], **env_notify)
-        report = ["-v", "report-failure", *ids, "--config", str(good), "--json"]
-        run("report-failure", [*report, "--error", "check failed"], [0])
-        # Read-only commands, two at a time.
+        # The rest, two at a time (as a cron verify may run beside a hook).
         hook = ["hook-snippet", "--repo-id", REPO_ID, "--config", str(good)]
         doctor = ["doctor", "--repo", str(repo.root), *ids]
-        tail = [
+        report = ["-v", "report-failure", *ids, "--config", str(good), "--json"]
+        tail: list[tuple[str, list[str], list[int]]] = [
+            ("verify", ["-v", "verify", *ids, "--config", str(good), "--deep", "100%"], [0]),
+            ("report-failure", [*report, "--error", "check failed"], [0]),
             ("status", ["status", "--config", str(good)], [0]),
             (
                 "status json",
@@ -184,7 +182,11 @@ def test_no_command_leaks_a_secret(
             ("hook-snippet json failure", [*hook, "--format", "json", "--hook", "failure"], [0]),
         ]
         with ThreadPoolExecutor(max_workers=2) as pool:
-            list(pool.map(lambda job: run(*job), tail))
+            verify_json = ["verify", *ids, "--config", str(chain), "--json"]
+            jobs = [pool.submit(run, "verify json", verify_json, [0], **env_notify)]
+            jobs += [pool.submit(run, *job) for job in tail]
+            for job in jobs:
+                job.result()
         sent = chat.wait_for(3)
         pings = healthchecks.wait_for(2)
 
@@ -230,30 +232,6 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     parameters.clear_caches()  # type: ignore[no-untyped-call]
 
 
-def _sqs_event(bodies: list[str]) -> dict[str, Any]:
-    return {
-        "Records": [
-            {
-                "messageId": f"m-{i}",
-                "receiptHandle": "AQEB" + uuid.uuid4().hex,
-                "body": body,
-                "attributes": {
-                    "ApproximateReceiveCount": "1",
-                    "SentTimestamp": "1767268800000",
-                    "SenderId": "AIDAIENQZJOLO23YVJ4VO",
-                    "ApproximateFirstReceiveTimestamp": "1767268800001",
-                },
-                "messageAttributes": {},
-                "md5OfBody": "0" * 32,
-                "eventSource": "aws:sqs",
-                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:q",
-                "awsRegion": "us-east-1",
-            }
-            for i, body in enumerate(bodies)
-        ]
-    }
-
-
 def test_handlers_leak_no_secret(
     aws: None, monkeypatch: pytest.MonkeyPatch, ledger: Ledger
 ) -> None:
@@ -261,8 +239,7 @@ def test_handlers_leak_no_secret(
     from cloud.handlers import notify as notify_handler
     from cloud.handlers import verify as verify_handler
     from cloud.integrations.runstore_dynamodb import create_table
-    from tests.reliability.test_bad_events import Context
-    from tests.unit.test_handler_verify import eventbridge_event, write_mirror
+    from tests.reliability.lambdas import Context, event_body, sqs_event, write_mirror
 
     region = "us-east-1"
     dynamodb = boto3.client("dynamodb", region_name=region)
@@ -350,15 +327,15 @@ def test_handlers_leak_no_secret(
                     "destination": destination.model_copy(update={"bucket": "no-such-bucket"}),
                 }
             )
-            bodies = [json.dumps(eventbridge_event(e)) for e in (good, damaged, gone)]
-            response = verify_handler.handler(_sqs_event([*bodies, "{not json"]), Context())
+            bodies = [event_body(e) for e in (good, damaged, gone)]
+            response = verify_handler.handler(sqs_event([*bodies, "{not json"]), Context())
             places.append(("verify response", json.dumps(response)))
             assert [f["itemIdentifier"] for f in response["batchItemFailures"]] == ["m-2", "m-3"]
             results = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
             published = [m["Body"] for m in results]
             assert len(published) == 2
             places += [(f"published event {i}", body) for i, body in enumerate(published)]
-            response = notify_handler.handler(_sqs_event(published), Context())
+            response = notify_handler.handler(sqs_event(published), Context())
             places.append(("notify response", json.dumps(response)))
             assert len(chat.wait_for(2)) == 2 and len(healthchecks.wait_for(2)) == 2
             places += [(f"notification {i}", r.body) for i, r in enumerate(chat.requests)]

@@ -18,9 +18,11 @@ import hashlib
 import json
 import random
 import shutil
+import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ PREFIX = f"restic/{REPO_ID}"
 IDS = ["--repo-id", REPO_ID, "--repo-guid", GUID]
 TRIALS = count("remote tampering: trials")
 OBJECT_FAULTS = ("delete", "truncate", "flip", "append", "replace")
+LOCK = threading.Lock()
 MANIFEST_FAULTS = ("manifest-flip", "manifest-truncate", "manifest-forged", "manifest-delete")
 
 
@@ -76,27 +79,27 @@ class Mirror:
 
 
 @pytest.fixture(scope="module")
-def mirror(live_rclone: RcloneS3Server, tmp_path_factory: pytest.TempPathFactory) -> Mirror:
+def mirrors(live_rclone: RcloneS3Server, tmp_path_factory: pytest.TempPathFactory) -> list[Mirror]:
+    """Two mirrors of one repository (two buckets, two state dirs): trials run on both at
+    once, each mirror restored from its pristine copy before every trial."""
     base = tmp_path_factory.mktemp("tamper")
     repo = make_fake_restic_repo(base / "repo", packs=24, pack_size=(200, 120_000), seed=31)
     add_packs(repo, 3, (1000, 40_000), seed=32)
-    bucket = unique_bucket_name("tamper")
-    live_rclone.endpoint.make_bucket(bucket)
-    config = write_agent_config(
-        base / "relay.toml", live_rclone.endpoint, bucket, state_dir=base / "state"
-    )
-    up = run_agent(["upload", "--repo", str(repo.root), *IDS, "--config", str(config), "--json"])
-    assert up.returncode == 0, up.stderr
-    pristine = base / "pristine"
-    shutil.copytree(live_rclone.bucket_path(bucket), pristine)
-    return Mirror(
-        live_rclone,
-        bucket,
-        config,
-        pristine,
-        up.summary["manifest"]["key"],
-        sorted(repo.relpaths()),
-    )
+    out = []
+    for i in range(2):
+        bucket = unique_bucket_name(f"tamper-{i}")
+        live_rclone.endpoint.make_bucket(bucket)
+        config = write_agent_config(
+            base / f"relay{i}.toml", live_rclone.endpoint, bucket, state_dir=base / f"state{i}"
+        )
+        args = ["upload", "--repo", str(repo.root), *IDS, "--config", str(config), "--json"]
+        up = run_agent(args)
+        assert up.returncode == 0, up.stderr
+        pristine = base / f"pristine{i}"
+        shutil.copytree(live_rclone.bucket_path(bucket), pristine)
+        manifest = up.summary["manifest"]["key"]
+        out.append(Mirror(live_rclone, bucket, config, pristine, manifest, sorted(repo.relpaths())))
+    return out
 
 
 def verify(m: Mirror) -> tuple[AgentResult, dict[str, Any]]:
@@ -174,61 +177,81 @@ def add_extra(m: Mirror, rng: random.Random) -> str:
     return key
 
 
-def test_random_remote_damage_is_always_found_and_named(mirror: Mirror, ledger: Ledger) -> None:
-    damaging = 0
-    named = 0
-    extras = 0
-    kinds: Counter[str] = Counter()
-    failures: list[str] = []
-    for trial in range(TRIALS):
-        rng = random.Random(sub_seed("tamper", trial))
-        mirror.restore()
-        damages: list[Damage] = []
-        extra: str | None = None
-        roll = rng.random()
-        if roll < 0.15:
-            kind = rng.choice(MANIFEST_FAULTS)
-            damages = damage_manifest(mirror, rng, kind, rng.choice(mirror.keys))
-        elif roll < 0.25:
-            extra = add_extra(mirror, rng)
-        else:
-            victims = rng.sample(mirror.keys, rng.randint(1, 3))
-            damages = [damage_object(mirror, rng, k, rng.choice(OBJECT_FAULTS)) for k in victims]
-            if rng.random() < 0.4:
-                extra = add_extra(mirror, rng)
-        kinds.update(f"{d.kind} ({d.via})" for d in damages)
-        kinds.update(["extra object"] if extra else [])
-        result, event = verify(mirror)
-        problems = {(p["key"], p["kind"]) for p in event["problems"]}
-        problem_keys = {key for key, _ in problems}
-        expected = {d.key for d in damages}
-        damaging += len(damages)
-        named += len(expected & problem_keys)
-        extras += 1 if extra else 0
-        label = f"trial {trial}: {[(d.kind, d.key, d.via) for d in damages]} extra={extra}"
-        if damages:
-            if result.returncode != 3:
-                failures.append(f"{label}: exit {result.returncode}, expected 3")
-            if not expected <= problem_keys:
-                failures.append(f"{label}: not named: {expected - problem_keys} ({problems})")
-            if problem_keys - expected:
-                failures.append(f"{label}: named but undamaged: {problem_keys - expected}")
-        elif result.returncode != 0 or problems:
-            failures.append(f"{label}: an extra object failed the verification: {problems}")
-        if extra and not any(w.startswith(f"{extra}:") for w in event["warnings"]):
-            failures.append(f"{label}: extra object not warned about: {event['warnings']}")
+@dataclass
+class Tally:
+    damaging: int = 0
+    named: int = 0
+    extras: int = 0
+    kinds: Counter[str] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+
+
+def trial(mirror: Mirror, number: int, tally: Tally) -> None:
+    """Damage the mirror at random, verify, and check that exactly the damage is named."""
+    rng = random.Random(sub_seed("tamper", number))
     mirror.restore()
+    damages: list[Damage] = []
+    extra: str | None = None
+    roll = rng.random()
+    if roll < 0.15:
+        kind = rng.choice(MANIFEST_FAULTS)
+        damages = damage_manifest(mirror, rng, kind, rng.choice(mirror.keys))
+    elif roll < 0.25:
+        extra = add_extra(mirror, rng)
+    else:
+        victims = rng.sample(mirror.keys, rng.randint(1, 3))
+        damages = [damage_object(mirror, rng, k, rng.choice(OBJECT_FAULTS)) for k in victims]
+        if rng.random() < 0.4:
+            extra = add_extra(mirror, rng)
+    result, event = verify(mirror)
+    problems = {(p["key"], p["kind"]) for p in event["problems"]}
+    problem_keys = {key for key, _ in problems}
+    expected = {d.key for d in damages}
+    label = f"trial {number}: {[(d.kind, d.key, d.via) for d in damages]} extra={extra}"
+    failures = []
+    if damages:
+        if result.returncode != 3:
+            failures.append(f"{label}: exit {result.returncode}, expected 3")
+        if not expected <= problem_keys:
+            failures.append(f"{label}: not named: {expected - problem_keys} ({problems})")
+        if problem_keys - expected:
+            failures.append(f"{label}: named but undamaged: {problem_keys - expected}")
+    elif result.returncode != 0 or problems:
+        failures.append(f"{label}: an extra object failed the verification: {problems}")
+    if extra and not any(w.startswith(f"{extra}:") for w in event["warnings"]):
+        failures.append(f"{label}: extra object not warned about: {event['warnings']}")
+    with LOCK:
+        tally.kinds.update(f"{d.kind} ({d.via})" for d in damages)
+        tally.kinds.update(["extra object"] if extra else [])
+        tally.damaging += len(damages)
+        tally.named += len(expected & problem_keys)
+        tally.extras += 1 if extra else 0
+        tally.failures += failures
+
+
+def test_random_remote_damage_is_always_found_and_named(
+    mirrors: list[Mirror], ledger: Ledger
+) -> None:
+    tally = Tally()
+
+    def run(lane: int) -> None:
+        for number in range(lane, TRIALS, len(mirrors)):
+            trial(mirrors[lane], number, tally)
+        mirrors[lane].restore()
+
+    with ThreadPoolExecutor(max_workers=len(mirrors)) as pool:
+        list(pool.map(run, range(len(mirrors))))
     ledger.add(
         "remote tampering",
         trials=TRIALS,
-        faults=damaging,
-        detected=named,
-        lost=damaging - named,
-        kinds=kinds,
-        note=f"{extras} extra objects added (warnings, not failures)",
+        faults=tally.damaging,
+        detected=tally.named,
+        lost=tally.damaging - tally.named,
+        kinds=tally.kinds,
+        note=f"{tally.extras} extra objects added (warnings, not failures)",
     )
-    assert not failures, "\n".join(failures)
-    assert named == damaging
+    assert not tally.failures, "\n".join(tally.failures)
+    assert tally.named == tally.damaging
 
 
 def test_deleted_newest_manifest_is_detected(live_rclone: RcloneS3Server, tmp_path: Path) -> None:
