@@ -17,6 +17,7 @@ os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
 
 import json
 import logging
+import secrets
 import sys
 import uuid
 from collections.abc import Iterator
@@ -52,8 +53,10 @@ GUID = "ef" * 32
 REPO = RepoRef(id="home", guid=GUID, path="/srv/restic/home")
 DEST = Destination(provider="b2", endpoint_url="https://s3.x", bucket="offsite", prefix="r/home")
 HC_UUID = "5f2d0b9e-8c61-4c43-a2a5-0f8f3cbd3c2a"
-CHAT_TOKEN = "TIiajkdnlazkcOXrIdevi7FQ"
-FLAKY_TOKEN = "JHMHI8qBe7bk2ZwO5U711o3dV"
+# Token-shaped sentinels made per run: the test proves they never reach a log, and no
+# credential-looking literal is committed.
+CHAT_TOKEN = "Sentinel" + secrets.token_hex(8)
+FLAKY_TOKEN = "Sentinel" + secrets.token_hex(9)
 SECRETS = (HC_UUID, CHAT_TOKEN, FLAKY_TOKEN)
 NOTIFY_PATTERN = {
     "$or": [
