@@ -30,8 +30,9 @@ from tests.support.sinks import HttpSink, SmtpSink, closed_port
 RUN_ID = "0190f5b2-3c4d-7e8f-9a0b-1c2d3e4f5a6b"
 HC_UUID = "5f2d0b9e-8c61-4c43-a2a5-0f8f3cbd3c2a"
 SMTP_PASSWORD = "Sup3r-S3cret!pw"
-DISCORD = ("4174216298", "JHMHI8qBe7bk2ZwO5U711o3dV_js")
-SLACK = ("T1JJ3T3L2", "A1BRTD4JD", "TIiajkdnlazkcOXrIdevi7FQ")
+# Obviously fake ids and tokens in the providers' shapes (nothing credential-like committed).
+DISCORD = ("4000000008", "JFakeDiscordTokenForTests00s")
+SLACK = ("T0FAKE002", "A0FAKE00D", "TFakeSlackTokenForTestsQ")
 SECRETS = (SMTP_PASSWORD, HC_UUID, *DISCORD, *SLACK)
 
 
