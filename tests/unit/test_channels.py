@@ -28,8 +28,8 @@ from cloud.logic.ports import ChannelError, Notification, NotificationChannel, S
 
 RUN_ID = "0190f5b2-3c4d-7e8f-9a0b-1c2d3e4f5a6b"
 HC_UUID = "5f2d0b9e-8c61-4c43-a2a5-0f8f3cbd3c2a"
-SLACK = ("T1JJ3T3L2", "A1BRTD4JD", "TIiajkdnlazkcOXrIdevi7FQ")
-DISCORD = ("4174216298", "JHMHI8qBe7bk2ZwO5U711o3dV_js")
+SLACK = ("T1JJ3T3L2", "A1BRTD4JD", "TFakeSlackTokenForTestsQ")
+DISCORD = ("4174216298", "JFakeDiscordTokenForTests00s")
 TELEGRAM = "123456789:AABBCCDDEEFFGGHHIIJJKKLLMMNNOOPPQQRR"
 
 

@@ -67,7 +67,7 @@ DEST = Destination(provider="b2", endpoint_url="https://s3.x", bucket="offsite",
 REPO = RepoRef(id="home", guid=GUID, path="/srv/restic/home")
 MANIFEST = ManifestRef(key="m/1.jsonl.gz", sha256="0" * 64, objects=10, created_by_run="m1")
 HC_UUID = "5f2d0b9e-8c61-4c43-a2a5-0f8f3cbd3c2a"
-APPRISE_TOKEN = "TIiajkdnlazkcOXrIdevi7FQ"
+APPRISE_TOKEN = "TFakeSlackTokenForTestsQ"
 
 
 # -- events ----------------------------------------------------------------------------------
