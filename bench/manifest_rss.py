@@ -27,7 +27,7 @@ CHILD = """
 import json, resource, sys, time
 from pathlib import Path
 from cloud.contracts.destination import Destination
-from cloud.integrations.s3 import S3Access, make_s3_client
+from cloud.integrations.s3 import S3Access
 from local_agent.backend import Backend
 from local_agent.manifest import ManifestWriter
 from local_agent.state import StateStore
@@ -37,7 +37,7 @@ dest = Destination(
 )
 access = S3Access(provider="s3", endpoint_url=args["url"], region="us-east-1",
                   access_key_id=args["ak"], secret_access_key=args["sk"])
-backend = Backend(lambda: make_s3_client(access), dest)
+backend = Backend(access, dest)
 state = StateStore(Path(args["state"]))
 started = time.monotonic()
 ref = ManifestWriter(backend, state).write(

@@ -1,9 +1,10 @@
 """The destination bucket as the agent uses it: a handful of S3 calls, each turning
 botocore's exceptions into one sentence that names the object and the cause.
 
-botocore already retries 5xx, throttling and dropped connections (standard mode); what
-reaches this module is final. Request counts are kept so summaries and tests can prove
-that a run with nothing new made no request at all.
+botocore (and the agent's own PUTs, `object_writer`, in the same way) already retries 5xx,
+throttling and dropped connections (standard mode); what reaches this module is final.
+Request counts are kept so summaries and tests can prove that a run with nothing new made
+no request at all.
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from cloud.contracts.destination import Destination
+from local_agent import __version__
 from local_agent.errors import ConfigError, DestinationError, RelayError
 
 if TYPE_CHECKING:
+    from boto3.session import Session
     from types_boto3_s3 import S3Client
+
+    from cloud.integrations.s3 import S3Access
+    from local_agent.object_writer import ObjectWriter
 
 T = TypeVar("T")
 
@@ -75,25 +81,85 @@ def error_code(exc: BaseException | None) -> str | None:
 
 class Backend:
     """The destination's S3 operations. The client is made on first use, so a run with
-    nothing to send neither imports the SDK nor opens a connection."""
+    nothing to send neither imports the SDK nor opens a connection.
 
-    def __init__(self, client_factory: Callable[[], S3Client], destination: Destination) -> None:
-        self._client_factory = client_factory
+    Single PUTs go through the agent's own signed requests (`object_writer`) unless
+    `direct_put` is off or the writer cannot match the client (then boto3 sends them).
+    """
+
+    def __init__(
+        self,
+        access: S3Access,
+        destination: Destination,
+        *,
+        max_pool_connections: int = 10,
+        max_attempts: int = 8,
+        direct_put: bool = True,
+    ) -> None:
+        self._access = access
+        self._max_pool_connections = max_pool_connections
+        self._max_attempts = max_attempts
+        self._direct_put = direct_put
+        self._session: Session | None = None
         self._client: S3Client | None = None
+        self._writer: ObjectWriter | None = None
+        self._writer_made = False
         self.destination = destination
         self.bucket = destination.bucket
         self._requests = 0
         self._lock = threading.Lock()
+        self._made_lock = threading.Lock()
 
     @property
     def client(self) -> S3Client:
-        with self._lock:
-            if self._client is None:
-                self._client = self._client_factory()
-                self._client.meta.events.register("before-send.s3", self._count)
-            return self._client
+        with self._made_lock:
+            return self._make_client()
 
-    def _count(self, **_: Any) -> None:
+    def _make_client(self) -> S3Client:
+        if self._client is None:
+            from cloud.integrations.s3 import make_s3_client, make_s3_session
+
+            self._session = make_s3_session(self._access)
+            self._client = make_s3_client(
+                self._access,
+                max_pool_connections=self._max_pool_connections,
+                max_attempts=self._max_attempts,
+                session=self._session,
+            )
+            self._client.meta.events.register("before-send.s3", self._count)
+        return self._client
+
+    def _object_writer(self) -> ObjectWriter | None:
+        with self._made_lock:
+            if not self._writer_made:
+                client = self._make_client()
+                if self._direct_put:
+                    from cloud.integrations.s3 import USER_AGENT
+                    from local_agent.object_writer import writer_for
+
+                    assert self._session is not None
+                    self._writer = writer_for(
+                        client,
+                        self._session,
+                        self.bucket,
+                        user_agent=f"{USER_AGENT}/{__version__}",
+                        on_request=self._count,
+                    )
+                self._writer_made = True
+            return self._writer
+
+    @property
+    def direct_put_active(self) -> bool:
+        """Whether single PUTs bypass boto3 (for `doctor` and the benchmark report)."""
+        return self._object_writer() is not None
+
+    def close(self) -> None:
+        """Close the writer's kept-alive connections (boto3's pool closes with the process)."""
+        with self._made_lock:
+            if self._writer is not None:
+                self._writer.close()
+
+    def _count(self, *_: Any, **__: Any) -> None:
         with self._lock:
             self._requests += 1
 
@@ -131,14 +197,31 @@ class Backend:
 
     # -- objects --------------------------------------------------------------------------
 
-    def put(self, key: str, body: bytes | BinaryIO, size: int, md5_hex: str) -> str:
+    def put(
+        self, key: str, body: bytes | BinaryIO, size: int, md5_hex: str, sha256_hex: str
+    ) -> str:
         """Upload a repository file (`key` relative to the prefix); returns the ETag."""
-        return self.put_at(self.destination.key(key), body, size, md5_hex, what=key)
+        return self.put_at(self.destination.key(key), body, size, md5_hex, sha256_hex, what=key)
 
     def put_at(
-        self, full: str, body: bytes | BinaryIO, size: int, md5_hex: str, *, what: str = ""
+        self,
+        full: str,
+        body: bytes | BinaryIO,
+        size: int,
+        md5_hex: str,
+        sha256_hex: str,
+        *,
+        what: str = "",
     ) -> str:
-        """Upload to an absolute object key (manifests live outside the prefix)."""
+        """Upload to an absolute object key (manifests live outside the prefix).
+
+        `md5_hex` and `sha256_hex` are of the body: the bucket checks both."""
+        writer = self._object_writer()
+        if writer is not None:
+            return self._call(
+                f"upload of {what or full}",
+                lambda: writer.put(full, body, size, md5_hex, sha256_hex),
+            )
         resp = self._call(
             f"upload of {what or full}",
             lambda: self.client.put_object(

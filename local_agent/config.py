@@ -120,6 +120,7 @@ class UploadConfig(_Section):
     multipart_threshold: str = "64MiB"
     part_size: str = "16MiB"
     lock_wait: str = "2m"
+    direct_put: bool = True
 
     @field_validator("bandwidth_limit")
     @classmethod

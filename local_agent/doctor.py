@@ -54,7 +54,6 @@ class Doctor:
 
 
 def run_doctor(args: argparse.Namespace) -> int:
-    from cloud.integrations.s3 import make_s3_client
     from local_agent.backend import Backend, describe_error
     from local_agent.cli import register_secrets, resolve_repo
     from local_agent.config import load_config
@@ -121,7 +120,7 @@ def run_doctor(args: argparse.Namespace) -> int:
         return _exit(doctor)
     doctor.record("credentials", True, f"found ({credentials.method})")
 
-    backend = Backend(lambda: make_s3_client(access, max_attempts=2), destination)
+    backend = Backend(access, destination, max_attempts=2, direct_put=config.upload.direct_put)
     headers: dict[str, Any] = {}
 
     def list_check() -> str:
@@ -142,9 +141,14 @@ def run_doctor(args: argparse.Namespace) -> int:
 
     def write_check() -> str:
         backend.put(
-            probe_key, body, len(body), hashlib.md5(body, usedforsecurity=False).hexdigest()
+            probe_key,
+            body,
+            len(body),
+            hashlib.md5(body, usedforsecurity=False).hexdigest(),
+            hashlib.sha256(body).hexdigest(),
         )
-        return "can upload (single PUT with Content-MD5)"
+        via = "the agent's signed PUT" if backend.direct_put_active else "boto3 put_object"
+        return f"can upload (single PUT with Content-MD5, via {via})"
 
     if doctor.attempt("write permission", write_check):
 

@@ -107,7 +107,12 @@ class ManifestWriter:
                 raise AssertionError(f"manifest: counted {count} objects but wrote {written}")
             tmp.seek(0)
             self.backend.put_at(
-                key, tmp, hashing.size, hashing.md5.hexdigest(), what=f"manifest {key}"
+                key,
+                tmp,
+                hashing.size,
+                hashing.md5.hexdigest(),
+                hashing.sha256.hexdigest(),
+                what=f"manifest {key}",
             )
         return ManifestRef(
             key=key, sha256=hashing.sha256.hexdigest(), objects=count, created_by_run=run_id

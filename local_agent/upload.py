@@ -19,7 +19,6 @@ from cloud.contracts.events import (
     MirrorVerified,
     RepoRef,
 )
-from cloud.integrations.s3 import make_s3_client
 from local_agent.backend import Backend
 from local_agent.config import RelayConfig
 from local_agent.deadline import StopSignal, start_hard_stop
@@ -83,7 +82,10 @@ def run_upload(
     lock = RunLock(state_dir / state_file_name(destination, "").replace(".sqlite", ".lock"))
     access = config.destination.access()
     backend = Backend(
-        lambda: make_s3_client(access, max_pool_connections=upload.concurrency + 2), destination
+        access,
+        destination,
+        max_pool_connections=upload.concurrency + 2,
+        direct_put=upload.direct_put,
     )
     progress = Progress(sys.stderr, tty=interactive) if show_progress else None
     publisher = publisher or make_publisher(config, state_dir)

@@ -59,10 +59,14 @@ class ObjectUploader:
         if file.size >= self.multipart_threshold:
             return self._multipart(file, path, digest)
         if data is not None:
-            etag = self.backend.put(file.key, self._body(data), file.size, digest.md5)
+            etag = self.backend.put(
+                file.key, self._body(data), file.size, digest.md5, digest.sha256
+            )
         else:
             with _open(path) as fh:
-                etag = self.backend.put(file.key, self._body(fh), file.size, digest.md5)
+                etag = self.backend.put(
+                    file.key, self._body(fh), file.size, digest.md5, digest.sha256
+                )
         self.on_bytes(file.size)
         obj = RemoteObject(file.key, file.size, digest.sha256, digest.md5, etag, self.run_id)
         self.state.put(obj)

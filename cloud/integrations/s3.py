@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 from cloud.contracts.destination import Provider, b2_endpoint
 
 if TYPE_CHECKING:
+    from boto3.session import Session
     from botocore.config import Config
     from types_boto3_s3 import S3Client
 
@@ -75,6 +76,17 @@ def client_config(
     )
 
 
+def make_s3_session(access: S3Access) -> Session:
+    """The boto3 session behind `access`'s clients: its keys, else the standard AWS chain."""
+    import boto3
+
+    return boto3.session.Session(
+        aws_access_key_id=access.access_key_id or None,
+        aws_secret_access_key=access.secret_access_key or None,
+        region_name=access.region or None,
+    )
+
+
 def make_s3_client(
     access: S3Access,
     *,
@@ -82,15 +94,14 @@ def make_s3_client(
     connect_timeout: float = 10,
     read_timeout: float = 120,
     max_attempts: int = 8,
+    session: Session | None = None,
 ) -> S3Client:
-    """An S3 client for `access`; credentials fall back to the standard AWS chain."""
-    import boto3
+    """An S3 client for `access`; credentials fall back to the standard AWS chain.
 
-    session = boto3.session.Session(
-        aws_access_key_id=access.access_key_id or None,
-        aws_secret_access_key=access.secret_access_key or None,
-        region_name=access.region or None,
-    )
+    Pass `session` (from `make_s3_session(access)`) to share its credentials with
+    something else that signs requests for the same destination.
+    """
+    session = session or make_s3_session(access)
     return session.client(
         "s3",
         endpoint_url=access.resolved_endpoint(),

@@ -1,0 +1,217 @@
+"""One kept-alive HTTP/1.1 connection for the object writer's PUTs.
+
+Why not http.client: it parses every response's headers with the `email` package, which
+costs more CPU than signing and sending a 4 KiB object together (docs/benchmarks.md). S3
+answers a PUT with a status line, a few headers and an empty or small XML body, so this
+reads exactly that, usually from one `recv`: the head up to the blank line, then a body
+framed by Content-Length, by chunked encoding, or by the server closing the connection.
+Interim 1xx answers are skipped. Anything malformed is an `HTTPError` (the caller retries on a new
+connection, as for a dropped one).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from typing import BinaryIO
+
+MAX_HEAD = 64 * 1024
+RECV_SIZE = 64 * 1024
+SEND_BLOCK = 256 * 1024  # bytes per read and socket write of a file body
+SMALL_BODY = 64 * 1024  # bodies up to this size go out in the same write as the head
+
+
+class HTTPError(OSError):
+    """The connection cannot be used: the peer broke the protocol or went away."""
+
+
+class BodyTooShortError(ValueError):
+    """A file body ended before the length the request announced."""
+
+
+class Response:
+    __slots__ = ("body", "headers", "reason", "status")
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers  # lower-case names; a repeated header keeps its last value
+        self.body = body
+
+
+class Connection:
+    """Not thread-safe: the writer keeps one per thread."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._ssl_context = ssl_context
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._sock: socket.socket | None = None
+        self._buffer = bytearray()  # received, not yet parsed
+
+    @property
+    def is_open(self) -> bool:
+        return self._sock is not None
+
+    def open(self) -> None:
+        sock = socket.create_connection((self.host, self.port), timeout=self._connect_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._ssl_context is not None:
+                sock = self._ssl_context.wrap_socket(sock, server_hostname=self.host)
+            sock.settimeout(self._read_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._buffer.clear()
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        self._buffer.clear()
+        if sock is not None:
+            sock.close()
+
+    def exchange(self, head: bytes, body: bytes | BinaryIO, size: int) -> Response:
+        """Send one request (`head` ends with the blank line) and read its response."""
+        sock = self._sock
+        if sock is None:
+            raise HTTPError("connection is not open")
+        try:
+            self._send(sock, head, body, size)
+        except OSError as send_error:
+            # A server may answer early (an auth error) and close while the body is still
+            # going out; its answer says more than the broken pipe does.
+            try:
+                response = self._read_response()
+            except (OSError, ValueError):
+                raise send_error from None
+            self.close()
+            return response
+        response = self._read_response()
+        if response.headers.get("connection", "").lower() == "close":
+            self.close()
+        return response
+
+    @staticmethod
+    def _send(sock: socket.socket, head: bytes, body: bytes | BinaryIO, size: int) -> None:
+        if isinstance(body, bytes):
+            if len(body) <= SMALL_BODY:
+                sock.sendall(head + body)
+            else:
+                sock.sendall(head)
+                sock.sendall(body)
+            return
+        sock.sendall(head)
+        left = size
+        while left > 0:
+            chunk = body.read(min(SEND_BLOCK, left))
+            if not chunk:
+                raise BodyTooShortError(f"body ended {left} bytes short of {size}")
+            sock.sendall(chunk)
+            left -= len(chunk)
+
+    def _fill(self) -> bool:
+        """Read what the socket has into the buffer; False when the peer has closed."""
+        assert self._sock is not None
+        data = self._sock.recv(RECV_SIZE)
+        if not data:
+            return False
+        self._buffer += data
+        return True
+
+    def _take(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            if not self._fill():
+                missing = n - len(self._buffer)
+                raise HTTPError(f"server closed the connection {missing} bytes into a body")
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return data
+
+    def _take_line(self) -> bytes:
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buffer[: end + 1])
+                del self._buffer[: end + 1]
+                return line
+            if len(self._buffer) > MAX_HEAD:
+                raise HTTPError("response line too long")
+            if not self._fill():
+                return b""
+
+    def _take_head(self) -> bytes:
+        """Status line and headers, up to and without the blank line."""
+        while True:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                head = bytes(self._buffer[:end])
+                del self._buffer[: end + 4]
+                return head
+            if len(self._buffer) > MAX_HEAD:
+                raise HTTPError(f"response head longer than {MAX_HEAD} bytes")
+            if not self._fill():
+                if self._buffer:
+                    raise HTTPError("server closed the connection in the middle of headers")
+                raise HTTPError("server closed the connection without an answer")
+
+    def _read_response(self) -> Response:
+        while True:
+            lines = self._take_head().decode("latin-1").split("\r\n")
+            parts = lines[0].split(" ", 2)
+            if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+                raise HTTPError(f"not an HTTP status line: {lines[0][:80]!r}")
+            status = int(parts[1])
+            headers: dict[str, str] = {}
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if not sep:
+                    raise HTTPError(f"malformed header line: {line[:80]!r}")
+                headers[name.strip().lower()] = value.strip()
+            if not 100 <= status < 200:
+                break  # else an interim answer (100 Continue): the real one follows
+        reason = parts[2] if len(parts) > 2 else ""
+        if status in (204, 304):
+            return Response(status, reason, headers, b"")
+        body = self._read_body(headers)
+        if parts[0] == "HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
+            headers["connection"] = "close"
+        return Response(status, reason, headers, body)
+
+    def _read_body(self, headers: dict[str, str]) -> bytes:
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            chunks: list[bytes] = []
+            while True:
+                size_line = self._take_line().split(b";", 1)[0].strip()
+                try:
+                    size = int(size_line, 16)
+                except ValueError:
+                    raise HTTPError(f"bad chunk size {size_line[:20]!r}") from None
+                if size == 0:
+                    while self._take_line() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(chunks)
+                chunks.append(self._take(size))
+                self._take_line()  # CRLF after the chunk
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise HTTPError(f"bad Content-Length {length[:20]!r}")
+            return self._take(int(length)) if int(length) else b""
+        while self._fill():  # framed by the server closing the connection
+            pass
+        body = bytes(self._buffer)
+        self._buffer.clear()
+        headers["connection"] = "close"
+        return body

@@ -1,0 +1,217 @@
+"""The agent's own single PUTs, against a real S3 server (rclone serve s3, which checks
+signatures) and a fault-injecting proxy: same bytes, same names, same retries and the same
+error wording as boto3's put_object."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cloud.contracts.destination import Destination
+from cloud.integrations.s3 import S3Access
+from local_agent.backend import Backend
+from local_agent.errors import DestinationError
+from local_agent.throttle import Throttle, ThrottledReader
+from tests.support.s3servers import (
+    Fault,
+    FaultSchedule,
+    RcloneS3Server,
+    RequestInfo,
+    S3Endpoint,
+    S3Proxy,
+)
+
+
+def access_for(endpoint: S3Endpoint, *, secret: str | None = None) -> S3Access:
+    return S3Access(
+        provider="s3",
+        endpoint_url=endpoint.endpoint_url,
+        region=endpoint.region,
+        access_key_id=endpoint.access_key,
+        secret_access_key=secret or endpoint.secret_key,
+    )
+
+
+def digests(body: bytes) -> tuple[str, str]:
+    return hashlib.md5(body, usedforsecurity=False).hexdigest(), hashlib.sha256(body).hexdigest()
+
+
+@pytest.fixture
+def backend_for(rclone_bucket: str) -> Iterator[Callable[..., Backend]]:
+    made: list[Backend] = []
+
+    def make(endpoint: S3Endpoint, **kwargs: object) -> Backend:
+        secret = kwargs.pop("secret", None)
+        backend = Backend(
+            access_for(endpoint, secret=secret),  # type: ignore[arg-type]
+            Destination(
+                provider="s3",
+                endpoint_url=endpoint.endpoint_url,
+                bucket=rclone_bucket,
+                prefix="restic/writer",
+            ),
+            max_attempts=int(kwargs.pop("max_attempts", 4)),  # type: ignore[call-overload]
+            **kwargs,  # type: ignore[arg-type]
+        )
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        backend.close()
+
+
+ODD_KEYS = [
+    "data/ab/" + "ab" * 32,
+    "keys/with space and+plus=equals&amp",
+    "snapshots/unicodé-ключ-鍵~tilde!'()*",
+    "index/percent%41literal",
+]
+
+
+@pytest.mark.parametrize("key", ODD_KEYS)
+def test_put_stores_the_bytes_under_the_exact_key(
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    backend_for: Callable[..., Backend],
+    key: str,
+) -> None:
+    endpoint = rclone_server.endpoint
+    backend = backend_for(endpoint)
+    assert backend.direct_put_active
+    body = os.urandom(3000)
+    md5, sha = digests(body)
+
+    etag = backend.put(key, body, len(body), md5, sha)
+
+    got = endpoint.client().get_object(Bucket=rclone_bucket, Key=f"restic/writer/{key}")
+    assert got["Body"].read() == body
+    assert etag == md5 == got["ETag"].strip('"')
+    assert backend.requests == 1
+
+
+def test_file_and_throttled_bodies_are_rewound_for_a_retry(
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    backend_for: Callable[..., Backend],
+    tmp_path: Path,
+) -> None:
+    body = os.urandom(700_000)  # several send blocks
+    md5, sha = digests(body)
+    source = tmp_path / "pack"
+    source.write_bytes(body)
+    faults = FaultSchedule(Fault.reset_mid_body(), times=2, method="PUT")
+    with S3Proxy(rclone_server.endpoint, fault=faults) as proxy:
+        backend = backend_for(proxy.endpoint)
+        with source.open("rb") as fh:
+            fh.seek(0)
+            backend.put("data/00/file", fh, len(body), md5, sha)
+        reader = ThrottledReader(io.BytesIO(body), Throttle(50 * 1024 * 1024))
+        backend.put("data/00/throttled", reader, len(body), md5, sha)  # type: ignore[arg-type]
+        statuses = [r.status for r in proxy.requests]
+    client = rclone_server.endpoint.client()
+    for name in ("file", "throttled"):
+        got = client.get_object(Bucket=rclone_bucket, Key=f"restic/writer/data/00/{name}")
+        assert got["Body"].read() == body
+    assert faults.injected == 2
+    assert statuses == [None, None, 200, 200]
+    assert backend.requests == 4  # retries are requests too
+
+
+def test_throttling_and_server_errors_are_retried_then_reported(
+    rclone_server: RcloneS3Server, backend_for: Callable[..., Backend]
+) -> None:
+    body = b"x" * 100
+    md5, sha = digests(body)
+    slow = FaultSchedule(Fault.slow_down(), times=2, method="PUT")
+    with S3Proxy(rclone_server.endpoint, fault=slow) as proxy:
+        backend = backend_for(proxy.endpoint)
+        assert backend.put("config", body, len(body), md5, sha) == md5
+        assert [r.status for r in proxy.requests] == [503, 503, 200]
+
+        proxy.fault = FaultSchedule(Fault.internal_error(), times=None, method="PUT")
+        with pytest.raises(DestinationError) as failed:
+            backend.put("keys/k", body, len(body), md5, sha)
+    assert failed.value.message == (
+        "upload of keys/k: InternalError (HTTP 500): We encountered an internal error."
+    )
+    assert backend.requests == 3 + 4  # max_attempts counts the first try
+
+
+def test_refusals_are_not_retried_and_name_the_cause(
+    rclone_server: RcloneS3Server, rclone_bucket: str, backend_for: Callable[..., Backend]
+) -> None:
+    body = b"restic bytes"
+    md5, sha = digests(body)
+    wrong_secret = "not-the-secret-" + os.urandom(4).hex()
+    backend = backend_for(rclone_server.endpoint, secret=wrong_secret)
+    with pytest.raises(DestinationError) as denied:
+        backend.put("config", body, len(body), md5, sha)
+    assert "check the key" in denied.value.message
+    assert wrong_secret not in denied.value.message
+    assert backend.requests == 1
+
+    backend = backend_for(rclone_server.endpoint)
+    other_md5, _ = digests(b"other bytes")
+    with pytest.raises(DestinationError) as bad:
+        backend.put("config", body, len(body), other_md5, sha)
+    assert "BadDigest" in bad.value.message or "InvalidDigest" in bad.value.message
+    listed = rclone_server.endpoint.client().list_objects_v2(Bucket=rclone_bucket)
+    assert listed.get("KeyCount", 0) == 0  # nothing stored on a refused PUT
+
+
+def test_unreachable_endpoint_is_a_destination_error(
+    backend_for: Callable[..., Backend],
+) -> None:
+    dead = S3Endpoint("http://127.0.0.1:9", "AKIDTESTONLY0000", "test-only-secret")
+    backend = backend_for(dead, max_attempts=2)
+    body = b"x"
+    with pytest.raises(DestinationError) as failed:
+        backend.put("config", body, 1, *digests(body))
+    assert "Could not connect to the endpoint URL" in failed.value.message
+    assert backend.requests == 0  # nothing was sent
+
+
+def test_no_checksum_headers_and_content_md5_on_every_put(
+    rclone_server: RcloneS3Server, backend_for: Callable[..., Backend]
+) -> None:
+    """What B2 needs: every PUT carries Content-MD5 and none of the x-amz-checksum-*."""
+    seen: list[dict[str, str]] = []
+
+    def watch(info: RequestInfo) -> None:
+        seen.append(info.headers)
+
+    with S3Proxy(rclone_server.endpoint, b2_quirks=True, fault=watch) as proxy:
+        backend = backend_for(proxy.endpoint)
+        body = b"y" * 10
+        backend.put("config", body, len(body), *digests(body))
+    (headers,) = seen
+    assert "content-md5" in headers
+    assert headers["x-amz-content-sha256"] == hashlib.sha256(body).hexdigest()
+    assert headers["user-agent"].startswith("backrest-relay/")
+
+
+def test_proxy_or_switch_off_sends_through_boto3(
+    rclone_server: RcloneS3Server,
+    backend_for: Callable[..., Backend],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    agents: list[str] = []
+
+    def watch(info: RequestInfo) -> None:
+        agents.append(info.headers.get("user-agent", ""))
+
+    body = b"z" * 10
+    with S3Proxy(rclone_server.endpoint, fault=watch) as proxy:
+        backend_for(proxy.endpoint, direct_put=False).put("a", body, 10, *digests(body))
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+        monkeypatch.setenv("NO_PROXY", "")
+        proxied = backend_for(proxy.endpoint)
+        assert not proxied.direct_put_active
+    assert len(agents) == 1
+    assert agents[0].startswith("Boto3/")

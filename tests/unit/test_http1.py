@@ -1,0 +1,151 @@
+"""The object writer's HTTP/1.1 connection against canned server answers on a real socket:
+every framing S3 servers use, interim answers, kept-alive reuse, and broken peers."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from local_agent.http1 import BodyTooShortError, Connection, HTTPError
+
+OK_EMPTY = b'HTTP/1.1 200 OK\r\nETag: "abc"\r\nContent-Length: 0\r\n\r\n'
+
+
+class CannedServer:
+    """Accepts one connection; answers each request (head + Content-Length body) with
+    the next canned reply, and hangs up after the last; None hangs up without answering."""
+
+    def __init__(self, replies: list[bytes | None]) -> None:
+        self.replies = replies
+        self.requests: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        buffer = b""
+        with conn:
+            for reply in self.replies:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(buffer) < length:
+                    buffer += conn.recv(65536)
+                self.requests.append(head + b"\r\n\r\n" + buffer[:length])
+                buffer = buffer[length:]
+                if reply is None:
+                    return
+                conn.sendall(reply)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[type[CannedServer]]:
+    servers: list[CannedServer] = []
+
+    class Tracked(CannedServer):
+        def __init__(self, replies: list[bytes | None]) -> None:
+            super().__init__(replies)
+            servers.append(self)
+
+    yield Tracked
+    for server in servers:
+        server.close()
+
+
+def connect(server: CannedServer) -> Connection:
+    conn = Connection("127.0.0.1", server.port, ssl_context=None, connect_timeout=5, read_timeout=5)
+    conn.open()
+    return conn
+
+
+def head(n: int) -> bytes:
+    return f"PUT /b/k HTTP/1.1\r\nhost: x\r\ncontent-length: {n}\r\n\r\n".encode()
+
+
+def test_kept_alive_connection_carries_several_requests(serve: type[CannedServer]) -> None:
+    server = serve([OK_EMPTY, OK_EMPTY, OK_EMPTY])
+    conn = connect(server)
+    bodies = [b"a" * 10, b"b" * 100_000, b"c" * 5]
+    for body in bodies:
+        response = conn.exchange(head(len(body)), body, len(body))
+        assert (response.status, response.headers["etag"], response.body) == (200, '"abc"', b"")
+    assert conn.is_open
+    assert [r.partition(b"\r\n\r\n")[2] for r in server.requests] == bodies
+
+
+def test_file_bodies_are_sent_in_blocks_and_must_be_complete(
+    serve: type[CannedServer],
+) -> None:
+    data = bytes(range(256)) * 4000  # 1 MB: several send blocks
+    server = serve([OK_EMPTY, OK_EMPTY])  # the second answer never comes: body too short
+    conn = connect(server)
+    assert conn.exchange(head(len(data)), io.BytesIO(data), len(data)).status == 200
+    assert server.requests[0].endswith(data)
+    with pytest.raises(BodyTooShortError):
+        conn.exchange(head(10), io.BytesIO(b"short"), 10)
+
+
+@pytest.mark.parametrize(
+    ("reply", "status", "body", "stays_open"),
+    [
+        (
+            b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            b"6;ext=1\r\n<Error\r\n7\r\n>x</Err\r\n3\r\nor>\r\n0\r\nX-Trailer: 1\r\n\r\n",
+            403,
+            b"<Error>x</Error>",
+            True,
+        ),
+        (b"HTTP/1.1 100 Continue\r\n\r\n" + OK_EMPTY, 200, b"", True),
+        (b"HTTP/1.1 500 Internal\r\nContent-Length: 3\r\n\r\nbad", 500, b"bad", True),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil-close", 200, b"until-close", False),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, b"ok", False),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", 204, b"", True),
+    ],
+)
+def test_response_framing(
+    serve: type[CannedServer], reply: bytes, status: int, body: bytes, stays_open: bool
+) -> None:
+    server = serve([reply])
+    conn = connect(server)
+    response = conn.exchange(head(1), b"x", 1)
+    assert (response.status, response.body) == (status, body)
+    assert conn.is_open is stays_open
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        None,  # closed without an answer
+        b"HTTP/1.1 200 OK\r\nContent-Le",  # closed in the middle of the head
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",  # closed inside the body
+        b"SSH-2.0-OpenSSH\r\n\r\n",  # not HTTP
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+)
+def test_broken_answers_are_connection_errors(
+    serve: type[CannedServer], reply: bytes | None
+) -> None:
+    server = serve([reply])  # the server hangs up after its (partial) answer
+    conn = connect(server)
+    with pytest.raises(HTTPError):
+        conn.exchange(head(1), b"x", 1)
