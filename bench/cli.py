@@ -17,6 +17,7 @@ from pathlib import Path
 from bench.data import RepoCache
 from bench.machine import describe
 from bench.measure import BenchError
+from bench.put_cost import measure as measure_put_cost
 from bench.report import Report, RunInfo, render, summary_table
 from bench.scenarios import (
     BigMirror,
@@ -139,11 +140,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     results: dict[str, ScenarioResult] = {}
     method_notes: list[str] = []
+    put_cost: dict[str, float] = {}
     log(f"work dir {work} ({storage}); scenarios {','.join(selected)}")
     for sid in selected:
         log(f"  {sid}: {sizes.describe(sid)}")
     try:
         method_notes = warm_up(ctx, work / "pycache")
+        log("CPU per single PUT (python -m bench.put_cost)")
+        put_cost = measure_put_cost(work / "put-cost")
+        for label, ms in put_cost.items():
+            log(f"  {label}: {ms:.3f} ms")
         results = run_scenarios(ctx, selected)
     except KeyboardInterrupt:
         log("interrupted; writing what was measured")
@@ -183,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands=commands,
         method_notes=method_notes,
         server_errors={k: dict(v) for k, v in ctx.server_errors.items()},
+        put_cost=put_cost,
     )
     results_file.write_text(json.dumps(report.as_dict(), indent=1))
     log(f"raw results in {results_file}")

@@ -46,7 +46,9 @@ from local_agent.uploader import ObjectUploader
 
 log = logging.getLogger(__name__)
 
-KEEP_IN_MEMORY_BELOW = 8 * 1024 * 1024
+# Files below this go up from the bytes read for hashing (a default 16 MiB pack included);
+# at most `concurrency` of them are held at once.
+KEEP_IN_MEMORY_BELOW = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,10 @@ class MirrorRun:
             work[file.kind].append(
                 _Work(file, listed if listed and listed.size == file.size else None)
             )
+        for items in work.values():
+            # Biggest first: the phase then ends on small files, not on one thread still
+            # sending a pack while the others wait at the phase boundary.
+            items.sort(key=lambda w: -w.file.size)
         return work
 
     def _check_config(self, scan: RepositoryScan, listing: dict[str, Listed] | None) -> None:

@@ -225,24 +225,23 @@ def scan_repository(root: Path) -> RepositoryScan:
 
 
 def hash_file(path: Path, *, keep_below: int = 0) -> tuple[Digest, bytes | None]:
-    """SHA-256 and MD5 of a file in one read; small files also come back as bytes.
-
-    Returning the bytes of small files saves a second read when they are uploaded.
-    """
+    """SHA-256 and MD5 of a file in one read; files under `keep_below` bytes also come back
+    as bytes, read in one piece, which saves reading them again (and copying) to upload."""
     sha = hashlib.sha256()
     md5 = hashlib.md5(usedforsecurity=False)
-    kept = bytearray() if keep_below else None
     try:
         with path.open("rb", buffering=0) as fh:
+            if keep_below and os.fstat(fh.fileno()).st_size < keep_below:
+                data = fh.readall()
+                if len(data) < keep_below:
+                    sha.update(data)
+                    md5.update(data)
+                    return Digest(sha256=sha.hexdigest(), md5=md5.hexdigest()), data
+                sha.update(data)  # it grew after the stat: hash the rest as it streams
+                md5.update(data)
             while chunk := fh.read(HASH_CHUNK):
                 sha.update(chunk)
                 md5.update(chunk)
-                if kept is not None:
-                    kept += chunk
-                    if len(kept) >= keep_below:
-                        kept = None
     except OSError as exc:
         raise RepositoryError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return Digest(sha256=sha.hexdigest(), md5=md5.hexdigest()), (
-        bytes(kept) if kept is not None else None
-    )
+    return Digest(sha256=sha.hexdigest(), md5=md5.hexdigest()), None
