@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(SCENARIOS),
         help="comma-separated subset of " + ",".join(SCENARIOS),
     )
+    p.add_argument(
+        "--tools",
+        default="ours,rclone,s5cmd",
+        help="comma-separated tools to run (ours and rclone always; for re-measuring one "
+        "scenario into an earlier report with `python -m bench.merge`)",
+    )
     p.add_argument("--runs", type=int, default=3, help="timed runs per tool (default 3)")
     p.add_argument("--concurrency", type=int, default=8, help="for every tool (default 8)")
     p.add_argument(
@@ -128,7 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.perf_counter() - started:7.1f}s] {message}", file=sys.stderr, flush=True)
 
     machine = describe(storage)
-    tools: list[Tool] = [Ours(args.concurrency), Rclone(args.concurrency), S5cmd(args.concurrency)]
+    wanted = {t.strip() for t in args.tools.split(",") if t.strip()} | {"ours", "rclone"}
+    tools: list[Tool] = [
+        tool
+        for tool in (Ours(args.concurrency), Rclone(args.concurrency), S5cmd(args.concurrency))
+        if tool.name in wanted
+    ]
     ctx = Context(
         sizes=sizes,
         runs=args.runs,

@@ -10,6 +10,7 @@ no request at all.
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
     from local_agent.object_writer import ObjectWriter
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# Answers of S3 to a request signed for the wrong region.
+WRONG_REGION = frozenset({"PermanentRedirect", "AuthorizationHeaderMalformed", "301"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +135,8 @@ class Backend:
         return self._client
 
     def _object_writer(self) -> ObjectWriter | None:
+        if self._writer_made:  # settled once; no lock on every PUT
+            return self._writer
         with self._made_lock:
             if not self._writer_made:
                 client = self._make_client()
@@ -218,10 +225,26 @@ class Backend:
         `md5_hex` and `sha256_hex` are of the body: the bucket checks both."""
         writer = self._object_writer()
         if writer is not None:
-            return self._call(
-                f"upload of {what or full}",
-                lambda: writer.put(full, body, size, md5_hex, sha256_hex),
-            )
+            start = None if isinstance(body, bytes) else body.tell()
+            try:
+                return self._call(
+                    f"upload of {what or full}",
+                    lambda: writer.put(full, body, size, md5_hex, sha256_hex),
+                )
+            except DestinationError as exc:
+                if error_code(exc.__cause__) not in WRONG_REGION:
+                    raise
+                # The bucket lives in another region than configured: boto3 finds the
+                # right one by itself (its region redirector); the writer cannot.
+                log.warning(
+                    "%s: %s — sending single PUTs through boto3 from now on; "
+                    "set destination.region to the bucket's region",
+                    self.destination.describe(),
+                    exc.message,
+                )
+                self._writer = None
+                if start is not None:
+                    body.seek(start)  # type: ignore[union-attr]
         resp = self._call(
             f"upload of {what or full}",
             lambda: self.client.put_object(

@@ -11,6 +11,7 @@ connection, as for a dropped one).
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 from typing import BinaryIO
@@ -62,6 +63,18 @@ class Connection:
     @property
     def is_open(self) -> bool:
         return self._sock is not None
+
+    def idle_but_readable(self) -> bool:
+        """Whether a kept-alive connection between requests has something to read: the
+        server closed it (idle timeout) or sent bytes nobody asked for. Either way it
+        must not carry the next request, which would fail and use up a retry."""
+        if self._sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable) or bool(self._buffer)
 
     def open(self) -> None:
         sock = socket.create_connection((self.host, self.port), timeout=self._connect_timeout)

@@ -152,7 +152,10 @@ class MirrorRun:
 
     def _execute(self) -> None:
         options = self.options
-        scan = scan_repository(options.repo_path)
+        reconcile = options.reconcile or not self.state.reconciled
+        # When the bucket is about to be listed, nothing the store says is trusted.
+        known = None if reconcile else self.state.known_sizes()
+        scan = scan_repository(options.repo_path, known_sizes=known)
         self.summary.files = len(scan.files)
         self.summary.bytes = scan.total_bytes
         self.summary.skipped = [{"key": s.key, "reason": s.reason} for s in scan.skipped]
@@ -164,8 +167,8 @@ class MirrorRun:
                 scan.skipped[0].reason,
             )
 
-        listing = self._listing() if options.reconcile or not self.state.reconciled else None
-        work = self._plan(scan, listing)
+        listing = self._listing() if reconcile else None
+        work = self._plan(scan, listing, known)
         deletions = self._deletion_candidates(scan) if options.delete else []
         if options.dry_run:
             self._report_plan(work, deletions)
@@ -199,9 +202,13 @@ class MirrorRun:
         return listing
 
     def _plan(
-        self, scan: RepositoryScan, listing: dict[str, Listed] | None
+        self,
+        scan: RepositoryScan,
+        listing: dict[str, Listed] | None,
+        known: dict[str, int] | None,
     ) -> dict[Kind, list[_Work]]:
-        known = self.state.known_sizes()
+        if known is None:
+            known = self.state.known_sizes()
         if listing is not None:
             # The listing is the truth about the bucket; the store is rebuilt from it.
             adopt = [
@@ -221,8 +228,7 @@ class MirrorRun:
             known = {o.key: o.size for o in adopt}
         self._check_config(scan, listing)
         work: dict[Kind, list[_Work]] = {kind: [] for kind in UPLOAD_ORDER}
-        for key in sorted(scan.files):
-            file = scan.files[key]
+        for key, file in scan.files.items():
             if known.get(key) == file.size:
                 self.summary.already_present += 1
                 continue
@@ -232,8 +238,9 @@ class MirrorRun:
             )
         for items in work.values():
             # Biggest first: the phase then ends on small files, not on one thread still
-            # sending a pack while the others wait at the phase boundary.
-            items.sort(key=lambda w: -w.file.size)
+            # sending a pack while the others wait at the phase boundary. (Keys break ties,
+            # so runs are repeatable whatever order the directory listing came in.)
+            items.sort(key=lambda w: (-w.file.size, w.file.key))
         return work
 
     def _check_config(self, scan: RepositoryScan, listing: dict[str, Listed] | None) -> None:

@@ -240,6 +240,8 @@ class ObjectWriter:
         self, key: str, head: bytes, body: bytes | BinaryIO, size: int
     ) -> tuple[int, str, str | None, bytes]:
         conn = self._connection()
+        if conn.idle_but_readable():
+            conn.close()  # closed by the server while idle: reconnect, as urllib3 does
         if not conn.is_open:
             try:
                 conn.open()

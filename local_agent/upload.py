@@ -124,6 +124,7 @@ def run_upload(
     finally:
         lock.release()
         hard_stop.cancel()
+        backend.close()
     summary.run_id = ctx.run_id
     if outbox is not None:
         event: EventDetail

@@ -215,3 +215,45 @@ def test_proxy_or_switch_off_sends_through_boto3(
         assert not proxied.direct_put_active
     assert len(agents) == 1
     assert agents[0].startswith("Boto3/")
+
+
+def test_connections_closed_by_the_server_while_idle_cost_no_retry(
+    rclone_server: RcloneS3Server, backend_for: Callable[..., Backend]
+) -> None:
+    body = b"k" * 10
+    with S3Proxy(rclone_server.endpoint) as proxy:
+        backend = backend_for(proxy.endpoint)
+        backend.put("keys/a", body, 10, *digests(body))
+        proxy.close_connections()  # as a server's keep-alive timeout would
+        backend.put("keys/b", body, 10, *digests(body))
+        statuses = [r.status for r in proxy.requests]
+    assert statuses == [200, 200]
+    assert backend.requests == 2
+
+
+def test_a_bucket_in_another_region_falls_back_to_boto3(
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    backend_for: Callable[..., Backend],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """boto3 follows S3's region redirect by itself; the writer hands over to it."""
+    moved = FaultSchedule(
+        Fault.s3_error(301, "PermanentRedirect", "The bucket is in this region: eu-west-1."),
+        times=None,
+        pred=lambda info: info.headers.get("user-agent", "").startswith("backrest-relay/"),
+    )
+    body = b"r" * 10
+    with S3Proxy(rclone_server.endpoint, fault=moved) as proxy:
+        backend = backend_for(proxy.endpoint)
+        # A file body is rewound for boto3 after the writer's try.
+        backend.put("keys/a", io.BytesIO(body), 10, *digests(body))  # type: ignore[arg-type]
+        backend.put("keys/b", body, 10, *digests(body))
+        agents = [r.status for r in proxy.requests]
+    assert moved.injected == 1  # the writer tried once, boto3 sent both
+    assert agents == [301, 200, 200]
+    assert "set destination.region" in caplog.text
+    client = rclone_server.endpoint.client()
+    for key in ("keys/a", "keys/b"):
+        got = client.get_object(Bucket=rclone_bucket, Key=f"restic/writer/{key}")
+        assert got["Body"].read() == body

@@ -149,3 +149,21 @@ def test_broken_answers_are_connection_errors(
     conn = connect(server)
     with pytest.raises(HTTPError):
         conn.exchange(head(1), b"x", 1)
+
+
+def test_a_connection_the_server_closed_while_idle_is_noticed_before_reuse(
+    serve: type[CannedServer],
+) -> None:
+    server = serve([OK_EMPTY])  # answers once, then hangs up
+    conn = connect(server)
+    assert conn.exchange(head(1), b"x", 1).status == 200
+    server.thread.join(timeout=5)
+    assert conn.idle_but_readable()
+
+
+def test_an_idle_connection_still_open_is_reused(serve: type[CannedServer]) -> None:
+    server = serve([OK_EMPTY, OK_EMPTY])
+    conn = connect(server)
+    assert conn.exchange(head(1), b"x", 1).status == 200
+    assert not conn.idle_but_readable()
+    assert conn.exchange(head(1), b"y", 1).status == 200

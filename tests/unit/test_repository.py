@@ -464,3 +464,21 @@ def test_hash_file_on_a_directory_names_the_path(tmp_path: Path) -> None:
         hash_file(path)
     assert str(path) in info.value.message
     assert "cannot read" in info.value.message
+
+
+def test_known_packs_take_their_size_from_the_record_not_a_stat(tmp_path: Path) -> None:
+    """A run with nothing new reads directories only: the state store's sizes stand in
+    for a stat of every pack (restic never rewrites one). Unknown packs are still
+    stat'ed, and a known name that is no longer a regular file is still skipped."""
+    repo = make_repo(tmp_path / "repo", packs=3)
+    packs = [k for k, (kind, _) in repo.files.items() if kind is Kind.DATA]
+    recorded, unknown, replaced = packs
+    (repo.root / replaced).unlink()
+    (repo.root / replaced).symlink_to(repo.root / unknown)
+
+    scan = scan_repository(repo.root, known_sizes={recorded: 999_999, replaced: 1})
+
+    assert scan.files[recorded].size == 999_999  # the record, not the file
+    assert scan.files[unknown].size == len(repo.files[unknown][1])
+    assert replaced not in scan.files
+    assert [s.key for s in scan.skipped] == [replaced]
