@@ -21,8 +21,16 @@ from bench.report import Report
 from bench.tools import ROOT
 
 
-def merge(base: Report, rerun: Report, scenarios: Sequence[str]) -> Report:
-    """`base` with `scenarios` taken from `rerun`; notes say where each number is from."""
+def merge(
+    base: Report,
+    rerun: Report,
+    scenarios: Sequence[str],
+    extra_notes: Sequence[tuple[str, str]] = (),
+) -> Report:
+    """`base` with `scenarios` taken from `rerun`; notes say where each number is from.
+
+    `extra_notes` are (scenario, text) pairs added to any scenario of the merged report, for
+    what the raw results cannot say (a run stopped on purpose, say)."""
     results = dict(base.results)
     for sid in scenarios:
         new = rerun.results.get(sid)
@@ -49,6 +57,10 @@ def merge(base: Report, rerun: Report, scenarios: Sequence[str]) -> Report:
                     tools[name] = stats
                     notes.append(f"{stats.label}: not re-run; its row is from the run at the top.")
         results[sid] = replace(new, tools=tools, notes=[*notes, *new.notes])
+    for sid, text in extra_notes:
+        if sid not in results:
+            raise SystemExit(f"bench.merge: no scenario {sid} for the note {text!r}")
+        results[sid] = replace(results[sid], notes=[*results[sid].notes, text])
     for key, value in rerun.put_cost.items():
         base.put_cost.setdefault(key, value)
     merged_from = f"{base.info.results_file} + {rerun.info.results_file} ({', '.join(scenarios)})"
@@ -64,12 +76,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("base", type=Path, help="the full run's bench/results/*.json")
     p.add_argument("rerun", type=Path, help="the re-run's bench/results/*.json")
     p.add_argument("--scenarios", required=True, help="comma-separated, e.g. S3")
+    p.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        metavar="S=TEXT",
+        help="add a note to a scenario of the merged report (repeatable)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = p.parse_args(argv)
     base = Report.from_dict(json.loads(args.base.read_text()))
     rerun = Report.from_dict(json.loads(args.rerun.read_text()))
     scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
-    merged = merge(base, rerun, scenarios)
+    notes = [tuple(n.split("=", 1)) for n in args.note]
+    if any(len(n) != 2 for n in notes):
+        raise SystemExit("bench.merge: --note takes SCENARIO=TEXT")
+    merged = merge(base, rerun, scenarios, [(sid.upper(), text) for sid, text in notes])
     target = args.base.with_name(args.base.stem + "-merged.json")
     target.write_text(json.dumps(merged.as_dict(), indent=1))
     print(f"merged results in {target}", file=sys.stderr)
