@@ -46,9 +46,10 @@ from local_agent.uploader import ObjectUploader
 
 log = logging.getLogger(__name__)
 
-# Files below this go up from the bytes read for hashing (a default 16 MiB pack included);
-# at most `concurrency` of them are held at once.
+# Files below this go up from the bytes read for hashing (a default 16 MiB pack included),
+# as long as `concurrency` of them fit in the budget: Backrest often runs on a small NAS.
 KEEP_IN_MEMORY_BELOW = 32 * 1024 * 1024
+KEEP_IN_MEMORY_BUDGET = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -399,7 +400,12 @@ class MirrorRun:
         path = self.options.repo_path / file.key
         try:
             digest, data = hash_file(
-                path, keep_below=min(KEEP_IN_MEMORY_BELOW, self.options.multipart_threshold)
+                path,
+                keep_below=min(
+                    KEEP_IN_MEMORY_BELOW,
+                    KEEP_IN_MEMORY_BUDGET // self.options.concurrency,
+                    self.options.multipart_threshold,
+                ),
             )
         except RepositoryError as exc:
             log.error("%s", exc.message)
