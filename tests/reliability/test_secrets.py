@@ -20,6 +20,7 @@ events.
 from __future__ import annotations
 
 import os
+import secrets
 
 os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
 
@@ -47,7 +48,7 @@ ACCESS_KEY = "AKIARELAYSENTINEL7Q"
 SECRET_KEY = "sentinel-secret-k3y-8d2f41"
 WRONG_SECRET = "sentinel-wrong-secret-0c77"
 APPRISE_PASSWORD = "sentinel-apprise-pw-66a1"
-APPRISE_TOKEN = "sentinelTokenPath5b0c9e"
+APPRISE_TOKEN = "sentinelTokenPath" + secrets.token_hex(4)  # made per run, never a literal
 FAILING_PASSWORD = "sentinel-failing-pw-1d3e"
 HC_UUID = "0f6e1a52-5e47-4e11-b0c3-9d2b7c1e5a40"
 SECRETS = (

@@ -9,6 +9,7 @@ with SNS read back through an SQS subscription.
 from __future__ import annotations
 
 import os
+import secrets
 
 os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
 
@@ -67,7 +68,7 @@ DEST = Destination(provider="b2", endpoint_url="https://s3.x", bucket="offsite",
 REPO = RepoRef(id="home", guid=GUID, path="/srv/restic/home")
 MANIFEST = ManifestRef(key="m/1.jsonl.gz", sha256="0" * 64, objects=10, created_by_run="m1")
 HC_UUID = "5f2d0b9e-8c61-4c43-a2a5-0f8f3cbd3c2a"
-APPRISE_TOKEN = "TFakeSlackTokenForTestsQ"
+APPRISE_TOKEN = "TFakeSlackToken" + secrets.token_hex(4)  # made per run, never a literal
 
 
 # -- events ----------------------------------------------------------------------------------
