@@ -20,7 +20,6 @@ Failures are raised as botocore exceptions so the backend words them like any ot
 
 from __future__ import annotations
 
-import base64
 import logging
 import random
 import re
@@ -32,6 +31,7 @@ from html import unescape
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from urllib.parse import urlsplit
 
+from local_agent.backend import md5_header
 from local_agent.errors import RepositoryError
 from local_agent.http1 import BodyTooShortError, Connection
 from local_agent.sigv4 import SigningCredentials, SigV4Signer, s3_path
@@ -193,7 +193,7 @@ class ObjectWriter:
         headers = {
             "host": self._host_header,
             "content-length": str(size),
-            "content-md5": base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii"),
+            "content-md5": md5_header(md5_hex),
             "content-type": "application/octet-stream",
         }
         start = None if isinstance(body, bytes | bytearray | memoryview) else body.tell()
