@@ -353,6 +353,31 @@ class Backend:
             raise
         return int(resp["ContentLength"])
 
+    def read(self, key: str, *, limit: int) -> bytes | None:
+        """The bytes of a small repository object (at most `limit`); None if it does not
+        exist. Bigger objects are cut at `limit`: callers compare, so a cut copy differs."""
+        full = self.destination.key(key)
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=full, Range=f"bytes=0-{limit}")
+        except Exception as exc:
+            code = error_code(exc)
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return None
+            if code in ("InvalidRange", "416"):
+                return b""  # an empty object has no byte 0
+            if _is_sdk_error(exc):
+                raise self._translate(f"reading {key}", exc) from exc
+            raise
+        body = resp["Body"]
+        try:
+            return body.read()
+        except Exception as exc:
+            if _is_sdk_error(exc):
+                raise self._translate(f"reading {key}", exc) from exc
+            raise
+        finally:
+            body.close()
+
     def complete_multipart(self, key: str, upload_id: str, etags: dict[int, str]) -> str:
         full = self.destination.key(key)
         parts = [{"PartNumber": n, "ETag": f'"{etags[n]}"'} for n in sorted(etags)]

