@@ -370,10 +370,12 @@ class MirrorRun:
                 continue
             if self.progress:
                 self.progress.set_phase(kind.folder or "config")
-            if self._first_error is None and not self.summary.corrupt:
+            if self._first_error is None and not (self.summary.corrupt or self._unreadable):
                 self._run_parallel(items, lambda item: self._transfer(item, uploader))
             elif self._first_error is None:
-                # A corrupt file stopped the uploads; still name every corrupt file.
+                # A file that is corrupt or cannot be read stopped the uploads: a later
+                # phase may name it (an index its pack, a snapshot its trees). Still name
+                # every bad file.
                 self._run_parallel(items, self._verify_only)
         if self.summary.corrupt or self._unreadable:
             names = self.summary.corrupt + self._unreadable

@@ -14,9 +14,12 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import tempfile
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import pytest
 
 from tests.support.agent import (
     AgentResult,
@@ -227,3 +230,75 @@ def test_state_without_a_record_of_the_remote_config_still_refuses_a_foreign_rep
     restic_check(
         mirror_url(endpoint, rclone_bucket), restic_password, env=endpoint.env(), read_data=False
     )
+
+
+# -- 2. an unreadable new pack stops every later phase -------------------------------------
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory an unprivileged user can reach (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="relay-unreadable-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def as_nobody(args: list[str], home: Path) -> AgentResult:
+    """The agent as an unprivileged user: root reads any file whatever its mode."""
+    proc = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *args],
+        env=agent_env({"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")}),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    return AgentResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_unreadable_new_pack_stops_index_and_snapshot_phases(
+    restic_bin: str,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    restic_password: str,
+    shared_dir: Path,
+) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the agent as another user")
+    endpoint = rclone_server.endpoint
+    repo = shared_dir / "repo"
+    source = shared_dir / "src"
+    small_repo(repo, source, restic_password, seed=5)
+    config = config_for(shared_dir, endpoint, rclone_bucket)
+    before = repo_keys(repo)
+    write_random_tree(source / "more", files=4, size=(200_000, 600_000), seed=6)
+    new_snapshot = restic_backup(repo, restic_password, source)
+    new = repo_keys(repo) - before
+    unreadable = biggest_pack(repo, exclude=before)
+    bad_key = unreadable.relative_to(repo).as_posix()
+    assert bad_key in new
+    subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(shared_dir)], check=True)
+    unreadable.chmod(0)
+
+    result = as_nobody(agent_command(upload_args(config, repo)), shared_dir)
+    assert result.returncode == 3, result.stderr
+    assert bad_key in result.stderr
+    assert "cannot read" in result.stderr
+    remote = set(remote_keys(endpoint, rclone_bucket, PREFIX))
+    assert f"{PREFIX}/{bad_key}" not in remote
+    assert not any(k.startswith((f"{PREFIX}/index/", f"{PREFIX}/snapshots/")) for k in remote)
+    url = mirror_url(endpoint, rclone_bucket)
+    restic_check(url, restic_password, env=endpoint.env(), read_data=False)
+
+    # Readable again: the next run mirrors everything, the new snapshot included.
+    unreadable.chmod(0o400)
+    done = as_nobody(agent_command(upload_args(config, repo)), shared_dir)
+    assert done.returncode == 0, done.stderr
+    assert new_snapshot in {
+        s["id"] for s in restic_snapshots(url, restic_password, env=endpoint.env())
+    }
+    restic_check(url, restic_password, env=endpoint.env(), read_data=True)
