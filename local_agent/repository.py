@@ -49,6 +49,9 @@ class Kind(IntEnum):
 
 
 UPLOAD_ORDER = tuple(Kind)
+# The order folders are read in: each folder before the ones its files reference, so the
+# set of files found is closed under restic's references (see scan_repository).
+SCAN_ORDER = ("config", "keys", "snapshots", "index", "data")
 DELETE_ORDER = tuple(reversed(UPLOAD_ORDER))
 
 
@@ -239,19 +242,27 @@ def scan_repository(root: Path, *, known_sizes: Mapping[str, int] | None = None)
     """
     ensure_repository(root)
     scanner = _Scanner(root, known_sizes)
+    top: dict[str, os.DirEntry[str]] = {}
     for entry in _entries(root):
         # The repository's own top-level entries may be symlinks (a data/ folder moved to
         # another disk); they are followed, as restic follows them.
-        if entry.name == "config":
-            scanner.add("config", entry, Kind.CONFIG, follow=True)
-        elif entry.name in ("keys", "index", "snapshots") and entry.is_dir():
-            scanner.folder(entry.name, Kind[entry.name.upper()])
-        elif entry.name == "data" and entry.is_dir():
-            scanner.data()
-        elif entry.name == "locks":
-            continue  # transient by design; a mirrored lock would block restic on restore
-        else:
+        if entry.name == "config" or (entry.name in SCAN_ORDER and entry.is_dir()):
+            top[entry.name] = entry
+        elif entry.name != "locks":  # transient; a mirrored lock would block a restore
             scanner.scan.skipped.append(Skipped(entry.name, "not part of a restic repository"))
+    # Referencing folders before the folders they reference: restic writes packs, then
+    # the index naming them, then the snapshot. A backup that finishes during the scan is
+    # then either seen whole or its snapshot is not seen (and waits for the next run).
+    for name in SCAN_ORDER:
+        entry_or_none = top.get(name)
+        if entry_or_none is None:
+            continue
+        if name == "config":
+            scanner.add("config", entry_or_none, Kind.CONFIG, follow=True)
+        elif name == "data":
+            scanner.data()
+        else:
+            scanner.folder(name, Kind[name.upper()])
     scan = scanner.scan
     if not scan.by_kind(Kind.KEYS):
         raise RepositoryError(f"{root} is not a usable restic repository: keys/ holds no key")

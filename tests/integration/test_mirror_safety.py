@@ -302,3 +302,70 @@ def test_unreadable_new_pack_stops_index_and_snapshot_phases(
         s["id"] for s in restic_snapshots(url, restic_password, env=endpoint.env())
     }
     restic_check(url, restic_password, env=endpoint.env(), read_data=True)
+
+
+# -- 3. a backup finishing during the scan is mirrored whole or not at all ------------------
+
+RACING_BACKUP_HOOK = """
+import os
+from pathlib import Path
+from local_agent import repository
+from tests.support.repos import restic_backup, write_random_tree
+
+_repo = Path(os.environ["RACE_REPO"])
+_source = Path(os.environ["RACE_SOURCE"])
+_password = os.environ["RACE_PASSWORD"]
+_round = [0]
+
+
+def _race():
+    # A second restic client finishing a backup right after one folder was read.
+    _round[0] += 1
+    write_random_tree(_source / f"race{_round[0]}", files=3, size=(100_000, 300_000),
+                      seed=100 + _round[0])
+    restic_backup(_repo, _password, _source)
+
+
+def _after(fn):
+    def wrapped(self, *args, **kwargs):
+        result = fn(self, *args, **kwargs)
+        _race()
+        return result
+    return wrapped
+
+
+repository._Scanner.folder = _after(repository._Scanner.folder)
+repository._Scanner.data = _after(repository._Scanner.data)
+"""
+
+
+def test_backup_finishing_between_folder_scans_is_mirrored_whole_or_not_at_all(
+    restic_bin: str,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    restic_password: str,
+    tmp_path: Path,
+) -> None:
+    endpoint = rclone_server.endpoint
+    repo = tmp_path / "repo"
+    source = tmp_path / "src"
+    first = small_repo(repo, source, restic_password, seed=7)
+    config = config_for(tmp_path, endpoint, rclone_bucket)
+    env = {
+        "RACE_REPO": str(repo),
+        "RACE_SOURCE": str(source),
+        "RACE_PASSWORD": restic_password,
+    }
+    result = hooked_upload(RACING_BACKUP_HOOK, config, repo, env=env)
+    assert result.returncode == 0, result.stderr
+    url = mirror_url(endpoint, rclone_bucket)
+    restic_check(url, restic_password, env=endpoint.env(), read_data=True)
+    remote = {s["id"] for s in restic_snapshots(url, restic_password, env=endpoint.env())}
+    assert first in remote
+    local = {s["id"] for s in restic_snapshots(repo, restic_password)}
+    assert len(local) >= 4, "the racing backups did not run"
+
+    # The next run, with no race, catches up with everything.
+    assert upload(config, repo).returncode == 0
+    assert {s["id"] for s in restic_snapshots(url, restic_password, env=endpoint.env())} == local
+    restic_check(url, restic_password, env=endpoint.env(), read_data=False)
