@@ -44,6 +44,12 @@ class Listed:
     def multipart(self) -> bool:
         return "-" in self.etag
 
+    @property
+    def parts(self) -> int:
+        """The part count a multipart ETag (`…-N`) states; 0 if it states none."""
+        tail = self.etag.rsplit("-", 1)[-1]
+        return int(tail) if self.multipart and tail.isdigit() else 0
+
 
 @dataclass(frozen=True, slots=True)
 class ListedUpload:
@@ -377,6 +383,28 @@ class Backend:
             raise
         finally:
             body.close()
+
+    def sha256_of(self, key: str) -> str | None:
+        """SHA-256 of a repository object's bytes, read back in a stream; None if absent."""
+        import hashlib
+
+        full = self.destination.key(key)
+        digest = hashlib.sha256()
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=full)
+            body = resp["Body"]
+            try:
+                for chunk in body.iter_chunks(1024 * 1024):
+                    digest.update(chunk)
+            finally:
+                body.close()
+        except Exception as exc:
+            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            if _is_sdk_error(exc):
+                raise self._translate(f"reading back {key}", exc) from exc
+            raise
+        return digest.hexdigest()
 
     def complete_multipart(self, key: str, upload_id: str, etags: dict[int, str]) -> str:
         full = self.destination.key(key)

@@ -33,16 +33,18 @@ from local_agent.progress import Progress
 from local_agent.repository import (
     DELETE_ORDER,
     UPLOAD_ORDER,
+    Digest,
     Kind,
     RepoFile,
     RepositoryScan,
     hash_file,
     kind_of_key,
+    multipart_etags,
     scan_repository,
 )
 from local_agent.state import RemoteObject, StateStore
 from local_agent.throttle import Throttle
-from local_agent.uploader import ObjectUploader
+from local_agent.uploader import ObjectUploader, part_size_candidates
 
 log = logging.getLogger(__name__)
 
@@ -464,7 +466,7 @@ class MirrorRun:
         digest, data = hashed
         file = item.file
         listed = item.listed
-        if listed is not None and (listed.multipart or listed.etag == digest.md5):
+        if listed is not None and self._proven(file, digest, listed):
             # Already there from an earlier tool or a lost state: adopt, do not re-send.
             self.state.put(
                 RemoteObject(file.key, file.size, digest.sha256, digest.md5, listed.etag)
@@ -483,6 +485,31 @@ class MirrorRun:
                 self.summary.new_snapshots.append(file.name)
         if self.progress:
             self.progress.advance(files=1)
+
+    def _proven(self, file: RepoFile, digest: Digest, listed: Listed) -> bool:
+        """Whether a listed object holds exactly the local bytes, so it can be adopted.
+
+        Single-part: its ETag is the MD5 of its bytes. Multipart (`…-N`): the ETag the local
+        file would have in parts of each plausible part size (this agent's, then the usual
+        sizes of S3 tools, then the even split) is computed locally; failing a match, the
+        object is read back and hashed. Anything else is replaced by an upload.
+        """
+        if not listed.multipart:
+            if listed.etag == digest.md5:
+                return True
+        else:
+            path = self.options.repo_path / file.key
+            candidates = part_size_candidates(file.size, listed.parts, self.options.part_size)
+            if candidates and listed.etag in multipart_etags(path, candidates).values():
+                return True
+            if self.backend.sha256_of(file.key) == digest.sha256:
+                return True
+        log.warning(
+            "%s: the copy at the destination differs from the local file (ETag %s); replacing it",
+            file.key,
+            listed.etag,
+        )
+        return False
 
     # -- deleting -------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -290,3 +290,49 @@ def hash_file(path: Path, *, keep_below: int = 0) -> tuple[Digest, bytes | None]
     except OSError as exc:
         raise RepositoryError(f"{path}: cannot read: {exc.strerror or exc}") from None
     return Digest(sha256=sha.hexdigest(), md5=md5.hexdigest()), None
+
+
+def multipart_etags(path: Path, part_sizes: Iterable[int]) -> dict[int, str]:
+    """The S3 multipart ETag (MD5 of the parts' MD5s, `-N`) the file would have if uploaded
+    in parts of each of `part_sizes`, from one read of the file."""
+    states = {size: _PartHasher(size) for size in set(part_sizes) if size > 0}
+    try:
+        with path.open("rb", buffering=0) as fh:
+            while chunk := fh.read(HASH_CHUNK):
+                view = memoryview(chunk)
+                for state in states.values():
+                    state.update(view)
+    except OSError as exc:
+        raise RepositoryError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return {size: state.etag() for size, state in states.items()}
+
+
+class _PartHasher:
+    __slots__ = ("digests", "filled", "md5", "part_size")
+
+    def __init__(self, part_size: int) -> None:
+        self.part_size = part_size
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.filled = 0
+        self.digests: list[bytes] = []
+
+    def update(self, view: memoryview) -> None:
+        offset = 0
+        while offset < len(view):
+            take = min(self.part_size - self.filled, len(view) - offset)
+            self.md5.update(view[offset : offset + take])
+            self.filled += take
+            offset += take
+            if self.filled == self.part_size:
+                self._close_part()
+
+    def _close_part(self) -> None:
+        self.digests.append(self.md5.digest())
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.filled = 0
+
+    def etag(self) -> str:
+        if self.filled or not self.digests:
+            self._close_part()
+        combined = hashlib.md5(b"".join(self.digests), usedforsecurity=False).hexdigest()
+        return f"{combined}-{len(self.digests)}"

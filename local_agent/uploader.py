@@ -30,6 +30,37 @@ def part_count(size: int, part_size: int) -> int:
     return max(1, -(-size // part_size))
 
 
+MiB = 1024 * 1024
+# Part sizes S3 tools commonly use: rclone and the agent's minimum (5 MiB), boto3 and the
+# AWS CLI (8 MiB), minio-go as restic uses it (16 MiB multiples), s5cmd (50 MiB), B2's
+# recommendation (100 MB).
+COMMON_PART_SIZES = (
+    5 * MiB,
+    8 * MiB,
+    16 * MiB,
+    32 * MiB,
+    50 * MiB,
+    64 * MiB,
+    100 * MiB,
+    128 * MiB,
+    100_000_000,
+)
+
+
+def part_size_candidates(size: int, parts: int, configured: int) -> list[int]:
+    """Part sizes that would split `size` bytes into exactly `parts` parts, most likely
+    first: the agent's own, the common ones, then the even split (rounded up to bytes and
+    to MiB)."""
+    if parts < 1:
+        return []
+    even = -(-size // parts)
+    out: list[int] = []
+    for candidate in (configured, *COMMON_PART_SIZES, even, -(-even // MiB) * MiB):
+        if candidate > 0 and candidate not in out and part_count(size, candidate) == parts:
+            out.append(candidate)
+    return out
+
+
 class ObjectUploader:
     def __init__(
         self,

@@ -10,17 +10,20 @@ itself: after every run, refused or not, `restic check` on the mirror passes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sqlite3
 import subprocess
 import tempfile
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from local_agent.repository import multipart_etags
+from local_agent.uploader import part_size_candidates
 from tests.support.agent import (
     AgentResult,
     agent_command,
@@ -369,3 +372,75 @@ def test_backup_finishing_between_folder_scans_is_mirrored_whole_or_not_at_all(
     assert upload(config, repo).returncode == 0
     assert {s["id"] for s in restic_snapshots(url, restic_password, env=endpoint.env())} == local
     restic_check(url, restic_password, env=endpoint.env(), read_data=False)
+
+
+# -- 5. --reconcile proves every object it adopts -------------------------------------------
+
+
+def test_reconcile_replaces_a_corrupted_multipart_object_and_adopts_good_ones(
+    restic_bin: str,
+    moto_endpoint: S3Endpoint,
+    unique_bucket: Callable[[S3Endpoint], str],
+    restic_password: str,
+    tmp_path: Path,
+) -> None:
+    """moto answers multipart ETags (`…-N`) in listings as S3 and B2 do (`rclone serve s3`
+    lists the MD5 of the whole object, which the single-part check already covers)."""
+    bucket = unique_bucket(moto_endpoint)
+    repo = tmp_path / "repo"
+    source = tmp_path / "src"
+    small_repo(repo, source, restic_password, seed=8, big=12_000_000)
+    write_random_tree(source / "second", files=2, size=100_000, seed=9)
+    (source / "second" / "big2.bin").write_bytes(os.urandom(11_000_000))
+    restic_backup(repo, restic_password, source)
+    config = config_for(tmp_path, moto_endpoint, bucket)
+    assert upload(config, repo).returncode == 0
+
+    client = moto_endpoint.client()
+    listed = {
+        item["Key"]: item
+        for item in client.list_objects_v2(Bucket=bucket, Prefix=f"{PREFIX}/data/")["Contents"]
+    }
+    multipart = sorted(k for k, item in listed.items() if "-" in item["ETag"])
+    assert len(multipart) >= 2, listed
+    for key in multipart:
+        # The agent finds the ETag of every good one locally, whatever part size it now uses.
+        local = repo / key.removeprefix(f"{PREFIX}/")
+        etag = listed[key]["ETag"].strip('"')
+        candidates = part_size_candidates(local.stat().st_size, int(etag.split("-")[1]), 8 << 20)
+        assert etag in multipart_etags(local, candidates).values(), key
+    victim = multipart[0]
+    size = listed[victim]["Size"]
+    # Same size, wrong bytes, uploaded in parts of another size than the agent's.
+    wrong = os.urandom(size)
+    part = 6 * 1024 * 1024
+    up = client.create_multipart_upload(Bucket=bucket, Key=victim)
+    parts = []
+    for number, start in enumerate(range(0, size, part), 1):
+        etag = client.upload_part(
+            Bucket=bucket,
+            Key=victim,
+            UploadId=up["UploadId"],
+            PartNumber=number,
+            Body=wrong[start : start + part],
+        )["ETag"]
+        parts.append({"PartNumber": number, "ETag": etag})
+    client.complete_multipart_upload(
+        Bucket=bucket, Key=victim, UploadId=up["UploadId"], MultipartUpload={"Parts": parts}
+    )
+    assert "-" in client.head_object(Bucket=bucket, Key=victim)["ETag"]
+
+    # The reconciling run uses another part size than the one the mirror was made with.
+    config = config_for(tmp_path, moto_endpoint, bucket, part_size="8MiB")
+    result = upload(config, repo, "--reconcile")
+    assert result.returncode == 0, result.stderr
+    assert result.summary["uploaded_files"] == 1, result.summary
+    assert result.summary["adopted_files"] == len(repo_keys(repo)) - 1
+    body = client.get_object(Bucket=bucket, Key=victim)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == victim.rsplit("/", 1)[-1]
+    again = upload(config, repo, "--reconcile")
+    assert again.returncode == 0, again.stderr
+    assert again.summary["uploaded_files"] == 0, again.summary
+    restic_check(
+        mirror_url(moto_endpoint, bucket), restic_password, env=moto_endpoint.env(), read_data=True
+    )
