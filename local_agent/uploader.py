@@ -19,7 +19,7 @@ from typing import BinaryIO
 from local_agent.backend import Backend, error_code
 from local_agent.deadline import StopSignal
 from local_agent.errors import DestinationError, RepositoryError
-from local_agent.repository import Digest, RepoFile
+from local_agent.repository import Digest, RepoFile, hash_file
 from local_agent.state import PendingUpload, RemoteObject, StateStore
 from local_agent.throttle import Throttle, ThrottledReader
 
@@ -95,9 +95,21 @@ class ObjectUploader:
             )
         else:
             with _open(path) as fh:
-                etag = self.backend.put(
-                    file.key, self._body(fh), file.size, digest.md5, digest.sha256
-                )
+                try:
+                    etag = self.backend.put(
+                        file.key, self._body(fh), file.size, digest.md5, digest.sha256
+                    )
+                except DestinationError:
+                    # The bucket refuses bytes that do not match the Content-MD5 and signed
+                    # SHA-256 taken when hashing: if the local file changed since, that is a
+                    # local problem (exit 3), not the destination's.
+                    if _still(path, digest):
+                        raise
+                    raise RepositoryError(
+                        f"{path}: changed while being uploaded (it no longer hashes to its "
+                        "name); nothing was kept at the destination — run `restic check "
+                        "--read-data` on the local repository"
+                    ) from None
         self.on_bytes(file.size)
         obj = RemoteObject(file.key, file.size, digest.sha256, digest.md5, etag, self.run_id)
         self.state.put(obj)
@@ -144,22 +156,44 @@ class ObjectUploader:
             upload_id = self.backend.create_multipart(file.key)
             pending = PendingUpload(file.key, upload_id, file.size, digest.sha256, self.part_size)
             self.state.begin_upload(pending)
+        # The bytes sent must be the bytes hashed: every part is hashed as it is read to be
+        # sent, parts an earlier run sent are read again and checked against what the
+        # bucket holds, and the whole must hash to the name before the upload completes.
+        sent = hashlib.sha256()
         with _open(path) as fh:
             for number in range(1, count + 1):
-                if number in done:
-                    continue
                 self.stop.check()
                 fh.seek((number - 1) * self.part_size)
-                chunk = fh.read(self.part_size)
+                chunk = _read(fh, self.part_size, path)
                 if len(chunk) != self._part_length(file.size, number):
-                    raise RepositoryError(f"{path}: file changed size while being uploaded")
+                    self._abandon(file, pending)
+                    raise RepositoryError(
+                        f"{path}: changed size while being uploaded; the upload was aborted — "
+                        "is another program writing to the repository?"
+                    )
+                sent.update(chunk)
                 md5 = hashlib.md5(chunk, usedforsecurity=False).hexdigest()
+                if done.get(number) == md5:
+                    continue
+                if number in done:
+                    log.info(
+                        "%s: part %d differs from the local bytes; sending it again",
+                        file.key,
+                        number,
+                    )
                 etag = self.backend.upload_part(
                     file.key, pending.upload_id, number, self._body(chunk), len(chunk), md5
                 )
                 self.state.record_part(file.key, pending.upload_id, number, etag, len(chunk))
                 done[number] = etag
                 self.on_bytes(len(chunk))
+        if sent.hexdigest() != digest.sha256:
+            self._abandon(file, pending)
+            raise RepositoryError(
+                f"{path}: changed while being uploaded (the bytes read to send hash to "
+                f"{sent.hexdigest()}, not to its name); the upload was aborted and nothing of "
+                "it kept — run `restic check --read-data` on the local repository"
+            )
         try:
             final_etag = self.backend.complete_multipart(file.key, pending.upload_id, done)
         except DestinationError as exc:
@@ -174,6 +208,11 @@ class ObjectUploader:
         obj = RemoteObject(file.key, file.size, digest.sha256, digest.md5, final_etag, self.run_id)
         self.state.end_upload(file.key, completed=obj)
         return obj
+
+    def _abandon(self, file: RepoFile, pending: PendingUpload) -> None:
+        """Abort a multipart upload whose bytes cannot be trusted, and forget it."""
+        self.backend.abort_multipart(self.backend.destination.key(file.key), pending.upload_id)
+        self.state.end_upload(file.key)
 
     def _part_length(self, size: int, number: int) -> int:
         return min(self.part_size, size - (number - 1) * self.part_size)
@@ -202,6 +241,22 @@ class ObjectUploader:
                     self.state.record_part(file.key, pending.upload_id, number, etag, size)
                     good[number] = etag
         return good
+
+
+def _read(fh: BinaryIO, size: int, path: Path) -> bytes:
+    try:
+        return fh.read(size)
+    except OSError as exc:
+        raise RepositoryError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _still(path: Path, digest: Digest) -> bool:
+    """Whether the file still hashes to `digest` (False when it cannot be read at all)."""
+    try:
+        now, _ = hash_file(path)
+    except RepositoryError:
+        return False
+    return now.sha256 == digest.sha256
 
 
 def _open(path: Path) -> BinaryIO:

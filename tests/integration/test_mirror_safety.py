@@ -30,6 +30,7 @@ from tests.support.agent import (
     agent_env,
     remote_keys,
     run_agent,
+    unfinished_uploads,
     write_agent_config,
 )
 from tests.support.repos import (
@@ -443,4 +444,66 @@ def test_reconcile_replaces_a_corrupted_multipart_object_and_adopts_good_ones(
     assert again.summary["uploaded_files"] == 0, again.summary
     restic_check(
         mirror_url(moto_endpoint, bucket), restic_password, env=moto_endpoint.env(), read_data=True
+    )
+
+
+# -- 6. the bytes sent are the bytes hashed --------------------------------------------------
+
+CHANGING_FILE_HOOK = """
+import os
+from local_agent import uploader
+
+_target = os.environ["CHANGE_KEY"]
+_upload = uploader.ObjectUploader.upload
+
+
+def _changed_then_upload(self, file, path, digest, data):
+    # The file on disk changes after it was hashed, before its bytes are read to send.
+    if file.key == _target:
+        path.chmod(0o600)
+        with path.open("r+b") as fh:
+            fh.seek(file.size - 1000)
+            byte = fh.read(1)
+            fh.seek(file.size - 1000)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+    return _upload(self, file, path, digest, data)
+
+
+uploader.ObjectUploader.upload = _changed_then_upload
+"""
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param({"multipart_threshold": "5MiB"}, id="multipart"),
+        # 256 MiB / 32 threads: files above 8 MiB are read again to be sent.
+        pytest.param({"multipart_threshold": "64MiB", "concurrency": 32}, id="single-put"),
+    ],
+)
+def test_file_changing_between_hash_and_send_exits_3_naming_it_and_sends_nothing_wrong(
+    how: dict[str, object],
+    restic_bin: str,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    restic_password: str,
+    tmp_path: Path,
+) -> None:
+    endpoint = rclone_server.endpoint
+    repo = tmp_path / "repo"
+    small_repo(repo, tmp_path / "src", restic_password, seed=12, big=12_000_000)
+    target = biggest_pack(repo)
+    assert target.stat().st_size > 10 * 1024 * 1024
+    key = target.relative_to(repo).as_posix()
+    config = config_for(tmp_path, endpoint, rclone_bucket, **how)
+    result = hooked_upload(CHANGING_FILE_HOOK, config, repo, env={"CHANGE_KEY": key})
+    assert result.returncode == 3, result.stderr
+    assert key in result.stderr
+    assert "changed" in result.stderr
+    remote = remote_keys(endpoint, rclone_bucket, PREFIX)
+    assert f"{PREFIX}/{key}" not in remote
+    assert not any(k.startswith((f"{PREFIX}/index/", f"{PREFIX}/snapshots/")) for k in remote)
+    assert unfinished_uploads(endpoint, rclone_bucket) == []
+    restic_check(
+        mirror_url(endpoint, rclone_bucket), restic_password, env=endpoint.env(), read_data=True
     )
