@@ -96,6 +96,9 @@ def run_upload(
             outbox = Outbox(state_dir / "outbox.sqlite")
             _send_backlog(outbox, publisher, summary=None)
         ensure_repository(repo_path)
+        # Where the manifest goes is a config matter: refuse it before the first request,
+        # not after the whole mirror was uploaded.
+        config.manifest_prefix_for(repo_id=repo_id, repo_guid=repo_guid)
         if not dry_run:
             lock.acquire(min(upload.lock_wait_seconds, upload.deadline_seconds))
         state = StateStore(None if dry_run and not state_path.exists() else state_path)
