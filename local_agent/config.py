@@ -35,6 +35,7 @@ from local_agent.units import parse_duration, parse_rate, parse_size
 
 ENV_PREFIX = "BACKREST_RELAY_"
 MAX_DURATION_SECONDS = 30 * 86400
+MAX_DELETE_AFTER_SECONDS = 366 * 86400
 CONFIG_ENV = "BACKREST_RELAY_CONFIG"
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 _REPO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -144,6 +145,9 @@ class UploadConfig(_Section):
     concurrency: int = Field(default=8, ge=1, le=64)
     delete: bool = False
     max_delete_percent: float = Field(default=10, ge=0, le=100)
+    # An object gone locally is deleted remotely only after staying gone this long: a
+    # mistake or an attack on the backup host leaves the off-site copy whole meanwhile.
+    delete_after: str = "7d"
     bandwidth_limit: str = ""
     deadline: str = "6h"
     multipart_threshold: str = "64MiB"
@@ -167,6 +171,13 @@ class UploadConfig(_Section):
             raise ValueError("must be at most 30d (a hook that runs longer blocks Backrest)")
         return value
 
+    @field_validator("delete_after")
+    @classmethod
+    def _delete_after(cls, value: str) -> str:
+        if parse_duration(value) > MAX_DELETE_AFTER_SECONDS:
+            raise ValueError("must be at most 366d")
+        return value
+
     @field_validator("multipart_threshold", "part_size")
     @classmethod
     def _size(cls, value: str) -> str:
@@ -178,6 +189,10 @@ class UploadConfig(_Section):
     @property
     def deadline_seconds(self) -> float:
         return parse_duration(self.deadline)
+
+    @property
+    def delete_after_seconds(self) -> float:
+        return parse_duration(self.delete_after)
 
     @property
     def lock_wait_seconds(self) -> float:

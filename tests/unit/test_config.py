@@ -826,3 +826,26 @@ def test_manifest_prefix_outside_repository_prefix_loads(
     text = MINIMAL_S3 + f'prefix = "{prefix}"\nmanifest_prefix = "{manifest_prefix}"\n'
     cfg = load_text(tmp_path, text).config
     assert cfg.destination.manifest_prefix == manifest_prefix
+
+
+# -- deferred deletion (issue 13, point 4) ----------------------------------------------------
+
+
+def test_delete_after_defaults_to_seven_days(tmp_path: Path) -> None:
+    assert load_text(tmp_path, MINIMAL_S3).config.upload.delete_after_seconds == 7 * 86400
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("0", 0), ("0s", 0), ("36h", 129600), ("30d", 2592000)]
+)
+def test_delete_after_values(tmp_path: Path, text: str, seconds: float) -> None:
+    cfg = load_text(tmp_path, MINIMAL_S3 + f'[upload]\ndelete_after = "{text}"\n').config
+    assert cfg.upload.delete_after_seconds == seconds
+
+
+@pytest.mark.parametrize(
+    "snippet", ['delete_after = "soon"', 'delete_after = "400d"', "delete_after = 7"]
+)
+def test_bad_delete_after_names_the_key(tmp_path: Path, snippet: str) -> None:
+    err = config_error(tmp_path, MINIMAL_S3 + f"[upload]\n{snippet}\n")
+    assert "upload.delete_after" in err.message
