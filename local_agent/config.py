@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -34,6 +35,7 @@ from local_agent.units import parse_duration, parse_rate, parse_size
 
 ENV_PREFIX = "BACKREST_RELAY_"
 MAX_DURATION_SECONDS = 30 * 86400
+MAX_DELETE_AFTER_SECONDS = 366 * 86400
 CONFIG_ENV = "BACKREST_RELAY_CONFIG"
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 _REPO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -44,7 +46,29 @@ _B2_HOST_RE = re.compile(r"^https?://s3\.([a-z0-9-]+)\.backblazeb2\.com/?$")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # strict: `delete = "yes"` or `concurrency = true` is a mistake to report, not a value
+    # to guess at (pydantic's lax mode would turn "yes" into True and true into 1).
+    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True)
+
+
+def _check_endpoint_url(value: str) -> str:
+    """An endpoint is scheme://host[:port][/path]; credentials in it would end up in logs,
+    events and manifests, so they are refused — and the value is never echoed."""
+    if not value:
+        return value
+    if not re.match(r"^https?://[^\s/]+", value):
+        raise ValueError("must start with https:// or http:// followed by a host name")
+    if "@" in urlsplit(value).netloc:
+        raise ValueError(
+            "must not contain a user name or password (user:password@host); set "
+            "access_key_id and secret_access_key, or use the AWS credential chain"
+        )
+    return value.rstrip("/")
+
+
+def _inside(inner: str, outer: str) -> bool:
+    """Whether key prefix `inner` is `outer` or lies below it (whole path components)."""
+    return bool(outer) and (inner + "/").startswith(outer + "/")
 
 
 class DestinationConfig(_Section):
@@ -68,9 +92,7 @@ class DestinationConfig(_Section):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, value: str) -> str:
-        if value and not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError(f"{value!r} must start with https:// or http://")
-        return value.rstrip("/")
+        return _check_endpoint_url(value)
 
     @field_validator("prefix", "manifest_prefix")
     @classmethod
@@ -99,6 +121,14 @@ class DestinationConfig(_Section):
             match = _B2_HOST_RE.match(self.endpoint_url)
             if match:
                 self.region = match.group(1)
+        if _inside(self.manifest_prefix, self.prefix):
+            # Checked on the templates here (before anything runs); RelayConfig.
+            # manifest_prefix_for checks the expanded values before the first request.
+            raise ValueError(
+                f"destination.manifest_prefix {self.manifest_prefix!r} lies inside the "
+                f"repository prefix {self.prefix!r} (a restic repository must hold only "
+                "restic's files); put manifests outside it"
+            )
         return self
 
     def access(self) -> S3Access:
@@ -115,6 +145,9 @@ class UploadConfig(_Section):
     concurrency: int = Field(default=8, ge=1, le=64)
     delete: bool = False
     max_delete_percent: float = Field(default=10, ge=0, le=100)
+    # An object gone locally is deleted remotely only after staying gone this long: a
+    # mistake or an attack on the backup host leaves the off-site copy whole meanwhile.
+    delete_after: str = "7d"
     bandwidth_limit: str = ""
     deadline: str = "6h"
     multipart_threshold: str = "64MiB"
@@ -138,6 +171,13 @@ class UploadConfig(_Section):
             raise ValueError("must be at most 30d (a hook that runs longer blocks Backrest)")
         return value
 
+    @field_validator("delete_after")
+    @classmethod
+    def _delete_after(cls, value: str) -> str:
+        if parse_duration(value) > MAX_DELETE_AFTER_SECONDS:
+            raise ValueError("must be at most 366d")
+        return value
+
     @field_validator("multipart_threshold", "part_size")
     @classmethod
     def _size(cls, value: str) -> str:
@@ -149,6 +189,10 @@ class UploadConfig(_Section):
     @property
     def deadline_seconds(self) -> float:
         return parse_duration(self.deadline)
+
+    @property
+    def delete_after_seconds(self) -> float:
+        return parse_duration(self.delete_after)
 
     @property
     def lock_wait_seconds(self) -> float:
@@ -172,6 +216,11 @@ class EventsConfig(_Section):
     event_bus: str = "backrest-relay"
     region: str = ""
     endpoint_url: str = ""
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        return _check_endpoint_url(value)
 
 
 class NotifyConfig(_Section):
@@ -232,7 +281,7 @@ class RelayConfig(_Section):
                 )
         prefix = _PLACEHOLDER_RE.sub(lambda m: values[m.group(1)] or "", template).strip("/")
         repo_prefix = self.destination_for(repo_id=repo_id, repo_guid=repo_guid).prefix
-        if repo_prefix and (prefix + "/").startswith(repo_prefix + "/"):
+        if _inside(prefix, repo_prefix):
             raise ConfigError(
                 f"config: destination.manifest_prefix {prefix!r} lies inside the repository "
                 f"prefix {repo_prefix!r}; put manifests outside it"
@@ -349,13 +398,41 @@ def _flat_keys(raw: Mapping[str, Any]) -> list[str]:
     return keys
 
 
-def _section_fields() -> dict[str, set[str]]:
+def _section_fields() -> dict[str, dict[str, Any]]:
+    """Section → setting → its declared type."""
     fields = {}
     for name, info in RelayConfig.model_fields.items():
         annotation = info.annotation
         assert isinstance(annotation, type) and issubclass(annotation, BaseModel)
-        fields[name] = set(annotation.model_fields)
+        fields[name] = {key: f.annotation for key, f in annotation.model_fields.items()}
     return fields
+
+
+_ENV_INT_RE = re.compile(r"[+-]?\d+")
+_ENV_FLOAT_RE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def _typed_env_value(var: str, setting: str, annotation: Any, text: str) -> Any:
+    """An environment value typed by its setting, as strictly as the TOML file: a boolean
+    is `true` or `false` (any case), an integer is digits, a number is a decimal; strings
+    are taken as they are. `yes`, `1` or `"8"` are refused, never guessed at."""
+    stripped = text.strip()
+    if annotation is bool:
+        if stripped.lower() in ("true", "false"):
+            return stripped.lower() == "true"
+        expected = "true or false"
+    elif annotation is int:
+        if _ENV_INT_RE.fullmatch(stripped):
+            return int(stripped)
+        expected = "an integer"
+    elif annotation is float:
+        if _ENV_FLOAT_RE.fullmatch(stripped):
+            return float(stripped)
+        expected = "a number"
+    else:
+        return text
+    # The value is not echoed: a misplaced secret must not reach a hook log.
+    raise ConfigError(f"config: {setting}: expected {expected} (${var})")
 
 
 def _apply_env_overrides(
@@ -374,7 +451,7 @@ def _apply_env_overrides(
         body = raw.setdefault(section, {})
         if not isinstance(body, dict):
             raise ConfigError(f"config: {section} must be a table, like [{section}]")
-        value: Any = env[var]
+        value: Any = _typed_env_value(var, f"{section}.{key}", known[section][key], env[var])
         if (section, key) == ("notify", "urls"):
             value = _parse_list(var, value)
         elif (section, key) == ("notify", "healthchecks"):

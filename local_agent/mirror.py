@@ -3,8 +3,8 @@ keeps the remote copy usable whatever happens half-way.
 
     scan → plan (state store; one listing on first run) → upload phase by phase
     (config, keys, data, index, snapshots), each file hashed against its name first →
-    deletions (only when enabled, only after every upload succeeded, reverse order,
-    bounded by the mass-delete guard).
+    deletions (only when enabled, only after every upload succeeded, only of objects gone
+    locally for upload.delete_after, reverse order, bounded by the per-kind guards).
 
 A run with nothing new reads the directory tree and the state store and sends nothing.
 """
@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from local_agent.repository import (
 )
 from local_agent.state import RemoteObject, StateStore
 from local_agent.throttle import Throttle
+from local_agent.units import format_duration, format_size
 from local_agent.uploader import ObjectUploader, part_size_candidates
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class MirrorOptions:
     concurrency: int = 8
     delete: bool = False
     max_delete_percent: float = 10
+    delete_after: float = 7 * 86400  # seconds an object must stay gone locally first
     multipart_threshold: int = 64 * 1024**2
     part_size: int = 16 * 1024**2
     bandwidth_limit: int | None = None
@@ -87,6 +90,8 @@ class MirrorSummary:
     already_present: int = 0
     adopted_files: int = 0
     deleted_files: int = 0
+    pending_deletions: int = 0  # gone locally, deleted remotely once upload.delete_after passed
+    next_deletion_due: str | None = None  # ISO 8601 UTC
     aborted_uploads: int = 0
     listed_objects: int | None = None
     new_snapshots: list[str] = field(default_factory=list)
@@ -105,6 +110,47 @@ class MirrorSummary:
         return asdict(self)
 
 
+# Deletion guards (docs/mirror.md "Deletions"). `config` and `keys/` are never deleted.
+NEVER_DELETED = frozenset({Kind.CONFIG, Kind.KEYS})
+# Snapshots the mirror may lose, net, between two accepted runs whatever the share: a small
+# repository's `forget --keep-last N` must not need a human.
+SNAPSHOT_ALLOWANCE = 2
+# Pack bytes that may go in a run that did not also replace index files (a prune that drops
+# packs from the index always does), whatever the share: one default pack.
+DATA_ALLOWANCE_BYTES = 16 * 1024 * 1024
+# Local snapshot count at the last run whose deletions the guard accepted.
+SNAPSHOT_BASELINE = "delete_guard_snapshots"
+
+
+@dataclass
+class _Deletions:
+    """Remote objects gone from the local repository, as this run sees them."""
+
+    gone: list[RemoteObject]  # every deletable object gone locally
+    new: list[RemoteObject]  # gone since the last accepted run (not marked yet)
+    marks: dict[str, float]  # key → first seen gone, for those marked before
+    local: dict[Kind, int]  # local file count per kind
+    remote_data_bytes: int  # pack bytes at the destination
+    snapshot_baseline: int  # local snapshots at the last accepted run
+    now: float
+
+    def since(self, key: str) -> float:
+        return self.marks.get(key, self.now)
+
+    def due(self, delay: float) -> list[RemoteObject]:
+        return [o for o in self.gone if self.since(o.key) + delay <= self.now]
+
+    def pending(self, delay: float) -> list[float]:
+        """When each not-yet-due deletion falls due."""
+        return [
+            self.since(o.key) + delay for o in self.gone if self.since(o.key) + delay > self.now
+        ]
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 @dataclass(slots=True)
 class _Work:
     file: RepoFile
@@ -120,8 +166,12 @@ class MirrorRun:
         *,
         stop: StopSignal,
         progress: Progress | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`clock` (epoch seconds) decides when deferred deletions fall due; tests pass
+        their own instead of waiting days."""
         self.options = options
+        self.clock = clock
         self.backend = backend
         self.state = state
         self.stop = stop
@@ -174,7 +224,9 @@ class MirrorRun:
 
         listing = self._listing() if reconcile else None
         work = self._plan(scan, listing, known)
-        deletions = self._deletion_candidates(scan) if options.delete else []
+        deletions = self._deletion_candidates(scan, listing) if options.delete else None
+        if not options.delete and not options.dry_run:
+            self._forget_deletion_history()
         if options.dry_run:
             self._report_plan(work, deletions)
             return
@@ -295,16 +347,53 @@ class MirrorRun:
             raise RepositoryError(f"{path}: not a restic config (larger than expected)")
         return remote == data
 
-    def _deletion_candidates(self, scan: RepositoryScan) -> list[RemoteObject]:
-        return [
-            obj
-            for obj in self.state.iter_objects()
-            if obj.key not in scan.files
-            and obj.key != "config"
-            and kind_of_key(obj.key) is not None
-        ]
+    def _forget_deletion_history(self) -> None:
+        """Deletion turned off: nothing is pending, and when it is turned on again every
+        wait and the guard's baseline start afresh."""
+        if self.state.has_gone_marks():
+            self.state.clear_all_gone()
+        if self.state.get_meta(SNAPSHOT_BASELINE) is not None:
+            self.state.delete_meta(SNAPSHOT_BASELINE)
 
-    def _report_plan(self, work: dict[Kind, list[_Work]], deletions: list[RemoteObject]) -> None:
+    def _deletion_candidates(
+        self, scan: RepositoryScan, listing: dict[str, Listed] | None
+    ) -> _Deletions:
+        """Remote objects gone locally, read before this run uploads anything: what is at
+        the destination then is the guard's fall-back baseline."""
+        local: dict[Kind, int] = dict.fromkeys(Kind, 0)
+        for file in scan.files.values():
+            local[file.kind] += 1
+        marks = self.state.gone_marks()
+        gone: list[RemoteObject] = []
+        remote_snapshots = 0
+        remote_data_bytes = 0
+        for obj in self.state.iter_objects():
+            kind = kind_of_key(obj.key)
+            if listing is None:
+                remote_snapshots += kind is Kind.SNAPSHOTS and obj.key not in marks
+                remote_data_bytes += obj.size if kind is Kind.DATA else 0
+            if obj.key not in scan.files and kind is not None and kind not in NEVER_DELETED:
+                gone.append(obj)
+        if listing is not None:
+            # The store was just rebuilt from the listing and holds only remote-only objects.
+            for item in listing.values():
+                kind = kind_of_key(item.key)
+                remote_snapshots += kind is Kind.SNAPSHOTS and item.key not in marks
+                remote_data_bytes += item.size if kind is Kind.DATA else 0
+        new = [o for o in gone if o.key not in marks]
+        stored = self.state.get_meta(SNAPSHOT_BASELINE)
+        gone_keys = {o.key for o in gone}
+        return _Deletions(
+            gone=gone,
+            new=new,
+            marks={k: t for k, t in marks.items() if k in gone_keys},
+            local=local,
+            remote_data_bytes=remote_data_bytes,
+            snapshot_baseline=int(stored) if stored is not None else remote_snapshots,
+            now=self.clock(),
+        )
+
+    def _report_plan(self, work: dict[Kind, list[_Work]], deletions: _Deletions | None) -> None:
         self.summary.status = "dry-run"
         plan: dict[str, Any] = {
             "upload": {
@@ -315,15 +404,32 @@ class MirrorRun:
                 }
                 for kind, items in work.items()
             },
-            "delete": len(deletions),
+            "delete": 0,
         }
-        if deletions:
-            try:
-                self._delete_guard(len(deletions))
-                plan["delete_guard"] = "ok"
-            except GuardError as exc:
-                plan["delete_guard"] = exc.message
+        if deletions is not None:
+            delay = self.options.delete_after
+            pending = deletions.pending(delay)
+            plan["delete"] = len(deletions.due(delay))
+            plan["delete_pending"] = len(pending)
+            plan["delete_next_due"] = _iso(min(pending)) if pending else None
+            self._note_pending(pending)
+            if pending:
+                log.info(
+                    "dry run: %d deletion(s) would be pending; the next falls due %s",
+                    len(pending),
+                    plan["delete_next_due"],
+                )
+            if deletions.gone:
+                try:
+                    self._delete_guard(deletions)
+                    plan["delete_guard"] = "ok"
+                except GuardError as exc:
+                    plan["delete_guard"] = exc.message
         self.summary.plan = plan
+
+    def _note_pending(self, pending: list[float]) -> None:
+        self.summary.pending_deletions = len(pending)
+        self.summary.next_deletion_due = _iso(min(pending)) if pending else None
 
     # -- uploading ------------------------------------------------------------------------
 
@@ -513,32 +619,106 @@ class MirrorRun:
 
     # -- deleting -------------------------------------------------------------------------
 
-    def _delete_guard(self, count: int) -> None:
-        remote = max(self.state.count(), 1)
+    def _delete_guard(self, d: _Deletions) -> None:
+        """Refuse (exit 5, nothing deleted) what a mistake or an attack looks like, per
+        kind; a normal `forget --prune` passes. The rules are in docs/mirror.md."""
         limit = self.options.max_delete_percent
-        if count * 100 > limit * remote:
-            raise GuardError(
-                f"refusing to delete {count} of {remote} remote objects "
-                f"({count * 100 / remote:.1f}% > upload.max_delete_percent = {limit:g}); "
-                "nothing was deleted. If a prune really removed that much, raise the limit "
-                "for one run: BACKREST_RELAY_UPLOAD__MAX_DELETE_PERCENT=100"
-            )
+        hint = (
+            "nothing was deleted. If the local repository really lost them, allow it for one "
+            "run with BACKREST_RELAY_UPLOAD__MAX_DELETE_PERCENT=100 (deletion still waits "
+            "upload.delete_after)"
+        )
+        for kind, noun in (
+            (Kind.SNAPSHOTS, "snapshot"),
+            (Kind.INDEX, "index file"),
+            (Kind.DATA, "pack"),
+        ):
+            going = [o for o in d.gone if kind_of_key(o.key) is kind]
+            if going and d.local[kind] == 0:
+                raise GuardError(
+                    f"refusing to delete {kind.folder}/: the local repository has no "
+                    f"{noun} left, and the mirror never loses all of its {kind.folder}/ "
+                    f"({len(going)} at the destination); nothing was deleted. Check that "
+                    "the right disk is mounted and the repository is intact"
+                )
+        new_snapshots = sum(1 for o in d.new if kind_of_key(o.key) is Kind.SNAPSHOTS)
+        if new_snapshots:
+            loss = d.snapshot_baseline - d.local[Kind.SNAPSHOTS]
+            allowed = max(SNAPSHOT_ALLOWANCE, limit / 100 * d.snapshot_baseline)
+            if loss > allowed:
+                raise GuardError(
+                    f"refusing to mirror the deletion of snapshots/: {new_snapshots} "
+                    f"snapshot(s) gone locally since the last run leave "
+                    f"{d.local[Kind.SNAPSHOTS]} of {d.snapshot_baseline} (a net loss of "
+                    f"{loss} > max({SNAPSHOT_ALLOWANCE}, upload.max_delete_percent = "
+                    f"{limit:g}% of {d.snapshot_baseline})); {hint}"
+                )
+        new_index = any(kind_of_key(o.key) is Kind.INDEX for o in d.new)
+        new_data = [o for o in d.new if kind_of_key(o.key) is Kind.DATA]
+        if new_data and not new_index:
+            # A prune that drops packs also replaces index files; packs vanishing while
+            # the index stays the same is a damaged or rolled-back disk, not a prune.
+            gone_bytes = sum(o.size for o in new_data)
+            allowed = max(DATA_ALLOWANCE_BYTES, limit / 100 * d.remote_data_bytes)
+            if gone_bytes > allowed:
+                raise GuardError(
+                    f"refusing to mirror the deletion of data/: {len(new_data)} pack(s) "
+                    f"({format_size(gone_bytes)} of {format_size(d.remote_data_bytes)}) "
+                    "gone locally while no index file changed (a prune replaces index "
+                    f"files) — more than upload.max_delete_percent = {limit:g}% or "
+                    f"{format_size(DATA_ALLOWANCE_BYTES)}; {hint}"
+                )
 
-    def _delete(self, deletions: list[RemoteObject]) -> None:
-        if not deletions:
+    def _delete(self, d: _Deletions | None) -> None:
+        """Mark what newly went, then delete what stayed gone for `delete_after`:
+        snapshots, then index, then packs, each kind finished before the next."""
+        if d is None:
             return
-        self._delete_guard(len(deletions))
+        gone_keys = {o.key for o in d.gone}
+        stale = [k for k in self.state.gone_marks() if k not in gone_keys]
+        if stale:
+            # Back locally, or no longer at the destination: its clock starts afresh.
+            self.state.clear_gone(stale)
+        if not d.gone:
+            self._set_baseline(d)
+            return
+        self._delete_guard(d)
+        if d.new:
+            self.state.mark_gone([o.key for o in d.new], d.now)
+        self._set_baseline(d)
+        delay = self.options.delete_after
+        due = d.due(delay)
+        self._note_pending(d.pending(delay))
+        if self.summary.pending_deletions:
+            log.info(
+                "%d deletion(s) pending (upload.delete_after = %s); the next is due %s",
+                self.summary.pending_deletions,
+                format_duration(delay),
+                self.summary.next_deletion_due,
+            )
         for kind in DELETE_ORDER:
-            keys = [o.key for o in deletions if kind_of_key(o.key) is kind]
+            keys = [o.key for o in due if kind_of_key(o.key) is kind]
             if not keys:
                 continue
             self._run_parallel((_Work(RepoFile(k, kind, 0)) for k in keys), self._delete_one)
             if self._first_error is not None:
                 raise self._first_error
-        log.info("deleted %d objects that prune removed locally", self.summary.deleted_files)
+            if self.stop.reason is not None:
+                return  # the deadline: later kinds wait for the next run
+        if self.summary.deleted_files:
+            log.info(
+                "deleted %d objects gone locally for at least %s",
+                self.summary.deleted_files,
+                format_duration(delay),
+            )
+
+    def _set_baseline(self, d: _Deletions) -> None:
+        if self.state.get_meta(SNAPSHOT_BASELINE) != str(d.local[Kind.SNAPSHOTS]):
+            self.state.set_meta(SNAPSHOT_BASELINE, str(d.local[Kind.SNAPSHOTS]))
 
     def _delete_one(self, item: _Work) -> None:
         self.backend.delete(item.file.key)
         self.state.forget(item.file.key)
+        self.state.clear_gone([item.file.key])
         with self._lock:
             self.summary.deleted_files += 1

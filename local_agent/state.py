@@ -47,6 +47,13 @@ CREATE TABLE IF NOT EXISTS multipart_uploads (
     part_size INTEGER NOT NULL,
     started_at REAL NOT NULL
 );
+-- Objects at the destination that are gone from the local repository, and since when
+-- (deferred deletion: removed remotely only after upload.delete_after). Added after
+-- schema 1; CREATE IF NOT EXISTS adds it to older state files.
+CREATE TABLE IF NOT EXISTS gone (
+    key TEXT PRIMARY KEY,
+    since REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS multipart_parts (
     key TEXT NOT NULL,
     upload_id TEXT NOT NULL,
@@ -152,6 +159,10 @@ class StateStore:
                 (name, value),
             )
 
+    def delete_meta(self, name: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM meta WHERE name=?", (name,))
+
     @property
     def reconciled(self) -> bool:
         """Whether the store was ever filled from a listing of the destination."""
@@ -218,6 +229,33 @@ class StateStore:
     def count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM objects").fetchone()[0])
+
+    # -- deferred deletion ----------------------------------------------------------------
+
+    def gone_marks(self) -> dict[str, float]:
+        """Key → when it was first seen gone locally (epoch seconds)."""
+        with self._lock:
+            return {str(k): float(t) for k, t in self._db.execute("SELECT key, since FROM gone")}
+
+    def has_gone_marks(self) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM gone LIMIT 1").fetchone() is not None
+
+    def mark_gone(self, keys: list[str], since: float) -> None:
+        """Record `keys` as gone since `since`; a key already marked keeps its older mark."""
+        with self._lock, self._transaction() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO gone(key, since) VALUES(?, ?)", [(k, since) for k in keys]
+            )
+
+    def clear_gone(self, keys: list[str]) -> None:
+        """Drop the marks of `keys` (the file came back locally, or the object was deleted)."""
+        with self._lock, self._transaction() as db:
+            db.executemany("DELETE FROM gone WHERE key=?", [(k,) for k in keys])
+
+    def clear_all_gone(self) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM gone")
 
     # -- multipart uploads ----------------------------------------------------------------
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cloud.contracts.events import (
@@ -50,7 +52,10 @@ def run_upload(
     interactive: bool = False,
     show_progress: bool = True,
     publisher: Publisher | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> MirrorSummary:
+    """One upload run; `clock` decides when deferred deletions fall due (tests pass their
+    own)."""
     destination = config.destination_for(repo_id=repo_id, repo_guid=repo_guid)
     ctx = RunContext(
         repo=RepoRef(id=repo_id, guid=repo_guid, path=str(repo_path)),
@@ -64,6 +69,7 @@ def run_upload(
         concurrency=upload.concurrency,
         delete=upload.delete,
         max_delete_percent=upload.max_delete_percent,
+        delete_after=upload.delete_after_seconds,
         multipart_threshold=upload.multipart_threshold_bytes,
         part_size=upload.part_size_bytes,
         bandwidth_limit=upload.bandwidth_bytes_per_second,
@@ -96,11 +102,14 @@ def run_upload(
             outbox = Outbox(state_dir / "outbox.sqlite")
             _send_backlog(outbox, publisher, summary=None)
         ensure_repository(repo_path)
+        # Where the manifest goes is a config matter: refuse it before the first request,
+        # not after the whole mirror was uploaded.
+        config.manifest_prefix_for(repo_id=repo_id, repo_guid=repo_guid)
         if not dry_run:
             lock.acquire(min(upload.lock_wait_seconds, upload.deadline_seconds))
         state = StateStore(None if dry_run and not state_path.exists() else state_path)
         try:
-            run = MirrorRun(options, backend, state, stop=stop, progress=progress)
+            run = MirrorRun(options, backend, state, stop=stop, progress=progress, clock=clock)
             if progress:
                 progress.start()
             try:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from cloud.contracts.events import ManifestRef, MirrorVerified, RepoRef
+from cloud.contracts.ids import is_run_id
 from cloud.contracts.manifest import manifest_key
 from cloud.logic.ports import ObjectStoreError
 from cloud.logic.verification import record_verification, verification_event
@@ -104,6 +105,11 @@ def run_verify(
 
     if not repo_id and not repo_guid:
         raise ConfigError("verify needs --repo-id or --repo-guid")
+    if run_id is not None and not is_run_id(run_id):
+        raise ConfigError(
+            f"--run {run_id!r}: not a run id (a UUID like 0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b, "
+            "as printed by `upload` and `status`)"
+        )
     spec = parse_deep(deep)
     destination = config.destination_for(repo_id=repo_id, repo_guid=repo_guid)
     prefix = config.manifest_prefix_for(repo_id=repo_id, repo_guid=repo_guid)

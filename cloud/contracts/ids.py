@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import uuid
+
+# What new_run_id makes (lower-case UUID text). Run ids become object keys and file names,
+# so anything else given as a run id (`verify --run ../../etc`) is refused, not used.
+RUN_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 _lock = threading.Lock()
 _last_ms = 0
@@ -27,3 +32,8 @@ def new_run_id() -> str:
     rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
     value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand
     return str(uuid.UUID(int=value))
+
+
+def is_run_id(text: str) -> bool:
+    """Whether `text` has the form of a run id (a UUID, as `new_run_id` writes it)."""
+    return RUN_ID_RE.fullmatch(text) is not None

@@ -300,59 +300,6 @@ def test_unmounted_or_foreign_source_is_refused_and_nothing_deleted(
     assert remote_keys(rclone_server.endpoint, rclone_bucket) == before
 
 
-def test_prune_over_the_delete_limit_is_refused_then_mirrored_when_allowed(
-    restic_repo: BuiltRepo,
-    rclone_server: RcloneS3Server,
-    rclone_bucket: str,
-    restic_password: str,
-    tmp_path: Path,
-) -> None:
-    config = config_for(
-        tmp_path, rclone_server.endpoint, rclone_bucket, delete=True, max_delete_percent=5
-    )
-    assert upload(config, restic_repo.path).returncode == 0
-    before = remote_keys(rclone_server.endpoint, rclone_bucket, f"{PREFIX}/")
-    subprocess.run(
-        [
-            "restic",
-            "-r",
-            str(restic_repo.path),
-            "--no-cache",
-            "forget",
-            "--keep-last",
-            "1",
-            "--prune",
-            "--max-unused",
-            "0",
-        ],
-        env={**os.environ, "RESTIC_PASSWORD": restic_password},
-        check=True,
-        capture_output=True,
-        stdin=subprocess.DEVNULL,
-    )
-    gone = {
-        f"{PREFIX}/{k}"
-        for k in set(k.removeprefix(f"{PREFIX}/") for k in before) - repo_files(restic_repo.path)
-    }
-    assert len(gone) * 100 > 5 * len(before)
-
-    refused = upload(config, restic_repo.path)
-    assert refused.returncode == 5, refused.stderr
-    assert "max_delete_percent" in refused.stderr
-    assert set(remote_keys(rclone_server.endpoint, rclone_bucket)) >= set(before)
-
-    allowed = upload(
-        config, restic_repo.path, env={"BACKREST_RELAY_UPLOAD__MAX_DELETE_PERCENT": "100"}
-    )
-    assert allowed.returncode == 0, allowed.stderr
-    assert allowed.summary["deleted_files"] == len(gone)
-    after = set(remote_keys(rclone_server.endpoint, rclone_bucket, PREFIX))
-    assert after == {f"{PREFIX}/{k}" for k in repo_files(restic_repo.path)}
-    url = s3_repo_url(rclone_server.endpoint, rclone_bucket, PREFIX)
-    restic_check(url, restic_password, env=rclone_server.endpoint.env())
-    assert len(restic_snapshots(url, restic_password, env=rclone_server.endpoint.env())) == 1
-
-
 def test_bucket_filled_by_rclone_sync_is_adopted_without_uploading(
     restic_repo: BuiltRepo,
     rclone_server: RcloneS3Server,

@@ -231,3 +231,35 @@ def test_upload_dry_run_on_empty_directory_is_also_refused(
     assert code == 3
     assert "mounted" in capsys.readouterr().err
     assert not (tmp_path / "state").exists()  # a dry run writes no state and takes no lock
+
+
+@pytest.mark.parametrize("run", ["../../etc", "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b/../x", "x", ""])
+def test_verify_run_must_be_a_run_id(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], run: str
+) -> None:
+    config = write_config(tmp_path)
+    code = main(["verify", "--config", str(config), "--repo-id", "r1", "--run", run])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--run" in err
+    assert "run id" in err
+
+
+def test_manifest_prefix_inside_repository_prefix_is_refused_before_any_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The templates differ but expand to nested prefixes for this repository id: refused
+    with exit 2 before the bucket is contacted (127.0.0.1:9 would fail with exit 4)."""
+    from tests.support.repos import make_fake_restic_repo
+
+    repo = tmp_path / "repo"
+    make_fake_restic_repo(repo, packs=2, pack_size=1024)
+    config = write_config(tmp_path)
+    config.write_text(
+        config.read_text().replace("[state]", 'manifest_prefix = "restic/r1/m"\n[state]'),
+    )
+    code = main(["upload", "--config", str(config), "--repo", str(repo), "--repo-id", "r1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "manifest_prefix" in err
+    assert "inside" in err

@@ -685,3 +685,167 @@ def test_config_errors_never_echo_secrets(tmp_path: Path, text: str) -> None:
 def test_env_errors_never_echo_secrets(tmp_path: Path, env: dict[str, str]) -> None:
     err = config_error(tmp_path, MINIMAL_S3, **env)
     assert_no_secret(err.message)
+
+
+# -- strict types (issue 13, point 8) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("snippet", "key"),
+    [
+        ('[upload]\ndelete = "yes"\n', "upload.delete"),
+        ("[upload]\ndelete = 1\n", "upload.delete"),
+        ('[upload]\nconcurrency = "8"\n', "upload.concurrency"),
+        ("[upload]\nconcurrency = true\n", "upload.concurrency"),
+        ("[upload]\nconcurrency = 8.0\n", "upload.concurrency"),
+        ('[upload]\nmax_delete_percent = "10"\n', "upload.max_delete_percent"),
+        ("[upload]\nmax_delete_percent = true\n", "upload.max_delete_percent"),
+        ('[upload]\ndirect_put = "false"\n', "upload.direct_put"),
+        ("[upload]\ndeadline = 3600\n", "upload.deadline"),
+        ('[destination]\nprovider = "s3"\nendpoint_url = "http://h"\nbucket = 123\n', ""),
+    ],
+)
+def test_wrong_types_are_refused_not_coerced(tmp_path: Path, snippet: str, key: str) -> None:
+    text = snippet if snippet.startswith("[destination]") else MINIMAL_S3 + snippet
+    key = key or "destination.bucket"
+    err = config_error(tmp_path, text)
+    assert key in err.message
+    assert str(tmp_path / "config.toml") in err.message
+
+
+@pytest.mark.parametrize(
+    ("var", "text"),
+    [
+        ("BACKREST_RELAY_UPLOAD__DELETE", "yes"),
+        ("BACKREST_RELAY_UPLOAD__DELETE", "1"),
+        ("BACKREST_RELAY_UPLOAD__DELETE", '"true"'),
+        ("BACKREST_RELAY_UPLOAD__CONCURRENCY", "true"),
+        ("BACKREST_RELAY_UPLOAD__CONCURRENCY", '"8"'),
+        ("BACKREST_RELAY_UPLOAD__CONCURRENCY", "8.0"),
+        ("BACKREST_RELAY_UPLOAD__MAX_DELETE_PERCENT", "ten"),
+        ("BACKREST_RELAY_UPLOAD__DIRECT_PUT", "on"),
+    ],
+)
+def test_env_overrides_are_typed_strictly(tmp_path: Path, var: str, text: str) -> None:
+    err = config_error(tmp_path, MINIMAL_S3, **{var: text})
+    section, _, key = var.removeprefix("BACKREST_RELAY_").lower().partition("__")
+    assert f"{section}.{key}" in err.message
+    assert f"${var}" in err.message
+
+
+def test_env_override_literals(tmp_path: Path) -> None:
+    """Env values are typed by the setting: booleans `true`/`false`, integers and numbers as
+    written, strings as they are (quotes not needed)."""
+    cfg = load_text(
+        tmp_path,
+        MINIMAL_S3,
+        BACKREST_RELAY_UPLOAD__DELETE="TRUE",
+        BACKREST_RELAY_UPLOAD__CONCURRENCY=" 12 ",
+        BACKREST_RELAY_UPLOAD__MAX_DELETE_PERCENT="7",
+        BACKREST_RELAY_UPLOAD__DIRECT_PUT="false",
+        BACKREST_RELAY_DESTINATION__PREFIX="true",
+    ).config
+    assert cfg.upload.delete is True
+    assert cfg.upload.concurrency == 12
+    assert cfg.upload.max_delete_percent == 7
+    assert cfg.upload.direct_put is False
+    assert cfg.destination.prefix == "true"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://keyid:{secret}@s3.example.com",
+        "https://{secret}@s3.example.com",
+        "http://user:{secret}@127.0.0.1:9000/",
+    ],
+)
+@pytest.mark.parametrize("section", ["destination", "events"])
+def test_endpoint_url_with_credentials_is_refused_without_echo(
+    tmp_path: Path, url: str, section: str
+) -> None:
+    value = url.format(secret=SECRET)
+    if section == "destination":
+        text = f'[destination]\nprovider = "s3"\nendpoint_url = "{value}"\nbucket = "bkt"\n'
+    else:
+        text = MINIMAL_S3 + f'[events]\nendpoint_url = "{value}"\n'
+    err = config_error(tmp_path, text)
+    assert f"{section}.endpoint_url" in err.message
+    assert "user name or password" in err.message
+    assert SECRET not in err.message
+    assert "keyid" not in err.message
+
+
+def test_endpoint_url_with_credentials_from_env_is_refused(tmp_path: Path) -> None:
+    err = config_error(
+        tmp_path,
+        MINIMAL_S3,
+        BACKREST_RELAY_DESTINATION__ENDPOINT_URL=f"https://k:{SECRET}@h.example.com",
+    )
+    assert "destination.endpoint_url" in err.message
+    assert SECRET not in err.message
+
+
+def test_bad_endpoint_url_is_not_echoed(tmp_path: Path) -> None:
+    err = config_error(
+        tmp_path,
+        f'[destination]\nprovider = "s3"\nendpoint_url = "ftp://k:{SECRET}@h"\nbucket = "bkt"\n',
+    )
+    assert "destination.endpoint_url" in err.message
+    assert SECRET not in err.message
+
+
+@pytest.mark.parametrize(
+    ("prefix", "manifest_prefix"),
+    [
+        ("restic/{repo_id}", "restic/{repo_id}/manifests"),
+        ("restic", "restic/manifests/{repo_id}"),
+        ("restic/{repo_id}", "restic/{repo_id}"),
+    ],
+)
+def test_manifest_prefix_inside_repository_prefix_is_refused_at_load(
+    tmp_path: Path, prefix: str, manifest_prefix: str
+) -> None:
+    text = MINIMAL_S3 + f'prefix = "{prefix}"\nmanifest_prefix = "{manifest_prefix}"\n'
+    err = config_error(tmp_path, text)
+    assert "destination.manifest_prefix" in err.message
+    assert "inside" in err.message
+
+
+@pytest.mark.parametrize(
+    ("prefix", "manifest_prefix"),
+    [
+        ("restic/{repo_id}", "backrest-relay/manifests/{repo_id}"),
+        ("restic/{repo_id}", "restic/manifests/{repo_id}"),
+        ("restic/{repo_id}", "restic-manifests"),
+    ],
+)
+def test_manifest_prefix_outside_repository_prefix_loads(
+    tmp_path: Path, prefix: str, manifest_prefix: str
+) -> None:
+    text = MINIMAL_S3 + f'prefix = "{prefix}"\nmanifest_prefix = "{manifest_prefix}"\n'
+    cfg = load_text(tmp_path, text).config
+    assert cfg.destination.manifest_prefix == manifest_prefix
+
+
+# -- deferred deletion (issue 13, point 4) ----------------------------------------------------
+
+
+def test_delete_after_defaults_to_seven_days(tmp_path: Path) -> None:
+    assert load_text(tmp_path, MINIMAL_S3).config.upload.delete_after_seconds == 7 * 86400
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("0", 0), ("0s", 0), ("36h", 129600), ("30d", 2592000)]
+)
+def test_delete_after_values(tmp_path: Path, text: str, seconds: float) -> None:
+    cfg = load_text(tmp_path, MINIMAL_S3 + f'[upload]\ndelete_after = "{text}"\n').config
+    assert cfg.upload.delete_after_seconds == seconds
+
+
+@pytest.mark.parametrize(
+    "snippet", ['delete_after = "soon"', 'delete_after = "400d"', "delete_after = 7"]
+)
+def test_bad_delete_after_names_the_key(tmp_path: Path, snippet: str) -> None:
+    err = config_error(tmp_path, MINIMAL_S3 + f"[upload]\n{snippet}\n")
+    assert "upload.delete_after" in err.message

@@ -453,3 +453,40 @@ def test_concurrent_puts_lose_nothing(store_path: Path) -> None:
         assert set(reopened.known_sizes()) == expected
     finally:
         reopened.close()
+
+
+# -- deferred deletion marks ------------------------------------------------------------------
+
+
+def test_gone_marks_keep_the_first_time_and_clear(store: StateStore) -> None:
+    store.mark_gone(["snapshots/a", "data/00/b"], 100.0)
+    store.mark_gone(["snapshots/a", "index/c"], 200.0)  # an older mark is never moved
+    assert store.gone_marks() == {"snapshots/a": 100.0, "data/00/b": 100.0, "index/c": 200.0}
+    store.clear_gone(["data/00/b"])
+    assert set(store.gone_marks()) == {"snapshots/a", "index/c"}
+    assert store.has_gone_marks()
+    store.clear_all_gone()
+    assert not store.has_gone_marks()
+
+
+def test_state_file_from_before_deferred_deletion_gains_the_table(store_path: Path) -> None:
+    """State files written before `gone` existed open as they are and keep their objects."""
+    store_path.parent.mkdir(parents=True)
+    db = sqlite3.connect(store_path)
+    db.executescript(
+        "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES('schema_version', '1');"
+        "CREATE TABLE objects (key TEXT PRIMARY KEY, size INTEGER NOT NULL, sha256 TEXT, "
+        "md5 TEXT, etag TEXT, uploaded_at REAL NOT NULL, run_id TEXT);"
+        "INSERT INTO objects VALUES('config', 155, NULL, NULL, NULL, 1.0, NULL);"
+    )
+    db.commit()
+    db.close()
+    store = StateStore(store_path)
+    try:
+        assert store.known_sizes() == {"config": 155}
+        assert store.gone_marks() == {}
+        store.mark_gone(["snapshots/a"], 5.0)
+        assert store.gone_marks() == {"snapshots/a": 5.0}
+    finally:
+        store.close()
