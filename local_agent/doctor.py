@@ -58,6 +58,7 @@ def run_doctor(args: argparse.Namespace) -> int:
     from local_agent.cli import register_secrets, resolve_repo
     from local_agent.config import load_config
     from local_agent.repository import scan_repository
+    from local_agent.units import plural
 
     doctor = Doctor()
     try:
@@ -79,8 +80,12 @@ def run_doctor(args: argparse.Namespace) -> int:
             doctor.record(
                 "repository",
                 True,
-                f"{repo.path}: restic repository with {len(scan.files)} files"
-                + (f", {len(scan.skipped)} entries that will be skipped" if scan.skipped else ""),
+                f"{repo.path}: restic repository with {plural(len(scan.files), 'file')}"
+                + (
+                    f", {plural(len(scan.skipped), 'entry', 'entries')} that will be skipped"
+                    if scan.skipped
+                    else ""
+                ),
             )
         except RelayError as exc:
             doctor.record("repository", False, exc.message)

@@ -1,8 +1,9 @@
 """`backrest-relay status`: each repository's latest verified off-site copy, on this host.
 
-Reads the local run store (local mode, and every `verify` run here). A table on a
-terminal, JSON otherwise; `--check-stale` applies the watchdog's rule and exits 3 when a
-repository has had no verified copy for longer than `notify.max_age` (for cron).
+Reads the local run store (local mode, and every `verify` run here). A table, or JSON
+with `--json` only: cron mails stdout to a person, so a pipe is no reason to switch to
+JSON. `--check-stale` applies the watchdog's rule and exits 3 when a repository has had no
+verified copy for longer than `notify.max_age` (for cron).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def repo_summary(status: RepoStatus, now: datetime, max_age: timedelta) -> dict[
 def run_status(
     config: RelayConfig,
     *,
-    as_json: bool | None,
+    as_json: bool,
     check_stale: bool,
     html: str | None = None,
     now: datetime | None = None,
@@ -82,12 +83,14 @@ def run_status(
     if html:
         from pathlib import Path
 
-        from local_agent.html_report import write_report
+        from local_agent.html_report import render_report, write_report
 
+        if html == "-":
+            sys.stdout.write(render_report(runs))
+            return 0
         written = write_report(runs, Path(html))
         sys.stderr.write(f"wrote {written}\n")
-    use_json = as_json if as_json is not None else not sys.stdout.isatty()
-    if use_json:
+    if as_json:
         sys.stdout.write(REDACTOR(json.dumps({"repositories": rows}, sort_keys=True)) + "\n")
     else:
         sys.stdout.write(_table(rows) + "\n")

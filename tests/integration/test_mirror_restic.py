@@ -500,7 +500,12 @@ def test_hook_snippet_rendered_and_piped_to_sh_mirrors_and_later_lines_run(
     assert (bin_dir / "backrest-relay").exists(), "console script not installed in the venv"
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     snippet = run_agent(
-        ["hook-snippet", "--repo-id", "home", "--format", "json", "--config", str(config)], env=env
+        [
+            *("hook-snippet", "--repo-id", "home", "--format", "json", "--hook", "success"),
+            "--config",
+            str(config),
+        ],
+        env=env,
     )
     assert snippet.returncode == 0, snippet.stderr
     hook = json.loads(snippet.stdout)

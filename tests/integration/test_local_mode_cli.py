@@ -1,0 +1,227 @@
+"""Local mode from the command line, as a new user meets it (issue 14, points 5–9).
+
+Real restic repositories, `rclone serve s3`, the agent as a subprocess, and local HTTP
+receivers standing in for Apprise and Healthchecks.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from local_agent import progress as progress_module
+from tests.support.agent import agent_env, run_agent, write_agent_config
+from tests.support.repos import make_restic_repo, restic_backup
+from tests.support.s3servers import RcloneS3Server
+
+REPO_ID = "home"
+
+
+def small_restic_repo(base: Path, password: str, *, seed: int = 1) -> Path:
+    """A real restic repository with one small snapshot (a few hundred KiB)."""
+    repo = base / "repo"
+    source = base / "src"
+    source.mkdir(parents=True)
+    rng = random.Random(seed)
+    for i in range(4):
+        (source / f"f{i}.bin").write_bytes(rng.randbytes(rng.randint(20_000, 120_000)))
+    make_restic_repo(repo, password)
+    restic_backup(repo, password, source)
+    return repo
+
+
+def restic_repo_id(repo: Path, password: str) -> str:
+    """restic's own repository id (what Backrest stores as the repository's guid)."""
+    out = subprocess.run(
+        ["restic", "-r", str(repo), "cat", "config"],
+        env={**agent_env(), "RESTIC_PASSWORD": password},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    repo_id: str = json.loads(out)["id"]
+    return repo_id
+
+
+def local_config(
+    tmp_path: Path,
+    server: RcloneS3Server,
+    bucket: str,
+    *,
+    notify: Mapping[str, Any] | None = None,
+    upload: Mapping[str, Any] | None = None,
+    extra: str = "",
+) -> Path:
+    config = write_agent_config(
+        tmp_path / "relay.toml",
+        server.endpoint,
+        bucket,
+        state_dir=tmp_path / "state",
+        events={"publisher": "local"},
+        upload=upload,
+    )
+    if notify:
+        with config.open("a") as fh:
+            fh.write("[notify]\n")
+            for key, value in notify.items():
+                if isinstance(value, dict):
+                    inner = ", ".join(f'"{k}" = {json.dumps(v)}' for k, v in value.items())
+                    fh.write(f"{key} = {{ {inner} }}\n")
+                else:
+                    fh.write(f"{key} = {json.dumps(value)}\n")
+    if extra:
+        with config.open("a") as fh:
+            fh.write(textwrap.dedent(extra))
+    return config
+
+
+# -- 9. rough edges ------------------------------------------------------------------------------
+
+
+def test_status_is_a_table_when_piped_and_json_only_with_json(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    repo = small_restic_repo(tmp_path, restic_password)
+    config = local_config(tmp_path, rclone_server, rclone_bucket)
+    up = run_agent(["upload", "--repo", str(repo), "--repo-id", REPO_ID, "--config", str(config)])
+    assert up.returncode == 0, up.stderr
+
+    piped = run_agent(["status", "--config", str(config)])  # stdout is a pipe, as under cron
+    assert piped.returncode == 0, piped.stderr
+    assert not piped.stdout.lstrip().startswith("{"), piped.stdout
+    assert "REPOSITORY" in piped.stdout and REPO_ID in piped.stdout
+
+    as_json = run_agent(["status", "--json", "--config", str(config)])
+    [row] = json.loads(as_json.stdout)["repositories"]
+    assert row["repo_id"] == REPO_ID and row["last_verified_at"]
+
+    report = tmp_path / "status.html"
+    html = run_agent(["status", "--html", str(report), "--config", str(config)])
+    assert html.returncode == 0, html.stderr
+    assert report.read_text().lstrip().lower().startswith("<!doctype html")
+    assert not html.stdout.lstrip().startswith("{")
+    to_stdout = run_agent(["status", "--html", "-", "--config", str(config)])
+    assert to_stdout.stdout.lstrip().lower().startswith("<!doctype html"), to_stdout.stdout[:200]
+
+
+def test_global_flags_are_accepted_before_or_after_the_subcommand(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str
+) -> None:
+    config = str(local_config(tmp_path, rclone_server, rclone_bucket))
+    for args in (
+        ["-v", "--config", config, "status"],
+        ["status", "-v", "--config", config],
+        ["--config", config, "status", "--verbose"],
+        ["-v", "status", "--config", config],
+    ):
+        result = run_agent(args)
+        assert result.returncode == 0, (args, result.stderr)
+        assert "no runs recorded" in result.stdout, (args, result.stdout)
+
+
+def test_hook_snippet_prints_both_hooks(tmp_path: Path) -> None:
+    env = {"BACKREST_CONFIG": str(tmp_path / "absent.json")}
+    text = run_agent(["hook-snippet", "--repo-id", REPO_ID], env=env)
+    assert text.returncode == 0, text.stderr
+    commands = [line for line in text.stdout.splitlines() if not line.startswith("#") and line]
+    assert len(commands) == 2, text.stdout
+    assert " upload " in commands[0] and " report-failure " in commands[1]
+    assert "CONDITION_CHECK_SUCCESS" in text.stdout and "CONDITION_CHECK_ERROR" in text.stdout
+
+    as_json = run_agent(["hook-snippet", "--repo-id", REPO_ID, "--format", "json"], env=env)
+    hooks = json.loads(as_json.stdout)
+    assert [h["conditions"] for h in hooks] == [
+        ["CONDITION_CHECK_SUCCESS"],
+        ["CONDITION_CHECK_ERROR"],
+    ]
+    one = run_agent(
+        ["hook-snippet", "--repo-id", REPO_ID, "--format", "json", "--hook", "failure"], env=env
+    )
+    assert json.loads(one.stdout)["conditions"] == ["CONDITION_CHECK_ERROR"]
+
+
+_NO_MOTO = """
+import importlib.abc, sys
+class NoMoto(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "moto" or name.startswith("moto."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, NoMoto())
+from local_agent.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_demo_without_the_demo_extra_says_how_to_install_it_before_building(
+    tmp_path: Path,
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_MOTO, "demo"],
+        env={**agent_env(), "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "pipx install 'backrest-relay[demo]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "[1]" not in proc.stdout  # no repository was built first
+    assert not list(tmp_path.glob("backrest-relay-demo-*"))
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_rate_comes_from_a_warm_up_window_not_the_scan() -> None:
+    class Sink:
+        def write(self, _: str) -> int:
+            return 0
+
+        def flush(self) -> None:
+            pass
+
+    clock = _Clock()
+    progress = progress_module.Progress(Sink(), tty=False, clock=clock)  # type: ignore[arg-type]
+    progress.start()
+    progress.close()
+    clock.now += 30  # scanning and hashing the repository: no transfer yet
+    progress.add_work(files=10, size=200_000_000)
+    clock.now += 1
+    progress.advance(size=1_000)  # the first second of the first file
+    early = progress.line()
+    assert "ETA —" in early and "B/s" not in early, early
+    for _ in range(10):  # then 10 MB/s for 10 s
+        clock.now += 1
+        progress.advance(size=10_000_000)
+    line = progress.line()
+    rate = progress.rate()
+    assert rate is not None and 9_000_000 < rate < 11_000_000, line
+    assert clock.now - 1000.0 > progress_module.WARMUP
+    assert "ETA" in line and "ETA —" not in line
+
+
+def test_counts_are_pluralised(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    repo = small_restic_repo(tmp_path, restic_password)
+    config = local_config(tmp_path, rclone_server, rclone_bucket)
+    dry = run_agent(
+        ["upload", "--repo", str(repo), "--repo-id", REPO_ID, "--config", str(config), "--dry-run"]
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert "1 file " in dry.stdout or dry.stdout.rstrip().endswith("1 file"), dry.stdout
+    assert "1 files" not in dry.stdout + dry.stderr
