@@ -19,6 +19,7 @@ from typing import Any
 
 from local_agent import __version__
 from local_agent.errors import ConfigError, ExitCode, RelayError
+from local_agent.identity import resolve_identity
 from local_agent.redact import REDACTOR, RedactingFormatter
 
 log = logging.getLogger("backrest_relay")
@@ -95,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-stale",
         action="store_true",
         help="exit 3 when a repository has no verified copy within notify.max_age (cron)",
+    )
+    st.add_argument(
+        "--forget",
+        metavar="REPO",
+        help="drop a repository's history from the run store (its guid, or its id)",
     )
     st.add_argument(
         "--html", metavar="FILE", help="also write a self-contained HTML report ('-': stdout)"
@@ -183,7 +189,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         loaded = load_config(args.config)
         register_secrets(loaded.config)
         return run_status(
-            loaded.config, as_json=args.json, check_stale=args.check_stale, html=args.html
+            loaded.config,
+            as_json=args.json,
+            check_stale=args.check_stale,
+            html=args.html,
+            forget=args.forget,
         )
     if args.command == "doctor":
         from local_agent.doctor import run_doctor
@@ -206,21 +216,32 @@ class ResolvedRepo:
     guid: str | None
 
 
-def resolve_repo(args: argparse.Namespace) -> ResolvedRepo:
-    """The repository from --repo, else from Backrest's config.json by --repo-id."""
+def resolve_repo(
+    args: argparse.Namespace, state_dir: Path | None = None, *, learn: bool = True
+) -> ResolvedRepo:
+    """The repository from --repo, else from Backrest's config.json by --repo-id; its guid
+    from --repo-guid, Backrest's config or what this host learned (local_agent.identity),
+    so every command records a repository under the same key."""
     from local_agent.backrest import find_backrest_repo, repo_path_from_uri
     from local_agent.config import validate_repo_guid, validate_repo_id
 
     repo_id = validate_repo_id(args.repo_id) if args.repo_id else None
     guid = validate_repo_guid(args.repo_guid) if args.repo_guid else None
     if args.repo:
-        return ResolvedRepo(repo_path_from_uri(args.repo), repo_id, guid)
-    if not repo_id:
-        raise ConfigError("pass --repo PATH, or --repo-id ID to read it from Backrest's config")
-    found = find_backrest_repo(repo_id)
-    if guid is None and found.guid:
-        guid = validate_repo_guid(found.guid)
-    return ResolvedRepo(repo_path_from_uri(found.uri), repo_id, guid)
+        path = repo_path_from_uri(args.repo)
+    else:
+        if not repo_id:
+            raise ConfigError("pass --repo PATH, or --repo-id ID to read it from Backrest's config")
+        found = find_backrest_repo(repo_id)
+        if guid is None and found.guid:
+            guid = validate_repo_guid(found.guid)
+        path = repo_path_from_uri(found.uri)
+    if state_dir is not None:
+        identity = resolve_identity(
+            state_dir, repo_id=repo_id, repo_guid=guid, repo_path=path, learn=learn
+        )
+        repo_id, guid = identity.repo_id, identity.guid
+    return ResolvedRepo(path, repo_id, guid)
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
@@ -230,7 +251,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
     register_secrets(loaded.config)
     try:
-        repo = resolve_repo(args)
+        repo = resolve_repo(args, loaded.config.state.path(), learn=not args.dry_run)
     except ConfigError as exc:
         if not args.dry_run:
             from local_agent.upload import report_failure
@@ -327,10 +348,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     loaded = load_config(args.config)
     register_secrets(loaded.config)
-    return run_verify(
-        loaded.config,
+    identity = resolve_identity(
+        loaded.config.state.path(),
         repo_id=validate_repo_id(args.repo_id) if args.repo_id else None,
         repo_guid=validate_repo_guid(args.repo_guid) if args.repo_guid else None,
+    )
+    return run_verify(
+        loaded.config,
+        repo_id=identity.repo_id,
+        repo_guid=identity.guid,
         run_id=args.run,
         deep=args.deep,
         as_json=args.json,
@@ -348,6 +374,18 @@ def cmd_report_failure(args: argparse.Namespace) -> int:
     register_secrets(loaded.config)
     repo_id = validate_repo_id(args.repo_id) if args.repo_id else None
     guid = validate_repo_guid(args.repo_guid) if args.repo_guid else None
+    path: Path | None = None
+    if args.repo:
+        from local_agent.backrest import repo_path_from_uri
+
+        try:
+            path = repo_path_from_uri(args.repo)
+        except ConfigError:
+            path = None  # still report the failed check; the path only helps find the guid
+    identity = resolve_identity(
+        loaded.config.state.path(), repo_id=repo_id, repo_guid=guid, repo_path=path
+    )
+    repo_id, guid = identity.repo_id, identity.guid
     if not repo_id and not guid:
         raise ConfigError("report-failure needs --repo-id or --repo-guid")
     message = args.error.strip() or f"Backrest reported {args.trigger} without an error text"

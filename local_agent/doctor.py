@@ -74,7 +74,7 @@ def run_doctor(args: argparse.Namespace) -> int:
     repo_guid = args.repo_guid
     if args.repo or args.repo_id:
         try:
-            repo = resolve_repo(args)
+            repo = resolve_repo(args, config.state.path(), learn=False)
             repo_id, repo_guid = repo.repo_id, repo.guid
             scan = scan_repository(repo.path)
             doctor.record(

@@ -17,7 +17,7 @@ from typing import Any
 
 from local_agent import progress as progress_module
 from tests.support.agent import agent_env, run_agent, write_agent_config
-from tests.support.repos import make_restic_repo, restic_backup
+from tests.support.repos import make_restic_repo, restic_backup, restic_check, s3_repo_url
 from tests.support.s3servers import RcloneS3Server
 
 REPO_ID = "home"
@@ -225,3 +225,156 @@ def test_counts_are_pluralised(
     assert dry.returncode == 0, dry.stderr
     assert "1 file " in dry.stdout or dry.stdout.rstrip().endswith("1 file"), dry.stdout
     assert "1 files" not in dry.stdout + dry.stderr
+
+
+# -- 7. one identity per repository --------------------------------------------------------------
+
+
+def write_backrest_config(path: Path, repos: list[dict[str, Any]]) -> Path:
+    path.write_text(json.dumps({"modno": 1, "instance": "test", "repos": repos}))
+    return path
+
+
+def hook_args(repo: str, guid: str) -> list[str]:
+    """What Backrest's success hook passes."""
+    return ["upload", "--repo", repo, "--repo-id", REPO_ID, "--repo-guid", guid]
+
+
+def status_rows(config: Path, env: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    result = run_agent(["status", "--json", "--config", str(config)], env=env)
+    assert result.returncode == 0, result.stderr
+    rows: list[dict[str, Any]] = json.loads(result.stdout)["repositories"]
+    return rows
+
+
+def mirror_check(server: RcloneS3Server, bucket: str, password: str) -> None:
+    restic_check(
+        s3_repo_url(server.endpoint, bucket, f"restic/{REPO_ID}"),
+        password,
+        env=server.endpoint.env(),
+        read_data=False,
+    )
+
+
+def test_every_command_records_under_backrests_guid(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    repo = small_restic_repo(tmp_path, restic_password)
+    guid = restic_repo_id(repo, restic_password)
+    backrest = write_backrest_config(
+        tmp_path / "backrest.json", [{"id": REPO_ID, "uri": f"local:{repo}", "guid": guid}]
+    )
+    env = {"BACKREST_CONFIG": str(backrest)}
+    config = str(local_config(tmp_path, rclone_server, rclone_bucket))
+
+    hook = run_agent(
+        [
+            "upload",
+            "--repo",
+            f"local:{repo}",
+            "--repo-id",
+            REPO_ID,
+            "--repo-guid",
+            guid,
+            "--trigger",
+            "CONDITION_CHECK_SUCCESS",
+            "--config",
+            config,
+        ],
+        env=env,
+    )
+    assert hook.returncode == 0, hook.stderr
+    failed = run_agent(
+        ["report-failure", "--repo-id", REPO_ID, "--error", "check failed", "--config", config],
+        env=env,
+    )
+    assert failed.returncode == 0, failed.stderr
+    manual = run_agent(
+        ["upload", "--repo", str(repo), "--repo-id", REPO_ID, "--config", config], env=env
+    )
+    assert manual.returncode == 0, manual.stderr
+    by_id = run_agent(["upload", "--repo-id", REPO_ID, "--config", config], env=env)
+    assert by_id.returncode == 0, by_id.stderr
+
+    rows = status_rows(Path(config), env)
+    assert [(r["repo_key"], r["repo_id"]) for r in rows] == [(guid, REPO_ID)], rows
+
+    verify = run_agent(["verify", "--repo-id", REPO_ID, "--config", config], env=env)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert [r["repo_key"] for r in status_rows(Path(config), env)] == [guid]
+    mirror_check(rclone_server, rclone_bucket, restic_password)
+
+
+def test_without_backrests_config_the_guid_learned_from_the_hook_is_used(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    """Backrest in Docker: its config.json is not readable on this host."""
+    repo = small_restic_repo(tmp_path, restic_password)
+    guid = restic_repo_id(repo, restic_password)
+    env = {"BACKREST_CONFIG": str(tmp_path / "not-here.json")}
+    config = str(local_config(tmp_path, rclone_server, rclone_bucket))
+    hook = run_agent(
+        [
+            "upload",
+            "--repo",
+            str(repo),
+            "--repo-id",
+            REPO_ID,
+            "--repo-guid",
+            guid,
+            "--config",
+            config,
+        ],
+        env=env,
+    )
+    assert hook.returncode == 0, hook.stderr
+    for args in (
+        ["report-failure", "--repo-id", REPO_ID, "--error", "boom"],
+        ["report-failure", "--repo", str(repo), "--error", "boom"],
+        ["upload", "--repo", str(repo), "--repo-id", REPO_ID],
+    ):
+        result = run_agent([*args, "--config", config], env=env)
+        assert result.returncode == 0, (args, result.stderr)
+    rows = status_rows(Path(config), env)
+    assert [(r["repo_key"], r["repo_id"]) for r in rows] == [(guid, REPO_ID)], rows
+    verify = run_agent(["verify", "--repo-id", REPO_ID, "--config", config], env=env)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    mirror_check(rclone_server, rclone_bucket, restic_password)
+
+
+def test_status_forget_drops_a_repository(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    repo = small_restic_repo(tmp_path, restic_password)
+    guid = restic_repo_id(repo, restic_password)
+    env = {"BACKREST_CONFIG": str(tmp_path / "not-here.json")}
+    config = str(local_config(tmp_path, rclone_server, rclone_bucket))
+    up = run_agent(
+        [
+            "upload",
+            "--repo",
+            str(repo),
+            "--repo-id",
+            REPO_ID,
+            "--repo-guid",
+            guid,
+            "--config",
+            config,
+        ],
+        env=env,
+    )
+    assert up.returncode == 0, up.stderr
+    gone = run_agent(["report-failure", "--repo-id", "old-nas", "--config", config], env=env)
+    assert gone.returncode == 0, gone.stderr
+    assert {r["repo_id"] for r in status_rows(Path(config), env)} == {REPO_ID, "old-nas"}
+
+    forgot = run_agent(["status", "--forget", "old-nas", "--config", config], env=env)
+    assert forgot.returncode == 0, forgot.stderr
+    assert "forgot repository old-nas: 1 run removed" in forgot.stdout
+    assert [r["repo_key"] for r in status_rows(Path(config), env)] == [guid]
+    unknown = run_agent(["status", "--forget", "nope", "--config", config], env=env)
+    assert unknown.returncode == 2 and "not in the run store" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+    by_guid = run_agent(["status", "--forget", guid[:12], "--config", config], env=env)
+    assert by_guid.returncode == 0, by_guid.stderr
+    assert status_rows(Path(config), env) == []
