@@ -18,7 +18,7 @@ from typing import Any
 from local_agent import progress as progress_module
 from tests.support.agent import agent_env, run_agent, write_agent_config
 from tests.support.repos import make_restic_repo, restic_backup, restic_check, s3_repo_url
-from tests.support.s3servers import RcloneS3Server
+from tests.support.s3servers import Fault, RcloneS3Server, RequestInfo, S3Proxy
 
 REPO_ID = "home"
 
@@ -378,3 +378,94 @@ def test_status_forget_drops_a_repository(
     by_guid = run_agent(["status", "--forget", guid[:12], "--config", config], env=env)
     assert by_guid.returncode == 0, by_guid.stderr
     assert status_rows(Path(config), env) == []
+
+
+# -- 8. one B2 key, one prefix -------------------------------------------------------------------
+
+
+def prefix_restricted(allowed: str) -> Any:
+    """A fault hook that answers like a B2 key whose namePrefix is `allowed` (a plain string
+    prefix): objects and listings outside it are AccessDenied."""
+
+    def hook(info: RequestInfo) -> Fault | None:
+        key = info.key
+        if key is None:
+            listed = info.query.get("prefix", [""])[0]
+            if info.bucket and info.method == "GET" and not listed.startswith(allowed):
+                return Fault.s3_error(403, "AccessDenied", "not entitled")
+            return None
+        if not key.startswith(allowed):
+            return Fault.s3_error(403, "AccessDenied", "not entitled")
+        return None
+
+    return hook
+
+
+def doctor_args(repo: Path, config: Path) -> list[str]:
+    return ["doctor", "--repo", str(repo), "--repo-id", REPO_ID, "--config", str(config)]
+
+
+def deny_deletes(inner: Any) -> Any:
+    def hook(info: RequestInfo) -> Fault | None:
+        if info.method == "DELETE":
+            return Fault.s3_error(403, "AccessDenied", "no deleteFiles")
+        result: Fault | None = inner(info)
+        return result
+
+    return hook
+
+
+def test_one_key_limited_to_the_repository_prefix_covers_everything_the_agent_writes(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    repo = small_restic_repo(tmp_path, restic_password)
+    guid = restic_repo_id(repo, restic_password)
+    env = {"BACKREST_CONFIG": str(tmp_path / "not-here.json")}
+    with S3Proxy(rclone_server.endpoint, fault=prefix_restricted(f"restic/{REPO_ID}")) as proxy:
+        config = write_agent_config(
+            tmp_path / "relay.toml",
+            proxy.endpoint,
+            rclone_bucket,
+            state_dir=tmp_path / "state",
+            events={"publisher": "local"},
+        )
+        doctor = run_agent(
+            ["doctor", "--repo", str(repo), "--repo-id", REPO_ID, "--config", str(config)], env=env
+        )
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert f"under restic/{REPO_ID}.relay/manifests/" in doctor.stdout, doctor.stdout
+
+        up = run_agent([*hook_args(str(repo), guid), "--json", "--config", str(config)], env=env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        manifest_key = up.summary["manifest"]["key"]
+        assert manifest_key.startswith(f"restic/{REPO_ID}.relay/manifests/"), manifest_key
+        assert up.summary["verification"]["verified"] is True, up.summary
+        assert not any(r.fault for r in proxy.requests), "the agent left its prefix"
+
+        # The old default (or any manifest prefix outside the key's prefix): doctor must say so
+        # instead of "everything looks right" and a failing upload.
+        legacy = tmp_path / "legacy.toml"
+        legacy.write_text(
+            config.read_text().replace(
+                "[upload]", 'manifest_prefix = ".backrest-relay/{repo_guid}/manifests"\n[upload]'
+            )
+        )
+        refused = run_agent(
+            ["doctor", "--repo-id", REPO_ID, "--repo", str(repo), "--config", str(legacy)], env=env
+        )
+        assert refused.returncode == 4, refused.stdout + refused.stderr
+        assert "[FAIL] write permission (manifest prefix)" in refused.stdout
+        assert "everything looks right" not in refused.stdout
+
+        # With upload.delete the probe's DELETE must succeed too.
+        proxy.fault = deny_deletes(prefix_restricted(f"restic/{REPO_ID}"))
+        deleting = tmp_path / "delete.toml"
+        deleting.write_text(config.read_text().replace("[upload]", "[upload]\ndelete = true"))
+        no_delete = run_agent(
+            ["doctor", "--repo-id", REPO_ID, "--repo", str(repo), "--config", str(deleting)],
+            env=env,
+        )
+        assert no_delete.returncode == 4, no_delete.stdout
+        assert "[FAIL] delete permission (repository prefix)" in no_delete.stdout
+        assert "[FAIL] delete permission (manifest prefix)" in no_delete.stdout
+    mirror_check(rclone_server, rclone_bucket, restic_password)
