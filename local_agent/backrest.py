@@ -367,13 +367,14 @@ def render_hook_snippet(
     fmt: Literal["json", "text"],
     backrest_config: Path | None = None,
     env: Mapping[str, str] = os.environ,
-    hook: Literal["success", "failure"] = "success",
+    hook: Literal["success", "failure", "both"] = "success",
 ) -> str:
     """What ``backrest-relay hook-snippet`` prints: the hook as JSON or as paste-able text.
 
-    ``json`` is the hook object for ``repos[].hooks[]`` (pretty-printed). ``text`` is a short
-    instruction written as ``#`` comment lines, followed by the command, so pasting all of it
-    into Backrest's Script box is still a valid script.
+    ``json`` is the hook object for ``repos[].hooks[]`` (pretty-printed; with ``hook="both"``
+    a JSON array of the success and the failure hook). ``text`` is a short instruction written
+    as ``#`` comment lines, followed by the command, so pasting all of it into Backrest's
+    Script box is still a valid script; ``both`` prints the two blocks one after the other.
 
     When Backrest's config (``backrest_config``, else the default location) is readable here,
     ``repo_id`` must be in it, else :class:`ConfigError`. When there is no readable config on
@@ -385,17 +386,26 @@ def render_hook_snippet(
     lookup_backrest_repo(repo_id, backrest_config, env)
     command = hook_command(executable=executable, config_path=config_path)
     failure = failure_hook_command(executable=executable, config_path=config_path)
+    success_obj = hook_object(command)
+    failure_obj = hook_object(failure, conditions=(CHECK_ERROR,))
     if fmt == "json":
-        obj = (
-            hook_object(command)
-            if hook == "success"
-            else hook_object(failure, conditions=(CHECK_ERROR,))
+        obj: object = {"success": success_obj, "failure": failure_obj}.get(
+            hook, [success_obj, failure_obj]
         )
         return json.dumps(obj, indent=2, ensure_ascii=False)
     if fmt == "text":
         if hook == "failure":
             return _failure_instructions(repo_id) + failure
-        return _instructions(repo_id) + command
+        if hook == "success":
+            return _instructions(repo_id) + command
+        return (
+            "# --- Hook 1 of 2: mirror after every successful check ---\n"
+            + _instructions(repo_id, both=True)
+            + command
+            + "\n\n# --- Hook 2 of 2: alert when a check fails ---\n"
+            + _failure_instructions(repo_id)
+            + failure
+        )
     raise ValueError(f"unknown snippet format {fmt!r} (json or text)")
 
 
@@ -408,13 +418,12 @@ def _failure_instructions(repo_id: str) -> str:
     return "".join(f"# {line}\n" for line in lines)
 
 
-def _instructions(repo_id: str) -> str:
+def _instructions(repo_id: str, *, both: bool = False) -> str:
     lines = (
         f"In Backrest open Repositories > {repo_id} > Edit > Hooks > Add Hook > Command.",
         f'Set "Runs when..." to {CHECK_SUCCESS} and "Error Behavior" to {ON_ERROR_IGNORE},',
         "and paste the command below into the Script box. Add it to the repository, not to",
         "a plan: check conditions fire only on repository hooks. The command passes no secret;",
         "it ends in </dev/null so the agent cannot read the rest of the script.",
-        "For a second hook that reports failed checks: hook-snippet --hook failure.",
-    )
+    ) + (() if both else ("For the second hook that reports failed checks: --hook failure.",))
     return "".join(f"# {line}\n" for line in lines)

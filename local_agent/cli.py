@@ -19,6 +19,7 @@ from typing import Any
 
 from local_agent import __version__
 from local_agent.errors import ConfigError, ExitCode, RelayError
+from local_agent.identity import resolve_identity
 from local_agent.redact import REDACTOR, RedactingFormatter
 
 log = logging.getLogger("backrest_relay")
@@ -35,7 +36,22 @@ def _repo_args(p: argparse.ArgumentParser, *, required_id: bool = False) -> None
     p.add_argument("--repo", help="repository path (also local:/path); else from Backrest")
     p.add_argument("--repo-id", required=required_id, help="Backrest repository id")
     p.add_argument("--repo-guid", help="restic repository id (Backrest's {{ .Repo.Guid }})")
-    p.add_argument("--config", help="config file (default: $BACKREST_RELAY_CONFIG or XDG)")
+
+
+def _global_args(p: argparse.ArgumentParser) -> None:
+    """`-v` and `--config`, accepted before or after the subcommand.
+
+    Both the main parser and every subparser know them; SUPPRESS as default keeps a value
+    given before the subcommand from being reset by the subparser's own default.
+    """
+    p.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log more detail"
+    )
+    p.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="config file (default: $BACKREST_RELAY_CONFIG or XDG)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,10 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Verified off-site copies of Backrest/restic repositories.",
     )
     parser.add_argument("--version", action="version", version=f"backrest-relay {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    _global_args(parser)
+    common = _Parser(add_help=False)
+    _global_args(common)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    up = sub.add_parser("upload", help="mirror a restic repository to the destination")
+    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parsed: argparse.ArgumentParser = sub.add_parser(name, parents=[common], **kwargs)
+        return parsed
+
+    up = add("upload", help="mirror a restic repository to the destination")
     _repo_args(up)
     up.add_argument("--trigger", default="manual", help="what started the run ({{ .Event }})")
     up.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
@@ -58,10 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-read the destination listing once instead of trusting the state store",
     )
 
-    ver = sub.add_parser("verify", help="prove the off-site copy against its manifest")
+    ver = add("verify", help="prove the off-site copy against its manifest")
     ver.add_argument("--repo-id", help="Backrest repository id")
     ver.add_argument("--repo-guid", help="restic repository id (Backrest's guid)")
-    ver.add_argument("--config", help="config file (default: $BACKREST_RELAY_CONFIG or XDG)")
     ver.add_argument("--run", help="verify the manifest of this upload run (default: newest)")
     ver.add_argument(
         "--deep",
@@ -69,17 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ver.add_argument("--json", action="store_true", help="print the result event as JSON")
 
-    st = sub.add_parser("status", help="each repository's latest verified off-site copy")
-    st.add_argument("--config", help="config file (default: $BACKREST_RELAY_CONFIG or XDG)")
-    st.add_argument("--json", action="store_true", default=None, help="JSON even on a TTY")
+    st = add("status", help="each repository's latest verified off-site copy")
+    st.add_argument("--json", action="store_true", help="print JSON instead of the table")
     st.add_argument(
         "--check-stale",
         action="store_true",
         help="exit 3 when a repository has no verified copy within notify.max_age (cron)",
     )
-    st.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
+    st.add_argument(
+        "--forget",
+        metavar="REPO",
+        help="drop a repository's history from the run store (its guid, or its id)",
+    )
+    st.add_argument(
+        "--html", metavar="FILE", help="also write a self-contained HTML report ('-': stdout)"
+    )
 
-    fail = sub.add_parser(
+    fail = add(
         "report-failure", help="publish Mirror Failed (Backrest's CONDITION_CHECK_ERROR hook)"
     )
     _repo_args(fail)
@@ -87,22 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     fail.add_argument("--error", default="", help="what failed ({{ .Error }})")
     fail.add_argument("--json", action="store_true", help="print one JSON result on stdout")
 
-    hook = sub.add_parser("hook-snippet", help="print the Backrest hook that runs the upload")
+    hook = add("hook-snippet", help="print the Backrest hooks: mirror on success, alert on failure")
     hook.add_argument("--repo-id", required=True, help="Backrest repository id")
     hook.add_argument("--format", choices=("json", "text"), default="text")
     hook.add_argument(
         "--hook",
         choices=("success", "failure"),
-        default="success",
-        help="success: mirror on CONDITION_CHECK_SUCCESS; failure: report "
-        "CONDITION_CHECK_ERROR (text format shows both)",
+        default=None,
+        help="only this hook (default: both). success: mirror on CONDITION_CHECK_SUCCESS; "
+        "failure: report CONDITION_CHECK_ERROR",
     )
-    hook.add_argument("--config", help="config file the hook should pass to the agent")
 
-    doctor = sub.add_parser("doctor", help="check config, credentials, bucket, clock")
+    doctor = add("doctor", help="check config, credentials, bucket, clock")
     _repo_args(doctor)
 
-    demo = sub.add_parser("demo", help="run the whole pipeline against an embedded endpoint")
+    demo = add("demo", help="run the whole pipeline against an embedded endpoint")
     demo.add_argument("--keep", action="store_true", help="keep the demo's temporary files")
     demo.add_argument(
         "--notify",
@@ -127,6 +153,8 @@ def _setup_logging(verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.verbose = getattr(args, "verbose", False)
+    args.config = getattr(args, "config", None)
     _setup_logging(args.verbose)
     try:
         return int(_dispatch(args))
@@ -161,7 +189,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         loaded = load_config(args.config)
         register_secrets(loaded.config)
         return run_status(
-            loaded.config, as_json=args.json, check_stale=args.check_stale, html=args.html
+            loaded.config,
+            as_json=args.json,
+            check_stale=args.check_stale,
+            html=args.html,
+            forget=args.forget,
         )
     if args.command == "doctor":
         from local_agent.doctor import run_doctor
@@ -184,21 +216,32 @@ class ResolvedRepo:
     guid: str | None
 
 
-def resolve_repo(args: argparse.Namespace) -> ResolvedRepo:
-    """The repository from --repo, else from Backrest's config.json by --repo-id."""
+def resolve_repo(
+    args: argparse.Namespace, state_dir: Path | None = None, *, learn: bool = True
+) -> ResolvedRepo:
+    """The repository from --repo, else from Backrest's config.json by --repo-id; its guid
+    from --repo-guid, Backrest's config or what this host learned (local_agent.identity),
+    so every command records a repository under the same key."""
     from local_agent.backrest import find_backrest_repo, repo_path_from_uri
     from local_agent.config import validate_repo_guid, validate_repo_id
 
     repo_id = validate_repo_id(args.repo_id) if args.repo_id else None
     guid = validate_repo_guid(args.repo_guid) if args.repo_guid else None
     if args.repo:
-        return ResolvedRepo(repo_path_from_uri(args.repo), repo_id, guid)
-    if not repo_id:
-        raise ConfigError("pass --repo PATH, or --repo-id ID to read it from Backrest's config")
-    found = find_backrest_repo(repo_id)
-    if guid is None and found.guid:
-        guid = validate_repo_guid(found.guid)
-    return ResolvedRepo(repo_path_from_uri(found.uri), repo_id, guid)
+        path = repo_path_from_uri(args.repo)
+    else:
+        if not repo_id:
+            raise ConfigError("pass --repo PATH, or --repo-id ID to read it from Backrest's config")
+        found = find_backrest_repo(repo_id)
+        if guid is None and found.guid:
+            guid = validate_repo_guid(found.guid)
+        path = repo_path_from_uri(found.uri)
+    if state_dir is not None:
+        identity = resolve_identity(
+            state_dir, repo_id=repo_id, repo_guid=guid, repo_path=path, learn=learn
+        )
+        repo_id, guid = identity.repo_id, identity.guid
+    return ResolvedRepo(path, repo_id, guid)
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
@@ -208,7 +251,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
     register_secrets(loaded.config)
     try:
-        repo = resolve_repo(args)
+        repo = resolve_repo(args, loaded.config.state.path(), learn=not args.dry_run)
     except ConfigError as exc:
         if not args.dry_run:
             from local_agent.upload import report_failure
@@ -250,7 +293,7 @@ def register_secrets(config: Any) -> None:
 
 
 def print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
-    from local_agent.units import format_duration, format_size
+    from local_agent.units import format_duration, format_size, plural
 
     if as_json:
         sys.stdout.write(REDACTOR(json.dumps(summary, sort_keys=True)) + "\n")
@@ -262,18 +305,19 @@ def print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
         lines = [f"dry run — nothing changed. Plan for {summary['repo_path']} → {where}:"]
         for kind, item in plan.get("upload", {}).items():
             if item["files"]:
+                count = plural(item["files"], "file")
                 lines.append(
-                    f"  upload {kind:<9} {item['files']:>7} files  {format_size(item['bytes'])}"
+                    f"  upload {kind:<9} {count:>13}  {format_size(item['bytes'])}"
                     + (
                         f"  ({item['adopt_if_identical']} already there if identical)"
                         if item["adopt_if_identical"]
                         else ""
                     )
                 )
-        lines.append(f"  delete {plan.get('delete', 0)} objects")
+        lines.append(f"  delete {plural(plan.get('delete', 0), 'object')}")
         if plan.get("delete_guard") not in (None, "ok"):
             lines.append(f"  the delete guard would refuse: {plan['delete_guard']}")
-        lines.append(f"  already at the destination: {summary['already_present']} files")
+        lines.append(f"  already at the destination: {plural(summary['already_present'], 'file')}")
         text = "\n".join(lines)
     else:
         text = (
@@ -282,7 +326,8 @@ def print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
             f"{summary['already_present']} already there"
             + (f", {summary['adopted_files']} adopted" if summary["adopted_files"] else "")
             + (f", {summary['deleted_files']} deleted" if summary["deleted_files"] else "")
-            + f", {summary['requests']} requests, {format_duration(summary['duration_seconds'])}"
+            + f", {plural(summary['requests'], 'request')}, "
+            + format_duration(summary["duration_seconds"])
         )
     if summary.get("verification"):
         from local_agent.verification import verdict_line
@@ -303,10 +348,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     loaded = load_config(args.config)
     register_secrets(loaded.config)
-    return run_verify(
-        loaded.config,
+    identity = resolve_identity(
+        loaded.config.state.path(),
         repo_id=validate_repo_id(args.repo_id) if args.repo_id else None,
         repo_guid=validate_repo_guid(args.repo_guid) if args.repo_guid else None,
+    )
+    return run_verify(
+        loaded.config,
+        repo_id=identity.repo_id,
+        repo_guid=identity.guid,
         run_id=args.run,
         deep=args.deep,
         as_json=args.json,
@@ -324,6 +374,18 @@ def cmd_report_failure(args: argparse.Namespace) -> int:
     register_secrets(loaded.config)
     repo_id = validate_repo_id(args.repo_id) if args.repo_id else None
     guid = validate_repo_guid(args.repo_guid) if args.repo_guid else None
+    path: Path | None = None
+    if args.repo:
+        from local_agent.backrest import repo_path_from_uri
+
+        try:
+            path = repo_path_from_uri(args.repo)
+        except ConfigError:
+            path = None  # still report the failed check; the path only helps find the guid
+    identity = resolve_identity(
+        loaded.config.state.path(), repo_id=repo_id, repo_guid=guid, repo_path=path
+    )
+    repo_id, guid = identity.repo_id, identity.guid
     if not repo_id and not guid:
         raise ConfigError("report-failure needs --repo-id or --repo-guid")
     message = args.error.strip() or f"Backrest reported {args.trigger} without an error text"
@@ -364,7 +426,7 @@ def cmd_hook_snippet(args: argparse.Namespace) -> int:
         executable=str(Path(executable).resolve()),
         config_path=config_path.resolve() if config_path else None,
         fmt=args.format,
-        hook=args.hook,
+        hook=args.hook or "both",
     )
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0

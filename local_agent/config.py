@@ -28,7 +28,11 @@ from pydantic import (
 )
 
 from cloud.contracts.destination import Destination, Provider
-from cloud.contracts.manifest import DEFAULT_MANIFEST_PREFIX
+from cloud.contracts.manifest import (
+    DEFAULT_MANIFEST_PREFIX,
+    LEGACY_MANIFEST_PREFIX,
+    MANIFEST_SIBLING_SUFFIX,
+)
 from cloud.integrations.s3 import S3Access
 from local_agent.errors import ConfigError
 from local_agent.units import parse_duration, parse_rate, parse_size
@@ -269,10 +273,19 @@ class RelayConfig(_Section):
     state: StateConfig = Field(default_factory=StateConfig)
 
     def manifest_prefix_for(self, *, repo_id: str | None, repo_guid: str | None) -> str:
-        """Where manifests go. `{repo_guid}` falls back to the repository id when Backrest
-        passed no guid, so a manual run still has a stable place."""
+        """Where manifests (and verification reports) go. `{repo_guid}` falls back to the
+        repository id when Backrest passed no guid, so a manual run still has a stable place.
+
+        Unset, it is the repository prefix's sibling `<prefix>.relay/manifests`: outside the
+        repository's folder but under the same string prefix, so one B2 key limited to the
+        repository prefix covers everything the agent writes for that repository."""
         values = {"repo_id": repo_id or repo_guid, "repo_guid": repo_guid or repo_id}
         template = self.destination.manifest_prefix
+        if not template:
+            repo_prefix = self.destination_for(repo_id=repo_id, repo_guid=repo_guid).prefix
+            if repo_prefix:
+                return repo_prefix + MANIFEST_SIBLING_SUFFIX
+            template = LEGACY_MANIFEST_PREFIX
         for name in _PLACEHOLDER_RE.findall(template):
             if not values[name]:
                 raise ConfigError(

@@ -111,6 +111,25 @@ def build_generated_repo(base: Path) -> tuple[Path, str]:
     return repo, "a generated restic-format repository (restic is not installed)"
 
 
+DEMO_EXTRA_HINT = (
+    "the demo's embedded S3 endpoint needs the demo extra (moto), which a plain install does "
+    "not have: pipx install 'backrest-relay[demo]' (or, in a virtualenv, "
+    "pip install 'backrest-relay[demo]')"
+)
+
+
+def require_demo_extra() -> None:
+    """Fail before building anything when moto (the `demo` extra) is not installed."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("moto.server") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(DEMO_EXTRA_HINT)
+
+
 class EmbeddedEndpoint:
     """moto's S3 server on loopback: S3-compatible, in-process, gone when the demo ends."""
 
@@ -118,9 +137,7 @@ class EmbeddedEndpoint:
         try:
             from moto.server import ThreadedMotoServer
         except ImportError:
-            raise ConfigError(
-                "the demo's embedded S3 endpoint needs moto: pip install 'backrest-relay[demo]'"
-            ) from None
+            raise ConfigError(DEMO_EXTRA_HINT) from None
         self.port = _free_port()
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -154,9 +171,10 @@ def run_demo(*, keep: bool = False, notify: Sequence[str] = ()) -> int:
     from local_agent.config import RelayConfig
     from local_agent.pipeline import LocalPipeline
     from local_agent.publishers import LocalPublisher
-    from local_agent.units import format_duration, format_size
+    from local_agent.units import format_duration, format_size, plural
     from local_agent.upload import run_upload
 
+    require_demo_extra()
     started = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="backrest-relay-demo-"))
     terminal = TerminalChannel()
@@ -167,7 +185,7 @@ def run_demo(*, keep: bool = False, notify: Sequence[str] = ()) -> int:
         repo, what = build_restic_repo(base, restic) if restic else build_generated_repo(base)
         files = [p for p in repo.rglob("*") if p.is_file()]
         say(
-            f"    {what} at {repo}: {len(files)} files, "
+            f"    {what} at {repo}: {plural(len(files), 'file')}, "
             f"{format_size(sum(p.stat().st_size for p in files))}"
         )
         with EmbeddedEndpoint() as endpoint:
@@ -205,7 +223,7 @@ def run_demo(*, keep: bool = False, notify: Sequence[str] = ()) -> int:
                     publisher=LocalPublisher(pipeline),
                 )
                 say(
-                    f"    {summary.uploaded_files} files uploaded "
+                    f"    {plural(summary.uploaded_files, 'file')} uploaded "
                     f"({format_size(summary.uploaded_bytes)}), {summary.already_present} "
                     f"already there, {summary.requests} S3 requests, "
                     f"{format_duration(summary.duration_seconds)}"

@@ -58,6 +58,7 @@ def run_doctor(args: argparse.Namespace) -> int:
     from local_agent.cli import register_secrets, resolve_repo
     from local_agent.config import load_config
     from local_agent.repository import scan_repository
+    from local_agent.units import plural
 
     doctor = Doctor()
     try:
@@ -73,14 +74,18 @@ def run_doctor(args: argparse.Namespace) -> int:
     repo_guid = args.repo_guid
     if args.repo or args.repo_id:
         try:
-            repo = resolve_repo(args)
+            repo = resolve_repo(args, config.state.path(), learn=False)
             repo_id, repo_guid = repo.repo_id, repo.guid
             scan = scan_repository(repo.path)
             doctor.record(
                 "repository",
                 True,
-                f"{repo.path}: restic repository with {len(scan.files)} files"
-                + (f", {len(scan.skipped)} entries that will be skipped" if scan.skipped else ""),
+                f"{repo.path}: restic repository with {plural(len(scan.files), 'file')}"
+                + (
+                    f", {plural(len(scan.skipped), 'entry', 'entries')} that will be skipped"
+                    if scan.skipped
+                    else ""
+                ),
             )
         except RelayError as exc:
             doctor.record("repository", False, exc.message)
@@ -136,31 +141,30 @@ def run_doctor(args: argparse.Namespace) -> int:
         doctor.record("bucket access", False, f"{describe_error(exc)} — {destination.describe()}")
         return _exit(doctor)
 
-    probe_key = f".backrest-relay-doctor-{secrets.token_hex(6)}"
-    body = b"backrest-relay doctor probe\n"
-
-    def write_check() -> str:
-        backend.put(
-            probe_key,
-            body,
-            len(body),
-            hashlib.md5(body, usedforsecurity=False).hexdigest(),
-            hashlib.sha256(body).hexdigest(),
+    # Every prefix the agent writes under, each proven with a real PUT (and DELETE) of a
+    # probe object: a B2 key has one name prefix, and a key that covers the repository but
+    # not the manifests lets `upload` mirror everything and then fail on the manifest.
+    try:
+        manifest_prefix = config.manifest_prefix_for(
+            repo_id=repo_id or "doctor", repo_guid=repo_guid or "0" * 64
         )
-        via = "the agent's signed PUT" if backend.direct_put_active else "boto3 put_object"
-        return f"can upload (single PUT with Content-MD5, via {via})"
-
-    if doctor.attempt("write permission", write_check):
-
-        def delete_check() -> str:
-            backend.delete(probe_key)
-            return "can delete (needed only with upload.delete = true)"
-
-        try:
-            doctor.record("delete permission", True, delete_check())
-        except RelayError as exc:
-            level = False if config.upload.delete else None
-            doctor.record("delete permission", level, exc.message)
+    except RelayError as exc:
+        doctor.record("manifest prefix", False, exc.message)
+        return _exit(doctor)
+    targets = [("repository prefix", backend, destination.prefix)]
+    manifest_backend = Backend(
+        access,
+        destination.model_copy(update={"prefix": manifest_prefix}),
+        max_attempts=2,
+        direct_put=config.upload.direct_put,
+    )
+    targets.append(("manifest prefix", manifest_backend, manifest_prefix))
+    body = b"backrest-relay doctor probe\n"
+    try:
+        for label, target, prefix in targets:
+            _probe(doctor, config.upload.delete, label, target, prefix, body)
+    finally:
+        manifest_backend.close()
 
     date = headers.get("date")
     if date:
@@ -174,6 +178,38 @@ def run_doctor(args: argparse.Namespace) -> int:
     else:
         doctor.record("clock", None, "server sent no Date header; cannot compare")
     return _exit(doctor)
+
+
+def _probe(
+    doctor: Doctor, delete_enabled: bool, label: str, backend: Any, prefix: str, body: bytes
+) -> None:
+    """PUT then DELETE a probe object under `prefix`; both outcomes are recorded."""
+    probe_key = f".backrest-relay-doctor-{secrets.token_hex(6)}"
+    where = f"{prefix}/" if prefix else "the bucket root"
+
+    def write_check() -> str:
+        backend.put(
+            probe_key,
+            body,
+            len(body),
+            hashlib.md5(body, usedforsecurity=False).hexdigest(),
+            hashlib.sha256(body).hexdigest(),
+        )
+        via = "the agent's signed PUT" if backend.direct_put_active else "boto3 put_object"
+        return f"can upload under {where} (single PUT with Content-MD5, via {via})"
+
+    if not doctor.attempt(f"write permission ({label})", write_check):
+        return
+    try:
+        backend.delete(probe_key)
+        doctor.record(
+            f"delete permission ({label})",
+            True,
+            f"can delete under {where} (needed only with upload.delete = true)",
+        )
+    except RelayError as exc:
+        level = False if delete_enabled else None
+        doctor.record(f"delete permission ({label})", level, exc.message)
 
 
 def _exit(doctor: Doctor) -> int:

@@ -1,8 +1,9 @@
 """`backrest-relay status`: each repository's latest verified off-site copy, on this host.
 
-Reads the local run store (local mode, and every `verify` run here). A table on a
-terminal, JSON otherwise; `--check-stale` applies the watchdog's rule and exits 3 when a
-repository has had no verified copy for longer than `notify.max_age` (for cron).
+Reads the local run store (local mode, and every `verify` run here). A table, or JSON
+with `--json` only: cron mails stdout to a person, so a pipe is no reason to switch to
+JSON. `--check-stale` applies the watchdog's rule and exits 3 when a repository has had no
+verified copy for longer than `notify.max_age` (for cron).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from cloud.logic.watchdog import assess
-from local_agent.errors import ExitCode
+from local_agent.errors import ConfigError, ExitCode
 from local_agent.redact import REDACTOR
+from local_agent.units import plural
 
 if TYPE_CHECKING:
+    from cloud.integrations.runstore_sqlite import SqliteRunStore
     from cloud.logic.ports import RepoStatus
     from local_agent.config import RelayConfig
 
@@ -65,12 +68,43 @@ def repo_summary(status: RepoStatus, now: datetime, max_age: timedelta) -> dict[
     }
 
 
+def _label(row: dict[str, Any]) -> str:
+    """The repository's id, with the start of its guid when the row is keyed by one (so the
+    guid to pass to `--forget` is visible)."""
+    key, repo_id = row["repo_key"], row["repo_id"]
+    if repo_id and key != repo_id:
+        return f"{repo_id} ({key[:8]})"
+    return str(repo_id or key[:16])
+
+
+def forget_repo(runs: SqliteRunStore, name: str) -> tuple[str, int]:
+    """Drop one repository's history: by guid (or its first 8+ characters), else by id."""
+    statuses = list(runs.repos())
+    matches = [s for s in statuses if s.repo_key == name]
+    if not matches:
+        matches = [s for s in statuses if s.repo_id == name]
+    if not matches and len(name) >= 8:
+        matches = [s for s in statuses if s.repo_key.startswith(name)]
+    if len(matches) != 1:
+        known = ", ".join(
+            f"{s.repo_id} ({s.repo_key})" if s.repo_id and s.repo_id != s.repo_key else s.repo_key
+            for s in statuses
+        )
+        why = "matches more than one repository" if matches else "is not in the run store"
+        raise ConfigError(
+            f"status --forget {name!r} {why} (known: {known or 'none'}); pass the guid"
+        )
+    key = matches[0].repo_key
+    return key, runs.forget(key)
+
+
 def run_status(
     config: RelayConfig,
     *,
-    as_json: bool | None,
+    as_json: bool,
     check_stale: bool,
     html: str | None = None,
+    forget: str | None = None,
     now: datetime | None = None,
 ) -> int:
     from local_agent.pipeline import LocalPipeline
@@ -78,16 +112,22 @@ def run_status(
     now = now or datetime.now(UTC)
     max_age = timedelta(seconds=config.notify.max_age_seconds)
     runs = LocalPipeline(config, config.state.path()).runs()
+    if forget is not None:
+        key, removed = forget_repo(runs, forget)
+        sys.stdout.write(f"forgot repository {key}: {plural(removed, 'run')} removed\n")
+        return 0
     rows = [repo_summary(s, now, max_age) for s in runs.repos()]
     if html:
         from pathlib import Path
 
-        from local_agent.html_report import write_report
+        from local_agent.html_report import render_report, write_report
 
+        if html == "-":
+            sys.stdout.write(render_report(runs))
+            return 0
         written = write_report(runs, Path(html))
         sys.stderr.write(f"wrote {written}\n")
-    use_json = as_json if as_json is not None else not sys.stdout.isatty()
-    if use_json:
+    if as_json:
         sys.stdout.write(REDACTOR(json.dumps({"repositories": rows}, sort_keys=True)) + "\n")
     else:
         sys.stdout.write(_table(rows) + "\n")
@@ -111,7 +151,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
             state = "FAILING" + (" + STALE" if row["stale"] else "")
         lines.append(
             (
-                row["repo_id"] or row["repo_key"][:16],
+                _label(row),
                 (row["last_verified_at"] or "never")[:16].replace("T", " "),
                 _age(timedelta(seconds=age) if age is not None else None),
                 f"{latest.get('kind', '-')} {latest.get('status', '')}".strip(),
@@ -124,7 +164,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
         for problem in row["last_problems"]:
             where = problem.get("key", "")
             out.append(
-                f"  {row['repo_id'] or row['repo_key'][:16]}: {problem.get('kind')} "
+                f"  {_label(row)}: {problem.get('kind')} "
                 f"{where} {problem.get('detail', '')}".rstrip()
             )
     return REDACTOR("\n".join(out))

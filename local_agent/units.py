@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import re
 
-from cloud.logic.text import format_size
+from cloud.logic.text import format_size, plural
 
-__all__ = ["format_duration", "format_size", "parse_duration", "parse_rate", "parse_size"]
+__all__ = [
+    "format_duration",
+    "format_size",
+    "parse_duration",
+    "parse_rate",
+    "parse_size",
+    "plural",
+]
 
 _SIZE_UNITS = {
     "": 1,

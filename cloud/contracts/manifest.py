@@ -13,7 +13,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_SCHEMA_VERSION = 1
-DEFAULT_MANIFEST_PREFIX = ".backrest-relay/{repo_guid}/manifests"
+#: `destination.manifest_prefix` default: empty = derived from the repository's prefix as
+#: `<prefix>` + MANIFEST_SIBLING_SUFFIX (`restic/home` → `restic/home.relay/manifests`): a
+#: sibling, never inside the repository's folder, yet under the same *string* prefix, so one
+#: B2 application key restricted to `restic/home` covers the repository and its manifests.
+DEFAULT_MANIFEST_PREFIX = ""
+MANIFEST_SIBLING_SUFFIX = ".relay/manifests"
+#: The default before the sibling layout; still the default when the repository is the
+#: bucket's root (prefix ""), where there is no prefix to sit beside.
+LEGACY_MANIFEST_PREFIX = ".backrest-relay/{repo_guid}/manifests"
 
 
 class ManifestHeader(BaseModel):

@@ -290,6 +290,17 @@ class SqliteRunStore:
                 self._db.execute("COMMIT")
         return iter(statuses)
 
+    def forget(self, repo_key: str) -> int:
+        """Drop a repository and all its runs (`status --forget`); returns the runs removed.
+
+        For a repository that was removed or renamed, or a row recorded under a stale
+        identity: without this, `status --check-stale` would report it forever.
+        """
+        with self._lock, self._transaction() as db:
+            removed = db.execute("DELETE FROM runs WHERE repo_key = ?", (repo_key,)).rowcount
+            db.execute("DELETE FROM repos WHERE repo_key = ?", (repo_key,))
+        return int(removed)
+
     def mark_stale_alerted(self, repo_key: str, at: datetime | None) -> None:
         """Creates the repository entry if needed: the watchdog may alert on a repository
         that never had a verified run."""

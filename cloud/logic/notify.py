@@ -30,7 +30,7 @@ from cloud.logic.ports import (
     RunStore,
     Severity,
 )
-from cloud.logic.text import format_size
+from cloud.logic.text import format_size, plural
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +120,16 @@ def _compose(event: EventDetail, severity: Severity) -> _Message:
         if event.mirror_stats is not None:
             ms = event.mirror_stats
             msg.rows.append(
-                ("Uploaded", f"{ms.uploaded_files} objects, {format_size(ms.uploaded_bytes)}")
+                (
+                    "Uploaded",
+                    f"{plural(ms.uploaded_files, 'object')}, {format_size(ms.uploaded_bytes)}",
+                )
             )
         msg.rows.append(
             (
                 "Verified",
-                f"{stats.compared} objects against the listing, {stats.deep_checked} read "
+                f"{plural(stats.compared, 'object')} against the listing, "
+                f"{stats.deep_checked} read "
                 f"back ({format_size(stats.bytes_read)})",
             )
         )
@@ -150,7 +154,7 @@ def _compose(event: EventDetail, severity: Severity) -> _Message:
             msg.rows.append(
                 (
                     "Uploaded before failing",
-                    f"{event.stats.uploaded_files} objects, "
+                    f"{plural(event.stats.uploaded_files, 'object')}, "
                     f"{format_size(event.stats.uploaded_bytes)}",
                 )
             )

@@ -10,3 +10,8 @@ def format_size(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """`1 file`, `2 files`: user-facing counts read as English, not as a template."""
+    return f"{count} {word if count == 1 else (many or word + 's')}"

@@ -91,7 +91,7 @@ def assert_mirror_bytes(
     its name (sha256 of a GET), ``config`` equals the local one."""
     client = endpoint.client()
     relpaths = [*repo.relpaths(), *extra]
-    assert set(remote_keys(endpoint, bucket, PREFIX)) == {f"{PREFIX}/{k}" for k in relpaths}
+    assert set(remote_keys(endpoint, bucket, f"{PREFIX}/")) == {f"{PREFIX}/{k}" for k in relpaths}
     for rel in relpaths:
         body = client.get_object(Bucket=bucket, Key=f"{PREFIX}/{rel}")["Body"].read()
         if rel == "config":
@@ -214,7 +214,7 @@ def test_persistent_500s_exit_4_with_one_clear_line_a_consistent_mirror_and_a_cl
     ]
     assert len(attempts) >= 8 and all(r.status == 500 for r in attempts), attempts
 
-    present = set(remote_keys(rclone_server.endpoint, rclone_bucket, PREFIX))
+    present = set(remote_keys(rclone_server.endpoint, rclone_bucket, f"{PREFIX}/"))
     assert not any(k.startswith((f"{PREFIX}/snapshots/", f"{PREFIX}/index/")) for k in present)
     assert f"{PREFIX}/config" in present
     missing = expected_keys(repo) - present
@@ -355,8 +355,10 @@ def test_doctor_passes_against_a_good_bucket_and_names_each_problem(
         "repository",
         "credentials",
         "bucket access",
-        "write permission",
-        "delete permission",
+        re.escape("write permission (repository prefix)"),
+        re.escape("delete permission (repository prefix)"),
+        re.escape("write permission (manifest prefix)"),
+        re.escape("delete permission (manifest prefix)"),
         "clock",
     ):
         check_line(fine.stdout, name, ok=True)

@@ -149,7 +149,7 @@ def test_mirror_delivers_completed_event_pointing_at_a_true_manifest(
     assert sorted(detail["new_snapshots"]) == sorted(p.name for p in repo.snapshots)
 
     manifest = detail["manifest"]
-    assert manifest["key"].startswith(f".backrest-relay/{'ab' * 32}/manifests/")
+    assert manifest["key"].startswith(f"{PREFIX}.relay/manifests/")  # beside the repository
     body, lines = read_manifest(moto_endpoint, bucket, manifest["key"])
     assert hashlib.sha256(body).hexdigest() == manifest["sha256"]
     header, entries = lines[0], lines[1:]
@@ -182,7 +182,7 @@ def test_noop_run_points_at_the_unchanged_manifest(
     assert [e["detail-type"] for e in events] == ["Mirror Completed"] * 2
     assert events[1]["detail"]["manifest"] == events[0]["detail"]["manifest"]
     assert events[1]["detail"]["stats"]["requests"] == 0
-    manifests = moto_endpoint.client().list_objects_v2(Bucket=bucket, Prefix=".backrest-relay/")
+    manifests = moto_endpoint.client().list_objects_v2(Bucket=bucket, Prefix=f"{PREFIX}.relay/")
     assert manifests["KeyCount"] == 1
 
     new = add_packs(repo, 2, 3000, seed=3)

@@ -117,7 +117,7 @@ def test_full_mirror_through_b2_quirks_is_a_usable_restic_repository(
     assert b2_proxy.count(operation="UploadPart") > 0, "no pack went up in parts"
     assert b2_proxy.count(operation="CompleteMultipartUpload") > 0
     expected = {f"{PREFIX}/{k}" for k in repo_files(restic_repo.path)}
-    assert set(remote_keys(rclone_server.endpoint, rclone_bucket, PREFIX)) == expected
+    assert set(remote_keys(rclone_server.endpoint, rclone_bucket, f"{PREFIX}/")) == expected
     assert_restic_sees_mirror(
         rclone_server.endpoint, rclone_bucket, restic_repo, restic_password, tmp_path
     )
@@ -171,7 +171,9 @@ def test_noop_run_sends_zero_requests_and_incremental_sends_only_new_files(
     }
     assert put_keys == new
     manifests = [
-        r.key for r in counting_proxy.requests if r.key and r.key.startswith(".backrest-relay/")
+        r.key
+        for r in counting_proxy.requests
+        if r.key and r.key.startswith(f"{PREFIX}.relay/manifests/")
     ]
     assert len(manifests) == 1, manifests  # a run that uploaded writes one new manifest
     assert third.summary["new_snapshots"] == [snapshot]
@@ -252,7 +254,7 @@ def test_corrupt_pack_is_named_not_uploaded_and_nothing_after_it(
     assert result.returncode == 3, result.stderr
     assert bad_key in result.stderr
     assert result.summary["corrupt"] == [bad_key]
-    remote = set(remote_keys(rclone_server.endpoint, rclone_bucket, PREFIX))
+    remote = set(remote_keys(rclone_server.endpoint, rclone_bucket, f"{PREFIX}/"))
     assert f"{PREFIX}/{bad_key}" not in remote
     assert not any(k.startswith((f"{PREFIX}/index/", f"{PREFIX}/snapshots/")) for k in remote)
 
@@ -338,8 +340,11 @@ def test_bucket_filled_by_rclone_sync_is_adopted_without_uploading(
     puts = [(r.operation, r.key) for r in counting_proxy.requests if r.method == "PUT"]
     assert result.summary["uploaded_files"] == 0, puts
     assert result.summary["adopted_files"] + result.summary["already_present"] == files
-    # Only the run's manifest is written, outside the repository prefix.
-    assert counting_proxy.count(method="PUT", pred=lambda r: (r.key or "").startswith(PREFIX)) == 0
+    # Only the run's manifest is written, outside the repository's folder (beside it).
+    assert (
+        counting_proxy.count(method="PUT", pred=lambda r: (r.key or "").startswith(f"{PREFIX}/"))
+        == 0
+    )
     assert len(counting_proxy.list_calls()) == math.ceil(files / 1000)
 
 
@@ -397,7 +402,7 @@ def test_deadline_stops_cleanly_with_a_consistent_mirror_and_the_next_run_finish
     result = upload(slow, restic_repo.path)
     assert result.returncode == 6, result.stderr
     assert "deadline" in result.stderr
-    remote = set(remote_keys(rclone_server.endpoint, rclone_bucket, PREFIX))
+    remote = set(remote_keys(rclone_server.endpoint, rclone_bucket, f"{PREFIX}/"))
     assert not any(k.startswith(f"{PREFIX}/snapshots/") for k in remote)
     fast = config_for(tmp_path, rclone_server.endpoint, rclone_bucket)
     done = upload(fast, restic_repo.path)
@@ -447,7 +452,12 @@ def test_hook_snippet_rendered_and_piped_to_sh_mirrors_and_later_lines_run(
     assert (bin_dir / "backrest-relay").exists(), "console script not installed in the venv"
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     snippet = run_agent(
-        ["hook-snippet", "--repo-id", "home", "--format", "json", "--config", str(config)], env=env
+        [
+            *("hook-snippet", "--repo-id", "home", "--format", "json", "--hook", "success"),
+            "--config",
+            str(config),
+        ],
+        env=env,
     )
     assert snippet.returncode == 0, snippet.stderr
     hook = json.loads(snippet.stdout)
@@ -473,7 +483,7 @@ def test_hook_snippet_rendered_and_piped_to_sh_mirrors_and_later_lines_run(
     assert proc.returncode == 0, proc.stderr
     assert marker.read_text() == "ran\n"
     assert "mirrored" in proc.stdout
-    assert set(remote_keys(rclone_server.endpoint, rclone_bucket, PREFIX)) == {
+    assert set(remote_keys(rclone_server.endpoint, rclone_bucket, f"{PREFIX}/")) == {
         f"{PREFIX}/{k}" for k in repo_files(restic_repo.path)
     }
 

@@ -1,0 +1,471 @@
+"""Local mode from the command line, as a new user meets it (issue 14, points 5–9).
+
+Real restic repositories, `rclone serve s3`, the agent as a subprocess, and local HTTP
+receivers standing in for Apprise and Healthchecks.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from local_agent import progress as progress_module
+from tests.support.agent import agent_env, run_agent, write_agent_config
+from tests.support.repos import make_restic_repo, restic_backup, restic_check, s3_repo_url
+from tests.support.s3servers import Fault, RcloneS3Server, RequestInfo, S3Proxy
+
+REPO_ID = "home"
+
+
+def small_restic_repo(base: Path, password: str, *, seed: int = 1) -> Path:
+    """A real restic repository with one small snapshot (a few hundred KiB)."""
+    repo = base / "repo"
+    source = base / "src"
+    source.mkdir(parents=True)
+    rng = random.Random(seed)
+    for i in range(4):
+        (source / f"f{i}.bin").write_bytes(rng.randbytes(rng.randint(20_000, 120_000)))
+    make_restic_repo(repo, password)
+    restic_backup(repo, password, source)
+    return repo
+
+
+def restic_repo_id(repo: Path, password: str) -> str:
+    """restic's own repository id (what Backrest stores as the repository's guid)."""
+    out = subprocess.run(
+        ["restic", "-r", str(repo), "cat", "config"],
+        env={**agent_env(), "RESTIC_PASSWORD": password},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    repo_id: str = json.loads(out)["id"]
+    return repo_id
+
+
+def local_config(
+    tmp_path: Path,
+    server: RcloneS3Server,
+    bucket: str,
+    *,
+    notify: Mapping[str, Any] | None = None,
+    upload: Mapping[str, Any] | None = None,
+    extra: str = "",
+) -> Path:
+    config = write_agent_config(
+        tmp_path / "relay.toml",
+        server.endpoint,
+        bucket,
+        state_dir=tmp_path / "state",
+        events={"publisher": "local"},
+        upload=upload,
+    )
+    if notify:
+        with config.open("a") as fh:
+            fh.write("[notify]\n")
+            for key, value in notify.items():
+                if isinstance(value, dict):
+                    inner = ", ".join(f'"{k}" = {json.dumps(v)}' for k, v in value.items())
+                    fh.write(f"{key} = {{ {inner} }}\n")
+                else:
+                    fh.write(f"{key} = {json.dumps(value)}\n")
+    if extra:
+        with config.open("a") as fh:
+            fh.write(textwrap.dedent(extra))
+    return config
+
+
+# -- 9. rough edges ------------------------------------------------------------------------------
+
+
+def test_status_is_a_table_when_piped_and_json_only_with_json(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    repo = small_restic_repo(tmp_path, restic_password)
+    config = local_config(tmp_path, rclone_server, rclone_bucket)
+    up = run_agent(["upload", "--repo", str(repo), "--repo-id", REPO_ID, "--config", str(config)])
+    assert up.returncode == 0, up.stderr
+
+    piped = run_agent(["status", "--config", str(config)])  # stdout is a pipe, as under cron
+    assert piped.returncode == 0, piped.stderr
+    assert not piped.stdout.lstrip().startswith("{"), piped.stdout
+    assert "REPOSITORY" in piped.stdout and REPO_ID in piped.stdout
+
+    as_json = run_agent(["status", "--json", "--config", str(config)])
+    [row] = json.loads(as_json.stdout)["repositories"]
+    assert row["repo_id"] == REPO_ID and row["last_verified_at"]
+
+    report = tmp_path / "status.html"
+    html = run_agent(["status", "--html", str(report), "--config", str(config)])
+    assert html.returncode == 0, html.stderr
+    assert report.read_text().lstrip().lower().startswith("<!doctype html")
+    assert not html.stdout.lstrip().startswith("{")
+    to_stdout = run_agent(["status", "--html", "-", "--config", str(config)])
+    assert to_stdout.stdout.lstrip().lower().startswith("<!doctype html"), to_stdout.stdout[:200]
+
+
+def test_global_flags_are_accepted_before_or_after_the_subcommand(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str
+) -> None:
+    config = str(local_config(tmp_path, rclone_server, rclone_bucket))
+    for args in (
+        ["-v", "--config", config, "status"],
+        ["status", "-v", "--config", config],
+        ["--config", config, "status", "--verbose"],
+        ["-v", "status", "--config", config],
+    ):
+        result = run_agent(args)
+        assert result.returncode == 0, (args, result.stderr)
+        assert "no runs recorded" in result.stdout, (args, result.stdout)
+
+
+def test_hook_snippet_prints_both_hooks(tmp_path: Path) -> None:
+    env = {"BACKREST_CONFIG": str(tmp_path / "absent.json")}
+    text = run_agent(["hook-snippet", "--repo-id", REPO_ID], env=env)
+    assert text.returncode == 0, text.stderr
+    commands = [line for line in text.stdout.splitlines() if not line.startswith("#") and line]
+    assert len(commands) == 2, text.stdout
+    assert " upload " in commands[0] and " report-failure " in commands[1]
+    assert "CONDITION_CHECK_SUCCESS" in text.stdout and "CONDITION_CHECK_ERROR" in text.stdout
+
+    as_json = run_agent(["hook-snippet", "--repo-id", REPO_ID, "--format", "json"], env=env)
+    hooks = json.loads(as_json.stdout)
+    assert [h["conditions"] for h in hooks] == [
+        ["CONDITION_CHECK_SUCCESS"],
+        ["CONDITION_CHECK_ERROR"],
+    ]
+    one = run_agent(
+        ["hook-snippet", "--repo-id", REPO_ID, "--format", "json", "--hook", "failure"], env=env
+    )
+    assert json.loads(one.stdout)["conditions"] == ["CONDITION_CHECK_ERROR"]
+
+
+_NO_MOTO = """
+import importlib.abc, sys
+class NoMoto(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "moto" or name.startswith("moto."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, NoMoto())
+from local_agent.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_demo_without_the_demo_extra_says_how_to_install_it_before_building(
+    tmp_path: Path,
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_MOTO, "demo"],
+        env={**agent_env(), "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "pipx install 'backrest-relay[demo]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "[1]" not in proc.stdout  # no repository was built first
+    assert not list(tmp_path.glob("backrest-relay-demo-*"))
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_rate_comes_from_a_warm_up_window_not_the_scan() -> None:
+    class Sink:
+        def write(self, _: str) -> int:
+            return 0
+
+        def flush(self) -> None:
+            pass
+
+    clock = _Clock()
+    progress = progress_module.Progress(Sink(), tty=False, clock=clock)  # type: ignore[arg-type]
+    progress.start()
+    progress.close()
+    clock.now += 30  # scanning and hashing the repository: no transfer yet
+    progress.add_work(files=10, size=200_000_000)
+    clock.now += 1
+    progress.advance(size=1_000)  # the first second of the first file
+    early = progress.line()
+    assert "ETA —" in early and "B/s" not in early, early
+    for _ in range(10):  # then 10 MB/s for 10 s
+        clock.now += 1
+        progress.advance(size=10_000_000)
+    line = progress.line()
+    rate = progress.rate()
+    assert rate is not None and 9_000_000 < rate < 11_000_000, line
+    assert clock.now - 1000.0 > progress_module.WARMUP
+    assert "ETA" in line and "ETA —" not in line
+
+
+def test_counts_are_pluralised(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    repo = small_restic_repo(tmp_path, restic_password)
+    config = local_config(tmp_path, rclone_server, rclone_bucket)
+    dry = run_agent(
+        ["upload", "--repo", str(repo), "--repo-id", REPO_ID, "--config", str(config), "--dry-run"]
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert "1 file " in dry.stdout or dry.stdout.rstrip().endswith("1 file"), dry.stdout
+    assert "1 files" not in dry.stdout + dry.stderr
+
+
+# -- 7. one identity per repository --------------------------------------------------------------
+
+
+def write_backrest_config(path: Path, repos: list[dict[str, Any]]) -> Path:
+    path.write_text(json.dumps({"modno": 1, "instance": "test", "repos": repos}))
+    return path
+
+
+def hook_args(repo: str, guid: str) -> list[str]:
+    """What Backrest's success hook passes."""
+    return ["upload", "--repo", repo, "--repo-id", REPO_ID, "--repo-guid", guid]
+
+
+def status_rows(config: Path, env: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    result = run_agent(["status", "--json", "--config", str(config)], env=env)
+    assert result.returncode == 0, result.stderr
+    rows: list[dict[str, Any]] = json.loads(result.stdout)["repositories"]
+    return rows
+
+
+def mirror_check(server: RcloneS3Server, bucket: str, password: str) -> None:
+    restic_check(
+        s3_repo_url(server.endpoint, bucket, f"restic/{REPO_ID}"),
+        password,
+        env=server.endpoint.env(),
+        read_data=False,
+    )
+
+
+def test_every_command_records_under_backrests_guid(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    repo = small_restic_repo(tmp_path, restic_password)
+    guid = restic_repo_id(repo, restic_password)
+    backrest = write_backrest_config(
+        tmp_path / "backrest.json", [{"id": REPO_ID, "uri": f"local:{repo}", "guid": guid}]
+    )
+    env = {"BACKREST_CONFIG": str(backrest)}
+    config = str(local_config(tmp_path, rclone_server, rclone_bucket))
+
+    hook = run_agent(
+        [
+            "upload",
+            "--repo",
+            f"local:{repo}",
+            "--repo-id",
+            REPO_ID,
+            "--repo-guid",
+            guid,
+            "--trigger",
+            "CONDITION_CHECK_SUCCESS",
+            "--config",
+            config,
+        ],
+        env=env,
+    )
+    assert hook.returncode == 0, hook.stderr
+    failed = run_agent(
+        ["report-failure", "--repo-id", REPO_ID, "--error", "check failed", "--config", config],
+        env=env,
+    )
+    assert failed.returncode == 0, failed.stderr
+    manual = run_agent(
+        ["upload", "--repo", str(repo), "--repo-id", REPO_ID, "--config", config], env=env
+    )
+    assert manual.returncode == 0, manual.stderr
+    by_id = run_agent(["upload", "--repo-id", REPO_ID, "--config", config], env=env)
+    assert by_id.returncode == 0, by_id.stderr
+
+    rows = status_rows(Path(config), env)
+    assert [(r["repo_key"], r["repo_id"]) for r in rows] == [(guid, REPO_ID)], rows
+
+    verify = run_agent(["verify", "--repo-id", REPO_ID, "--config", config], env=env)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert [r["repo_key"] for r in status_rows(Path(config), env)] == [guid]
+    mirror_check(rclone_server, rclone_bucket, restic_password)
+
+
+def test_without_backrests_config_the_guid_learned_from_the_hook_is_used(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    """Backrest in Docker: its config.json is not readable on this host."""
+    repo = small_restic_repo(tmp_path, restic_password)
+    guid = restic_repo_id(repo, restic_password)
+    env = {"BACKREST_CONFIG": str(tmp_path / "not-here.json")}
+    config = str(local_config(tmp_path, rclone_server, rclone_bucket))
+    hook = run_agent(
+        [
+            "upload",
+            "--repo",
+            str(repo),
+            "--repo-id",
+            REPO_ID,
+            "--repo-guid",
+            guid,
+            "--config",
+            config,
+        ],
+        env=env,
+    )
+    assert hook.returncode == 0, hook.stderr
+    for args in (
+        ["report-failure", "--repo-id", REPO_ID, "--error", "boom"],
+        ["report-failure", "--repo", str(repo), "--error", "boom"],
+        ["upload", "--repo", str(repo), "--repo-id", REPO_ID],
+    ):
+        result = run_agent([*args, "--config", config], env=env)
+        assert result.returncode == 0, (args, result.stderr)
+    rows = status_rows(Path(config), env)
+    assert [(r["repo_key"], r["repo_id"]) for r in rows] == [(guid, REPO_ID)], rows
+    verify = run_agent(["verify", "--repo-id", REPO_ID, "--config", config], env=env)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    mirror_check(rclone_server, rclone_bucket, restic_password)
+
+
+def test_status_forget_drops_a_repository(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    repo = small_restic_repo(tmp_path, restic_password)
+    guid = restic_repo_id(repo, restic_password)
+    env = {"BACKREST_CONFIG": str(tmp_path / "not-here.json")}
+    config = str(local_config(tmp_path, rclone_server, rclone_bucket))
+    up = run_agent(
+        [
+            "upload",
+            "--repo",
+            str(repo),
+            "--repo-id",
+            REPO_ID,
+            "--repo-guid",
+            guid,
+            "--config",
+            config,
+        ],
+        env=env,
+    )
+    assert up.returncode == 0, up.stderr
+    gone = run_agent(["report-failure", "--repo-id", "old-nas", "--config", config], env=env)
+    assert gone.returncode == 0, gone.stderr
+    assert {r["repo_id"] for r in status_rows(Path(config), env)} == {REPO_ID, "old-nas"}
+
+    forgot = run_agent(["status", "--forget", "old-nas", "--config", config], env=env)
+    assert forgot.returncode == 0, forgot.stderr
+    assert "forgot repository old-nas: 1 run removed" in forgot.stdout
+    assert [r["repo_key"] for r in status_rows(Path(config), env)] == [guid]
+    unknown = run_agent(["status", "--forget", "nope", "--config", config], env=env)
+    assert unknown.returncode == 2 and "not in the run store" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+    by_guid = run_agent(["status", "--forget", guid[:12], "--config", config], env=env)
+    assert by_guid.returncode == 0, by_guid.stderr
+    assert status_rows(Path(config), env) == []
+
+
+# -- 8. one B2 key, one prefix -------------------------------------------------------------------
+
+
+def prefix_restricted(allowed: str) -> Any:
+    """A fault hook that answers like a B2 key whose namePrefix is `allowed` (a plain string
+    prefix): objects and listings outside it are AccessDenied."""
+
+    def hook(info: RequestInfo) -> Fault | None:
+        key = info.key
+        if key is None:
+            listed = info.query.get("prefix", [""])[0]
+            if info.bucket and info.method == "GET" and not listed.startswith(allowed):
+                return Fault.s3_error(403, "AccessDenied", "not entitled")
+            return None
+        if not key.startswith(allowed):
+            return Fault.s3_error(403, "AccessDenied", "not entitled")
+        return None
+
+    return hook
+
+
+def doctor_args(repo: Path, config: Path) -> list[str]:
+    return ["doctor", "--repo", str(repo), "--repo-id", REPO_ID, "--config", str(config)]
+
+
+def deny_deletes(inner: Any) -> Any:
+    def hook(info: RequestInfo) -> Fault | None:
+        if info.method == "DELETE":
+            return Fault.s3_error(403, "AccessDenied", "no deleteFiles")
+        result: Fault | None = inner(info)
+        return result
+
+    return hook
+
+
+def test_one_key_limited_to_the_repository_prefix_covers_everything_the_agent_writes(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    repo = small_restic_repo(tmp_path, restic_password)
+    guid = restic_repo_id(repo, restic_password)
+    env = {"BACKREST_CONFIG": str(tmp_path / "not-here.json")}
+    with S3Proxy(rclone_server.endpoint, fault=prefix_restricted(f"restic/{REPO_ID}")) as proxy:
+        config = write_agent_config(
+            tmp_path / "relay.toml",
+            proxy.endpoint,
+            rclone_bucket,
+            state_dir=tmp_path / "state",
+            events={"publisher": "local"},
+        )
+        doctor = run_agent(
+            ["doctor", "--repo", str(repo), "--repo-id", REPO_ID, "--config", str(config)], env=env
+        )
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert f"under restic/{REPO_ID}.relay/manifests/" in doctor.stdout, doctor.stdout
+
+        up = run_agent([*hook_args(str(repo), guid), "--json", "--config", str(config)], env=env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        manifest_key = up.summary["manifest"]["key"]
+        assert manifest_key.startswith(f"restic/{REPO_ID}.relay/manifests/"), manifest_key
+        assert up.summary["verification"]["verified"] is True, up.summary
+        assert not any(r.fault for r in proxy.requests), "the agent left its prefix"
+
+        # The old default (or any manifest prefix outside the key's prefix): doctor must say so
+        # instead of "everything looks right" and a failing upload.
+        legacy = tmp_path / "legacy.toml"
+        legacy.write_text(
+            config.read_text().replace(
+                "[upload]", 'manifest_prefix = ".backrest-relay/{repo_guid}/manifests"\n[upload]'
+            )
+        )
+        refused = run_agent(
+            ["doctor", "--repo-id", REPO_ID, "--repo", str(repo), "--config", str(legacy)], env=env
+        )
+        assert refused.returncode == 4, refused.stdout + refused.stderr
+        assert "[FAIL] write permission (manifest prefix)" in refused.stdout
+        assert "everything looks right" not in refused.stdout
+
+        # With upload.delete the probe's DELETE must succeed too.
+        proxy.fault = deny_deletes(prefix_restricted(f"restic/{REPO_ID}"))
+        deleting = tmp_path / "delete.toml"
+        deleting.write_text(config.read_text().replace("[upload]", "[upload]\ndelete = true"))
+        no_delete = run_agent(
+            ["doctor", "--repo-id", REPO_ID, "--repo", str(repo), "--config", str(deleting)],
+            env=env,
+        )
+        assert no_delete.returncode == 4, no_delete.stdout
+        assert "[FAIL] delete permission (repository prefix)" in no_delete.stdout
+        assert "[FAIL] delete permission (manifest prefix)" in no_delete.stdout
+    mirror_check(rclone_server, rclone_bucket, restic_password)
