@@ -674,6 +674,8 @@ class MirrorRun:
         snapshots, then index, then packs, each kind finished before the next."""
         if d is None:
             return
+        if d.gone:
+            self._delete_guard(d)  # a refusal changes nothing, marks included
         gone_keys = {o.key for o in d.gone}
         stale = [k for k in self.state.gone_marks() if k not in gone_keys]
         if stale:
@@ -682,7 +684,6 @@ class MirrorRun:
         if not d.gone:
             self._set_baseline(d)
             return
-        self._delete_guard(d)
         if d.new:
             self.state.mark_gone([o.key for o in d.new], d.now)
         self._set_baseline(d)

@@ -216,6 +216,31 @@ def test_emptied_snapshots_folder_is_refused_and_nothing_deleted(
     assert mirror.snapshots() == 4
 
 
+@pytest.mark.parametrize("folder", ["index", "data"])
+def test_any_emptied_folder_is_refused_even_with_the_limit_lifted(
+    folder: str,
+    rotating: Rotating,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """No kind is ever deleted entirely from the mirror: an empty local `index/` or `data/`
+    is a broken or unmounted repository, not a prune."""
+    mirror = make_mirror(
+        tmp_path, rclone_server, rclone_bucket, rotating.password, delete_after="0"
+    )
+    assert mirror.upload(rotating.path).returncode == 0
+    before = mirror.objects()
+    for path in (rotating.path / folder).rglob("*"):
+        if path.is_file():
+            path.unlink()
+    result = mirror.upload(rotating.path, env={"BACKREST_RELAY_UPLOAD__MAX_DELETE_PERCENT": "100"})
+    assert result.returncode == 5, result.stderr
+    assert f"refusing to delete {folder}/" in result.summary["error"]["message"]
+    assert mirror.objects() == before
+    mirror.check()
+
+
 def test_most_snapshots_forgotten_at_once_is_refused_until_allowed(
     rotating: Rotating, rclone_server: RcloneS3Server, rclone_bucket: str, tmp_path: Path
 ) -> None:
