@@ -46,7 +46,7 @@ class _HashingWriter(io.RawIOBase):
         return len(chunk)
 
 
-def _entry_line(obj: RemoteObject, run_id: str) -> str:
+def _entry_line(obj: RemoteObject, run_id: str, new: bool = False) -> str:
     """One manifest line (a `ManifestEntry`), formatted directly: a million of these are
     written per run on big repositories, and json.dumps per line dominated the time."""
     name = obj.key.rsplit("/", 1)[-1]
@@ -54,7 +54,7 @@ def _entry_line(obj: RemoteObject, run_id: str) -> str:
     return (
         f'{{"key":{json.dumps(obj.key)},"size":{obj.size},'
         f'"sha256":{_quoted(sha256)},"md5":{_quoted(obj.md5)},'
-        f'"uploaded":{"true" if obj.run_id == run_id else "false"}}}\n'
+        f'"uploaded":{"true" if new or obj.run_id == run_id else "false"}}}\n'
     )
 
 
@@ -95,8 +95,11 @@ class ManifestWriter:
             with gzip.GzipFile(fileobj=hashing, mode="wb", mtime=0, compresslevel=6) as gz:
                 gz.write(header.model_dump_json().encode() + b"\n")
                 lines: list[str] = []
-                for obj in self.state.iter_objects():
-                    lines.append(_entry_line(obj, run_id))
+                # "uploaded" marks everything this agent uploaded since the last manifest,
+                # not only in this run: a run stopped at its deadline left its objects for
+                # this one's verification to read back.
+                for obj, new in self.state.iter_manifest_objects():
+                    lines.append(_entry_line(obj, run_id, new))
                     if len(lines) == 1000:
                         gz.write("".join(lines).encode())
                         written += len(lines)
@@ -114,6 +117,7 @@ class ManifestWriter:
                 hashing.sha256.hexdigest(),
                 what=f"manifest {key}",
             )
+        self.state.manifest_written()
         return ManifestRef(
             key=key, sha256=hashing.sha256.hexdigest(), objects=count, created_by_run=run_id
         )

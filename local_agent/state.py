@@ -12,6 +12,7 @@ process may be SIGKILLed at any point, and what is recorded must then be true.
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import threading
 import time
@@ -23,7 +24,9 @@ from pathlib import Path
 from cloud.contracts.destination import Destination
 from local_agent.errors import ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# The meta row holding the last manifest written (a ManifestRef as JSON; see upload.py).
+LAST_MANIFEST = "last_manifest"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -39,6 +42,15 @@ CREATE TABLE IF NOT EXISTS objects (
     uploaded_at REAL NOT NULL,
     run_id TEXT                    -- the run that uploaded it; NULL when adopted
 );
+CREATE TABLE IF NOT EXISTS unmanifested (
+    key TEXT PRIMARY KEY           -- uploaded by this agent, not yet named by a manifest
+);
+-- In the same statement as the object's row, so a kill can never separate the two.
+CREATE TRIGGER IF NOT EXISTS uploaded_is_unmanifested AFTER INSERT ON objects
+WHEN NEW.run_id IS NOT NULL
+BEGIN
+    INSERT OR IGNORE INTO unmanifested(key) VALUES (NEW.key);
+END;
 CREATE TABLE IF NOT EXISTS multipart_uploads (
     key TEXT PRIMARY KEY,
     upload_id TEXT NOT NULL,
@@ -117,9 +129,17 @@ class StateStore:
             if path is not None:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
+            existing = {
+                str(row[0])
+                for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
             self._db.executescript(_SCHEMA)
+            if "objects" in existing and "unmanifested" not in existing:
+                self._migrate_unmanifested()
             self._db.execute(
-                "INSERT OR IGNORE INTO meta(name, value) VALUES('schema_version', ?)",
+                "INSERT INTO meta(name, value) VALUES('schema_version', ?) "
+                "ON CONFLICT(name) DO UPDATE SET value=excluded.value "
+                "WHERE CAST(value AS INTEGER) < CAST(excluded.value AS INTEGER)",
                 (str(SCHEMA_VERSION),),
             )
         except sqlite3.DatabaseError as exc:
@@ -127,6 +147,40 @@ class StateStore:
                 f"state file {path}: unusable ({exc}); move it away and run again "
                 "(the next run re-reads the bucket listing once)"
             ) from None
+
+    def _migrate_unmanifested(self) -> None:
+        """Schema 1 → 2: find the objects a run uploaded after the last manifest was
+        written (a run stopped at its deadline), which no manifest has named yet.
+
+        Schema 1 kept only the uploading run's id. Objects of the run that wrote the last
+        manifest were named by it, and that manifest was written after all of them, so
+        anything an agent run uploaded later than the latest of them is not yet named.
+        Without any manifest, everything the agent uploaded is new.
+        """
+        raw = self._db.execute("SELECT value FROM meta WHERE name=?", (LAST_MANIFEST,)).fetchone()
+        last_run: str | None = None
+        if raw is not None:
+            try:
+                last_run = str(json.loads(raw[0])["created_by_run"])
+            except (ValueError, KeyError, TypeError):
+                last_run = None
+        with self._lock, self._transaction() as db:
+            if raw is None:
+                db.execute(
+                    "INSERT OR IGNORE INTO unmanifested(key) "
+                    "SELECT key FROM objects WHERE run_id IS NOT NULL"
+                )
+                return
+            row = db.execute(
+                "SELECT MAX(uploaded_at) FROM objects WHERE run_id = ?", (last_run,)
+            ).fetchone()
+            if row is None or row[0] is None:
+                return  # the last manifest's run uploaded nothing: no time to compare with
+            db.execute(
+                "INSERT OR IGNORE INTO unmanifested(key) SELECT key FROM objects "
+                "WHERE run_id IS NOT NULL AND run_id != ? AND uploaded_at > ?",
+                (last_run, row[0]),
+            )
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -186,6 +240,8 @@ class StateStore:
         return None if row is None else RemoteObject(*row)
 
     def put(self, obj: RemoteObject) -> None:
+        """Record an object; one with a `run_id` was uploaded by this agent and stays new
+        (see `iter_manifest_objects`) until a manifest naming it is written."""
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO objects(key, size, sha256, md5, etag, uploaded_at, run_id) "
@@ -203,8 +259,44 @@ class StateStore:
             )
 
     def forget(self, key: str) -> None:
+        with self._lock, self._transaction() as db:
+            db.execute("DELETE FROM objects WHERE key=?", (key,))
+            db.execute("DELETE FROM unmanifested WHERE key=?", (key,))
+
+    def iter_manifest_objects(self) -> Iterator[tuple[RemoteObject, bool]]:
+        """All objects in key order, each with whether this agent uploaded it since the
+        last manifest was written (however many runs that took); batched like
+        `iter_objects`. What `forget_all` (a reconcile) drops is kept here, so a reconcile
+        does not turn the agent's own unverified uploads into old ones."""
+        last = ""
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT o.key, o.size, o.sha256, o.md5, o.etag, o.run_id, "
+                    "u.key IS NOT NULL FROM objects o "
+                    "LEFT JOIN unmanifested u ON u.key = o.key WHERE o.key > ? "
+                    "ORDER BY o.key LIMIT 1000",
+                    (last,),
+                ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield RemoteObject(*row[:6]), bool(row[6])
+            last = rows[-1][0]
+
+    def has_unmanifested(self) -> bool:
+        """Whether the agent uploaded anything that no written manifest names yet."""
         with self._lock:
-            self._db.execute("DELETE FROM objects WHERE key=?", (key,))
+            row = self._db.execute(
+                "SELECT 1 FROM unmanifested u JOIN objects o ON o.key = u.key LIMIT 1"
+            ).fetchone()
+        return row is not None
+
+    def manifest_written(self) -> None:
+        """A manifest naming every object of the store is in the bucket: nothing the agent
+        uploaded is new any more."""
+        with self._lock:
+            self._db.execute("DELETE FROM unmanifested")
 
     def forget_all(self) -> None:
         with self._lock:

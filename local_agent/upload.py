@@ -33,11 +33,10 @@ from local_agent.progress import Progress
 from local_agent.publishers import Publisher, make_publisher
 from local_agent.repository import ensure_repository
 from local_agent.runlock import RunLock
+from local_agent.state import LAST_MANIFEST as LAST_MANIFEST  # re-exported
 from local_agent.state import StateStore, state_file_name
 
 log = logging.getLogger(__name__)
-
-LAST_MANIFEST = "last_manifest"
 
 
 def run_upload(
@@ -180,6 +179,7 @@ def _attach_manifest(
         or summary.deleted_files
         or summary.adopted_files
         or summary.listed_objects is not None
+        or state.has_unmanifested()  # an earlier run uploaded them, then stopped
     )
     previous = state.get_meta(LAST_MANIFEST)
     if not changed and previous:

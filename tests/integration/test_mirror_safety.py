@@ -10,7 +10,9 @@ itself: after every run, refused or not, `restic check` on the mirror passes.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 import os
 import shutil
 import sqlite3
@@ -507,3 +509,52 @@ def test_file_changing_between_hash_and_send_exits_3_naming_it_and_sends_nothing
     restic_check(
         mirror_url(endpoint, rclone_bucket), restic_password, env=endpoint.env(), read_data=True
     )
+
+
+# -- 7. everything the agent uploaded is new for the verification that follows --------------
+
+
+def test_objects_of_a_deadline_stopped_run_are_marked_uploaded_in_the_next_manifest(
+    restic_bin: str,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    restic_password: str,
+    tmp_path: Path,
+) -> None:
+    endpoint = rclone_server.endpoint
+    repo = tmp_path / "repo"
+    source = tmp_path / "src"
+    small_repo(repo, source, restic_password, seed=13, big=30_000_000)
+    slow = config_for(tmp_path, endpoint, rclone_bucket, bandwidth_limit="10MiB/s", deadline="2s")
+    stopped = upload(slow, repo)
+    assert stopped.returncode == 6, stopped.stderr
+    first = set(remote_keys(endpoint, rclone_bucket, PREFIX))
+    assert first, "the stopped run uploaded nothing"
+
+    fast = config_for(tmp_path, endpoint, rclone_bucket)
+    done = upload(fast, repo)
+    assert done.returncode == 0, done.stderr
+    manifest_key = done.summary["manifest"]["key"]
+    body = endpoint.client().get_object(Bucket=rclone_bucket, Key=manifest_key)["Body"].read()
+    _header, *lines = gzip.decompress(body).decode().splitlines()
+    entries = {e["key"]: e for e in map(json.loads, lines)}
+    assert set(entries) == repo_keys(repo)
+    from_first = {k.removeprefix(f"{PREFIX}/") for k in first}
+    not_new = sorted(k for k, e in entries.items() if not e["uploaded"])
+    assert not_new == [], f"uploaded by the stopped run, not marked: {not_new}"
+    assert from_first <= set(entries)
+
+    # Once a manifest named them, they are no longer new.
+    (source / "later.bin").write_bytes(os.urandom(1000))
+    restic_backup(repo, restic_password, source)
+    later = upload(fast, repo)
+    assert later.returncode == 0, later.stderr
+    body = (
+        endpoint.client()
+        .get_object(Bucket=rclone_bucket, Key=later.summary["manifest"]["key"])["Body"]
+        .read()
+    )
+    entries = {
+        e["key"]: e for e in map(json.loads, gzip.decompress(body).decode().splitlines()[1:])
+    }
+    assert not any(entries[k]["uploaded"] for k in from_first)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -13,7 +14,13 @@ import pytest
 from cloud.contracts.destination import Destination
 from local_agent.config import RelayConfig
 from local_agent.errors import ConfigError, ExitCode
-from local_agent.state import PendingUpload, RemoteObject, StateStore, state_file_name
+from local_agent.state import (
+    SCHEMA_VERSION,
+    PendingUpload,
+    RemoteObject,
+    StateStore,
+    state_file_name,
+)
 
 SECRET = "SENTINEL-SECRET-7f3a"
 
@@ -134,7 +141,7 @@ def test_iter_objects_is_lazy_and_survives_writes_between_batches(store: StateSt
 def test_meta_and_reconciled(store_path: Path) -> None:
     store = StateStore(store_path)
     assert store.get_meta("nothing") is None
-    assert store.get_meta("schema_version") == "1"
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
     store.set_meta("k", "v1")
     store.set_meta("k", "v2")
     assert store.get_meta("k") == "v2"
@@ -490,3 +497,80 @@ def test_state_file_from_before_deferred_deletion_gains_the_table(store_path: Pa
         assert store.gone_marks() == {"snapshots/a": 5.0}
     finally:
         store.close()
+
+
+# -- objects not yet named by a manifest (schema 2) --------------------------------------------
+
+_SCHEMA_1 = """
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE objects (
+    key TEXT PRIMARY KEY, size INTEGER NOT NULL, sha256 TEXT, md5 TEXT, etag TEXT,
+    uploaded_at REAL NOT NULL, run_id TEXT
+);
+CREATE TABLE multipart_uploads (
+    key TEXT PRIMARY KEY, upload_id TEXT NOT NULL, size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL, part_size INTEGER NOT NULL, started_at REAL NOT NULL
+);
+CREATE TABLE multipart_parts (
+    key TEXT NOT NULL, upload_id TEXT NOT NULL, part_number INTEGER NOT NULL,
+    etag TEXT NOT NULL, size INTEGER NOT NULL, PRIMARY KEY (key, upload_id, part_number)
+);
+INSERT INTO meta VALUES ('schema_version', '1');
+"""
+
+
+def new_keys(store: StateStore) -> set[str]:
+    return {o.key for o, new in store.iter_manifest_objects() if new}
+
+
+def test_uploaded_objects_stay_new_until_a_manifest_is_written(store: StateStore) -> None:
+    adopted, first, second = obj(1), obj(2), obj(3)
+    store.put(adopted)
+    store.put(RemoteObject(**{**_fields(first), "run_id": "run-1"}))  # stopped at deadline
+    store.put_many([RemoteObject(**{**_fields(second), "run_id": "run-2"})])
+    assert new_keys(store) == {first.key, second.key}
+    assert store.has_unmanifested()
+    store.forget_all()  # a reconcile rebuilds the store from a listing ...
+    store.put_many([adopted, first, second])
+    assert new_keys(store) == {first.key, second.key}  # ... and keeps what is unverified
+    store.manifest_written()
+    assert new_keys(store) == set()
+    assert not store.has_unmanifested()
+    store.forget(first.key)
+    store.put(RemoteObject(**{**_fields(first), "run_id": "run-3"}))
+    assert new_keys(store) == {first.key}
+
+
+def _fields(o: RemoteObject) -> dict[str, object]:
+    return {name: getattr(o, name) for name in RemoteObject.__slots__}
+
+
+@pytest.mark.parametrize("with_manifest", [True, False])
+def test_schema_1_store_is_migrated_with_the_uploads_no_manifest_named(
+    store_path: Path, with_manifest: bool
+) -> None:
+    store_path.parent.mkdir(parents=True)
+    rows = [
+        (obj(1).key, 1, None, None, None, 100.0, None),  # adopted
+        (obj(2).key, 2, None, None, None, 200.0, "run-a"),  # named by run-a's manifest
+        (obj(3).key, 3, None, None, None, 210.0, "run-a"),
+        (obj(4).key, 4, None, None, None, 300.0, "run-b"),  # run-b stopped at its deadline
+    ]
+    with sqlite3.connect(store_path) as db:
+        db.executescript(_SCHEMA_1)
+        db.executemany("INSERT INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        if with_manifest:
+            ref = {"key": "m", "sha256": "0" * 64, "objects": 3, "created_by_run": "run-a"}
+            db.execute("INSERT INTO meta VALUES ('last_manifest', ?)", (json.dumps(ref),))
+    store = StateStore(store_path)
+    try:
+        assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
+        expected = {obj(4).key} if with_manifest else {obj(2).key, obj(3).key, obj(4).key}
+        assert new_keys(store) == expected
+    finally:
+        store.close()
+    again = StateStore(store_path)  # opening again migrates nothing twice
+    try:
+        assert new_keys(again) == expected
+    finally:
+        again.close()
