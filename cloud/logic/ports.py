@@ -121,6 +121,15 @@ class RunStore(Protocol):
         """Remember when the watchdog last alerted (None clears it after a recovery)."""
         ...
 
+    def load_checkpoint(self, repo_key: str, name: str) -> dict[str, Any] | None:
+        """The verification checkpoint `name` (one per destination) of a repository, as
+        saved (`cloud.logic.checkpoint.VerifyCheckpoint.to_dict`), or None."""
+        ...
+
+    def save_checkpoint(self, repo_key: str, name: str, data: dict[str, Any]) -> None:
+        """Replace the checkpoint; durable when this returns (the next run builds on it)."""
+        ...
+
 
 Severity = Literal["success", "recovery", "failure", "stale"]
 

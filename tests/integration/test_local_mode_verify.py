@@ -1,0 +1,179 @@
+"""Local mode's verification: cheap when nothing changed, inside the deadline, never silent.
+
+Real restic repositories, `rclone serve s3` behind the counting proxy, and local HTTP
+receivers standing in for Apprise (`json://`) and Healthchecks.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+from tests.support.agent import AgentResult, run_agent, write_agent_config
+from tests.support.repos import (
+    make_restic_repo,
+    restic_backup,
+    restic_check,
+    s3_repo_url,
+    write_random_tree,
+)
+from tests.support.s3servers import Fault, RequestInfo, S3Proxy
+
+PREFIX = "restic/home"
+GUID = "ab" * 32
+HC_UUID = "0b1e9f3c-7d1b-4a5e-9f00-123456789abc"
+
+
+def small_repo(tmp_path: Path, password: str, backups: int = 3) -> tuple[Path, Path]:
+    """A real restic repository with a few small snapshots (a handful of packs each)."""
+    repo, source = tmp_path / "repo", tmp_path / "src"
+    make_restic_repo(repo, password)
+    for round_ in range(backups):
+        backup_round(repo, source, password, round_)
+    return repo, source
+
+
+def backup_round(repo: Path, source: Path, password: str, round_: int) -> None:
+    write_random_tree(source / f"r{round_}", files=4, size=(20_000, 200_000), seed=round_)
+    (source / f"r{round_}" / "big.bin").write_bytes(random.Random(round_).randbytes(600_000))
+    restic_backup(repo, password, source)
+
+
+def config(
+    tmp_path: Path,
+    proxy: S3Proxy,
+    bucket: str,
+    *,
+    notify: str = "",
+    verify: str = "",
+    **upload: object,
+) -> Path:
+    path = write_agent_config(
+        tmp_path / "relay.toml",
+        proxy.endpoint,
+        bucket,
+        state_dir=tmp_path / "state",
+        upload=upload,
+        events={"publisher": "local"},
+    )
+    with path.open("a") as fh:
+        if notify:
+            fh.write("[notify]\n" + notify)
+        if verify:
+            fh.write("[verify]\n" + verify)
+    return path
+
+
+def upload(cfg: Path, repo: Path, env: dict[str, str] | None = None) -> AgentResult:
+    return run_agent(
+        [
+            "upload",
+            "--repo",
+            str(repo),
+            "--repo-id",
+            "home",
+            "--repo-guid",
+            GUID,
+            "--config",
+            str(cfg),
+            "--json",
+        ],
+        env=env,
+    )
+
+
+def gets(proxy: S3Proxy) -> list[str]:
+    return [r.key or "" for r in proxy.requests if r.operation == "GetObject"]
+
+
+def test_noop_runs_send_nothing_and_rotation_is_budgeted(
+    tmp_path: Path, counting_proxy: S3Proxy, rclone_bucket: str, restic_password: str
+) -> None:
+    repo, _ = small_repo(tmp_path, restic_password)
+    cfg = config(tmp_path, counting_proxy, rclone_bucket)
+    first = upload(cfg, repo)
+    assert first.returncode == 0, first.stderr
+    assert first.summary["verification"]["verified"] is True
+
+    for _ in range(3):
+        counting_proxy.reset()
+        again = upload(cfg, repo)
+        assert again.returncode == 0, again.stderr
+        assert again.summary["uploaded_files"] == 0
+        assert again.summary["verification"]["verified"] is True
+        assert counting_proxy.count("GET") == 0, counting_proxy.operations()
+        assert counting_proxy.count("PUT") == 0, counting_proxy.operations()
+        assert counting_proxy.list_calls() == []
+        assert counting_proxy.requests == []
+        assert again.summary["verification"]["unproven_objects"] == 0
+
+    # Once `verify.every` has passed, the run re-reads a rotation slice of older objects
+    # within the byte budget (plus one listing and the manifest), then moves the cursor on.
+    budget = 300_000
+    env = {"BACKREST_RELAY_VERIFY__EVERY": "1s", "BACKREST_RELAY_VERIFY__BUDGET": str(budget)}
+    seen: list[str] = []
+    time.sleep(1.1)
+    for _ in range(2):
+        counting_proxy.reset()
+        rotated = upload(cfg, repo, env=env)
+        assert rotated.returncode == 0, rotated.stderr
+        stats = rotated.summary["verification"]["stats"]
+        assert rotated.summary["verification"]["verified"] is True
+        assert stats["deep_checked"] > 0
+        assert stats["deep_checked_new"] == 0
+        assert counting_proxy.count("PUT") == 0
+        objects = [k for k in gets(counting_proxy) if k.startswith(f"{PREFIX}/")]
+        assert len(objects) == stats["deep_checked"]
+        # The budget may be exceeded only by a single object larger than the budget.
+        assert stats["bytes_read"] <= budget or stats["deep_checked"] == 1
+        assert not set(objects) & set(seen), "the rotation re-read what it read last time"
+        seen += objects
+        time.sleep(1.1)
+    restic_check(
+        s3_repo_url(counting_proxy.endpoint, rclone_bucket, PREFIX),
+        restic_password,
+        env=counting_proxy.endpoint.env(),
+        read_data=False,
+    )
+
+
+def test_verification_respects_the_deadline_and_resumes_where_it_stopped(
+    tmp_path: Path, counting_proxy: S3Proxy, rclone_bucket: str, restic_password: str
+) -> None:
+    repo, _ = small_repo(tmp_path, restic_password, backups=5)
+
+    def slow_reads(info: RequestInfo) -> Fault | None:
+        if info.operation == "GetObject" and (info.key or "").startswith(f"{PREFIX}/"):
+            time.sleep(1.5)
+        return None
+
+    counting_proxy.fault = slow_reads
+    cfg = config(tmp_path, counting_proxy, rclone_bucket, concurrency=2, deadline="6s")
+    first = upload(cfg, repo)
+    assert first.returncode == 6, first.stderr
+    verification = first.summary["verification"]
+    assert verification["complete"] is False
+    assert verification["unproven_objects"] > 0
+    assert verification["unproven_bytes"] > 0
+    assert "verify: " in first.stderr and " files · " in first.stderr  # the progress line
+    assert "still unproven" in first.stderr
+    read_first = {k for k in gets(counting_proxy) if k.startswith(f"{PREFIX}/")}
+    assert read_first
+
+    counting_proxy.fault = None
+    counting_proxy.reset()
+    cfg = config(tmp_path, counting_proxy, rclone_bucket, concurrency=2, deadline="5m")
+    second = upload(cfg, repo)
+    assert second.returncode == 0, second.stderr
+    assert second.summary["uploaded_files"] == 0
+    assert second.summary["verification"]["verified"] is True
+    assert second.summary["verification"]["complete"] is True
+    assert second.summary["verification"]["unproven_objects"] == 0
+    read_second = {k for k in gets(counting_proxy) if k.startswith(f"{PREFIX}/")}
+    assert read_second, "the rest was not proven"
+    assert not read_first & read_second, "the second run re-read what the first had proven"
+    assert len(read_first) + len(read_second) == (
+        second.summary["verification"]["stats"]["deep_checked"]
+        + first.summary["verification"]["stats"]["deep_checked"]
+    )
