@@ -107,7 +107,22 @@ class _Message:
 def _compose(event: EventDetail, severity: Severity) -> _Message:
     repo = _repo_label(event)
     where = f"{event.destination.bucket}/{event.destination.prefix}"
-    if isinstance(event, MirrorVerified | MirrorVerificationFailed):
+    unverifiable = [p for p in getattr(event, "problems", []) if p.kind == "unverifiable"]
+    if isinstance(event, MirrorVerificationFailed) and unverifiable:
+        msg = _Message(subject=f"❌ {repo}: could not verify the off-site copy")
+        msg.rows.append(("Verdict", "could not verify"))
+        msg.rows.append(("Reason", unverifiable[0].detail.removeprefix("could not verify: ")))
+        if event.mirror_stats is not None:
+            ms = event.mirror_stats
+            msg.rows.append(
+                ("Uploaded", f"{ms.uploaded_files} objects, {format_size(ms.uploaded_bytes)}")
+            )
+        msg.footer = (
+            "The verifier could not read the bucket (a key without read access, a download "
+            "cap, an unreachable endpoint). The copy is unproven, not known bad; the next "
+            "run tries again."
+        )
+    elif isinstance(event, MirrorVerified | MirrorVerificationFailed):
         stats = event.stats
         ok = isinstance(event, MirrorVerified)
         verdict = "verified" if ok else f"FAILED — {_count(event.problems_total)}"

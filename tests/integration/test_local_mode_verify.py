@@ -6,12 +6,14 @@ receivers standing in for Apprise (`json://`) and Healthchecks.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
 
 from tests.support.agent import AgentResult, run_agent, write_agent_config
 from tests.support.repos import (
+    corrupt,
     make_restic_repo,
     restic_backup,
     restic_check,
@@ -19,6 +21,7 @@ from tests.support.repos import (
     write_random_tree,
 )
 from tests.support.s3servers import Fault, RequestInfo, S3Proxy
+from tests.support.sinks import HttpSink
 
 PREFIX = "restic/home"
 GUID = "ab" * 32
@@ -176,4 +179,53 @@ def test_verification_respects_the_deadline_and_resumes_where_it_stopped(
     assert len(read_first) + len(read_second) == (
         second.summary["verification"]["stats"]["deep_checked"]
         + first.summary["verification"]["stats"]["deep_checked"]
+    )
+
+
+def test_an_event_that_cannot_be_verified_does_not_silence_later_failures(
+    tmp_path: Path, counting_proxy: S3Proxy, rclone_bucket: str, restic_password: str
+) -> None:
+    repo, source = small_repo(tmp_path, restic_password, backups=2)
+
+    def deny_reads(info: RequestInfo) -> Fault | None:
+        if info.operation == "GetObject":
+            return Fault.s3_error(403, "AccessDenied", "not entitled: key lacks readFiles")
+        return None
+
+    counting_proxy.fault = deny_reads
+    with HttpSink() as chat:
+        cfg = config(
+            tmp_path,
+            counting_proxy,
+            rclone_bucket,
+            notify=f'urls = ["json://127.0.0.1:{chat.port}/hook"]\n',
+        )
+        first = upload(cfg, repo)
+        assert first.returncode != 0 or first.summary["verification"]["verified"] is False
+        [could_not] = chat.wait_for(1)
+        body = json.loads(could_not.body)
+        assert "could not verify" in body["title"].lower(), body
+        assert "AccessDenied" in body["message"] or "denied" in body["message"].lower()
+
+        for round_ in (10, 11):
+            chat.clear()
+            backup_round(repo, source, restic_password, round_)
+            new_packs = sorted(
+                (p for p in (repo / "data").rglob("*") if p.is_file()),
+                key=lambda p: p.stat().st_mtime,
+            )
+            corrupt(new_packs[-1])
+            bad = upload(cfg, repo)
+            assert bad.returncode == 3, bad.stderr
+            [alert] = chat.wait_for(1)
+            alert_body = json.loads(alert.body)
+            assert "failed" in alert_body["title"].lower(), alert_body
+            assert new_packs[-1].name in alert_body["message"]
+            assert bad.summary["event"]["pending"] == 0
+    counting_proxy.fault = None
+    restic_check(
+        s3_repo_url(counting_proxy.endpoint, rclone_bucket, PREFIX),
+        restic_password,
+        env=counting_proxy.endpoint.env(),
+        read_data=False,
     )
