@@ -98,6 +98,19 @@ class LocalPipeline:
             channels.append(HealthchecksChannel(ping))
         return channels + self.extra_channels
 
+    def run_started(self, run_id: str, repo_id: str | None, repo_guid: str | None) -> None:
+        """Healthchecks `/start` for the run (best effort: a failed ping is only logged)."""
+        from cloud.logic.ports import ChannelError
+
+        for channel in self.channels(repo_id, repo_guid):
+            start = getattr(channel, "start", None)
+            if start is None:
+                continue
+            try:
+                start(run_id)
+            except ChannelError as exc:
+                log.warning("start ping via %s failed: %s", channel.name, exc)
+
     def _notify(self, event: EventDetail) -> None:
         channels = self.channels(event.repo.id, event.repo.guid)
         if not channels:

@@ -91,6 +91,9 @@ def run_upload(
     progress = Progress(sys.stderr, tty=interactive) if show_progress else None
     publisher = publisher or make_publisher(config, state_dir)
     _bind_pipeline(publisher, stop, show_progress=show_progress, interactive=interactive)
+    pipeline = getattr(publisher, "pipeline", None)
+    if pipeline is not None and not dry_run:
+        pipeline.run_started(ctx.run_id, repo_id, repo_guid)
     outbox: Outbox | None = None
     summary: MirrorSummary
     try:

@@ -229,3 +229,30 @@ def test_an_event_that_cannot_be_verified_does_not_silence_later_failures(
         env=counting_proxy.endpoint.env(),
         read_data=False,
     )
+
+
+def test_healthchecks_hears_every_verified_run_whatever_the_chat_policy(
+    tmp_path: Path, counting_proxy: S3Proxy, rclone_bucket: str, restic_password: str
+) -> None:
+    repo, _ = small_repo(tmp_path, restic_password, backups=1)
+    with HttpSink() as chat, HttpSink() as hc:
+        cfg = config(
+            tmp_path,
+            counting_proxy,
+            rclone_bucket,
+            notify=(
+                f'urls = ["json://127.0.0.1:{chat.port}/hook"]\n'
+                'success = "on_recovery"\n'
+                f'healthchecks = {{ home = "{hc.url}/{HC_UUID}" }}\n'
+            ),
+        )
+        for _ in range(2):
+            hc.clear()
+            result = upload(cfg, repo)
+            assert result.returncode == 0, result.stderr
+            start, done = hc.wait_for(2)
+            assert start.path == f"/{HC_UUID}/start"
+            assert done.path == f"/{HC_UUID}"
+            assert start.query["rid"] == [result.summary["run_id"]]
+            assert done.query["rid"] == [result.summary["run_id"]]
+        assert chat.requests == [], "on_recovery: a normal success stays quiet in chat"

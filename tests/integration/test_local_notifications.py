@@ -57,7 +57,8 @@ def test_success_then_damage_is_named_in_the_next_alert(
         [message] = chat.wait_for(1)
         body = json.loads(message.body)
         assert "home" in body["title"] and "verified" in body["title"]
-        [ping] = healthchecks.wait_for(1)
+        start, ping = healthchecks.wait_for(2)
+        assert start.path == f"/{HC_UUID}/start"
         assert ping.path == f"/{HC_UUID}"
 
         victim = repo.data[4].relative_to(repo.root).as_posix()
@@ -80,7 +81,8 @@ def test_success_then_damage_is_named_in_the_next_alert(
         alert_body = json.loads(alert.body)
         assert "FAILED" in alert_body["title"]
         assert victim in alert_body["message"]
-        [fail_ping] = healthchecks.wait_for(1)
+        start, fail_ping = healthchecks.wait_for(2)
+        assert start.path == f"/{HC_UUID}/start"
         assert fail_ping.path == f"/{HC_UUID}/fail"
         for text in (first.stdout, first.stderr, second.stdout, second.stderr):
             assert HC_UUID not in text
