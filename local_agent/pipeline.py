@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from cloud.contracts.events import EventDetail, MirrorCompleted, MirrorFailed
 from cloud.logic.notify import NotifyOutcome, notify_event
-from cloud.logic.ports import NotificationChannel
+from cloud.logic.ports import ChannelError, NotificationChannel
 from cloud.logic.verification import (
     CheckpointedVerification,
     mirror_run_record,
@@ -100,16 +100,16 @@ class LocalPipeline:
 
     def run_started(self, run_id: str, repo_id: str | None, repo_guid: str | None) -> None:
         """Healthchecks `/start` for the run (best effort: a failed ping is only logged)."""
-        from cloud.logic.ports import ChannelError
-
         for channel in self.channels(repo_id, repo_guid):
             start = getattr(channel, "start", None)
             if start is None:
                 continue
             try:
                 start(run_id)
-            except ChannelError as exc:
-                log.warning("start ping via %s failed: %s", channel.name, exc)
+            except Exception as exc:  # a ping must never stop the upload
+                # Only a ChannelError's text is known to be free of the (secret) URL.
+                why = str(exc) if isinstance(exc, ChannelError) else type(exc).__name__
+                log.warning("start ping via %s failed: %s", channel.name, why)
 
     def _notify(self, event: EventDetail) -> None:
         channels = self.channels(event.repo.id, event.repo.guid)

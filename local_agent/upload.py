@@ -126,6 +126,9 @@ def run_upload(
             dry_run=dry_run,
             error={"kind": exc.kind, "message": exc.message},
         )
+    except BaseException:
+        hard_stop.cancel()  # an in-process caller must not be killed later by the timer
+        raise
     finally:
         lock.release()
         backend.close()

@@ -205,6 +205,8 @@ def verdict_line(verification: dict[str, Any]) -> str:
             f"{stats['deep_checked']} read back ({format_size(stats['bytes_read'])})"
         )
     first = verification["problems"][0] if verification["problems"] else {}
+    if first.get("kind") == "unverifiable":
+        return f"COULD NOT VERIFY (the next run tries again): {first.get('detail')}"
     return f"VERIFICATION FAILED: {verification['problems_total']} problem(s)" + (
         f", first: {first.get('kind')} {first.get('key')}" if first else ""
     )
