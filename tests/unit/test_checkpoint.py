@@ -161,3 +161,20 @@ def test_rotation_is_budgeted_and_walks_the_whole_mirror() -> None:
     assert len(mirror.store.reads) == before
     saved = VerifyCheckpoint.from_dict(mirror.runs.load_checkpoint(REPO.key, checkpoint_name(DEST)))
     assert saved is not None and saved.verified and not saved.pending
+
+
+def test_a_problem_is_checked_and_announced_again_until_repaired() -> None:
+    mirror = Mirror()
+    keys = mirror.add(12)
+    a = mirror.manifest(set(keys))
+    victim = f"{DEST.prefix}/{keys[3]}"
+    good = mirror.store.objects[victim]
+    mirror.store.put(victim, good[:-1] + bytes([good[-1] ^ 1]), etag="x" * 32 + "-1")
+    for hour in (1, 2):
+        checked = mirror.verify(mirror.event(a.manifest), now=T0 + timedelta(hours=hour))
+        assert checked.result is not None
+        assert [p.kind for p in checked.result.problems] == ["hash"]
+    mirror.store.put(victim, good)
+    repaired = mirror.verify(mirror.event(a.manifest), now=T0 + timedelta(hours=3))
+    assert repaired.result is not None and repaired.result.problems_total == 0
+    assert not repaired.result.stats.reused and repaired.result.stats.deep_checked == 12
