@@ -132,6 +132,7 @@ def plan_verification(
     checkpoint: VerifyCheckpoint | None,
     manifest_key: str,
     *,
+    manifest_sha256: str | None = None,
     now: datetime,
     every_seconds: float,
     rotation_budget: int,
@@ -143,7 +144,10 @@ def plan_verification(
     rotation = rotation_budget if due else 0
     others = tuple(p for p in cp.pending if p.key != manifest_key)
     mine = next((p for p in cp.pending if p.key == manifest_key), None)
-    if cp.manifest_key == manifest_key:
+    same = cp.manifest_key == manifest_key and (
+        manifest_sha256 is None or cp.manifest_sha256 == manifest_sha256
+    )
+    if same:
         if mine is not None:
             return VerifyPlan(
                 "verify", mine.unproven_from, others, rotation, cp.rotation_from, "continue"

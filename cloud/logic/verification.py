@@ -204,6 +204,7 @@ def verify_checkpointed(
     plan = plan_verification(
         before,
         event.manifest.key,
+        manifest_sha256=event.manifest.sha256,
         now=now,
         every_seconds=every_seconds,
         rotation_budget=rotation_budget,
