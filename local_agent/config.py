@@ -255,6 +255,40 @@ class NotifyConfig(_Section):
         return None
 
 
+class VerifyConfig(_Section):
+    """Local mode's verification of the bucket after each run (docs/verification.md).
+
+    New objects are read back once; a run with nothing new reads nothing until `every`
+    has passed since the last rotation, then lists the mirror once and re-reads older
+    objects in key order, `budget` bytes at a time, continuing where the last slice ended.
+    """
+
+    every: str = "24h"
+    budget: str = "1GiB"  # older objects re-read per rotation; "0" turns the rotation off
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: str) -> str:
+        seconds = parse_duration(value)
+        if seconds < 0 or seconds > 366 * 86400:
+            raise ValueError("must be between 0s and 366d")
+        return value
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+    @property
+    def every_seconds(self) -> float:
+        return parse_duration(self.every)
+
+    @property
+    def budget_bytes(self) -> int:
+        return parse_size(self.budget)
+
+
 class StateConfig(_Section):
     dir: str = ""
 
@@ -270,6 +304,7 @@ class RelayConfig(_Section):
     upload: UploadConfig = Field(default_factory=UploadConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
     state: StateConfig = Field(default_factory=StateConfig)
 
     def manifest_prefix_for(self, *, repo_id: str | None, repo_guid: str | None) -> str:

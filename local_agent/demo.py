@@ -211,7 +211,7 @@ def run_demo(*, keep: bool = False, notify: Sequence[str] = ()) -> int:
             )
             guid = hashlib.sha256(b"demo").hexdigest()
 
-            def upload(label: str) -> Any:
+            def upload(label: str, config: RelayConfig = config) -> Any:
                 pipeline = LocalPipeline(config, base / "state", extra_channels=[terminal])
                 summary = run_upload(
                     config,
@@ -236,7 +236,7 @@ def run_demo(*, keep: bool = False, notify: Sequence[str] = ()) -> int:
                 say(f"    the mirror failed: {first.error}")
                 return int(first.exit_code)
             say("    then verified: manifest hash, one listing, every new object read back")
-            step(4, "Nothing new: the upload sends zero requests; the verifier re-proves the copy")
+            step(4, "Nothing new: zero requests — the copy is already proven, nothing is read")
             upload("demo: nothing new")
 
             step(5, "Damage one object in the bucket (bit rot, a bad provider, tampering)")
@@ -250,8 +250,11 @@ def run_demo(*, keep: bool = False, notify: Sequence[str] = ()) -> int:
             client.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
             say(f"    flipped one byte of {key}")
 
-            step(6, "The next run's verification catches it and names the object")
-            upload("demo: after damage")
+            step(6, "The rotation (once per verify.every, here now) re-reads it and names it")
+            rotation_now = config.model_copy(
+                update={"verify": config.verify.model_copy(update={"every": "0s"})}
+            )
+            upload("demo: after damage", rotation_now)
         failures = [n for n in terminal.sent if not n.ok]
         caught = any(victim in n.text for n in failures)
         say("")

@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cloud.contracts.events import EventDetail, MirrorCompleted, MirrorFailed
 from cloud.logic.notify import NotifyOutcome, notify_event
-from cloud.logic.ports import NotificationChannel, ObjectStoreError
-from cloud.logic.verification import mirror_run_record, verify_completed_mirror
+from cloud.logic.ports import ChannelError, NotificationChannel
+from cloud.logic.verification import (
+    CheckpointedVerification,
+    mirror_run_record,
+    verify_checkpointed,
+)
 from cloud.logic.verify import VerifyOptions
-from local_agent.publishers import EventLog, PublishError
+from local_agent.progress import Progress
+from local_agent.publishers import EventLog
+from local_agent.units import format_size
 
 if TYPE_CHECKING:
     from cloud.integrations.runstore_sqlite import SqliteRunStore
@@ -47,6 +53,10 @@ class LocalPipeline:
         self.extra_channels = list(extra_channels)
         self._runs: SqliteRunStore | None = None
         self._lock = threading.Lock()
+        # Set by the upload that drives this pipeline: its deadline and its progress line.
+        self.should_stop: Callable[[], bool] | None = None
+        self.make_progress: Callable[[], Progress | None] = lambda: None
+        self.passes: dict[str, CheckpointedVerification] = {}
 
     def runs(self) -> SqliteRunStore:
         from cloud.integrations.runstore_sqlite import SqliteRunStore
@@ -58,8 +68,12 @@ class LocalPipeline:
 
     def __call__(self, event: EventDetail) -> None:
         if isinstance(event, MirrorCompleted):
-            result = self._verify(event)
+            checked = self._verify(event)
+            self.passes[event.run_id] = checked
             self.event_log(event)
+            result = checked.result
+            if result is None:
+                return  # unfinished, nothing wrong so far: the next run goes on
             self.event_log(result)
             self.results.append(result)
             self._notify(result)
@@ -84,6 +98,19 @@ class LocalPipeline:
             channels.append(HealthchecksChannel(ping))
         return channels + self.extra_channels
 
+    def run_started(self, run_id: str, repo_id: str | None, repo_guid: str | None) -> None:
+        """Healthchecks `/start` for the run (best effort: a failed ping is only logged)."""
+        for channel in self.channels(repo_id, repo_guid):
+            start = getattr(channel, "start", None)
+            if start is None:
+                continue
+            try:
+                start(run_id)
+            except Exception as exc:  # a ping must never stop the upload
+                # Only a ChannelError's text is known to be free of the (secret) URL.
+                why = str(exc) if isinstance(exc, ChannelError) else type(exc).__name__
+                log.warning("start ping via %s failed: %s", channel.name, why)
+
     def _notify(self, event: EventDetail) -> None:
         channels = self.channels(event.repo.id, event.repo.guid)
         if not channels:
@@ -97,20 +124,53 @@ class LocalPipeline:
                 "%d of %d notification channel(s) failed", outcome.failed, len(outcome.results)
             )
 
-    def _verify(self, event: MirrorCompleted) -> EventDetail:
+    def _verify(self, event: MirrorCompleted) -> CheckpointedVerification:
+        """One checkpointed pass (`cloud.logic.verification.verify_checkpointed`).
+
+        Never raises for the bucket: a destination that cannot be read yields a "could not
+        verify" result, so this event leaves the outbox and later ones are announced.
+        """
         from cloud.integrations.s3 import make_s3_client
         from cloud.integrations.s3_store import S3ObjectStore, S3ReportSink
 
         client = make_s3_client(self.config.destination.access())
         bucket = event.destination.bucket
+        progress = self.make_progress()
+        if progress is not None:
+            progress.set_phase("verify")
+            progress.start()
         try:
-            return verify_completed_mirror(
+            checked = verify_checkpointed(
                 event,
                 store=S3ObjectStore(client, bucket),
                 runs=self.runs(),
                 reports=S3ReportSink(client, bucket),
-                options=VerifyOptions(concurrency=self.config.upload.concurrency),
+                options=VerifyOptions(
+                    concurrency=self.config.upload.concurrency,
+                    should_stop=self.should_stop,
+                    progress=progress,
+                ),
+                every_seconds=self.config.verify.every_seconds,
+                rotation_budget=self.config.verify.budget_bytes,
             )
-        except ObjectStoreError as exc:
-            # Not a verdict: keep the event in the outbox and verify on the next run.
-            raise PublishError(f"local verification could not read the bucket: {exc}") from None
+        finally:
+            if progress is not None:
+                progress.close()
+                if progress.files_total:
+                    log.info("%s", progress.line())
+        plan = checked.plan
+        if plan.action == "reuse":
+            log.info(
+                "verify: manifest already proven; nothing read (next rotation within %s)",
+                self.config.verify.every,
+            )
+        elif checked.result is None:
+            log.warning(
+                "verify: the deadline came first: %d object(s) (%s) still unproven; the "
+                "next run continues from there",
+                checked.unproven_objects,
+                format_size(checked.unproven_bytes),
+            )
+        else:
+            log.info("verify: %s pass done", plan.reason)
+        return checked

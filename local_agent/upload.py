@@ -13,18 +13,19 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cloud.contracts.events import (
     EventDetail,
     ManifestRef,
-    MirrorVerificationFailed,
     MirrorVerified,
     RepoRef,
+    VerificationStats,
 )
 from local_agent.backend import Backend
 from local_agent.config import RelayConfig
 from local_agent.deadline import StopSignal, start_hard_stop
-from local_agent.errors import RelayError
+from local_agent.errors import ExitCode, RelayError
 from local_agent.events import RunContext, completed_event, failed_event
 from local_agent.manifest import ManifestWriter
 from local_agent.mirror import MirrorOptions, MirrorRun, MirrorSummary
@@ -94,6 +95,10 @@ def run_upload(
     )
     progress = Progress(sys.stderr, tty=interactive) if show_progress else None
     publisher = publisher or make_publisher(config, state_dir)
+    _bind_pipeline(publisher, stop, show_progress=show_progress, interactive=interactive)
+    pipeline = getattr(publisher, "pipeline", None)
+    if pipeline is not None and not dry_run:
+        pipeline.run_started(ctx.run_id, repo_id, repo_guid)
     outbox: Outbox | None = None
     summary: MirrorSummary
     try:
@@ -129,11 +134,36 @@ def run_upload(
             dry_run=dry_run,
             error={"kind": exc.kind, "message": exc.message},
         )
+    except BaseException:
+        hard_stop.cancel()  # an in-process caller must not be killed later by the timer
+        raise
     finally:
         lock.release()
-        hard_stop.cancel()
         backend.close()
     summary.run_id = ctx.run_id
+    try:
+        _publish(outbox, publisher, ctx, summary)
+    finally:
+        # Local verification runs inside the same deadline as the upload.
+        hard_stop.cancel()
+    return summary
+
+
+def _bind_pipeline(
+    publisher: Publisher, stop: StopSignal, *, show_progress: bool, interactive: bool
+) -> None:
+    """Local mode: verification stops at the upload's deadline and shows progress too."""
+    pipeline = getattr(publisher, "pipeline", None)
+    if pipeline is None:
+        return
+    pipeline.should_stop = stop.deadline_passed
+    if show_progress:
+        pipeline.make_progress = lambda: Progress(sys.stderr, tty=interactive)
+
+
+def _publish(
+    outbox: Outbox | None, publisher: Publisher, ctx: RunContext, summary: MirrorSummary
+) -> None:
     if outbox is not None:
         event: EventDetail
         if summary.exit_code == 0 and summary.manifest is not None:
@@ -145,25 +175,51 @@ def run_upload(
         _send_backlog(outbox, publisher, summary=summary)
         outbox.close()
         summary.verification = _local_verdict(publisher, ctx.run_id)
-    return summary
+        if (
+            summary.verification is not None
+            and summary.verification["pending"]
+            and summary.exit_code == 0
+        ):
+            # The mirror is done, its proof is not: exit 6 "deadline reached, progress saved".
+            summary.exit_code = int(ExitCode.DEADLINE)
+            summary.status = "verification-pending"
 
 
-def _local_verdict(publisher: Publisher, run_id: str) -> dict[str, object] | None:
+def _local_verdict(publisher: Publisher, run_id: str) -> dict[str, Any] | None:
     """The in-process verification of this run, when local mode ran one."""
     pipeline = getattr(publisher, "pipeline", None)
-    for result in reversed(getattr(pipeline, "results", [])):
-        if isinstance(result, MirrorVerified | MirrorVerificationFailed) and (
-            result.mirror_run_id == run_id
-        ):
-            return {
-                "verified": isinstance(result, MirrorVerified),
-                "run_id": result.run_id,
-                "stats": result.stats.model_dump(),
-                "problems_total": result.problems_total,
-                "problems": [p.model_dump() for p in result.problems],
-                "report_key": result.report_key,
-            }
-    return None
+    checked = getattr(pipeline, "passes", {}).get(run_id)
+    if checked is None:
+        return None
+    result = checked.result
+    if result is None:
+        return {
+            "verified": False,
+            "complete": False,
+            "pending": True,
+            "reused": False,
+            "unproven_objects": checked.unproven_objects,
+            "unproven_bytes": checked.unproven_bytes,
+            "run_id": None,
+            "stats": (checked.stats or VerificationStats()).model_dump(),
+            "problems_total": 0,
+            "problems": [],
+            "report_key": None,
+        }
+    return {
+        "verified": isinstance(result, MirrorVerified),
+        "complete": checked.unproven_objects == 0
+        and not any(p.kind == "unverifiable" for p in result.problems),
+        "pending": False,
+        "reused": result.stats.reused,
+        "unproven_objects": checked.unproven_objects,
+        "unproven_bytes": checked.unproven_bytes,
+        "run_id": result.run_id,
+        "stats": result.stats.model_dump(),
+        "problems_total": result.problems_total,
+        "problems": [p.model_dump() for p in result.problems],
+        "report_key": result.report_key,
+    }
 
 
 def _attach_manifest(

@@ -194,12 +194,25 @@ def _print_report(result: dict[str, Any], verified: bool) -> None:
 def verdict_line(verification: dict[str, Any]) -> str:
     """One line for the upload summary in local mode."""
     stats = verification["stats"]
+    unproven = (
+        f"{verification.get('unproven_objects', 0)} new object(s) "
+        f"({format_size(verification.get('unproven_bytes', 0))}) still unproven"
+    )
+    if verification.get("pending"):
+        return (
+            f"verification unfinished at the deadline: {stats['deep_checked']} read back "
+            f"({format_size(stats['bytes_read'])}), {unproven}; the next run continues"
+        )
+    if verification.get("reused"):
+        return "verified: nothing new, manifest already proven (nothing read)"
     if verification["verified"]:
         return (
             f"verified: {stats['compared']} objects checked against the listing, "
             f"{stats['deep_checked']} read back ({format_size(stats['bytes_read'])})"
         )
     first = verification["problems"][0] if verification["problems"] else {}
+    if first.get("kind") == "unverifiable":
+        return f"COULD NOT VERIFY (the next run tries again): {first.get('detail')}"
     return f"VERIFICATION FAILED: {verification['problems_total']} problem(s)" + (
         f", first: {first.get('kind')} {first.get('key')}" if first else ""
     )

@@ -139,11 +139,21 @@ class VerificationStats(_Model):
     extra_objects: int = 0
     list_requests: int = 0
     duration_seconds: float = 0.0
+    # Checkpointed verification (local mode): new objects not proven yet (the deadline came
+    # first; the next run goes on), and whether nothing was read because the same manifest
+    # was proven within `verify.every` (a run with nothing new).
+    unproven_objects: int = 0
+    unproven_bytes: int = 0
+    reused: bool = False
 
 
 class Problem(_Model):
     key: str
-    kind: Literal["missing", "size", "etag", "hash", "manifest", "unreadable", "extra"]
+    kind: Literal[
+        "missing", "size", "etag", "hash", "manifest", "unreadable", "extra", "unverifiable"
+    ]
+    """`unverifiable`: the verification could not proceed (GetObject denied, download cap
+    reached, destination unreachable); the detail says why. Not a verdict on the data."""
     detail: str = Field(max_length=500)
 
 

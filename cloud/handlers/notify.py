@@ -5,7 +5,9 @@ Failed` (source ``backrest-relay.verifier``), `Mirror Failed` (``backrest-relay.
 `Mirror Stale` (``backrest-relay.watchdog``). The notification policy and the message come
 from `cloud.logic.notify` (`previous_outcome`, `decide`, `render`); delivery goes to every
 channel (`cloud.integrations.channels.deliver`): the SNS topic (email subscribers), each
-Apprise URL and the repository's Healthchecks ping URL from the notify secret.
+Apprise URL and the repository's Healthchecks ping URL from the notify secret. Who hears
+what is `decide_delivery` (shared with local mode): people per ``SUCCESS_POLICY``, the
+Healthchecks heartbeat on every verified run whatever the policy.
 
 A `Mirror Failed` is recorded in the run store first (`mirror_run_record`; the store ignores
 duplicates), so the policy sees it when the next success arrives. Verification results and
@@ -140,7 +142,13 @@ from cloud.integrations.secrets import (
     NotifyTargets,
     load_notify_targets,
 )
-from cloud.logic.notify import SuccessPolicy, decide, previous_outcome, render
+from cloud.logic.notify import (
+    Decision,
+    SuccessPolicy,
+    decide_delivery,
+    previous_outcome,
+    render,
+)
 from cloud.logic.ports import ChannelError, Notification, NotificationChannel, RunStore
 from cloud.logic.verification import mirror_run_record
 
@@ -426,6 +434,12 @@ class Notifier:
             self.deps.runs.record(mirror_run_record(detail))
         decision = self.decide_once(event=detail)
         severity = decision.get("severity")
+        audience = Decision(
+            severity,
+            # Decisions stored before heartbeats existed went to every channel.
+            people=bool(decision.get("people", True)),
+            heartbeat=bool(decision.get("heartbeat", True)),
+        )
         if severity is None:
             logger.info(
                 "policy says quiet: not notified",
@@ -437,12 +451,28 @@ class Notifier:
             return "skipped"
         tracer.put_annotation(key="severity", value=str(severity))
         notification = Notification(**decision["notification"])
-        return self._deliver(notification, detail.repo)
+        return self._deliver(notification, detail.repo, audience, decision.get("previous"))
 
-    def _deliver(self, notification: Notification, repo: RepoRef) -> str:
-        channels = [_OnceChannel(c, self.send_once) for c in self.deps.channels(repo)]
+    def _deliver(
+        self,
+        notification: Notification,
+        repo: RepoRef,
+        audience: Decision,
+        previous: str | None = None,
+    ) -> str:
+        configured = self.deps.channels(repo)
+        channels = [_OnceChannel(c, self.send_once) for c in configured if audience.wants(c)]
         if not channels:
-            raise NoChannelsError("no notification channel is configured")
+            if audience.people or not configured:
+                raise NoChannelsError("no notification channel is configured")
+            logger.info(
+                "policy says quiet and no heartbeat channel: not notified",
+                policy=self.deps.policy,
+                previous=previous,
+                repo=repo.id or repo.key,
+            )
+            metrics.add_metric(name="NotificationsSkipped", unit=MetricUnit.Count, value=1)
+            return "skipped"
         report = deliver(notification, channels, logger=_DeliveryLog())
         statuses = []
         sent = replayed = 0
@@ -480,13 +510,17 @@ class Notifier:
     # The idempotent steps. Their outputs are stored as JSON and replayed on duplicates.
 
     def _decide(self, event: EventDetail) -> dict[str, Any]:
+        """`decide_delivery`, the rule local mode uses too: people per the success policy,
+        heartbeat channels (Healthchecks) on every verified run."""
         previous = previous_outcome(self.deps.runs, event.repo.key, event.run_id)
-        severity = decide(event, self.deps.policy, previous)
-        if severity is None:
+        decision = decide_delivery(event, self.deps.policy, previous)
+        if decision.severity is None:
             return {"severity": None, "previous": previous}
-        notification = render(event, severity)
+        notification = render(event, decision.severity)
         return {
-            "severity": severity,
+            "severity": decision.severity,
+            "people": decision.people,
+            "heartbeat": decision.heartbeat,
             "previous": previous,
             "notification": dataclasses.asdict(notification),
         }

@@ -135,6 +135,12 @@ class _HeldMarks:
     def repos(self) -> Iterator[RepoStatus]:
         return self._runs.repos()
 
+    def load_checkpoint(self, repo_key: str, name: str) -> dict[str, Any] | None:
+        return self._runs.load_checkpoint(repo_key, name)
+
+    def save_checkpoint(self, repo_key: str, name: str, data: dict[str, Any]) -> None:
+        self._runs.save_checkpoint(repo_key, name, data)
+
 
 @dataclass
 class WatchdogResult:

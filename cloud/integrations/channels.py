@@ -598,6 +598,7 @@ class HealthchecksChannel:
     """
 
     kind = "healthchecks"
+    heartbeat = True  # hears every verified run, whatever the success policy says
 
     def __init__(
         self,
@@ -632,30 +633,44 @@ class HealthchecksChannel:
 
     def signal_url(self, notification: Notification) -> str:
         """The URL to ping for `notification` (secret: do not log it)."""
+        return self._url(
+            "" if notification.ok else "/fail", notification.ping_run_id or notification.run_id
+        )
+
+    def _url(self, suffix: str, run_id: str) -> str:
         parts = urlsplit(self._ping_url)
-        path = parts.path.rstrip("/")
-        if not notification.ok:
-            path += "/fail"
+        path = parts.path.rstrip("/") + suffix
         query = parse_qsl(parts.query, keep_blank_values=True)
         query = [(k, v) for k, v in query if k != "rid"]
         # Healthchecks refuses a rid that is not a UUID: better no rid than no ping.
         with contextlib.suppress(ValueError, AttributeError, TypeError):
-            query.append(("rid", str(uuid.UUID(notification.run_id))))
+            query.append(("rid", str(uuid.UUID(run_id))))
         return urlunsplit((parts.scheme, parts.netloc, path, urlencode(query), ""))
 
+    def start(self, run_id: str) -> None:
+        """`/start` when a run begins, so Healthchecks shows how long the run took (its
+        success or failure ping carries the same `rid`). Raises ChannelError."""
+        self._post(self._url("/start", run_id), "", "start")
+
     def send(self, notification: Notification) -> None:
+        self._post(
+            self.signal_url(notification),
+            notification.text,
+            "fail" if not notification.ok else "success",
+        )
+
+    def _post(self, url: str, text: str, what: str) -> None:
         if self.problem is not None:
             raise ChannelError(f"{self.name}: {self.problem}")
         request = urllib.request.Request(  # noqa: S310 (scheme checked in __init__)
-            self.signal_url(notification),
-            data=_truncate_utf8(notification.text, HEALTHCHECKS_BODY_MAX).encode("utf-8"),
+            url,
+            data=_truncate_utf8(text, HEALTHCHECKS_BODY_MAX).encode("utf-8"),
             method="POST",
             headers={
                 "User-Agent": "backrest-relay",
                 "Content-Type": "text/plain; charset=utf-8",
             },
         )
-        what = "fail" if not notification.ok else "success"
         for attempt in range(self._retries + 1):
             last = attempt == self._retries
             try:

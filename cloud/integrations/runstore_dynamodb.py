@@ -14,6 +14,9 @@ Item layout (all keys strings; `pk` HASH, `sk` RANGE, on-demand billing):
     A copy of the newest run with kind ``verification`` and status ``verified`` (same
     attributes, no ``ttl``: the watchdog must still see a verified copy from long ago, which is
     exactly when it has to raise the alarm).
+``pk = "REPO#<repo_key>", sk = "CHECKPOINT#<name>"``
+    The verification checkpoint of one destination (`cloud.logic.checkpoint`): attribute
+    ``value``, a JSON string. Replaced whole on every save.
 ``pk = "REPO#<repo_key>", sk = "META"``
     ``repo_key``, ``repo_id``, ``verifications`` (number of distinct verification runs ever
     recorded; drives the rotating deep-check slice), ``latest_run_id``, and
@@ -32,11 +35,12 @@ Delivery from SQS is at-least-once, so `record` must be idempotent and order-ins
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
@@ -68,6 +72,7 @@ REPO_PREFIX = "REPO#"
 RUN_PREFIX = "RUN#"
 LATEST_VERIFIED_SK = "LATEST#VERIFIED"
 META_SK = "META"
+CHECKPOINT_PREFIX = "CHECKPOINT#"
 TTL_ATTRIBUTE = "ttl"
 RUN_TTL = timedelta(days=400)
 TRANSACTION_ATTEMPTS = 5
@@ -289,6 +294,31 @@ class DynamoRunStore:
         )
 
     # -- reads (strongly consistent: a handler reads back what it just recorded) -------------
+
+    def load_checkpoint(self, repo_key: str, name: str) -> dict[str, Any] | None:
+        response = self._client.get_item(
+            TableName=self.table_name,
+            Key=_key(repo_key, CHECKPOINT_PREFIX + name),
+            ConsistentRead=True,
+        )
+        item = response.get("Item")
+        raw = None if item is None else _str(item, "value")
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    def save_checkpoint(self, repo_key: str, name: str, data: dict[str, Any]) -> None:
+        self._client.put_item(
+            TableName=self.table_name,
+            Item={
+                **_key(repo_key, CHECKPOINT_PREFIX + name),
+                "value": {"S": json.dumps(data, sort_keys=True)},
+            },
+        )
 
     def get(self, repo_key: str, run_id: str) -> RunRecord | None:
         return self._get_run(repo_key, RUN_PREFIX + run_id)

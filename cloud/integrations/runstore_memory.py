@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 
 from cloud.integrations.runstore_codec import as_utc, is_verification, is_verified, normalize
 from cloud.logic.ports import RepoStatus, RunRecord
@@ -38,6 +39,16 @@ class InMemoryRunStore:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._repos: dict[str, _Repo] = {}
+        self._checkpoints: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def load_checkpoint(self, repo_key: str, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            data = self._checkpoints.get((repo_key, name))
+            return None if data is None else copy.deepcopy(data)
+
+    def save_checkpoint(self, repo_key: str, name: str, data: dict[str, Any]) -> None:
+        with self._lock:
+            self._checkpoints[(repo_key, name)] = copy.deepcopy(data)
 
     def record(self, run: RunRecord) -> None:
         run = normalize(run)

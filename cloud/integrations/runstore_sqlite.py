@@ -10,6 +10,7 @@ deadlock upgrading read locks. One connection is shared by threads behind a lock
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -62,6 +63,14 @@ _SCHEMA = (
         mirror_run_id TEXT,
         detail        TEXT NOT NULL,
         PRIMARY KEY (repo_key, run_id)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS checkpoints (
+        repo_key TEXT NOT NULL,
+        name     TEXT NOT NULL,
+        value    TEXT NOT NULL,
+        PRIMARY KEY (repo_key, name)
     ) WITHOUT ROWID
     """,
     """
@@ -310,6 +319,29 @@ class SqliteRunStore:
                 "INSERT INTO repos(repo_key, stale_alerted_at) VALUES(?, ?) "
                 "ON CONFLICT(repo_key) DO UPDATE SET stale_alerted_at = excluded.stale_alerted_at",
                 (repo_key, value),
+            )
+
+    def load_checkpoint(self, repo_key: str, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT value FROM checkpoints WHERE repo_key = ? AND name = ?",
+                (repo_key, name),
+            ).fetchone()
+        if row is None:
+            return None
+        try:
+            data = json.loads(row[0])
+        except ValueError:
+            return None  # unreadable: verify afresh rather than trust it
+        return data if isinstance(data, dict) else None
+
+    def save_checkpoint(self, repo_key: str, name: str, data: dict[str, Any]) -> None:
+        """Committed (synchronous=FULL) before it returns: a kill right after loses nothing."""
+        with self._lock, self._transaction() as db:
+            db.execute(
+                "INSERT INTO checkpoints(repo_key, name, value) VALUES(?, ?, ?) "
+                "ON CONFLICT(repo_key, name) DO UPDATE SET value = excluded.value",
+                (repo_key, name, json.dumps(data, sort_keys=True)),
             )
 
     def _latest_verified(self, repo_key: str) -> RunRecord | None:

@@ -1,10 +1,11 @@
 """Which results people hear about, and what the message says.
 
-Failures and stale copies always notify. Success follows the repository's policy:
-`always`, `on_recovery` (the default: only the first success after a failure or a stale
-alert, so a working setup stays quiet) or `never`. The message is short enough for chat
-and complete enough for email: repository and host, trigger, verdict, what was uploaded
-and verified, new snapshots, and the first problems by object name.
+Failures and stale copies always notify. Success follows the repository's policy for
+people: `always`, `on_recovery` (the default: only the first success after a failure or a
+stale alert, so a working setup stays quiet) or `never`; heartbeat channels (Healthchecks)
+hear every verified run whatever the policy (`decide_delivery`). The message is short
+enough for chat and complete enough for email: repository and host, trigger, verdict, what
+was uploaded and verified, new snapshots, and the first problems by object name.
 """
 
 from __future__ import annotations
@@ -58,20 +59,48 @@ def previous_outcome(runs: RunStore, repo_key: str, exclude_run_id: str) -> str 
     return None
 
 
-def decide(event: EventDetail, policy: SuccessPolicy, previous: str | None) -> Severity | None:
-    """The severity to notify with, or None to stay quiet."""
+@dataclass(frozen=True)
+class Decision:
+    """Who hears about an event: `severity` is what the message says (None: nobody hears
+    anything); people (chat, email) hear it when `people`; heartbeat channels
+    (Healthchecks) when `heartbeat`."""
+
+    severity: Severity | None
+    people: bool = False
+    heartbeat: bool = False
+
+    def wants(self, channel: object) -> bool:
+        """Whether `channel` gets this notification."""
+        return self.heartbeat if is_heartbeat(channel) else self.people
+
+
+def is_heartbeat(channel: object) -> bool:
+    return bool(getattr(channel, "heartbeat", False))
+
+
+def decide_delivery(event: EventDetail, policy: SuccessPolicy, previous: str | None) -> Decision:
+    """The one rule, used by local mode and the notifier Lambda alike.
+
+    Failures and stale copies go to everyone. A verified run goes to heartbeat channels
+    always — a heartbeat that hears only recoveries stays "new" forever, or goes down for
+    good after one — and to people as the success policy says.
+    """
     if isinstance(event, MirrorStale):
-        return "stale"
+        return Decision("stale", people=True, heartbeat=True)
     if isinstance(event, MirrorFailed | MirrorVerificationFailed):
-        return "failure"
+        return Decision("failure", people=True, heartbeat=True)
     if isinstance(event, MirrorVerified):
         recovered = previous == "bad"
-        if policy == "always":
-            return "recovery" if recovered else "success"
-        if policy == "on_recovery":
-            return "recovery" if recovered else None
-        return None
-    return None  # Mirror Completed: the verification result is what people hear about
+        severity: Severity = "recovery" if recovered else "success"
+        people = policy == "always" or (policy == "on_recovery" and recovered)
+        return Decision(severity, people=people, heartbeat=True)
+    return Decision(None)  # Mirror Completed: the verification result is what counts
+
+
+def decide(event: EventDetail, policy: SuccessPolicy, previous: str | None) -> Severity | None:
+    """The severity people are notified with, or None when they are not."""
+    decision = decide_delivery(event, policy, previous)
+    return decision.severity if decision.people else None
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -107,7 +136,22 @@ class _Message:
 def _compose(event: EventDetail, severity: Severity) -> _Message:
     repo = _repo_label(event)
     where = f"{event.destination.bucket}/{event.destination.prefix}"
-    if isinstance(event, MirrorVerified | MirrorVerificationFailed):
+    unverifiable = [p for p in getattr(event, "problems", []) if p.kind == "unverifiable"]
+    if isinstance(event, MirrorVerificationFailed) and unverifiable:
+        msg = _Message(subject=f"❌ {repo}: could not verify the off-site copy")
+        msg.rows.append(("Verdict", "could not verify"))
+        msg.rows.append(("Reason", unverifiable[0].detail.removeprefix("could not verify: ")))
+        if event.mirror_stats is not None:
+            ms = event.mirror_stats
+            msg.rows.append(
+                ("Uploaded", f"{ms.uploaded_files} objects, {format_size(ms.uploaded_bytes)}")
+            )
+        msg.footer = (
+            "The verifier could not read the bucket (a key without read access, a download "
+            "cap, an unreachable endpoint). The copy is unproven, not known bad; the next "
+            "run tries again."
+        )
+    elif isinstance(event, MirrorVerified | MirrorVerificationFailed):
         stats = event.stats
         ok = isinstance(event, MirrorVerified)
         verdict = "verified" if ok else f"FAILED — {_count(event.problems_total)}"
@@ -227,6 +271,7 @@ def render(event: EventDetail, severity: Severity) -> Notification:
         repo_key=event.repo.key,
         repo_id=event.repo.id,
         run_id=event.run_id,
+        ping_run_id=getattr(event, "mirror_run_id", None) or event.run_id,
     )
 
 
@@ -280,8 +325,9 @@ def notify_event(
 
     Call it after the event's run is recorded: the policy looks at the runs before it.
     """
-    severity = decide(event, policy, previous_outcome(runs, event.repo.key, event.run_id))
-    if severity is None:
+    decision = decide_delivery(event, policy, previous_outcome(runs, event.repo.key, event.run_id))
+    audience = [c for c in channels if decision.wants(c)]
+    if decision.severity is None or not audience:
         return NotifyOutcome(None)
-    notification = render(event, severity)
-    return NotifyOutcome(severity, notification, deliver(notification, channels))
+    notification = render(event, decision.severity)
+    return NotifyOutcome(decision.severity, notification, deliver(notification, audience))

@@ -121,6 +121,15 @@ class RunStore(Protocol):
         """Remember when the watchdog last alerted (None clears it after a recovery)."""
         ...
 
+    def load_checkpoint(self, repo_key: str, name: str) -> dict[str, Any] | None:
+        """The verification checkpoint `name` (one per destination) of a repository, as
+        saved (`cloud.logic.checkpoint.VerifyCheckpoint.to_dict`), or None."""
+        ...
+
+    def save_checkpoint(self, repo_key: str, name: str, data: dict[str, Any]) -> None:
+        """Replace the checkpoint; durable when this returns (the next run builds on it)."""
+        ...
+
 
 Severity = Literal["success", "recovery", "failure", "stale"]
 
@@ -139,6 +148,9 @@ class Notification:
     repo_key: str
     repo_id: str | None
     run_id: str
+    # The run a heartbeat ping belongs to: the mirror run a verification is about, so a
+    # Healthchecks `/start` sent when that run began pairs with its success or failure.
+    ping_run_id: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -150,7 +162,11 @@ class ChannelError(Exception):
 
 
 class NotificationChannel(Protocol):
-    """Somewhere a notification goes (SNS topic, Apprise URL, Healthchecks check)."""
+    """Somewhere a notification goes (SNS topic, Apprise URL, Healthchecks check).
+
+    A channel with a true `heartbeat` attribute (Healthchecks) is a heartbeat: it hears
+    every verified run, whatever the success policy says for people
+    (`cloud.logic.notify.decide_delivery`)."""
 
     @property
     def name(self) -> str:

@@ -17,21 +17,24 @@ checks through a bounded pool. Memory stays flat in the number of objects.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import heapq
 import io
 import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO, Literal
+from typing import IO, Literal, Protocol
 
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import MAX_LISTED_PROBLEMS, Problem, VerificationStats
 from cloud.contracts.manifest import ManifestEntry, ManifestHeader
+from cloud.logic.checkpoint import PROVEN_ALL, PassResult, PendingManifest
 from cloud.logic.ports import (
     ListedObject,
     ObjectNotFoundError,
@@ -43,7 +46,17 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 IGNORED_FOLDERS = ("locks/",)
 READ_ATTEMPTS = 3  # restic writes locks while it checks a mirror: not extra
 
-ProblemKind = Literal["missing", "size", "etag", "hash", "manifest", "unreadable", "extra"]
+ProblemKind = Literal[
+    "missing", "size", "etag", "hash", "manifest", "unreadable", "extra", "unverifiable"
+]
+
+
+class VerifyProgress(Protocol):
+    """Where a pass reports the reads it plans and finishes (local mode's progress line)."""
+
+    def add_work(self, files: int, size: int) -> None: ...
+
+    def advance(self, files: int = 0, size: int = 0) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,15 @@ class VerifyOptions:
     `rotation_runs` N and `rotation_index` pick the slice of older objects (1/N of them)
     re-read this time; callers pass the repository's verification count as the index.
     `extra_percent` / `extra_bytes` widen the deep check (`verify --deep`).
+
+    Checkpointed passes (`cloud.logic.checkpoint`): new objects below `resume_from` are
+    already proven; `carried` older manifests add their unproven new objects; with
+    `rotation_bytes` set, the rotation is a cursor instead of a slice: older objects from
+    `rotation_from` on, in key order, until that many bytes (the manifest's own new objects
+    only with `rotate_uploaded`: otherwise they are being, or were just, proven as new).
+    `should_stop` (the deadline)
+    ends the pass early: no new read starts, the reads under way finish, and the outcome
+    says from which key the new objects are still unproven.
     """
 
     new_bytes_budget: int | None = None
@@ -62,6 +84,13 @@ class VerifyOptions:
     extra_percent: float = 0.0
     extra_bytes: int = 0
     concurrency: int = 8
+    resume_from: str = ""
+    carried: tuple[PendingManifest, ...] = ()
+    rotation_bytes: int | None = None
+    rotation_from: str = ""
+    rotate_uploaded: bool = False
+    should_stop: Callable[[], bool] | None = None
+    progress: VerifyProgress | None = None
 
 
 @dataclass
@@ -73,10 +102,28 @@ class VerificationOutcome:
     problems_total: int = 0
     warnings: list[str] = field(default_factory=list)
     report: bytes | None = None  # gzip JSON Lines of every problem, when there are any
+    complete: bool = True
+    unproven_from: str = PROVEN_ALL
+    unproven_objects: int = 0
+    unproven_bytes: int = 0
+    rotation_next: str = ""
+    rotated: bool = False
 
     @property
     def verified(self) -> bool:
-        return self.problems_total == 0 and self.header is not None
+        return self.problems_total == 0 and self.header is not None and self.complete
+
+    def pass_result(self) -> PassResult:
+        """What the checkpoint needs to know of this pass."""
+        return PassResult(
+            complete=self.complete,
+            problems=self.problems_total > 0,
+            unproven_from=self.unproven_from,
+            unproven_objects=self.unproven_objects,
+            unproven_bytes=self.unproven_bytes,
+            rotation_next=self.rotation_next,
+            rotated=self.rotated,
+        )
 
 
 class _Problems:
@@ -170,7 +217,10 @@ class MirrorVerifier:
         requests_before = self.store.list_requests
         header: ManifestHeader | None = None
         actual_sha: str | None = None
-        with tempfile.TemporaryFile() as manifest_file:
+        self._pass: _DeepChecker | None = None
+        self._complete = True
+        with contextlib.ExitStack() as files:
+            manifest_file = files.enter_context(tempfile.TemporaryFile())
             try:
                 actual_sha = self._download(manifest_key, manifest_file)
             except ObjectNotFoundError:
@@ -182,8 +232,16 @@ class MirrorVerifier:
                     f"manifest SHA-256 {actual_sha} differs from the event's {manifest_sha256}",
                 )
             elif actual_sha is not None:
-                header = self._compare(manifest_file, manifest_key, problems, stats)
+                carried = self._carried(files, problems)
+                header = self._compare(manifest_file, manifest_key, problems, stats, carried)
         list_requests = self.store.list_requests - requests_before
+        deep = self._pass
+        complete = self._complete
+        rotation_next, rotated = (
+            deep.rotation_outcome(complete)
+            if deep is not None
+            else (self.options.rotation_from, False)
+        )
         return VerificationOutcome(
             header=header,
             manifest_sha256=actual_sha,
@@ -201,9 +259,40 @@ class MirrorVerifier:
             problems_total=problems.total,
             warnings=problems.warnings,
             report=problems.report(),
+            complete=complete,
+            unproven_from=deep.unproven_from if deep is not None else PROVEN_ALL,
+            unproven_objects=deep.unproven_objects if deep is not None else 0,
+            unproven_bytes=deep.unproven_bytes if deep is not None else 0,
+            rotation_next=rotation_next,
+            rotated=rotated,
         )
 
-    # -- steps ----------------------------------------------------------------------------
+    # -- steps
+
+    def _carried(self, files: contextlib.ExitStack, problems: _Problems) -> _Carried:
+        """The unproven new objects of older manifests, as one sorted stream of keys.
+
+        An older manifest that cannot be read any more (deleted, altered) cannot say which
+        of its objects were new: everything from its first unproven key is then read.
+        """
+        streams: list[Iterator[str]] = []
+        everything_from = PROVEN_ALL
+        for pending in self.options.carried:
+            handle = files.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 (closed by the ExitStack)
+            try:
+                sha = self._download(pending.key, handle)
+                if sha != pending.sha256:
+                    raise ValueError(f"SHA-256 {sha} is not the recorded {pending.sha256}")
+                _, entries = self._entries(handle)
+            except (ObjectNotFoundError, OSError, EOFError, ValueError) as exc:
+                problems.warn(
+                    f"{pending.key}: earlier manifest unusable ({exc}); re-reading every "
+                    "object from its first unproven one"
+                )
+                everything_from = min(everything_from, pending.unproven_from)
+                continue
+            streams.append(e.key for e in entries if e.uploaded and e.key >= pending.unproven_from)
+        return _Carried(heapq.merge(*streams), everything_from)
 
     def _download(self, key: str, out: IO[bytes]) -> str:
         sha = hashlib.sha256()
@@ -230,6 +319,7 @@ class MirrorVerifier:
         manifest_key: str,
         problems: _Problems,
         stats: dict[str, int],
+        carried: _Carried | None = None,
     ) -> ManifestHeader | None:
         try:
             header, entries = self._entries(manifest_file)
@@ -245,23 +335,33 @@ class MirrorVerifier:
             )
             return header
         try:
-            deep = _DeepChecker(self.store, self.destination, self.options, problems, stats)
+            deep = self._pass = _DeepChecker(
+                self.store, self.destination, self.options, problems, stats, carried
+            )
             try:
                 self._merge(entries, problems, stats, deep)
             except _Unordered:
                 # Start again with a keyed listing (memory grows with N, correctness first).
+                # Carried keys are asked in key order, so an unordered pass reads them all.
                 deep.close()
                 problems.reset()
                 stats.update(dict.fromkeys(stats, 0))
                 manifest_file.seek(0)
                 _, entries = self._entries(manifest_file)
-                deep = _DeepChecker(self.store, self.destination, self.options, problems, stats)
+                unordered_carry = (
+                    _Carried(iter(()), "") if self.options.carried else _Carried(iter(()))
+                )
+                deep = self._pass = _DeepChecker(
+                    self.store, self.destination, self.options, problems, stats, unordered_carry
+                )
                 self._keyed(entries, problems, stats, deep)
             finally:
                 deep.close()
         except (OSError, EOFError, ValueError) as exc:
             problems.add(manifest_key, "manifest", f"manifest unreadable: {exc}")
         written = stats["compared"]
+        if not self._complete:
+            return header  # stopped early: the rest was counted as unproven, not compared
         if written != header.objects:
             problems.add(
                 manifest_key,
@@ -292,6 +392,9 @@ class MirrorVerifier:
             if entry.key < last_entry:
                 raise _Unordered(entry.key)
             last_entry = entry.key
+            if deep.should_stop():
+                self._stop(entry, entries, deep)
+                return
             while current is not None and current.key < entry.key:
                 self._extra(current, problems, stats)
                 current = next(listing, None)
@@ -315,6 +418,9 @@ class MirrorVerifier:
     ) -> None:
         remote = {item.key: item for item in self._listing()}
         for entry in entries:
+            if deep.should_stop():
+                self._stop(entry, entries, deep)
+                return
             stats["compared"] += 1
             item = remote.pop(entry.key, None)
             if item is None:
@@ -324,6 +430,15 @@ class MirrorVerifier:
             self._check(entry, item, problems, deep)
         for item in remote.values():
             self._extra(item, problems, stats)
+
+    def _stop(
+        self, entry: ManifestEntry, rest: Iterator[ManifestEntry], deep: _DeepChecker
+    ) -> None:
+        """The deadline came: count what is left to prove, without listing further."""
+        self._complete = False
+        deep.leave_unproven(entry)
+        for later in rest:
+            deep.leave_unproven(later)
 
     def _extra(self, item: ListedObject, problems: _Problems, stats: dict[str, int]) -> None:
         stats["listed"] += 1
@@ -344,8 +459,30 @@ class MirrorVerifier:
         deep.consider(entry)
 
 
+class _Carried:
+    """Keys (sorted) of older manifests' new objects still to prove; asked in key order."""
+
+    def __init__(self, keys: Iterator[str], everything_from: str = PROVEN_ALL) -> None:
+        self._keys = keys
+        self._current = next(keys, None)
+        self.everything_from = everything_from
+
+    def __contains__(self, key: object) -> bool:
+        assert isinstance(key, str)
+        if key >= self.everything_from:
+            return True
+        while self._current is not None and self._current < key:
+            self._current = next(self._keys, None)
+        return self._current == key
+
+
 class _DeepChecker:
-    """Picks the objects to read back and hashes them on a bounded thread pool."""
+    """Picks the objects to read back and hashes them on a bounded thread pool.
+
+    Also keeps the pass's checkpoint bookkeeping: the first new object left unproven (by
+    the deadline), how many and how large the unproven ones are, and where the rotation
+    goes on next time.
+    """
 
     def __init__(
         self,
@@ -354,30 +491,81 @@ class _DeepChecker:
         options: VerifyOptions,
         problems: _Problems,
         stats: dict[str, int],
+        carried: _Carried | None = None,
     ) -> None:
         self.store = store
         self.destination = destination
         self.options = options
         self.problems = problems
         self.stats = stats
+        self.carried = carried or _Carried(iter(()))
         self.new_bytes = 0
         self.extra_bytes = 0
+        self.stopped = False
+        self.unproven_from = PROVEN_ALL
+        self.unproven_objects = 0
+        self.unproven_bytes = 0
+        self.rotation_used = 0
+        self.rotation_full = False
+        self.rotation_next = options.rotation_from
+        self.rotation_skipped: str | None = None
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(options.concurrency * 2)
         self._pool = ThreadPoolExecutor(max_workers=options.concurrency)
         self._failure: BaseException | None = None
+
+    def should_stop(self) -> bool:
+        """True once the pass's deadline has come (then it stays true)."""
+        if not self.stopped and self.options.should_stop is not None:
+            self.stopped = self.options.should_stop()
+        return self.stopped
+
+    def is_new(self, entry: ManifestEntry) -> bool:
+        """Still to prove as a new object (this manifest's, or a carried one's)."""
+        if entry.uploaded and entry.key >= self.options.resume_from:
+            return True
+        return entry.key in self.carried
+
+    def leave_unproven(self, entry: ManifestEntry) -> None:
+        """The pass ended before this object: count it only if it still needs proving."""
+        if self.is_new(entry):
+            self._unproven(entry)
+
+    def _unproven(self, entry: ManifestEntry) -> None:
+        with self._lock:
+            self.unproven_from = min(self.unproven_from, entry.key)
+            self.unproven_objects += 1
+            self.unproven_bytes += entry.size
 
     def consider(self, entry: ManifestEntry) -> None:
         if self._failure is not None:
             raise self._failure
         options = self.options
         pick = False
-        if entry.uploaded:
+        new = self.is_new(entry)
+        rotation = False
+        if new:
             if options.new_bytes_budget is None or (
                 self.new_bytes + entry.size <= options.new_bytes_budget
             ):
                 self.new_bytes += entry.size
                 pick = True
+        elif options.rotation_bytes is not None:
+            if (
+                self.rotation_full
+                or entry.key < options.rotation_from
+                or (entry.uploaded and not options.rotate_uploaded)
+            ):
+                pass  # outside this slice, or just proven as a new object of this manifest
+            elif self.rotation_used + entry.size <= options.rotation_bytes or (
+                self.rotation_used == 0 and options.rotation_bytes > 0
+            ):
+                self.rotation_used += entry.size
+                self.rotation_next = entry.key + "\x00"  # the next key after this one
+                pick = rotation = True
+            else:
+                self.rotation_full = True
+                self.rotation_next = entry.key
         elif slice_of(entry.key, options.rotation_runs) == (
             options.rotation_index % max(options.rotation_runs, 1)
         ) or (options.extra_percent > 0 and _fraction(entry.key) * 100 < options.extra_percent):
@@ -385,9 +573,13 @@ class _DeepChecker:
         elif options.extra_bytes and self.extra_bytes + entry.size <= options.extra_bytes:
             self.extra_bytes += entry.size
             pick = True
+        if not pick and not new and options.extra_percent > 0:
+            pick = _fraction(entry.key) * 100 < options.extra_percent
         if pick:
+            if options.progress is not None:
+                options.progress.add_work(1, entry.size)
             self._slots.acquire()
-            future = self._pool.submit(self._read, entry)
+            future = self._pool.submit(self._read, entry, new, rotation)
             future.add_done_callback(self._done)
 
     def _done(self, future: Future[None]) -> None:
@@ -396,7 +588,15 @@ class _DeepChecker:
         if exc is not None and self._failure is None:
             self._failure = exc
 
-    def _read(self, entry: ManifestEntry) -> None:
+    def _read(self, entry: ManifestEntry, new: bool, rotation: bool) -> None:
+        if self.options.should_stop is not None and self.options.should_stop():
+            # Queued when the deadline came: not read, so not proven.
+            if new:
+                self._unproven(entry)
+            elif rotation:
+                with self._lock:
+                    self.rotation_skipped = min(self.rotation_skipped or entry.key, entry.key)
+            return
         # A download cut off half-way says nothing about the object: read it again, and if
         # it still cannot be read, that is "could not look" (ObjectStoreError), not a verdict.
         for attempt in range(READ_ATTEMPTS):
@@ -416,8 +616,10 @@ class _DeepChecker:
                 time.sleep(0.2 * 2**attempt)
         with self._lock:
             self.stats["deep"] += 1
-            self.stats["deep_new"] += 1 if entry.uploaded else 0
+            self.stats["deep_new"] += 1 if new else 0
             self.stats["bytes"] += size
+        if self.options.progress is not None:
+            self.options.progress.advance(1, size)
         expected = expected_sha256(entry)
         if size != entry.size:
             self.problems.add(entry.key, "size", f"read {size} bytes, expected {entry.size}")
@@ -425,6 +627,18 @@ class _DeepChecker:
             self.problems.add(
                 entry.key, "hash", f"content hashes to {sha.hexdigest()}, expected {expected}"
             )
+
+    def rotation_outcome(self, complete: bool) -> tuple[str, bool]:
+        """(where the rotation goes on next time, whether this slice is done)."""
+        if self.options.rotation_bytes is None or self.options.rotation_bytes <= 0:
+            return self.options.rotation_from, False
+        if self.rotation_skipped is not None:
+            return self.rotation_skipped, False
+        if self.rotation_full:
+            return self.rotation_next, True
+        if complete:
+            return "", True  # reached the end of the mirror: start over next time
+        return self.rotation_next, False
 
     def close(self) -> None:
         """Wait for every read; re-raise what stopped one (idempotent)."""

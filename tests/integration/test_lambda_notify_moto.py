@@ -337,7 +337,7 @@ def verified(at: datetime) -> MirrorVerified:
         destination=DEST,
         started_at=at,
         finished_at=at,
-        mirror_run_id="m1",
+        mirror_run_id=new_run_id(),
         manifest=ManifestRef(key="m/1.jsonl.gz", sha256="0" * 64, objects=9, created_by_run="m1"),
         stats=VerificationStats(compared=9, deep_checked=9, bytes_read=9000),
     )
@@ -490,7 +490,9 @@ def test_watchdog_stale_alert_then_recovery_end_to_end(cloud: Cloud) -> None:
     cloud.bus.publish(first)
     response = cloud.deliver()
     assert response is not None and response["batchItemFailures"] == []
-    assert cloud.emails() == []  # on_recovery: a first success is quiet
+    assert cloud.emails() == []  # on_recovery: a first success is quiet for people...
+    [heartbeat] = cloud.pings.wait_for(1)  # ...but Healthchecks hears every verified run
+    assert heartbeat.path == f"/{HC_UUID}" and heartbeat.query == {"rid": [first.mirror_run_id]}
 
     def watchdog(at: datetime) -> dict[str, Any]:
         deps = watchdog_handler.dependencies_from_env()
@@ -506,7 +508,7 @@ def test_watchdog_stale_alert_then_recovery_end_to_end(cloud: Cloud) -> None:
     [stale] = cloud.emails()
     assert stale["Subject"] == "[backrest-relay] home: no verified off-site copy for 27.0 h"
     assert stale["MessageAttributes"]["severity"]["Value"] == "stale"
-    assert cloud.pings.wait_for(1)[0].path == f"/{HC_UUID}/fail"
+    assert cloud.pings.wait_for(2)[1].path == f"/{HC_UUID}/fail"
     assert cloud.chat.wait_for(1)[0].json()["type"] == "warning"
 
     assert watchdog(t0 + timedelta(hours=28))["stale"] == []  # within 24 h: quiet
@@ -520,8 +522,9 @@ def test_watchdog_stale_alert_then_recovery_end_to_end(cloud: Cloud) -> None:
     [recovery] = cloud.emails()
     assert recovery["Subject"] == "[backrest-relay] recovered home: off-site copy verified"
     assert recovery["MessageAttributes"]["severity"]["Value"] == "recovery"
-    ok_ping = cloud.pings.wait_for(2)[1]
-    assert ok_ping.path == f"/{HC_UUID}" and ok_ping.query == {"rid": [back.run_id]}
+    ok_ping = cloud.pings.wait_for(3)[2]
+    # rid: the mirror run the verification is about (pairs with that run's /start).
+    assert ok_ping.path == f"/{HC_UUID}" and ok_ping.query == {"rid": [back.mirror_run_id]}
     assert cloud.chat.wait_for(2)[1].json()["type"] == "success"
 
     assert watchdog(t0 + timedelta(hours=31))["stale"] == []

@@ -1,7 +1,8 @@
 """Local mode end to end: upload → in-process verification → notification.
 
 With `success = "always"` a verified mirror sends a success message naming the
-repository; a remote object damaged afterwards is named in the next run's failure alert.
+repository; a remote object damaged afterwards is named in the failure alert of the next
+run that re-reads it (the rotation, once `verify.every` has passed).
 Apprise delivers to a local HTTP server (`json://`), Healthchecks pings to another.
 """
 
@@ -56,7 +57,8 @@ def test_success_then_damage_is_named_in_the_next_alert(
         [message] = chat.wait_for(1)
         body = json.loads(message.body)
         assert "home" in body["title"] and "verified" in body["title"]
-        [ping] = healthchecks.wait_for(1)
+        start, ping = healthchecks.wait_for(2)
+        assert start.path == f"/{HC_UUID}/start"
         assert ping.path == f"/{HC_UUID}"
 
         victim = repo.data[4].relative_to(repo.root).as_posix()
@@ -66,7 +68,12 @@ def test_success_then_damage_is_named_in_the_next_alert(
 
         chat.clear()
         healthchecks.clear()
-        second = run_agent(args)
+        # verify.every = 0s and a budget larger than the mirror: this run's rotation
+        # re-reads every older object.
+        second = run_agent(
+            args,
+            env={"BACKREST_RELAY_VERIFY__EVERY": "0s", "BACKREST_RELAY_VERIFY__BUDGET": "1GiB"},
+        )
         assert second.returncode == 0, second.stderr
         assert second.summary["uploaded_files"] == 0
         assert second.summary["verification"]["verified"] is False
@@ -74,7 +81,8 @@ def test_success_then_damage_is_named_in_the_next_alert(
         alert_body = json.loads(alert.body)
         assert "FAILED" in alert_body["title"]
         assert victim in alert_body["message"]
-        [fail_ping] = healthchecks.wait_for(1)
+        start, fail_ping = healthchecks.wait_for(2)
+        assert start.path == f"/{HC_UUID}/start"
         assert fail_ping.path == f"/{HC_UUID}/fail"
         for text in (first.stdout, first.stderr, second.stdout, second.stderr):
             assert HC_UUID not in text

@@ -481,6 +481,34 @@ def test_on_recovery_policy_quiet_success_then_failure_then_one_recovery(
     assert [line.get("previous") for line in quiet] == [None, "ok"]
 
 
+class Heartbeat(Recorder):
+    """A heartbeat channel (like Healthchecks): hears every verified run."""
+
+    heartbeat = True
+
+
+@pytest.mark.parametrize("policy", ["on_recovery", "never", "always"])
+def test_healthchecks_hears_every_verified_run_whatever_the_policy(
+    world: World, policy: SuccessPolicy
+) -> None:
+    heartbeat = Heartbeat("healthchecks")
+    world.use(policy, Recorder("email"), heartbeat)
+    for hours, ok in ((0, True), (24, True), (48, False), (72, True)):
+        event = verified_and_recorded(world, T0 + timedelta(hours=hours), ok=ok)
+        assert invoke(sqs_event(record_for(event))) == {"batchItemFailures": []}
+    assert heartbeat.severities() == ["success", "success", "failure", "recovery"]
+    assert all(n.ping_run_id == "m1" for n in heartbeat.sent)
+    email = world.channels[0].severities()
+    assert (
+        email
+        == {
+            "on_recovery": ["failure", "recovery"],
+            "never": ["failure"],
+            "always": ["success", "success", "failure", "recovery"],
+        }[policy]
+    )
+
+
 @pytest.mark.parametrize(
     ("policy", "expected"),
     [

@@ -259,6 +259,18 @@ def test_detail_round_trips(store: RunStore) -> None:
     assert again is not None and again.detail["empty"] == {}
 
 
+def test_checkpoint_round_trips_per_repository_and_destination(store: RunStore) -> None:
+    assert store.load_checkpoint("repo-a", "bucket/p") is None
+    data = {"version": 1, "pending": [{"key": "m/1", "sha256": "0" * 64, "unproven_from": "d"}]}
+    store.save_checkpoint("repo-a", "bucket/p", data)
+    store.save_checkpoint("repo-a", "other/p", {"version": 1, "verified": True})
+    assert store.load_checkpoint("repo-a", "bucket/p") == data
+    assert store.load_checkpoint("repo-b", "bucket/p") is None
+    store.save_checkpoint("repo-a", "bucket/p", {"version": 1, "verified": True})
+    assert store.load_checkpoint("repo-a", "bucket/p") == {"version": 1, "verified": True}
+    assert [r.repo_key for r in store.repos()] == []  # checkpoints are not repositories
+
+
 def test_unknown_kind_or_status_is_refused(store: RunStore) -> None:
     with pytest.raises(ValueError, match="kind"):
         store.record(make_run("bogus"))  # type: ignore[arg-type]

@@ -1,0 +1,216 @@
+"""What has been proven of a mirror, so nothing is proven twice and nothing is restarted.
+
+A verification pass walks the manifest in key order. Objects the manifest marks as new
+(`uploaded`: sent since the previous manifest) must be read back once; older objects are
+re-read by a rotation, a byte budget at a time, at most once per `every`. The checkpoint
+keeps, per repository and destination:
+
+* `pending`: every manifest whose new objects are not all proven yet, each with the first
+  key not proven (`unproven_from`: every new object below it is proven). A pass stopped
+  by its deadline leaves its manifest here; the next pass continues from that key. A
+  newer manifest does not drop an older pending one: its new objects are carried into the
+  next pass (the newer manifest does not mark them new any more).
+* `manifest_key`/`verified`/`verified_at`: the last manifest a pass ran against and whether
+  its last complete pass found nothing wrong. A run with nothing new that points at that
+  same, proven manifest reads nothing until `every` has passed.
+* `rotation_from`/`rotation_at`: where the rotation continues and when it last ran.
+
+Pure: the plan and the update are functions of the checkpoint, the event and the clock;
+the run store keeps the checkpoint (`RunStore.load_checkpoint/save_checkpoint`) as a
+JSON-able dict, so the Lambda verifier can share the format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, Literal
+
+from cloud.contracts.destination import Destination
+
+CHECKPOINT_VERSION = 1
+PROVEN_ALL = "\U0010ffff"
+"""An `unproven_from` above every key: all new objects of that manifest are proven."""
+
+
+@dataclass(frozen=True)
+class PendingManifest:
+    """A manifest whose new objects are proven below (not including) `unproven_from`."""
+
+    key: str
+    sha256: str
+    unproven_from: str = ""
+
+
+@dataclass(frozen=True)
+class VerifyCheckpoint:
+    manifest_key: str = ""
+    manifest_sha256: str = ""
+    verified: bool = False
+    verified_at: datetime | None = None
+    pending: tuple[PendingManifest, ...] = ()
+    rotation_from: str = ""
+    rotation_at: datetime | None = None
+    unproven_objects: int = 0
+    unproven_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "manifest_key": self.manifest_key,
+            "manifest_sha256": self.manifest_sha256,
+            "verified": self.verified,
+            "verified_at": _text(self.verified_at),
+            "pending": [
+                {"key": p.key, "sha256": p.sha256, "unproven_from": p.unproven_from}
+                for p in self.pending
+            ],
+            "rotation_from": self.rotation_from,
+            "rotation_at": _text(self.rotation_at),
+            "unproven_objects": self.unproven_objects,
+            "unproven_bytes": self.unproven_bytes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> VerifyCheckpoint | None:
+        """None for no checkpoint or one of another version (start afresh: safe, not cheap)."""
+        if not data or data.get("version") != CHECKPOINT_VERSION:
+            return None
+        return cls(
+            manifest_key=str(data.get("manifest_key", "")),
+            manifest_sha256=str(data.get("manifest_sha256", "")),
+            verified=bool(data.get("verified", False)),
+            verified_at=_time(data.get("verified_at")),
+            pending=tuple(
+                PendingManifest(str(p["key"]), str(p["sha256"]), str(p["unproven_from"]))
+                for p in data.get("pending", [])
+            ),
+            rotation_from=str(data.get("rotation_from", "")),
+            rotation_at=_time(data.get("rotation_at")),
+            unproven_objects=int(data.get("unproven_objects", 0)),
+            unproven_bytes=int(data.get("unproven_bytes", 0)),
+        )
+
+
+def _text(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _time(value: Any) -> datetime | None:
+    return None if not value else datetime.fromisoformat(str(value))
+
+
+def checkpoint_name(destination: Destination) -> str:
+    """One checkpoint per repository and destination (a repository may have two mirrors)."""
+    return f"{destination.bucket}/{destination.prefix}"
+
+
+@dataclass(frozen=True)
+class VerifyPlan:
+    """What one pass does.
+
+    `action` "reuse": read nothing, the manifest was proven and `every` has not passed.
+    `resume_from`: new objects of this manifest below this key are already proven.
+    `carried`: older manifests whose unproven new objects this pass also reads.
+    `rotation_bytes`: budget of older objects to re-read (0: no rotation this time).
+    """
+
+    action: Literal["reuse", "verify"]
+    resume_from: str = ""
+    carried: tuple[PendingManifest, ...] = ()
+    rotation_bytes: int = 0
+    rotation_from: str = ""
+    reason: str = ""
+
+    @property
+    def rotate_uploaded(self) -> bool:
+        """Only a pass over an already proven manifest re-reads its new objects."""
+        return self.resume_from == PROVEN_ALL
+
+
+def plan_verification(
+    checkpoint: VerifyCheckpoint | None,
+    manifest_key: str,
+    *,
+    manifest_sha256: str | None = None,
+    now: datetime,
+    every_seconds: float,
+    rotation_budget: int,
+) -> VerifyPlan:
+    cp = checkpoint or VerifyCheckpoint()
+    due = rotation_budget > 0 and (
+        cp.rotation_at is None or (now - cp.rotation_at).total_seconds() >= every_seconds
+    )
+    rotation = rotation_budget if due else 0
+    others = tuple(p for p in cp.pending if p.key != manifest_key)
+    mine = next((p for p in cp.pending if p.key == manifest_key), None)
+    same = cp.manifest_key == manifest_key and (
+        manifest_sha256 is None or cp.manifest_sha256 == manifest_sha256
+    )
+    if same:
+        if mine is not None:
+            return VerifyPlan(
+                "verify", mine.unproven_from, others, rotation, cp.rotation_from, "continue"
+            )
+        if not cp.verified:
+            return VerifyPlan("verify", "", others, rotation, cp.rotation_from, "re-verify")
+        if due:
+            return VerifyPlan("verify", PROVEN_ALL, others, rotation, cp.rotation_from, "rotation")
+        return VerifyPlan("reuse", PROVEN_ALL, others, 0, cp.rotation_from, "already proven")
+    carried = tuple(p for p in cp.pending if p.key != manifest_key)
+    return VerifyPlan("verify", "", carried, rotation, cp.rotation_from, "new manifest")
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass reports back to the checkpoint (see `VerificationOutcome`)."""
+
+    complete: bool
+    problems: bool
+    unproven_from: str
+    unproven_objects: int
+    unproven_bytes: int
+    rotation_next: str
+    rotated: bool
+
+
+def advance(
+    checkpoint: VerifyCheckpoint | None,
+    plan: VerifyPlan,
+    result: PassResult,
+    *,
+    manifest_key: str,
+    manifest_sha256: str,
+    now: datetime,
+) -> VerifyCheckpoint:
+    """The checkpoint after a pass that ran to its end or to its deadline.
+
+    A pass that found a problem starts the manifest over next time (a failure is re-checked
+    and re-announced, never remembered as proven); older pending manifests keep their place.
+    """
+    cp = checkpoint or VerifyCheckpoint()
+    carried = [
+        replace(p, unproven_from=max(p.unproven_from, result.unproven_from))
+        for p in plan.carried
+        if max(p.unproven_from, result.unproven_from) != PROVEN_ALL
+    ]
+    if result.problems:
+        pending = [*carried, PendingManifest(manifest_key, manifest_sha256, "")]
+        verified = False
+    elif result.complete:
+        pending, verified = carried, not carried
+    else:
+        through = max(plan.resume_from, result.unproven_from)
+        pending = [*carried, PendingManifest(manifest_key, manifest_sha256, through)]
+        verified = False
+    return VerifyCheckpoint(
+        manifest_key=manifest_key,
+        manifest_sha256=manifest_sha256,
+        verified=verified,
+        verified_at=now if verified else cp.verified_at,
+        pending=tuple(pending),
+        rotation_from=result.rotation_next if plan.rotation_bytes else cp.rotation_from,
+        rotation_at=now if plan.rotation_bytes and result.rotated else cp.rotation_at,
+        unproven_objects=0 if verified else result.unproven_objects,
+        unproven_bytes=0 if verified else result.unproven_bytes,
+    )

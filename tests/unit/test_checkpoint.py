@@ -1,0 +1,180 @@
+"""Checkpointed verification (`cloud.logic.checkpoint` + `verify_checkpointed`) against an
+in-memory bucket and run store: every new object is read exactly once across passes cut
+short by a deadline, even when a newer manifest arrives before the older one is proven,
+and a run with nothing new reads nothing."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+from datetime import UTC, datetime, timedelta
+
+from cloud.contracts.destination import Destination
+from cloud.contracts.events import ManifestRef, MirrorCompleted, MirrorStats, RepoRef
+from cloud.contracts.manifest import ManifestHeader
+from cloud.integrations.object_store_memory import InMemoryObjectStore
+from cloud.integrations.runstore_memory import InMemoryRunStore
+from cloud.logic.checkpoint import VerifyCheckpoint, checkpoint_name
+from cloud.logic.verification import CheckpointedVerification, verify_checkpointed
+from cloud.logic.verify import VerifyOptions
+
+DEST = Destination(provider="s3", endpoint_url=None, bucket="b", prefix="restic/home")
+REPO = RepoRef(id="home", guid="g" * 8)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class Mirror:
+    def __init__(self) -> None:
+        self.store = InMemoryObjectStore(page_size=5)
+        self.rng = random.Random(3)
+        self.sizes: dict[str, int] = {}
+        self.runs = InMemoryRunStore()
+        self.manifests = 0
+
+    def add(self, n: int) -> list[str]:
+        keys = []
+        for _ in range(n):
+            data = self.rng.randbytes(self.rng.randint(100, 2000))
+            h = hashlib.sha256(data).hexdigest()
+            key = f"data/{h[:2]}/{h}"
+            self.store.put(f"{DEST.prefix}/{key}", data)
+            self.sizes[key] = len(data)
+            keys.append(key)
+        return keys
+
+    def manifest(self, new: set[str]) -> MirrorCompleted:
+        self.manifests += 1
+        run = f"run-{self.manifests}"
+        key = f".backrest-relay/g/manifests/{run}.jsonl.gz"
+        entries = [
+            json.dumps({"key": k, "size": s, "sha256": k.rsplit("/", 1)[-1], "uploaded": k in new})
+            for k, s in sorted(self.sizes.items())
+        ]
+        header = ManifestHeader(
+            run_id=run,
+            repo_guid=REPO.guid,
+            repo_id=REPO.id,
+            bucket=DEST.bucket,
+            prefix=DEST.prefix,
+            created_at=T0,
+            objects=len(entries),
+        )
+        body = gzip.compress("\n".join([header.model_dump_json(), *entries]).encode(), mtime=0)
+        self.store.put(key, body)
+        return self.event(
+            ManifestRef(
+                key=key,
+                sha256=hashlib.sha256(body).hexdigest(),
+                objects=len(entries),
+                created_by_run=run,
+            )
+        )
+
+    def event(self, manifest: ManifestRef) -> MirrorCompleted:
+        return MirrorCompleted(
+            run_id=f"{manifest.created_by_run}-{self.rng.random()}",
+            repo=REPO,
+            host="h",
+            trigger="t",
+            destination=DEST,
+            started_at=T0,
+            finished_at=T0,
+            stats=MirrorStats(),
+            manifest=manifest,
+        )
+
+    def verify(
+        self,
+        event: MirrorCompleted,
+        *,
+        reads_allowed: int | None = None,
+        now: datetime = T0,
+        budget: int = 0,
+    ) -> CheckpointedVerification:
+        before = len(self.store.reads)
+
+        def stop() -> bool:
+            return reads_allowed is not None and len(self.store.reads) - before >= reads_allowed
+
+        return verify_checkpointed(
+            event,
+            store=self.store,
+            runs=self.runs,
+            reports=None,
+            options=VerifyOptions(concurrency=1, should_stop=stop),
+            every_seconds=86400,
+            rotation_budget=budget,
+            now=now,
+        )
+
+    def object_reads(self) -> list[str]:
+        return [k.removeprefix(DEST.prefix + "/") for k in self.store.reads if "manifests" not in k]
+
+
+def test_every_new_object_is_read_once_across_deadlines_and_newer_manifests() -> None:
+    mirror = Mirror()
+    first_new = set(mirror.add(30))
+    a = mirror.manifest(first_new)
+    cut = mirror.verify(a, reads_allowed=8)
+    assert cut.result is None and cut.unproven_objects > 0
+    # A newer manifest arrives before A is proven; it marks only its own objects new.
+    second_new = set(mirror.add(10))
+    b = mirror.manifest(second_new)
+    cut_again = mirror.verify(b, reads_allowed=10)
+    assert cut_again.result is None
+    done = mirror.verify(b)
+    assert done.result is not None and done.result.stats.unproven_objects == 0
+    assert type(done.result).__name__ == "MirrorVerified"
+    reads = mirror.object_reads()
+    assert sorted(reads) == sorted(first_new | second_new), "each new object read exactly once"
+
+    # Nothing new: the same manifest again reads nothing at all, not even the manifest.
+    before = len(mirror.store.reads)
+    lists = mirror.store.list_requests
+    again = mirror.verify(mirror.event(b.manifest), now=T0 + timedelta(hours=1))
+    assert again.result is not None and again.result.stats.reused
+    assert len(mirror.store.reads) == before and mirror.store.list_requests == lists
+
+
+def test_rotation_is_budgeted_and_walks_the_whole_mirror() -> None:
+    mirror = Mirror()
+    keys = mirror.add(40)
+    a = mirror.manifest(set(keys))
+    assert mirror.verify(a).result is not None
+    budget = sum(mirror.sizes.values()) // 4
+    seen: list[str] = []
+    for day in range(1, 6):
+        before = len(mirror.store.reads)
+        checked = mirror.verify(
+            mirror.event(a.manifest), budget=budget, now=T0 + timedelta(days=day)
+        )
+        assert checked.result is not None and checked.result.stats.deep_checked_new == 0
+        slice_ = [k for k in mirror.store.reads[before:] if "manifests" not in k]
+        assert sum(mirror.sizes[k.removeprefix(DEST.prefix + "/")] for k in slice_) <= budget
+        seen += slice_
+    assert {k.removeprefix(DEST.prefix + "/") for k in seen} == set(keys)
+    # Within `every` of the last slice, nothing is read.
+    before = len(mirror.store.reads)
+    mirror.verify(mirror.event(a.manifest), budget=budget, now=T0 + timedelta(days=5, hours=2))
+    assert len(mirror.store.reads) == before
+    saved = VerifyCheckpoint.from_dict(mirror.runs.load_checkpoint(REPO.key, checkpoint_name(DEST)))
+    assert saved is not None and saved.verified and not saved.pending
+
+
+def test_a_problem_is_checked_and_announced_again_until_repaired() -> None:
+    mirror = Mirror()
+    keys = mirror.add(12)
+    a = mirror.manifest(set(keys))
+    victim = f"{DEST.prefix}/{keys[3]}"
+    good = mirror.store.objects[victim]
+    mirror.store.put(victim, good[:-1] + bytes([good[-1] ^ 1]), etag="x" * 32 + "-1")
+    for hour in (1, 2):
+        checked = mirror.verify(mirror.event(a.manifest), now=T0 + timedelta(hours=hour))
+        assert checked.result is not None
+        assert [p.kind for p in checked.result.problems] == ["hash"]
+    mirror.store.put(victim, good)
+    repaired = mirror.verify(mirror.event(a.manifest), now=T0 + timedelta(hours=3))
+    assert repaired.result is not None and repaired.result.problems_total == 0
+    assert not repaired.result.stats.reused and repaired.result.stats.deep_checked == 12
