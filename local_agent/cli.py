@@ -442,6 +442,11 @@ def cmd_hook_snippet(args: argparse.Namespace) -> int:
         hook=args.hook or "both",
     )
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    from local_agent.checkpolicy import schedule_note
+
+    note = schedule_note(repo_id)
+    if note is not None and note[0] is None:
+        sys.stderr.write(f"note: {note[1]}\n")
     return 0
 
 

@@ -9,6 +9,7 @@ verified copy for longer than `notify.max_age` (for cron).
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,9 @@ from local_agent.units import plural
 if TYPE_CHECKING:
     from cloud.integrations.runstore_sqlite import SqliteRunStore
     from local_agent.config import RelayConfig
+
+
+log = logging.getLogger(__name__)
 
 
 def _age(delta: timedelta | None) -> str:
@@ -146,9 +150,38 @@ def run_status(
 
 
 def staleness_window(config: RelayConfig) -> Callable[[RepoStatus], timedelta]:
-    """Each repository's allowed age without a verified copy: `notify.max_age`."""
+    """Each repository's allowed age without a verified copy.
+
+    `notify.max_age` when it is set (file or environment). Otherwise the repository's check
+    schedule in Backrest's config (local_agent/checkpolicy.py: the longest gap between two
+    checks plus slack), found by guid or id; `notify.max_age`'s default (26 h) only for a
+    repository Backrest's config does not list (or when it is not readable here).
+    """
     max_age = timedelta(seconds=config.notify.max_age_seconds)
-    return lambda _status: max_age
+    if "max_age" in config.notify.model_fields_set:
+        return lambda _status: max_age
+    from local_agent.backrest import backrest_config_path, load_backrest_repos
+    from local_agent.checkpolicy import CronError, cadence_of
+
+    try:
+        repos = load_backrest_repos(backrest_config_path())
+    except ConfigError:
+        return lambda _status: max_age
+    windows: dict[str, timedelta] = {}
+    for repo in repos:
+        try:
+            window = cadence_of(repo.check_schedule).window
+        except CronError as exc:
+            log.warning("Backrest repository %s: %s; using notify.max_age", repo.id, exc)
+            window = None
+        for name in (repo.guid, repo.id):
+            if name and window is not None:
+                windows.setdefault(name, window)
+
+    def window_for(status: RepoStatus) -> timedelta:
+        return windows.get(status.repo_key) or windows.get(status.repo_id or "") or max_age
+
+    return window_for
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

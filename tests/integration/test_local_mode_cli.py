@@ -13,8 +13,11 @@ import sys
 import textwrap
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from local_agent import progress as progress_module
 from tests.support.agent import agent_env, run_agent, write_agent_config
@@ -630,3 +633,132 @@ def test_check_stale_with_an_empty_run_store_is_not_silent(
     assert result.returncode == 3, result.stdout + result.stderr
     assert f"no run recorded for {REPO_ID}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- 6. the staleness window follows Backrest's check schedule -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expression", "interval"),
+    [
+        ("0 0 1 * *", timedelta(days=31)),  # Backrest's default: monthly
+        ("0 3 * * *", timedelta(days=1)),
+        ("@daily", timedelta(days=1)),
+        ("*/15 * * * *", timedelta(minutes=15)),
+        ("0 4 * * 0", timedelta(days=7)),
+        ("30 2 * * 7", timedelta(days=7)),  # 7 is Sunday too
+        ("0 0 * * mon", timedelta(days=7)),
+        ("0 12 * * 1-5", timedelta(days=3)),  # Friday to Monday
+        ("0 0 1 * 1", timedelta(days=7)),  # day of month OR Monday, as cron does
+        ("0 0 1 1,7 *", timedelta(days=184)),
+        ("0 0 1 */3 *", timedelta(days=92)),
+        ("0 0 29 2 *", timedelta(days=4 * 365 + 1)),
+        ("0 6,18 * * *", timedelta(hours=12)),
+    ],
+)
+def test_cron_interval_is_the_longest_gap_between_runs(
+    expression: str, interval: timedelta
+) -> None:
+    from local_agent.checkpolicy import cron_interval
+
+    assert cron_interval(expression) == interval
+
+
+@pytest.mark.parametrize("expression", ["0 0 L * *", "0 0 * * 1#2", "61 * * * *", "0 0 * *", "x"])
+def test_cron_the_parser_does_not_understand_is_an_error(expression: str) -> None:
+    from local_agent.checkpolicy import CronError, cron_interval
+
+    with pytest.raises(CronError):
+        cron_interval(expression)
+
+
+def test_cadence_of_backrests_schedule_forms() -> None:
+    from local_agent.checkpolicy import cadence_of
+
+    assert cadence_of(None).interval == timedelta(days=31)  # Backrest's default
+    assert cadence_of({"cron": "0 3 * * *", "clock": "CLOCK_LOCAL"}).interval == timedelta(days=1)
+    assert cadence_of({"maxFrequencyDays": 7}).interval == timedelta(days=7)
+    assert cadence_of({"maxFrequencyHours": "6"}).interval == timedelta(hours=6)
+    assert cadence_of({"disabled": True}).interval is None
+    daily = cadence_of({"maxFrequencyDays": 1})
+    assert daily.window == timedelta(hours=26, minutes=24) and not daily.less_than_daily
+    monthly = cadence_of({"cron": "0 0 1 * *"})
+    assert monthly.window == timedelta(days=31) * 1.1 and monthly.less_than_daily
+
+
+def test_staleness_window_follows_the_check_schedule_unless_max_age_is_set(
+    tmp_path: Path,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    restic_password: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from local_agent.config import load_config
+    from local_agent.status import run_status
+
+    repo = small_restic_repo(tmp_path, restic_password)
+    guid = restic_repo_id(repo, restic_password)
+    relay_hook = "backrest-relay upload </dev/null"
+    hooks = [{"conditions": ["CONDITION_CHECK_SUCCESS"], "actionCommand": {"command": relay_hook}}]
+    backrest = tmp_path / "backrest.json"
+
+    def backrest_with(check_policy: dict[str, Any] | None) -> None:
+        entry: dict[str, Any] = {"id": REPO_ID, "uri": str(repo), "guid": guid, "hooks": hooks}
+        if check_policy is not None:
+            entry["checkPolicy"] = check_policy
+        write_backrest_config(backrest, [entry])
+
+    backrest_with({"schedule": {"cron": "0 0 1 * *", "clock": "CLOCK_LAST_RUN_TIME"}})
+    config_path = local_config(tmp_path, rclone_server, rclone_bucket)
+    env = {"BACKREST_CONFIG": str(backrest)}
+    up = run_agent([*hook_args(str(repo), guid), "--config", str(config_path)], env=env)
+    assert up.returncode == 0, up.stderr
+    verified = datetime.now(UTC)
+    monkeypatch.setenv("BACKREST_CONFIG", str(backrest))
+    config = load_config(str(config_path), env={}).config
+
+    def check(after: timedelta) -> int:
+        return run_status(config, as_json=True, check_stale=True, now=verified + after)
+
+    # Monthly checks (Backrest's default): two days old is fine, 40 days is stale.
+    assert check(timedelta(days=2)) == 0
+    assert check(timedelta(days=40)) == 3
+    backrest_with(None)  # no checkPolicy: Backrest's default, monthly
+    assert check(timedelta(days=20)) == 0
+    backrest_with({"schedule": {"maxFrequencyDays": 7}})
+    assert check(timedelta(days=5)) == 0
+    assert check(timedelta(days=9)) == 3
+    # An explicit max_age wins over the schedule.
+    explicit = load_config(str(config_path), env={"BACKREST_RELAY_NOTIFY__MAX_AGE": "26h"}).config
+    assert (
+        run_status(explicit, as_json=True, check_stale=True, now=verified + timedelta(days=2)) == 3
+    )
+    mirror_check(rclone_server, rclone_bucket, restic_password)
+
+
+def test_doctor_and_hook_snippet_say_when_checks_run_less_than_daily(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    repo = small_restic_repo(tmp_path, restic_password)
+    config = str(local_config(tmp_path, rclone_server, rclone_bucket))
+    backrest = tmp_path / "backrest.json"
+    env = {"BACKREST_CONFIG": str(backrest)}
+    entry = {"id": REPO_ID, "uri": str(repo), "checkPolicy": {"schedule": {"cron": "0 0 1 * *"}}}
+    write_backrest_config(backrest, [entry])
+
+    doctor = run_agent(["doctor", "--repo-id", REPO_ID, "--config", config], env=env)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    [line] = [ln for ln in doctor.stdout.splitlines() if "check schedule" in ln]
+    assert line.startswith("[warn]") and "every 31 days" in line
+    assert "Check Policy" in line and "structure only" in line and "daily" in line
+    snippet = run_agent(["hook-snippet", "--repo-id", REPO_ID, "--config", config], env=env)
+    assert snippet.returncode == 0, snippet.stderr
+    assert "every 31 days" in snippet.stderr and "structure only" in snippet.stderr
+    assert "every 31 days" not in snippet.stdout  # the paste-able text stays clean
+
+    entry["checkPolicy"] = {"schedule": {"cron": "0 3 * * *"}, "structureOnly": True}
+    write_backrest_config(backrest, [entry])
+    daily = run_agent(["doctor", "--repo-id", REPO_ID, "--config", config], env=env)
+    assert "[ok  ] check schedule: Backrest checks home every 24 h" in daily.stdout, daily.stdout
+    quiet = run_agent(["hook-snippet", "--repo-id", REPO_ID, "--config", config], env=env)
+    assert "structure only" not in quiet.stderr
