@@ -27,7 +27,7 @@ import os
 import re
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -103,6 +103,15 @@ class BackrestRepo:
     id: str
     uri: str
     guid: str | None
+    #: The commands of the repository's command hooks (to tell mirrored repositories apart).
+    hook_commands: tuple[str, ...] = field(default=(), compare=False)
+    #: ``checkPolicy.schedule`` as protojson wrote it (None: no checkPolicy at all).
+    check_schedule: Mapping[str, object] | None = field(default=None, compare=False)
+
+    @property
+    def mirrored(self) -> bool:
+        """Whether a hook of this repository runs backrest-relay (CLI or sidecar URL)."""
+        return any("backrest-relay" in command for command in self.hook_commands)
 
 
 def backrest_config_path(env: Mapping[str, str] = os.environ) -> Path:
@@ -165,7 +174,34 @@ def _parse_repo(path: Path, index: int, entry: object) -> BackrestRepo:
         raise ConfigError(f"{where} has no 'id'")
     uri = _optional_string(entry, "uri", where)
     guid = _optional_string(entry, "guid", where)
-    return BackrestRepo(id=repo_id, uri=uri, guid=guid or None)
+    return BackrestRepo(
+        id=repo_id,
+        uri=uri,
+        guid=guid or None,
+        hook_commands=_hook_commands(entry),
+        check_schedule=_check_schedule(entry),
+    )
+
+
+def _hook_commands(entry: Mapping[str, object]) -> tuple[str, ...]:
+    """``hooks[].actionCommand.command``; anything malformed is skipped, not an error (only
+    used to recognise repositories that are mirrored)."""
+    hooks = entry.get("hooks")
+    commands: list[str] = []
+    for hook in hooks if isinstance(hooks, list) else []:
+        action = hook.get("actionCommand") if isinstance(hook, dict) else None
+        command = action.get("command") if isinstance(action, dict) else None
+        if isinstance(command, str):
+            commands.append(command)
+    return tuple(commands)
+
+
+def _check_schedule(entry: Mapping[str, object]) -> Mapping[str, object] | None:
+    policy = entry.get("checkPolicy")
+    if not isinstance(policy, dict):
+        return None
+    schedule = policy.get("schedule")
+    return schedule if isinstance(schedule, dict) else {}
 
 
 def _optional_string(entry: Mapping[str, object], key: str, where: str) -> str:

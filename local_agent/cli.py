@@ -128,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = add("doctor", help="check config, credentials, bucket, clock")
     _repo_args(doctor)
 
+    schedule = add(
+        "schedule", help="print the systemd timer or cron line that runs status --check-stale"
+    )
+    schedule.add_argument(
+        "--print",
+        dest="print_kind",
+        choices=("systemd", "cron"),
+        required=True,
+        help="systemd: a service + timer; cron: one crontab line",
+    )
+
     demo = add("demo", help="run the whole pipeline against an embedded endpoint")
     demo.add_argument("--keep", action="store_true", help="keep the demo's temporary files")
     demo.add_argument(
@@ -199,6 +210,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from local_agent.doctor import run_doctor
 
         return run_doctor(args)
+    if args.command == "schedule":
+        return cmd_schedule(args)
     if args.command == "demo":
         from local_agent.demo import run_demo
 
@@ -429,4 +442,26 @@ def cmd_hook_snippet(args: argparse.Namespace) -> int:
         hook=args.hook or "both",
     )
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    from local_agent.checkpolicy import schedule_note
+
+    note = schedule_note(repo_id)
+    if note is not None and note[0] is None:
+        sys.stderr.write(f"note: {note[1]}\n")
+    return 0
+
+
+# -- schedule ------------------------------------------------------------------------------
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    """Print units that run the silence alarm with this config and this state directory."""
+    from local_agent.config import find_config_path, load_config
+    from local_agent.schedule import render_schedule
+
+    loaded = load_config(args.config)
+    config_path = find_config_path(args.config)
+    text = render_schedule(
+        args.print_kind, config_path=config_path, state_dir=loaded.config.state.path()
+    )
+    sys.stdout.write(text)
     return 0

@@ -89,6 +89,12 @@ def run_doctor(args: argparse.Namespace) -> int:
             )
         except RelayError as exc:
             doctor.record("repository", False, exc.message)
+    if repo_id:
+        from local_agent.checkpolicy import schedule_note
+
+        note = schedule_note(repo_id)
+        if note is not None:
+            doctor.record("check schedule", note[0], note[1])
     try:
         destination = config.destination_for(
             repo_id=repo_id or "doctor", repo_guid=repo_guid or "0" * 64

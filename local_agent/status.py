@@ -9,10 +9,13 @@ verified copy for longer than `notify.max_age` (for cron).
 from __future__ import annotations
 
 import json
+import logging
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from cloud.logic.ports import RepoStatus
 from cloud.logic.watchdog import assess
 from local_agent.errors import ConfigError, ExitCode
 from local_agent.redact import REDACTOR
@@ -20,8 +23,10 @@ from local_agent.units import plural
 
 if TYPE_CHECKING:
     from cloud.integrations.runstore_sqlite import SqliteRunStore
-    from cloud.logic.ports import RepoStatus
     from local_agent.config import RelayConfig
+
+
+log = logging.getLogger(__name__)
 
 
 def _age(delta: timedelta | None) -> str:
@@ -110,13 +115,19 @@ def run_status(
     from local_agent.pipeline import LocalPipeline
 
     now = now or datetime.now(UTC)
-    max_age = timedelta(seconds=config.notify.max_age_seconds)
-    runs = LocalPipeline(config, config.state.path()).runs()
+    pipeline = LocalPipeline(config, config.state.path())
+    runs = pipeline.runs()
     if forget is not None:
         key, removed = forget_repo(runs, forget)
         sys.stdout.write(f"forgot repository {key}: {plural(removed, 'run')} removed\n")
         return 0
-    rows = [repo_summary(s, now, max_age) for s in runs.repos()]
+    max_age_for = staleness_window(config)
+    silence = None
+    if check_stale:
+        from local_agent.silence import check_silence
+
+        silence = check_silence(config, pipeline, now=now, max_age_for=max_age_for)
+    rows = [repo_summary(s, now, max_age_for(s)) for s in runs.repos()]
     if html:
         from pathlib import Path
 
@@ -131,11 +142,46 @@ def run_status(
         sys.stdout.write(REDACTOR(json.dumps({"repositories": rows}, sort_keys=True)) + "\n")
     else:
         sys.stdout.write(_table(rows) + "\n")
-    if check_stale and any(r["stale"] for r in rows):
-        stale = ", ".join(r["repo_id"] or r["repo_key"] for r in rows if r["stale"])
+    if check_stale and (any(r["stale"] for r in rows) or (silence and silence.never_seen)):
+        stale = ", ".join(_label(r) for r in rows if r["stale"])
         sys.stderr.write(f"backrest-relay: stale (no verified off-site copy): {stale}\n")
         return int(ExitCode.LOCAL_INTEGRITY)
     return 0
+
+
+def staleness_window(config: RelayConfig) -> Callable[[RepoStatus], timedelta]:
+    """Each repository's allowed age without a verified copy.
+
+    `notify.max_age` when it is set (file or environment). Otherwise the repository's check
+    schedule in Backrest's config (local_agent/checkpolicy.py: the longest gap between two
+    checks plus slack), found by guid or id; `notify.max_age`'s default (26 h) only for a
+    repository Backrest's config does not list (or when it is not readable here).
+    """
+    max_age = timedelta(seconds=config.notify.max_age_seconds)
+    if "max_age" in config.notify.model_fields_set:
+        return lambda _status: max_age
+    from local_agent.backrest import backrest_config_path, load_backrest_repos
+    from local_agent.checkpolicy import CronError, cadence_of
+
+    try:
+        repos = load_backrest_repos(backrest_config_path())
+    except ConfigError:
+        return lambda _status: max_age
+    windows: dict[str, timedelta] = {}
+    for repo in repos:
+        try:
+            window = cadence_of(repo.check_schedule).window
+        except CronError as exc:
+            log.warning("Backrest repository %s: %s; using notify.max_age", repo.id, exc)
+            window = None
+        for name in (repo.guid, repo.id):
+            if name and window is not None:
+                windows.setdefault(name, window)
+
+    def window_for(status: RepoStatus) -> timedelta:
+        return windows.get(status.repo_key) or windows.get(status.repo_id or "") or max_age
+
+    return window_for
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

@@ -10,7 +10,7 @@ clears the alert and (through the notification policy) sends the recovery messag
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -50,11 +50,15 @@ def assess(status: RepoStatus, now: datetime, max_age: timedelta) -> StaleCheck:
     return StaleCheck(status.repo_key, status.repo_id, since > max_age, None, max_age, None)
 
 
-def _destination_of(status: RepoStatus) -> Destination:
+def _destination_of(
+    status: RepoStatus, fallback: Callable[[RepoStatus], Destination | None]
+) -> Destination:
     for run in (status.latest_run, status.latest_verified):
         if run is not None and isinstance(run.detail.get("destination"), dict):
             return Destination.model_validate(run.detail["destination"])
-    return Destination(provider="s3", endpoint_url=None, bucket="unknown", prefix="")
+    return fallback(status) or Destination(
+        provider="s3", endpoint_url=None, bucket="unknown", prefix=""
+    )
 
 
 def run_watchdog(
@@ -64,12 +68,29 @@ def run_watchdog(
     max_age_for: Callable[[RepoStatus], timedelta] = lambda _: DEFAULT_MAX_AGE,
     repeat_every: timedelta = DEFAULT_REPEAT,
     host: str | None = None,
+    expected: Iterable[RepoRef] = (),
+    destination_for: Callable[[RepoStatus], Destination | None] = lambda _: None,
 ) -> list[MirrorStale]:
-    """One watchdog pass: the `Mirror Stale` events to publish (already recorded)."""
+    """One watchdog pass: the `Mirror Stale` events to publish (already recorded).
+
+    `expected` names repositories that should have runs (local mode: Backrest's mirrored
+    repositories): one the store has never heard of is stale at once ("never verified") —
+    that is the silence of a hook that never ran, or of a run store in another place.
+    """
     now = now or datetime.now(UTC)
     events: list[MirrorStale] = []
-    for status in runs.repos():
+    statuses = list(runs.repos())
+    known = {s.repo_key for s in statuses}
+    expected_keys: set[str] = set()
+    for ref in expected:
+        expected_keys.add(ref.key)
+        if ref.key not in known:
+            known.add(ref.key)
+            statuses.append(RepoStatus(ref.key, ref.id, None, None, 0))
+    for status in statuses:
         check = assess(status, now, max_age_for(status))
+        if status.latest_run is None and status.repo_key in expected_keys:
+            check = StaleCheck(status.repo_key, status.repo_id, True, None, check.max_age, None)
         if not check.stale:
             if status.stale_alerted_at is not None:
                 runs.mark_stale_alerted(status.repo_key, None)
@@ -82,7 +103,7 @@ def run_watchdog(
             repo=RepoRef(id=status.repo_id, guid=guid),
             host=host or socket.gethostname(),
             trigger="watchdog",
-            destination=_destination_of(status),
+            destination=_destination_of(status, destination_for),
             started_at=now,
             finished_at=now,
             last_verified_at=check.last_verified_at,

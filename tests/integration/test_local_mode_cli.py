@@ -11,14 +11,19 @@ import random
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from local_agent import progress as progress_module
 from tests.support.agent import agent_env, run_agent, write_agent_config
 from tests.support.repos import make_restic_repo, restic_backup, restic_check, s3_repo_url
 from tests.support.s3servers import Fault, RcloneS3Server, RequestInfo, S3Proxy
+from tests.support.sinks import HttpSink
 
 REPO_ID = "home"
 
@@ -469,3 +474,291 @@ def test_one_key_limited_to_the_repository_prefix_covers_everything_the_agent_wr
         assert "[FAIL] delete permission (repository prefix)" in no_delete.stdout
         assert "[FAIL] delete permission (manifest prefix)" in no_delete.stdout
     mirror_check(rclone_server, rclone_bucket, restic_password)
+
+
+# -- 5. the local silence alarm ------------------------------------------------------------------
+
+HC_UUID = "7b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d"
+
+
+def venv_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """PATH with the venv's `backrest-relay` first, as after `pipx install`."""
+    bin_dir = Path(sys.executable).parent
+    return {"PATH": f"{bin_dir}:{agent_env()['PATH']}", **extra}
+
+
+def cron_command(line: str) -> str:
+    """The command part of a crontab line (after the five time fields)."""
+    return line.split(None, 5)[5].replace("\\%", "%")
+
+
+def run_shell(command: str, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", "-c", command],
+        env=agent_env(env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def systemd_exec(units: str) -> tuple[list[str], dict[str, str]]:
+    """ExecStart= and Environment= of the printed service, as systemd would split them."""
+    import shlex
+
+    env: dict[str, str] = {}
+    command: list[str] = []
+    for line in units.splitlines():
+        if line.startswith("Environment="):
+            key, _, value = shlex.split(line.removeprefix("Environment="))[0].partition("=")
+            env[key] = value.replace("%%", "%")
+        elif line.startswith("ExecStart="):
+            command = [w.replace("%%", "%") for w in shlex.split(line.removeprefix("ExecStart="))]
+    return command, env
+
+
+def messages(sink: HttpSink) -> list[str]:
+    return [json.loads(r.body)["title"] for r in sink.requests]
+
+
+def test_check_stale_alerts_through_the_channels_once_then_recovers(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    repo = small_restic_repo(tmp_path, restic_password)
+    guid = restic_repo_id(repo, restic_password)
+    relay_hook = "backrest-relay upload --repo {{ .ShellEscape .Repo.Uri }} </dev/null"
+    hooks = [{"conditions": ["CONDITION_CHECK_SUCCESS"], "actionCommand": {"command": relay_hook}}]
+    backrest = write_backrest_config(
+        tmp_path / "backrest.json",
+        [
+            {"id": REPO_ID, "uri": str(repo), "guid": guid, "hooks": hooks},
+            {"id": "nas2", "uri": "/srv/nas2", "guid": "cd" * 32, "hooks": hooks},
+            {"id": "scratch", "uri": "/srv/scratch", "guid": "ef" * 32},  # not mirrored
+        ],
+    )
+    with HttpSink() as chat, HttpSink() as healthchecks:
+        config = local_config(
+            tmp_path,
+            rclone_server,
+            rclone_bucket,
+            notify={
+                "urls": [f"json://127.0.0.1:{chat.port}/hook"],
+                "healthchecks": {REPO_ID: f"{healthchecks.url}/{HC_UUID}"},
+            },
+        )
+        hour = venv_env({"BACKREST_CONFIG": str(backrest), "BACKREST_RELAY_NOTIFY__MAX_AGE": "1h"})
+        up = run_agent([*hook_args(str(repo), guid), "--config", str(config)], env=hour)
+        assert up.returncode == 0, up.stderr
+        chat.clear()
+        healthchecks.clear()
+
+        cron = run_agent(["schedule", "--print", "cron", "--config", str(config)], env=hour)
+        assert cron.returncode == 0, cron.stderr
+        [line] = [ln for ln in cron.stdout.splitlines() if ln and not ln.startswith("#")]
+        assert str(tmp_path / "state") in line and "status --check-stale" in line
+
+        # A mirrored repository this host never saw a run of: exit 3 and an alert.
+        first = run_shell(cron_command(line), hour)
+        assert first.returncode == 3, first.stderr
+        assert "no run recorded for nas2" in first.stderr and "scratch" not in first.stderr
+        [alert] = messages(chat)
+        assert "⏰ nas2" in alert, alert
+
+        # The systemd unit runs the same check: still stale, but no second alert.
+        units = run_agent(["schedule", "--print", "systemd", "--config", str(config)], env=hour)
+        command, unit_env = systemd_exec(units.stdout)
+        assert "OnCalendar=hourly" in units.stdout
+        again = subprocess.run(
+            command,
+            env=agent_env({**hour, **unit_env}),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        assert again.returncode == 3, again.stderr
+        assert len(chat.requests) == 1, messages(chat)
+
+        # home's window passes: one ⏰ to chat and /fail to its Healthchecks check.
+        second = {**hour, "BACKREST_RELAY_NOTIFY__MAX_AGE": "1s"}
+        time.sleep(1.5)
+        stale = run_shell(cron_command(line), second)
+        assert stale.returncode == 3, stale.stderr
+        assert f"stale: {REPO_ID}" in stale.stderr
+        titles = messages(chat)
+        assert len(titles) == 2 and f"⏰ {REPO_ID}: no verified off-site copy" in titles[1]
+        assert [r.path for r in healthchecks.requests] == [f"/{HC_UUID}/fail"]
+        quiet = run_shell(cron_command(line), second)
+        assert quiet.returncode == 3 and len(chat.requests) == 2  # once per stale period
+
+        # The next verified run sends the recovery message.
+        recovered = run_agent([*hook_args(str(repo), guid), "--config", str(config)], env=hour)
+        assert recovered.returncode == 0, recovered.stderr
+        assert "recovered" in messages(chat)[-1] and REPO_ID in messages(chat)[-1]
+        count = len(chat.requests)
+
+        # nas2 removed from Backrest and forgotten: all quiet, exit 0.
+        write_backrest_config(
+            backrest, [{"id": REPO_ID, "uri": str(repo), "guid": guid, "hooks": hooks}]
+        )
+        assert (
+            run_agent(["status", "--forget", "nas2", "--config", str(config)], env=hour).returncode
+            == 0
+        )
+        ok = run_shell(cron_command(line), hour)
+        assert ok.returncode == 0, ok.stderr
+        assert len(chat.requests) == count
+        for text in (first.stderr, stale.stderr, cron.stdout, units.stdout):
+            assert HC_UUID not in text
+    mirror_check(rclone_server, rclone_bucket, restic_password)
+
+
+def test_check_stale_with_an_empty_run_store_is_not_silent(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str
+) -> None:
+    """cron as another user / a wrong state dir: no runs at all must not mean exit 0."""
+    config = local_config(
+        tmp_path,
+        rclone_server,
+        rclone_bucket,
+        notify={"healthchecks": {REPO_ID: "http://127.0.0.1:9/x"}},
+    )
+    result = run_agent(
+        ["status", "--check-stale", "--config", str(config)],
+        env={"BACKREST_CONFIG": str(tmp_path / "absent.json")},
+    )
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert f"no run recorded for {REPO_ID}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- 6. the staleness window follows Backrest's check schedule -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expression", "interval"),
+    [
+        ("0 0 1 * *", timedelta(days=31)),  # Backrest's default: monthly
+        ("0 3 * * *", timedelta(days=1)),
+        ("@daily", timedelta(days=1)),
+        ("*/15 * * * *", timedelta(minutes=15)),
+        ("0 4 * * 0", timedelta(days=7)),
+        ("30 2 * * 7", timedelta(days=7)),  # 7 is Sunday too
+        ("0 0 * * mon", timedelta(days=7)),
+        ("0 12 * * 1-5", timedelta(days=3)),  # Friday to Monday
+        ("0 0 1 * 1", timedelta(days=7)),  # day of month OR Monday, as cron does
+        ("0 0 1 1,7 *", timedelta(days=184)),
+        ("0 0 1 */3 *", timedelta(days=92)),
+        ("0 0 29 2 *", timedelta(days=4 * 365 + 1)),
+        ("0 6,18 * * *", timedelta(hours=12)),
+    ],
+)
+def test_cron_interval_is_the_longest_gap_between_runs(
+    expression: str, interval: timedelta
+) -> None:
+    from local_agent.checkpolicy import cron_interval
+
+    assert cron_interval(expression) == interval
+
+
+@pytest.mark.parametrize("expression", ["0 0 L * *", "0 0 * * 1#2", "61 * * * *", "0 0 * *", "x"])
+def test_cron_the_parser_does_not_understand_is_an_error(expression: str) -> None:
+    from local_agent.checkpolicy import CronError, cron_interval
+
+    with pytest.raises(CronError):
+        cron_interval(expression)
+
+
+def test_cadence_of_backrests_schedule_forms() -> None:
+    from local_agent.checkpolicy import cadence_of
+
+    assert cadence_of(None).interval == timedelta(days=31)  # Backrest's default
+    assert cadence_of({"cron": "0 3 * * *", "clock": "CLOCK_LOCAL"}).interval == timedelta(days=1)
+    assert cadence_of({"maxFrequencyDays": 7}).interval == timedelta(days=7)
+    assert cadence_of({"maxFrequencyHours": "6"}).interval == timedelta(hours=6)
+    assert cadence_of({"disabled": True}).interval is None
+    daily = cadence_of({"maxFrequencyDays": 1})
+    assert daily.window == timedelta(hours=26, minutes=24) and not daily.less_than_daily
+    monthly = cadence_of({"cron": "0 0 1 * *"})
+    assert monthly.window == timedelta(days=31) * 1.1 and monthly.less_than_daily
+
+
+def test_staleness_window_follows_the_check_schedule_unless_max_age_is_set(
+    tmp_path: Path,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    restic_password: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from local_agent.config import load_config
+    from local_agent.status import run_status
+
+    repo = small_restic_repo(tmp_path, restic_password)
+    guid = restic_repo_id(repo, restic_password)
+    relay_hook = "backrest-relay upload </dev/null"
+    hooks = [{"conditions": ["CONDITION_CHECK_SUCCESS"], "actionCommand": {"command": relay_hook}}]
+    backrest = tmp_path / "backrest.json"
+
+    def backrest_with(check_policy: dict[str, Any] | None) -> None:
+        entry: dict[str, Any] = {"id": REPO_ID, "uri": str(repo), "guid": guid, "hooks": hooks}
+        if check_policy is not None:
+            entry["checkPolicy"] = check_policy
+        write_backrest_config(backrest, [entry])
+
+    backrest_with({"schedule": {"cron": "0 0 1 * *", "clock": "CLOCK_LAST_RUN_TIME"}})
+    config_path = local_config(tmp_path, rclone_server, rclone_bucket)
+    env = {"BACKREST_CONFIG": str(backrest)}
+    up = run_agent([*hook_args(str(repo), guid), "--config", str(config_path)], env=env)
+    assert up.returncode == 0, up.stderr
+    verified = datetime.now(UTC)
+    monkeypatch.setenv("BACKREST_CONFIG", str(backrest))
+    config = load_config(str(config_path), env={}).config
+
+    def check(after: timedelta) -> int:
+        return run_status(config, as_json=True, check_stale=True, now=verified + after)
+
+    # Monthly checks (Backrest's default): two days old is fine, 40 days is stale.
+    assert check(timedelta(days=2)) == 0
+    assert check(timedelta(days=40)) == 3
+    backrest_with(None)  # no checkPolicy: Backrest's default, monthly
+    assert check(timedelta(days=20)) == 0
+    backrest_with({"schedule": {"maxFrequencyDays": 7}})
+    assert check(timedelta(days=5)) == 0
+    assert check(timedelta(days=9)) == 3
+    # An explicit max_age wins over the schedule.
+    explicit = load_config(str(config_path), env={"BACKREST_RELAY_NOTIFY__MAX_AGE": "26h"}).config
+    assert (
+        run_status(explicit, as_json=True, check_stale=True, now=verified + timedelta(days=2)) == 3
+    )
+    mirror_check(rclone_server, rclone_bucket, restic_password)
+
+
+def test_doctor_and_hook_snippet_say_when_checks_run_less_than_daily(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    repo = small_restic_repo(tmp_path, restic_password)
+    config = str(local_config(tmp_path, rclone_server, rclone_bucket))
+    backrest = tmp_path / "backrest.json"
+    env = {"BACKREST_CONFIG": str(backrest)}
+    entry = {"id": REPO_ID, "uri": str(repo), "checkPolicy": {"schedule": {"cron": "0 0 1 * *"}}}
+    write_backrest_config(backrest, [entry])
+
+    doctor = run_agent(["doctor", "--repo-id", REPO_ID, "--config", config], env=env)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    [line] = [ln for ln in doctor.stdout.splitlines() if "check schedule" in ln]
+    assert line.startswith("[warn]") and "every 31 days" in line
+    assert "Check Policy" in line and "structure only" in line and "daily" in line
+    snippet = run_agent(["hook-snippet", "--repo-id", REPO_ID, "--config", config], env=env)
+    assert snippet.returncode == 0, snippet.stderr
+    assert "every 31 days" in snippet.stderr and "structure only" in snippet.stderr
+    assert "every 31 days" not in snippet.stdout  # the paste-able text stays clean
+
+    entry["checkPolicy"] = {"schedule": {"cron": "0 3 * * *"}, "structureOnly": True}
+    write_backrest_config(backrest, [entry])
+    daily = run_agent(["doctor", "--repo-id", REPO_ID, "--config", config], env=env)
+    assert "[ok  ] check schedule: Backrest checks home every 24 h" in daily.stdout, daily.stdout
+    quiet = run_agent(["hook-snippet", "--repo-id", REPO_ID, "--config", config], env=env)
+    assert "structure only" not in quiet.stderr
