@@ -77,8 +77,22 @@ def agent_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def agent_command(args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "local_agent", *args]
+# Root reads every file whatever its mode, so "a pack the agent cannot read" needs root
+# without the two capabilities that bypass file permissions (tests run as root in CI).
+# Files restic writes (owner root, mode 0400, folders 0700) stay readable by their owner.
+_DROP_FILE_OVERRIDE = (
+    "setpriv",
+    "--bounding-set=-dac_override,-dac_read_search",
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--",
+)
+
+
+def agent_command(args: Sequence[str], *, honour_file_modes: bool = False) -> list[str]:
+    """The agent's command line; ``honour_file_modes`` makes a root agent subject to file
+    permissions (``chmod 000`` then really makes a file unreadable to it)."""
+    prefix = list(_DROP_FILE_OVERRIDE) if honour_file_modes and os.geteuid() == 0 else []
+    return [*prefix, sys.executable, "-m", "local_agent", *args]
 
 
 def run_agent(
@@ -103,10 +117,13 @@ def run_agent(
 
 
 def start_agent(
-    args: Sequence[str], *, env: Mapping[str, str] | None = None
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    honour_file_modes: bool = False,
 ) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        agent_command(args),
+        agent_command(args, honour_file_modes=honour_file_modes),
         env=agent_env(env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -126,6 +143,11 @@ def remote_keys(endpoint: S3Endpoint, bucket: str, prefix: str = "") -> dict[str
 
 
 def unfinished_uploads(endpoint: S3Endpoint, bucket: str) -> list[str]:
+    return [key for key, _ in unfinished_upload_ids(endpoint, bucket)]
+
+
+def unfinished_upload_ids(endpoint: S3Endpoint, bucket: str) -> list[tuple[str, str]]:
+    """(key, upload id) of every multipart upload started and neither completed nor aborted."""
     client = endpoint.client()
     try:
         resp = client.list_multipart_uploads(Bucket=bucket)
@@ -133,4 +155,15 @@ def unfinished_uploads(endpoint: S3Endpoint, bucket: str) -> list[str]:
         if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
             return []
         raise
-    return [u["Key"] for u in resp.get("Uploads", [])]
+    return [(u["Key"], u["UploadId"]) for u in resp.get("Uploads", [])]
+
+
+def remote_etags(endpoint: S3Endpoint, bucket: str, prefix: str = "") -> dict[str, tuple[int, str]]:
+    """Key → (size, ETag) of every object under ``prefix``: enough to tell whether a run
+    added, replaced or removed anything (an ETag ending in ``-N`` marks a multipart object)."""
+    client = endpoint.client()
+    out: dict[str, tuple[int, str]] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            out[item["Key"]] = (item["Size"], item["ETag"].strip('"'))
+    return out
