@@ -40,8 +40,8 @@ COUNTS: dict[str, tuple[int, int]] = {
     "bad config: configs through the CLI": (4, 25),
     "odd repositories: trials": (3, 20),
     "concurrency: pairs of uploads": (3, 10),
-    "model: cases": (2, 8),
-    "model: steps per case": (7, 20),
+    "model: cases": (3, 8),
+    "model: steps per case": (6, 20),
 }
 
 

@@ -15,8 +15,9 @@ every step what must hold whatever happened:
   the local repository when the run started (plus any a racing backup completed — whole,
   which ``restic check`` proves — and, while deletion is deferred or off, forgotten ones),
   and never a snapshot the local repository never had.
-- **refused / failed runs change nothing restic needs**: a refused run (exit 5) changes
-  nothing under the prefix; any other failed or killed run only adds objects (and, when
+- **refused / failed runs change nothing restic needs**: a run refused because a foreign
+  repository is at the path changes nothing under the prefix; any other refused, failed
+  or killed run only adds objects (and, when
   deleting, removes only objects the local repository no longer has); ``config`` and
   ``keys/`` are never replaced.
 - **no unfinished multipart upload** remains after a run that exits 0.
@@ -54,6 +55,7 @@ from typing import Any, ClassVar
 import pytest
 from hypothesis import HealthCheck, Phase, note, seed, settings
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -175,6 +177,13 @@ def _snapshots(keys: Mapping[str, Any]) -> set[str]:
     return {k.split("/", 1)[1] for k in keys if k.startswith("snapshots/")}
 
 
+def _note(text: str) -> None:
+    """Interleave the step log with hypothesis's reproduction (outside a test, e.g. when a
+    reproduction is replayed by hand, there is nothing to add it to)."""
+    with suppress(InvalidArgument):
+        note(text)
+
+
 class MirrorModel(RuleBasedStateMachine):
     """One case: a fresh repository, bucket and state store; the rules act on them."""
 
@@ -218,11 +227,11 @@ class MirrorModel(RuleBasedStateMachine):
         STATS.rules[rule] += 1
         line = f"{len(self.log) + 1:>2}. {rule}: {text}"
         self.log.append(line)
-        note(line)
+        _note(line)
 
     def amend(self, text: str) -> None:
         self.log[-1] += f" → {text}"
-        note(f"    → {text}")
+        _note(f"    → {text}")
 
     def fail(self, what: str, detail: str = "") -> None:
         self.failed = True
@@ -372,7 +381,8 @@ class MirrorModel(RuleBasedStateMachine):
                 now = after.get(key)
                 if now is not None and now != (size, etag) and key not in self.damaged:
                     self.fail(f"{run.rule}: the remote {key} was replaced ({run.describe()})")
-        if run.returncode == 5:
+        if run.returncode == 5 and self.swapped:
+            # Refused because another repository is at the path: not one object may change.
             STATS.invariants["refused run changed nothing"] += 1
             if before != after:
                 changed = sorted(
@@ -384,6 +394,8 @@ class MirrorModel(RuleBasedStateMachine):
                     run.stderr,
                 )
         elif run.returncode != 0:
+            # Killed, failed, or refused by a deletion guard: new objects are harmless, but
+            # nothing restic needs may be removed or replaced.
             STATS.invariants["failed run only added objects"] += 1
             deleting = run.rule == "upload_delete"
             for key, value in before.items():
@@ -440,9 +452,20 @@ class MirrorModel(RuleBasedStateMachine):
     # -- the local repository --------------------------------------------------------------
 
     @precondition(lambda self: "backup" not in SKIP and not self.swapped)
-    @rule(files=st.integers(1, 3), big=st.booleans(), salt=st.integers(0, 2**16))
-    def backup(self, files: int, big: bool, salt: int) -> None:
+    @rule(
+        files=st.integers(1, 3),
+        big=st.booleans(),
+        salt=st.integers(0, 2**16),
+        drop=st.booleans(),
+    )
+    def backup(self, files: int, big: bool, salt: int, drop: bool) -> None:
         what = self.write_files(files, big, salt)
+        if drop:
+            # A file gone from the source lets a later prune remove its packs.
+            present = sorted(self.src.glob("f*.bin"))
+            gone = max(present, key=lambda p: (p.stat().st_size, p.name))
+            gone.unlink()
+            what += f"; {gone.name} removed"
         self.step("backup", what)
         self.amend(f"snapshot {self.backup_now(self.repo)[:8]}")
 
@@ -600,7 +623,7 @@ class MirrorModel(RuleBasedStateMachine):
         lambda self: (
             "upload_deadline" not in SKIP
             and not self.swapped
-            and sum(self.unmirrored().values()) >= 300_000
+            and sum(self.unmirrored().values()) >= 1_500_000
         )
     )
     @rule()
@@ -608,10 +631,10 @@ class MirrorModel(RuleBasedStateMachine):
         pending = sum(self.unmirrored().values())
         self.step(
             "upload_deadline",
-            f"upload.deadline = 1s, bandwidth_limit = 100KiB/s, {pending} B to send",
+            f"upload.deadline = 1s, bandwidth_limit = 1MiB/s, {pending} B to send",
         )
         run = self.run_agent(
-            "upload_deadline", env=self.agent_env(deadline="1s", bandwidth_limit="100KiB/s")
+            "upload_deadline", env=self.agent_env(deadline="1s", bandwidth_limit="1MiB/s")
         )
         self.expect_exit(run, {0, 6}, "the deadline passes before the upload can finish")
 
