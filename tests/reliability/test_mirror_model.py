@@ -69,6 +69,7 @@ from local_agent.config import UploadConfig
 from tests.reliability.common import MODEL, SEED, SOAK, Ledger, count
 from tests.support.agent import (
     remote_etags,
+    slow_directory_reads,
     start_agent,
     unfinished_upload_ids,
     write_agent_config,
@@ -304,13 +305,16 @@ class MirrorModel(RuleBasedStateMachine):
         *,
         kill_after: float | None = None,
         during: Callable[[], None] | None = None,
-        lead: float = 0.0,
+        wrapper: tuple[str, ...] = (),
     ) -> Run:
         """Run the agent as a process (as Backrest would), optionally killing it or running
         `during` (a racing backup) alongside."""
         before = self.listing()
         uploads_before = {u for _, u in unfinished_upload_ids(self.endpoint, self.bucket)}
         snaps = self.local_snapshots()
+        proc = start_agent(
+            self.agent_args(*extra), env=env, honour_file_modes=True, wrapper=wrapper
+        )
         racer: threading.Thread | None = None
         racer_error: list[BaseException] = []
         if during is not None:
@@ -323,10 +327,6 @@ class MirrorModel(RuleBasedStateMachine):
 
             racer = threading.Thread(target=race, daemon=True)
             racer.start()
-            time.sleep(lead)
-            # The snapshots the run must mirror are those complete when it starts.
-            snaps = self.local_snapshots()
-        proc = start_agent(self.agent_args(*extra), env=env, honour_file_modes=True)
         killed = False
         if kill_after is not None:
             try:
@@ -564,26 +564,36 @@ class MirrorModel(RuleBasedStateMachine):
         files=st.integers(1, 3),
         big=st.booleans(),
         salt=st.integers(0, 2**16),
-        lead=st.sampled_from([0.0, 0.15, 0.3, 0.45]),
+        delay=st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0, 3.0]),
         backups=st.integers(1, 3),
+        slow_nas=st.booleans(),
     )
     def upload_racing_backup(
-        self, files: int, big: bool, salt: int, lead: float, backups: int
+        self, files: int, big: bool, salt: int, delay: float, backups: int, slow_nas: bool
     ) -> None:
         what = self.write_files(files, big, salt)
         self.step(
             "upload_racing_backup",
-            f"{backups} restic backup(s) of {what}; upload starts {lead:.2f}s after the first",
+            f"upload; {delay:.1f}s later {backups} restic backup(s) of {what}"
+            + (" (directory reads 2 ms slower, a slow NAS)" if slow_nas else ""),
         )
         made: list[str] = []
 
         def racing() -> None:
+            time.sleep(delay)
             for i in range(backups):
                 if i:
                     self.write_files(1, False, salt + i)
                 made.append(self.backup_now(self.repo))
 
-        run = self.run_agent("upload_racing_backup", during=racing, lead=lead)
+        if slow_nas and not shutil.which("strace"):
+            slow_nas = False
+            self.amend("(no strace: directory reads at normal speed)")
+        run = self.run_agent(
+            "upload_racing_backup",
+            during=racing,
+            wrapper=tuple(slow_directory_reads(2000)) if slow_nas else (),
+        )
         self.amend("racing snapshots " + ", ".join(s[:8] for s in made))
         self.expect_exit(run, {0, 3}, "a concurrent backup is mirrored whole or not at all")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -88,11 +89,35 @@ _DROP_FILE_OVERRIDE = (
 )
 
 
-def agent_command(args: Sequence[str], *, honour_file_modes: bool = False) -> list[str]:
+def slow_directory_reads(microseconds: int) -> list[str]:
+    """A command prefix that delays every directory read (``getdents64``) of the command by
+    ``microseconds``, as a slow NAS or NFS mount does: it widens the time a scan of a
+    repository takes, so another restic client can finish a backup in the middle of it."""
+    strace = shutil.which("strace")
+    if strace is None:
+        raise RuntimeError("strace not found on PATH (needed to slow directory reads)")
+    inject = f"getdents64:delay_exit={microseconds}"
+    return [
+        strace,
+        "-f",
+        "-qq",
+        "-o",
+        os.devnull,
+        "-e",
+        "trace=getdents64",
+        "-e",
+        f"inject={inject}",
+    ]
+
+
+def agent_command(
+    args: Sequence[str], *, honour_file_modes: bool = False, wrapper: Sequence[str] = ()
+) -> list[str]:
     """The agent's command line; ``honour_file_modes`` makes a root agent subject to file
-    permissions (``chmod 000`` then really makes a file unreadable to it)."""
+    permissions (``chmod 000`` then really makes a file unreadable to it); ``wrapper`` is a
+    command prefix such as ``slow_directory_reads(...)``."""
     prefix = list(_DROP_FILE_OVERRIDE) if honour_file_modes and os.geteuid() == 0 else []
-    return [*prefix, sys.executable, "-m", "local_agent", *args]
+    return [*wrapper, *prefix, sys.executable, "-m", "local_agent", *args]
 
 
 def run_agent(
@@ -121,9 +146,10 @@ def start_agent(
     *,
     env: Mapping[str, str] | None = None,
     honour_file_modes: bool = False,
+    wrapper: Sequence[str] = (),
 ) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        agent_command(args, honour_file_modes=honour_file_modes),
+        agent_command(args, honour_file_modes=honour_file_modes, wrapper=wrapper),
         env=agent_env(env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
