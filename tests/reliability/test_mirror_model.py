@@ -37,6 +37,8 @@ then prints the whole failing case).
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import random
 import shutil
@@ -68,6 +70,8 @@ from hypothesis.stateful import (
 from local_agent.config import UploadConfig
 from tests.reliability.common import MODEL, SEED, SOAK, Ledger, count
 from tests.support.agent import (
+    agent_command,
+    agent_env,
     remote_etags,
     slow_directory_reads,
     start_agent,
@@ -114,6 +118,7 @@ RULES = (
     "swap_in_foreign_repo",
     "swap_back",
     "tamper",
+    "verify_deep",
 )
 
 
@@ -220,6 +225,7 @@ class MirrorModel(RuleBasedStateMachine):
         self.checked_fingerprint: frozenset[tuple[str, tuple[int, str]]] | None = None
         self.mirrored_once = False
         self.failed = False
+        self.last_exit: int | None = None
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -357,6 +363,7 @@ class MirrorModel(RuleBasedStateMachine):
             snaps,
         )
         STATS.exits[f"{rule}: {'killed' if killed else proc.returncode}"] += 1
+        self.last_exit = run.returncode
         self.amend(run.describe())
         self.check_run(run)
         return run
@@ -647,6 +654,63 @@ class MirrorModel(RuleBasedStateMachine):
             "upload_deadline", env=self.agent_env(deadline="1s", bandwidth_limit="1MiB/s")
         )
         self.expect_exit(run, {0, 6}, "the deadline passes before the upload can finish")
+
+    def newest_manifest_keys(self) -> set[str] | None:
+        """Repository-relative keys the newest manifest in the bucket names (read with plain
+        S3 calls; manifests are gzip JSON Lines, one header line first)."""
+        prefix = f".backrest-relay/{REPO_ID}/manifests/"
+        manifests = sorted(
+            k
+            for k in remote_etags(self.endpoint, self.bucket, prefix)
+            if k.endswith(".jsonl.gz") and not k.endswith(".report.jsonl.gz")
+        )
+        if not manifests:
+            return None
+        body = self.endpoint.client().get_object(Bucket=self.bucket, Key=manifests[-1])["Body"]
+        lines = gzip.decompress(body.read()).decode().splitlines()[1:]
+        return {_rel(json.loads(line)["key"]) for line in lines if line.strip()}
+
+    @precondition(lambda self: "verify_deep" not in SKIP and self.mirrored_once)
+    @rule()
+    def verify_deep(self) -> None:
+        listed = self.newest_manifest_keys() or set()
+        named = sorted(k for k in self.damaged if k in listed)
+        self.step(
+            "verify_deep",
+            "backrest-relay verify --deep 100%"
+            + (f" ({len(named)} damaged object(s) in the newest manifest)" if named else ""),
+        )
+        proc = subprocess.run(
+            agent_command(
+                ["verify", "--repo-id", REPO_ID, "--config", str(self.config), "--deep", "100%"]
+            ),
+            env=agent_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=AGENT_TIMEOUT,
+            check=False,
+        )
+        last = (proc.stdout.strip().splitlines() or [""])[0][:200]
+        self.amend(f"exit {proc.returncode} — {last}")
+        STATS.exits[f"verify_deep: {proc.returncode}"] += 1
+        output = proc.stdout + proc.stderr
+        if named:
+            # Damage to an object the manifest names is found, and the object named.
+            STATS.invariants["verify finds damage to a manifest's object"] += 1
+            if proc.returncode != 3 or not any(k in output for k in named):
+                self.fail(
+                    f"verify_deep: exit {proc.returncode}, expected 3 naming {named[0]}",
+                    output,
+                )
+        elif not self.damaged and self.last_exit == 0:
+            # Nothing damaged and the last run succeeded: its manifest describes the mirror.
+            STATS.invariants["verify passes after a successful run"] += 1
+            if proc.returncode != 0:
+                self.fail(
+                    f"verify_deep: exit {proc.returncode} after a successful run, no damage",
+                    output,
+                )
 
     # -- the bucket ------------------------------------------------------------------------
 
