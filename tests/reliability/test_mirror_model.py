@@ -846,6 +846,7 @@ def _run_model(endpoint: S3Endpoint, name: str, ledger: Ledger, server_seed: int
         f"MirrorModel_{name}", (MirrorModel,), {"endpoint": endpoint, "server_name": name}
     )
     before = (STATS.steps, Counter(STATS.rules), Counter(STATS.invariants), STATS.cases)
+    exits_before = Counter(STATS.exits)
     failed = ""
     try:
         run_state_machine_as_test(
@@ -855,7 +856,7 @@ def _run_model(endpoint: S3Endpoint, name: str, ledger: Ledger, server_seed: int
             _min_steps=count("model: steps per case") if SOAK else 0,
         )
     except BaseException as exc:
-        failed = type(exc).__name__
+        failed = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
         raise
     finally:
         rules = STATS.rules - before[1]
@@ -864,7 +865,7 @@ def _run_model(endpoint: S3Endpoint, name: str, ledger: Ledger, server_seed: int
             MODEL,
             trials=STATS.steps - before[0],
             faults=sum(rules[r] for r in FAULT_RULES),
-            detected=sum(invariants.values()),
+            detected=sum(n for i, n in invariants.items() if "suspended" not in i),
             lost=1 if failed else 0,
             kinds=Counter(
                 {
@@ -874,7 +875,8 @@ def _run_model(endpoint: S3Endpoint, name: str, ledger: Ledger, server_seed: int
             ),
             note=(
                 f"{name}: {STATS.cases - before[3]} cases, {STATS.steps - before[0]} steps, "
-                f"{sum(invariants.values())} invariant checks"
+                f"{sum(invariants.values())} invariant checks; agent exits: "
+                + ", ".join(f"{k} × {v}" for k, v in sorted((STATS.exits - exits_before).items()))
                 + (f"; FAILED ({failed})" if failed else "")
             ),
         )
