@@ -26,6 +26,7 @@ SOAK = os.environ.get("BACKREST_RELAY_SOAK", "").strip().lower() in {"1", "true"
 SEED = int(os.environ.get("BACKREST_RELAY_SEED", "") or 20261126)
 LEDGER_ENV = "BACKREST_RELAY_LEDGER"
 MiB = 1024 * 1024
+MODEL = "model-based (stateful)"  # the ledger category of test_mirror_model.py
 MULTIPART = {"multipart_threshold": "5MiB", "part_size": "5MiB"}
 
 
@@ -39,6 +40,8 @@ COUNTS: dict[str, tuple[int, int]] = {
     "bad config: configs through the CLI": (4, 25),
     "odd repositories: trials": (3, 20),
     "concurrency: pairs of uploads": (3, 10),
+    "model: cases": (3, 8),
+    "model: steps per case": (6, 20),
 }
 
 

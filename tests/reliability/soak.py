@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.reliability.common import COUNTS, LEDGER_ENV
+from tests.reliability.common import COUNTS, LEDGER_ENV, MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,6 +90,18 @@ CATEGORIES: dict[str, tuple[str, str, str, str]] = {
         "sentinel secrets",
         "sentinels never found",
         "leaks found",
+    ),
+    MODEL: (
+        "hypothesis `RuleBasedStateMachine` (tests/reliability/test_mirror_model.py) over real "
+        "restic, `rclone serve s3` and moto (multipart ETags) and the agent process: backups, "
+        "forget + prune, a racing restic backup, SIGKILL, an unreadable new pack, a foreign "
+        "repository at the path, S3-API damage to single-part and multipart objects, "
+        "`--reconcile`, deadline expiry and delete runs in random order; invariants checked "
+        "after every step",
+        "fault steps (racing backup, kill, unreadable pack, deadline, foreign repository, "
+        "tampering)",
+        "invariant checks that held",
+        "cases that broke an invariant",
     ),
     "concurrency": (
         "two uploads of one repository at once (the second by the same path, a local: URI, "
@@ -206,6 +218,34 @@ def machine() -> dict[str, str]:
     }
 
 
+def model_tables(fig: dict[str, Any]) -> list[str]:
+    """Steps, rules and invariants of the model-based test, per server and in total.
+
+    The test records kinds as ``rule SERVER: NAME`` and ``invariant SERVER: NAME``."""
+    table: dict[str, dict[str, dict[str, int]]] = {"rule": {}, "invariant": {}}
+    servers: list[str] = []
+    for kind, n in fig.get("kinds", {}).items():
+        what, _, rest = kind.partition(" ")
+        server, _, name = rest.partition(": ")
+        if what not in table or not name:
+            continue
+        if server not in servers:
+            servers.append(server)
+        table[what].setdefault(name, {})[server] = n
+    servers.sort()
+    lines = [f"Steps run: **{fig['trials']}** (every rule application is a step)."]
+    for what, title in (("rule", "Rules exercised"), ("invariant", "Invariants checked")):
+        lines += [
+            "",
+            f"| {title.lower()} | {' | '.join(servers)} | total |",
+            "| --- |" + " ---: |" * (len(servers) + 1),
+        ]
+        for name, per in sorted(table[what].items()):
+            cells = " | ".join(str(per.get(srv, 0)) for srv in servers)
+            lines.append(f"| {name} | {cells} | {sum(per.values())} |")
+    return lines
+
+
 def render(
     *,
     seed: int,
@@ -260,7 +300,9 @@ def render(
         lines.append(
             f"- faults injected: {faults}; detected / handled: {detected}; data lost: {lost_what}."
         )
-        if fig.get("kinds"):
+        if name == MODEL:
+            lines += ["", *model_tables(fig), ""]
+        elif fig.get("kinds"):
             kinds = ", ".join(f"{k} × {v}" for k, v in sorted(fig["kinds"].items()))
             lines.append(f"- by kind: {kinds}")
         for text in fig.get("notes", []):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -77,8 +78,46 @@ def agent_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def agent_command(args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "local_agent", *args]
+# Root reads every file whatever its mode, so "a pack the agent cannot read" needs root
+# without the two capabilities that bypass file permissions (tests run as root in CI).
+# Files restic writes (owner root, mode 0400, folders 0700) stay readable by their owner.
+_DROP_FILE_OVERRIDE = (
+    "setpriv",
+    "--bounding-set=-dac_override,-dac_read_search",
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--",
+)
+
+
+def slow_directory_reads(microseconds: int) -> list[str]:
+    """A command prefix that delays every directory read (``getdents64``) of the command by
+    ``microseconds``, as a slow NAS or NFS mount does: it widens the time a scan of a
+    repository takes, so another restic client can finish a backup in the middle of it."""
+    strace = shutil.which("strace")
+    if strace is None:
+        raise RuntimeError("strace not found on PATH (needed to slow directory reads)")
+    inject = f"getdents64:delay_exit={microseconds}"
+    return [
+        strace,
+        "-f",
+        "-qq",
+        "-o",
+        os.devnull,
+        "-e",
+        "trace=getdents64",
+        "-e",
+        f"inject={inject}",
+    ]
+
+
+def agent_command(
+    args: Sequence[str], *, honour_file_modes: bool = False, wrapper: Sequence[str] = ()
+) -> list[str]:
+    """The agent's command line; ``honour_file_modes`` makes a root agent subject to file
+    permissions (``chmod 000`` then really makes a file unreadable to it); ``wrapper`` is a
+    command prefix such as ``slow_directory_reads(...)``."""
+    prefix = list(_DROP_FILE_OVERRIDE) if honour_file_modes and os.geteuid() == 0 else []
+    return [*wrapper, *prefix, sys.executable, "-m", "local_agent", *args]
 
 
 def run_agent(
@@ -103,10 +142,14 @@ def run_agent(
 
 
 def start_agent(
-    args: Sequence[str], *, env: Mapping[str, str] | None = None
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    honour_file_modes: bool = False,
+    wrapper: Sequence[str] = (),
 ) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        agent_command(args),
+        agent_command(args, honour_file_modes=honour_file_modes, wrapper=wrapper),
         env=agent_env(env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -126,6 +169,11 @@ def remote_keys(endpoint: S3Endpoint, bucket: str, prefix: str = "") -> dict[str
 
 
 def unfinished_uploads(endpoint: S3Endpoint, bucket: str) -> list[str]:
+    return [key for key, _ in unfinished_upload_ids(endpoint, bucket)]
+
+
+def unfinished_upload_ids(endpoint: S3Endpoint, bucket: str) -> list[tuple[str, str]]:
+    """(key, upload id) of every multipart upload started and neither completed nor aborted."""
     client = endpoint.client()
     try:
         resp = client.list_multipart_uploads(Bucket=bucket)
@@ -133,4 +181,15 @@ def unfinished_uploads(endpoint: S3Endpoint, bucket: str) -> list[str]:
         if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
             return []
         raise
-    return [u["Key"] for u in resp.get("Uploads", [])]
+    return [(u["Key"], u["UploadId"]) for u in resp.get("Uploads", [])]
+
+
+def remote_etags(endpoint: S3Endpoint, bucket: str, prefix: str = "") -> dict[str, tuple[int, str]]:
+    """Key → (size, ETag) of every object under ``prefix``: enough to tell whether a run
+    added, replaced or removed anything (an ETag ending in ``-N`` marks a multipart object)."""
+    client = endpoint.client()
+    out: dict[str, tuple[int, str]] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            out[item["Key"]] = (item["Size"], item["ETag"].strip('"'))
+    return out
