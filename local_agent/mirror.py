@@ -267,7 +267,7 @@ class MirrorRun:
         if known is None:
             known = self.state.known_sizes()
         # Identity first: a refused run must change nothing, the state store included.
-        self._check_config(scan, listing, known)
+        self._check_config(scan, listing)
         if listing is not None:
             # The listing is the truth about the bucket; the store is rebuilt from it.
             adopt = [
@@ -301,9 +301,7 @@ class MirrorRun:
             items.sort(key=lambda w: (-w.file.size, w.file.key))
         return work
 
-    def _check_config(
-        self, scan: RepositoryScan, listing: dict[str, Listed] | None, known: dict[str, int]
-    ) -> None:
+    def _check_config(self, scan: RepositoryScan, listing: dict[str, Listed] | None) -> None:
         """Refuse to mix two repositories under one prefix: `config` never changes.
 
         The bucket is the judge, not the state store: when the store holds no record of
@@ -328,7 +326,9 @@ class MirrorRun:
             stored = self.state.get("config")
             if stored is not None and stored.md5 is not None:
                 same = stored.md5 == digest.md5
-            elif known.get("config") != local.size or stored is None:
+            else:
+                # No trusted record (in practice no record at all, so this run would upload
+                # `config`): the bucket decides.
                 same = self._remote_config_equals(path, data)
         if not same:
             raise GuardError(

@@ -15,10 +15,12 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import tempfile
 import textwrap
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from tests.support.agent import (
     agent_env,
     remote_keys,
     run_agent,
+    start_agent,
     unfinished_uploads,
     write_agent_config,
 )
@@ -43,7 +46,7 @@ from tests.support.repos import (
     s3_repo_url,
     write_random_tree,
 )
-from tests.support.s3servers import RcloneS3Server, S3Endpoint
+from tests.support.s3servers import RcloneS3Server, S3Endpoint, S3Proxy
 
 REPO_ID = "safety"
 PREFIX = f"restic/{REPO_ID}"
@@ -53,13 +56,15 @@ NOBODY = 65534
 # -- helpers ------------------------------------------------------------------------------
 
 
-def small_repo(path: Path, source: Path, password: str, *, seed: int, big: int = 0) -> str:
+def small_repo(
+    path: Path, source: Path, password: str, *, seed: int, big: int = 0, pack_mib: int | None = None
+) -> str:
     """A real restic repository with one snapshot (plus one `big`-byte file if asked)."""
     make_restic_repo(path, password)
     write_random_tree(source / f"s{seed}", files=6, size=(50_000, 400_000), seed=seed)
     if big:
         (source / f"s{seed}" / "big.bin").write_bytes(os.urandom(big))
-    return restic_backup(path, password, source)
+    return restic_backup(path, password, source, pack_size_mib=pack_mib)
 
 
 def config_for(tmp_path: Path, endpoint: S3Endpoint, bucket: str, **upload: object) -> Path:
@@ -254,8 +259,9 @@ def shared_dir() -> Iterator[Path]:
 
 def as_nobody(args: list[str], home: Path) -> AgentResult:
     """The agent as an unprivileged user: root reads any file whatever its mode."""
+    drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
     proc = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *args],
+        [*(drop if os.geteuid() == 0 else []), *args],
         env=agent_env({"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")}),
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -273,8 +279,8 @@ def test_unreadable_new_pack_stops_index_and_snapshot_phases(
     restic_password: str,
     shared_dir: Path,
 ) -> None:
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to run the agent as another user")
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("as root, needs setpriv to run the agent as another user")
     endpoint = rclone_server.endpoint
     repo = shared_dir / "repo"
     source = shared_dir / "src"
@@ -287,7 +293,8 @@ def test_unreadable_new_pack_stops_index_and_snapshot_phases(
     unreadable = biggest_pack(repo, exclude=before)
     bad_key = unreadable.relative_to(repo).as_posix()
     assert bad_key in new
-    subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(shared_dir)], check=True)
+    if os.geteuid() == 0:
+        subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(shared_dir)], check=True)
     unreadable.chmod(0)
 
     result = as_nobody(agent_command(upload_args(config, repo)), shared_dir)
@@ -505,6 +512,52 @@ def test_file_changing_between_hash_and_send_exits_3_naming_it_and_sends_nothing
     remote = remote_keys(endpoint, rclone_bucket, PREFIX)
     assert f"{PREFIX}/{key}" not in remote
     assert not any(k.startswith((f"{PREFIX}/index/", f"{PREFIX}/snapshots/")) for k in remote)
+    assert unfinished_uploads(endpoint, rclone_bucket) == []
+    restic_check(
+        mirror_url(endpoint, rclone_bucket), restic_password, env=endpoint.env(), read_data=True
+    )
+
+
+def test_resumed_multipart_upload_of_a_file_changed_after_hashing_is_not_completed(
+    restic_bin: str,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    counting_proxy: S3Proxy,
+    restic_password: str,
+    tmp_path: Path,
+) -> None:
+    """A resumed multipart upload: the whole that would be completed must hash to the
+    name, whichever run sent which part."""
+    endpoint = rclone_server.endpoint
+    repo = tmp_path / "repo"
+    small_repo(repo, tmp_path / "src", restic_password, seed=14, big=40_000_000, pack_mib=64)
+    target = biggest_pack(repo)
+    assert target.stat().st_size > 30_000_000
+    key = target.relative_to(repo).as_posix()
+    slow = config_for(tmp_path, counting_proxy.endpoint, rclone_bucket, bandwidth_limit="8MiB/s")
+    proc = start_agent(upload_args(slow, repo))
+    try:
+        while counting_proxy.count(operation="UploadPart", pred=lambda r: r.status == 200) < 2:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert unfinished_uploads(endpoint, rclone_bucket) == [f"{PREFIX}/{key}"]
+    # The resumed run re-reads the parts the killed run sent, sends the rest, and the file
+    # changes after it was hashed (in its last part, which no run sent yet).
+    counting_proxy.reset()
+    result = hooked_upload(
+        CHANGING_FILE_HOOK,
+        config_for(tmp_path, counting_proxy.endpoint, rclone_bucket),
+        repo,
+        env={"CHANGE_KEY": key},
+    )
+    assert counting_proxy.count(operation="CreateMultipartUpload") == 0  # it resumed
+    assert result.returncode == 3, result.stderr
+    assert key in result.stderr
+    assert "changed" in result.stderr
+    assert f"{PREFIX}/{key}" not in remote_keys(endpoint, rclone_bucket, PREFIX)
     assert unfinished_uploads(endpoint, rclone_bucket) == []
     restic_check(
         mirror_url(endpoint, rclone_bucket), restic_password, env=endpoint.env(), read_data=True
