@@ -2,8 +2,8 @@
 
 Reads the local run store (local mode, and every `verify` run here). A table, or JSON
 with `--json` only: cron mails stdout to a person, so a pipe is no reason to switch to
-JSON. `--check-stale` applies the watchdog's rule and exits 3 when a repository has had no
-verified copy for longer than `notify.max_age` (for cron).
+JSON. `--check-stale` is local mode's silence alarm (local_agent/silence.py): it alerts
+through the configured channels and exits 3 when a repository is stale or was never seen.
 """
 
 from __future__ import annotations
@@ -134,11 +134,12 @@ def run_status(
         from local_agent.html_report import render_report, write_report
 
         if html == "-":
-            sys.stdout.write(render_report(runs))
-            return 0
-        written = write_report(runs, Path(html))
-        sys.stderr.write(f"wrote {written}\n")
-    if as_json:
+            sys.stdout.write(render_report(runs))  # the page is the output: no table
+        else:
+            sys.stderr.write(f"wrote {write_report(runs, Path(html))}\n")
+    if html == "-":
+        pass
+    elif as_json:
         sys.stdout.write(REDACTOR(json.dumps({"repositories": rows}, sort_keys=True)) + "\n")
     else:
         sys.stdout.write(_table(rows) + "\n")

@@ -101,10 +101,10 @@ def test_damaged_remote_object_is_found_and_named(
     assert result.returncode == 3, result.stdout + result.stderr
     assert "VERIFICATION FAILED" in result.stdout
     assert key in result.stdout
-    # The full report sits beside the manifest.
+    # The full report sits beside the manifest (beside the repository's folder).
     reports = [
         p
-        for p in (rclone_server.bucket_path(rclone_bucket) / ".backrest-relay").rglob("*")
+        for p in (rclone_server.bucket_path(rclone_bucket) / f"{PREFIX}.relay").rglob("*")
         if p.name.endswith(".report.jsonl.gz")
     ]
     assert len(reports) == 1
