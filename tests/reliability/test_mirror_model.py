@@ -496,7 +496,11 @@ class MirrorModel(RuleBasedStateMachine):
         files_before = len(before)
         self.amend(f"{files_before} → {len(self.local_snapshots())} snapshots")
 
-    @precondition(lambda self: "swap_in_foreign_repo" not in SKIP and not self.swapped)
+    # Only once the mirror exists: before that, a different repository at the path is just
+    # the first repository, and nothing can tell the agent otherwise.
+    @precondition(
+        lambda self: "swap_in_foreign_repo" not in SKIP and not self.swapped and self.mirrored_once
+    )
     @rule()
     def swap_in_foreign_repo(self) -> None:
         self.step("swap_in_foreign_repo", "another restic repository mounted at the path")
