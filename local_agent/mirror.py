@@ -232,6 +232,7 @@ class MirrorRun:
             return
 
         self._upload(work)
+        self._abort_orphaned_uploads(scan)
         if self._strays_checked:
             # A lost reply to CreateMultipartUpload makes botocore start a second upload;
             # the first would stay unfinished (and billed). Look once more, now that every
@@ -454,6 +455,24 @@ class MirrorRun:
             log.warning("could not clean up unfinished uploads: %s", exc.message)
         if self.summary.aborted_uploads:
             log.info("aborted %d unfinished multipart uploads", self.summary.aborted_uploads)
+
+    def _abort_orphaned_uploads(self, scan: RepositoryScan) -> None:
+        """A multipart upload this store owns for a file that is gone locally (a run
+        stopped half-way, then prune removed the pack) would never be resumed, and B2 bills
+        it until aborted. Costs a request only when there is such an upload."""
+        for pending in self.state.pending_uploads():
+            if pending.key in scan.files:
+                continue
+            try:
+                self.backend.abort_multipart(
+                    self.options.destination.key(pending.key), pending.upload_id
+                )
+            except DestinationError as exc:  # billing, not consistency: try again next run
+                log.warning("could not abort the unfinished upload of %s: %s", pending.key, exc)
+                continue
+            self.state.end_upload(pending.key)
+            self.summary.aborted_uploads += 1
+            log.info("aborted the unfinished upload of %s (gone locally)", pending.key)
 
     def _upload(self, work: dict[Kind, list[_Work]]) -> None:
         options = self.options

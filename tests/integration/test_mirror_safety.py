@@ -42,6 +42,7 @@ from tests.support.repos import (
     make_restic_repo,
     restic_backup,
     restic_check,
+    restic_forget,
     restic_snapshots,
     s3_repo_url,
     write_random_tree,
@@ -611,3 +612,47 @@ def test_objects_of_a_deadline_stopped_run_are_marked_uploaded_in_the_next_manif
         e["key"]: e for e in map(json.loads, gzip.decompress(body).decode().splitlines()[1:])
     }
     assert not any(entries[k]["uploaded"] for k in from_first)
+
+
+def test_multipart_upload_of_a_pack_pruned_before_it_finished_is_aborted(
+    restic_bin: str,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    counting_proxy: S3Proxy,
+    restic_password: str,
+    tmp_path: Path,
+) -> None:
+    """Found by the model: a run stopped half-way leaves a multipart upload the state store
+    owns; if prune removes that pack before the next run, nothing resumed or aborted it, and
+    B2 bills an unfinished upload until someone aborts it."""
+    endpoint = rclone_server.endpoint
+    repo, source = tmp_path / "repo", tmp_path / "src"
+    small_repo(repo, source, restic_password, seed=31)
+    # Every run through the proxy: the state store is per endpoint.
+    proxied = counting_proxy.endpoint
+    first = upload(config_for(tmp_path, proxied, rclone_bucket), repo)
+    assert first.returncode == 0, first.stderr
+    (source / "s31" / "big.bin").write_bytes(os.urandom(30_000_000))
+    restic_backup(repo, restic_password, source)
+    slow = config_for(tmp_path, proxied, rclone_bucket, bandwidth_limit="4MiB/s")
+    proc = start_agent(upload_args(slow, repo))
+    try:
+        while counting_proxy.count(operation="UploadPart", pred=lambda r: r.status == 200) < 1:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    pending = unfinished_uploads(endpoint, rclone_bucket)
+    assert pending, "the killed run left no multipart upload to test with"
+
+    (source / "s31" / "big.bin").unlink()
+    restic_backup(repo, restic_password, source)
+    restic_forget(repo, restic_password, keep_last=1, max_unused="0")
+    assert not {k.removeprefix(f"{PREFIX}/") for k in pending} & repo_keys(repo), "not pruned"
+
+    done = upload(config_for(tmp_path, proxied, rclone_bucket), repo)
+    assert done.returncode == 0, done.stderr
+    assert done.summary["aborted_uploads"] == len(pending)
+    assert unfinished_uploads(endpoint, rclone_bucket) == []
+    restic_check(mirror_url(endpoint, rclone_bucket), restic_password, env=endpoint.env())

@@ -222,10 +222,14 @@ def restic_forget(
     *,
     keep_last: int,
     prune: bool = True,
+    max_unused: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> str:
-    """``restic forget --keep-last N [--prune]``: what a retention policy in Backrest does."""
+    """``restic forget --keep-last N [--prune [--max-unused X]]``: what a retention policy in
+    Backrest does (``max_unused="0"`` repacks every pack with unused data)."""
     args = ["forget", "--keep-last", str(keep_last), *(["--prune"] if prune else [])]
+    if prune and max_unused is not None:
+        args += ["--max-unused", max_unused]
     return _restic(repo, password, args, env=env)
 
 
