@@ -253,9 +253,10 @@ class ChildLauncher:
         config_path: Path | None,
         deadline_seconds: float,
         env: dict[str, str] | None = None,
+        grace: float = KILL_GRACE_SECONDS,
     ) -> None:
         self.config_path = config_path
-        self.limit = deadline_seconds + KILL_GRACE_SECONDS
+        self.limit = deadline_seconds + grace
         base = dict(os.environ if env is None else env)
         for name in ("BACKREST_RELAY_TOKEN", "BACKREST_RELAY_SERVE__TOKEN"):
             base.pop(name, None)
