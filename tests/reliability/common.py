@@ -39,6 +39,7 @@ COUNTS: dict[str, tuple[int, int]] = {
     "bad config: configs through the CLI": (4, 25),
     "odd repositories: trials": (3, 20),
     "concurrency: pairs of uploads": (3, 10),
+    "serve: triggers over 10 repositories, random disconnects": (40, 1000),
 }
 
 
