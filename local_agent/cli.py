@@ -503,6 +503,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"{SERVE_EXTRA_HINT} ({exc.name or exc} is missing)") from None
     loaded = load_config(args.config)
     register_secrets(loaded.config)
+    if args.listen:
+        from pydantic import ValidationError
+
+        from local_agent.config import ServeConfig
+
+        try:
+            ServeConfig(listen=args.listen)
+        except ValidationError:
+            raise ConfigError(f"--listen {args.listen!r}: expected HOST:PORT") from None
     token = os.environ.get("BACKREST_RELAY_TOKEN") or loaded.config.serve.token.get_secret_value()
     if token and len(token) < 16:
         raise ConfigError("serve: the token is shorter than 16 characters; use a long random one")

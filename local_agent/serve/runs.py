@@ -31,8 +31,12 @@ from local_agent.serve.security import Target, Trigger
 
 log = logging.getLogger(__name__)
 
-#: Lines of a run's output kept for callers who follow it (older ones are dropped).
+#: Lines of a run's output kept for callers who follow it (older ones are dropped), while
+#: it runs and once it is done (a thousand finished runs must not hold a million lines).
 MAX_LINES = 2000
+KEPT_AFTER = 200
+#: Longest line passed on; longer output is cut into pieces of this size.
+MAX_LINE_BYTES = 8192
 #: What ends every streamed run; the hook checks for `FINAL_PREFIX + "0"`.
 FINAL_PREFIX = "backrest-relay: exit "
 #: How long past the upload deadline a child may live before it is killed.
@@ -82,6 +86,9 @@ class Run:
         self.exit_code = exit_code
         self.state = "done"
         self.finished_at = time.time()
+        while len(self.lines) > KEPT_AFTER:
+            self.lines.popleft()
+            self.dropped += 1
         self._wake()
 
     def _wake(self) -> None:
@@ -295,11 +302,11 @@ class ChildLauncher:
         stdout: list[bytes] = []
 
         async def pump_err(stream: asyncio.StreamReader) -> None:
-            while line := await stream.readline():
+            async for line in _lines(stream):
                 run.emit(line.decode("utf-8", errors="replace"))
 
         async def pump_out(stream: asyncio.StreamReader) -> None:
-            while line := await stream.readline():
+            async for line in _lines(stream):
                 if len(stdout) < 100:
                     stdout.append(line)
 
@@ -325,6 +332,23 @@ class ChildLauncher:
             raise
         run.summary = _last_json(stdout)
         return code if code >= 0 else int(ExitCode.UNEXPECTED)
+
+
+async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """Lines of a child's output, however long: a line past MAX_LINE_BYTES comes in pieces
+    (readline would raise on it and lose track of the child)."""
+    pending = b""
+    while chunk := await stream.read(65536):
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            for start in range(0, max(len(line), 1), MAX_LINE_BYTES):
+                yield line[start : start + MAX_LINE_BYTES]
+        while len(pending) >= MAX_LINE_BYTES:
+            yield pending[:MAX_LINE_BYTES]
+            pending = pending[MAX_LINE_BYTES:]
+    if pending:
+        yield pending
 
 
 def _last_json(lines: list[bytes]) -> dict[str, Any] | None:

@@ -130,6 +130,8 @@ def parse_trigger(body: bytes, content_type: str) -> Trigger:
     for name, item in raw.items():
         if not isinstance(item, str):
             raise Refused(400, f"field {name!r} must be a string")
+        if "\x00" in item:
+            raise Refused(400, f"field {name!r} contains a NUL character")
         values[name] = item
     try:
         repo_id = validate_repo_id(values.get("repo_id", ""))

@@ -174,3 +174,45 @@ def test_serve_without_the_extra_says_how_to_install_it(tmp_path: Path) -> None:
     )
     assert result.returncode == 2, result.stderr
     assert "pipx install 'backrest-relay[serve]'" in result.stderr
+
+
+class Chatty(ChildLauncher):
+    def argv(self, run: Run) -> list[str]:
+        script = (
+            "import sys; sys.stderr.write('x' * 200000); sys.stderr.write('\\nend\\n'); "
+            "print('{\"uploaded_files\": 3}')"
+        )
+        return [sys.executable, "-c", script]
+
+
+def test_endless_line_is_passed_on_in_pieces_and_the_run_completes() -> None:
+    async def scenario() -> None:
+        queue = RunQueue(Chatty(config_path=None, deadline_seconds=60), max_queue=5, max_parallel=1)
+        run, _ = queue.submit(target("a", "d"), trigger("a"))
+        lines = [line async for line in run.follow()]
+        assert run.exit_code == 0 and run.summary == {"uploaded_files": 3}
+        assert lines[-2:] == ["end\n", f"{FINAL_PREFIX}0\n"]
+        assert sum(len(line) - 1 for line in lines[:-2]) == 200000
+        await queue.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+
+
+def test_a_finished_run_keeps_only_its_tail() -> None:
+    async def scenario() -> None:
+        run = Run(target=target("a", "d"), trigger=trigger("a"))
+        for i in range(5000):
+            run.emit(f"line {i}")
+        run.finish(0)
+        lines = [line async for line in run.follow()]
+        assert lines[0].startswith("backrest-relay: (4800 earlier lines not kept)")
+        assert lines[1] == "line 4800\n" and len(lines) == 202
+
+    asyncio.run(scenario())
+
+
+def test_listen_must_be_host_and_port(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text('[destination]\nbucket = "bucket1"\nregion = "us-west-004"\n')
+    result = run_cli(["serve", "--config", str(config), "--listen", "nonsense"])
+    assert result.returncode == 2 and "--listen" in result.stderr

@@ -62,6 +62,7 @@ def test_trigger_from_form_or_json() -> None:
         (b"{}", "application/json", 400),
         (b"\xff\xfe", "application/json", 400),
         (b"repo_id=home", "text/plain", 415),
+        (b"repo_id=home&error=a%00b", "application/x-www-form-urlencoded", 400),
     ],
 )
 def test_bad_triggers_are_refused(body: bytes, content_type: str, status: int) -> None:
