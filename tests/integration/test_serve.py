@@ -489,3 +489,36 @@ def _sample(families: list[object], name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+def test_full_queue_answers_429_and_the_queued_runs_still_complete(
+    rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str, tmp_path: Path
+) -> None:
+    from local_agent.config import load_config
+    from local_agent.runlock import RunLock
+    from local_agent.state import state_file_name
+
+    repos = {rid: _small_repo(tmp_path / rid, restic_password, n) for n, rid in enumerate("abc")}
+    config = service_config(
+        tmp_path, rclone_server.endpoint, rclone_bucket, repos, max_parallel=1, max_queue=1
+    )
+    relay = load_config(str(config)).config
+    destination = relay.destination_for(repo_id="a", repo_guid=_guid("a"))
+    held = RunLock(
+        relay.state.path() / state_file_name(destination, "").replace(".sqlite", ".lock")
+    )
+    held.acquire(0)  # run "a" waits for this lock (as for another upload of its destination)
+    try:
+        with RelayService(config) as service:
+            first = service.trigger({"repo_id": "a"}, wait=False)
+            queued = service.trigger({"repo_id": "b"}, wait=False)
+            refused = service.trigger({"repo_id": "c"}, wait=False)
+            assert (first.status, queued.status, refused.status) == (202, 202, 429)
+            assert refused.headers.get("retry-after") == "60"
+            assert service.run_info(queued.json()["id"])["state"] == "queued"
+            held.release()
+            infos = [service.wait_done(r.json()["id"]) for r in (first, queued)]
+    finally:
+        held.release()
+    assert [i["exit_code"] for i in infos] == [0, 0]
+    assert remote_keys(rclone_server.endpoint, rclone_bucket, "restic/c/") == {}
