@@ -92,3 +92,39 @@ def test_repository_from_serve_repos_set_by_environment(tmp_path: Path) -> None:
     with pytest.raises(Refused) as exc:
         resolve_target(Trigger("other", None, None, "manual", ""), config, env)
     assert exc.value.status == 404
+
+
+def test_guid_or_uri_differing_from_backrest_config_is_a_conflict(tmp_path: Path) -> None:
+    root = tmp_path / "repos"
+    (root / "home").mkdir(parents=True)
+    backrest = tmp_path / "config.json"
+    backrest.write_text(
+        json.dumps(
+            {
+                "repos": [
+                    {"id": "home", "uri": str(root / "home"), "guid": "g" * 64},
+                    {"id": "remote", "uri": "s3:s3.example.com/bucket/restic"},
+                ]
+            }
+        )
+    )
+    config = load_config(
+        None,
+        {
+            "HOME": str(tmp_path),
+            "BACKREST_RELAY_DESTINATION__BUCKET": "offsite",
+            "BACKREST_RELAY_DESTINATION__REGION": "us-west-004",
+            "BACKREST_RELAY_SERVE__ROOTS": json.dumps([str(root)]),
+            "BACKREST_RELAY_SERVE__BACKREST_CONFIG": str(backrest),
+        },
+    ).config
+    ok = resolve_target(Trigger("home", "g" * 64, str(root / "home"), "manual", ""), config, {})
+    assert ok.guid == "g" * 64 and ok.key == "g" * 64
+    for trig, status in [
+        (Trigger("home", "h" * 64, None, "manual", ""), 409),
+        (Trigger("home", None, str(root / "home") + "/", "manual", ""), 409),
+        (Trigger("remote", None, None, "manual", ""), 400),
+    ]:
+        with pytest.raises(Refused) as exc:
+            resolve_target(trig, config, {})
+        assert exc.value.status == status, trig
