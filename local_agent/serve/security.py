@@ -14,6 +14,7 @@ import binascii
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -24,6 +25,8 @@ from urllib.parse import parse_qsl
 from local_agent.backrest import CHECK_ERROR, find_backrest_repo, repo_path_from_uri
 from local_agent.config import RelayConfig, ServeConfig, validate_repo_guid, validate_repo_id
 from local_agent.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: Fields a trigger may carry (what Backrest's template can fill in).
 FIELDS = ("repo_id", "repo_guid", "repo_uri", "event", "error")
@@ -185,7 +188,8 @@ def _configured(repo_id: str, serve: ServeConfig, env: Mapping[str, str]) -> tup
     config = Path(serve.backrest_config) if serve.backrest_config else None
     try:
         found = find_backrest_repo(repo_id, config, env)
-    except ConfigError:
+    except ConfigError as exc:
+        log.warning("repository %r: %s", repo_id, exc.message)  # the cause, for the operator
         raise Refused(
             404,
             f"unknown repository {repo_id!r}: not in [serve] repos nor in Backrest's config",
