@@ -269,9 +269,11 @@ def _report(config: RelayConfig) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     store = SqliteRunStore(path)
     try:
-        return render_report(store)
+        page = render_report(store)
     finally:
         store.close()
+    # The same page as `status --html`, reloading itself: a tab left open stays current.
+    return page.replace("<head>", '<head><meta http-equiv="refresh" content="60">', 1)
 
 
 def serve(config: RelayConfig, *, config_path: Path | None, listen: str, token: str) -> int:

@@ -471,7 +471,7 @@ def test_metrics_parse_and_move_and_no_secret_anywhere(
     assert _sample(after, "backrest_relay_uploaded_bytes_total") > 0
     assert _sample(after, "backrest_relay_uploaded_objects_total") > 0
     assert _sample(after, "backrest_relay_last_verified_timestamp_seconds", repo_id="home") > 0
-    assert "<html" in texts[3].lower()
+    assert "<html" in texts[3].lower() and 'http-equiv="refresh"' in texts[3]
     for text in [*texts, log]:
         assert TOKEN not in text and secret not in text
         assert rclone_server.endpoint.access_key not in text
