@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,30 @@ def test_listen_must_be_host_and_port(tmp_path: Path) -> None:
     config.write_text('[destination]\nbucket = "bucket1"\nregion = "us-west-004"\n')
     result = run_cli(["serve", "--config", str(config), "--listen", "nonsense"])
     assert result.returncode == 2 and "--listen" in result.stderr
+
+
+def test_http_hook_snippet_json_form_holds_the_text_form_scripts(tmp_path: Path) -> None:
+    base = ["hook-snippet", "--repo-id", "my-repo", "--via", "http"]
+    url = ["--url", "http://backrest-relay:8787"]
+    env = {"XDG_CONFIG_HOME": str(tmp_path)}
+    as_json = json.loads(run_cli([*base, *url, "--format", "json"], env).stdout)
+    texts = [
+        "\n".join(
+            line
+            for line in run_cli([*base, *url, "--hook", hook], env).stdout.splitlines()
+            if not line.startswith("#")
+        )
+        for hook in ("success", "failure")
+    ]
+    assert [h["conditions"] for h in as_json] == [
+        ["CONDITION_CHECK_SUCCESS"],
+        ["CONDITION_CHECK_ERROR"],
+    ]
+    assert all(h["onError"] == "ON_ERROR_IGNORE" for h in as_json)
+    assert [h["actionCommand"]["command"] for h in as_json] == texts
+    assert "</dev/null" in texts[0] and "--max-time 21840" in texts[0]
+    assert "error={{ .ShellEscape .Error }}" in texts[1]
+    no_url = run_cli(base, env)
+    assert no_url.returncode == 2 and "--url" in no_url.stderr
+    stray = run_cli(["hook-snippet", "--repo-id", "my-repo", *url], env)
+    assert stray.returncode == 2 and "--via http" in stray.stderr
