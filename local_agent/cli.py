@@ -124,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this hook (default: both). success: mirror on CONDITION_CHECK_SUCCESS; "
         "failure: report CONDITION_CHECK_ERROR",
     )
+    hook.add_argument(
+        "--via",
+        choices=("cli", "http"),
+        default="cli",
+        help="cli: run backrest-relay in Backrest's hook (same host); http: call the "
+        "`serve` sidecar with curl (Backrest in Docker, docs/docker.md)",
+    )
+    hook.add_argument(
+        "--url", help="with --via http: the relay's URL, e.g. http://backrest-relay:8787"
+    )
+
+    serve = add("serve", help="HTTP sidecar that Backrest's Docker image triggers with curl")
+    serve.add_argument("--listen", help="HOST:PORT (default: [serve] listen, 127.0.0.1:8787)")
 
     doctor = add("doctor", help="check config, credentials, bucket, clock")
     _repo_args(doctor)
@@ -212,6 +225,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_doctor(args)
     if args.command == "schedule":
         return cmd_schedule(args)
+    if args.command == "serve":
+        return cmd_serve(args)
     if args.command == "demo":
         from local_agent.demo import run_demo
 
@@ -427,6 +442,10 @@ def cmd_hook_snippet(args: argparse.Namespace) -> int:
     from local_agent.config import find_config_path, validate_repo_id
 
     repo_id = validate_repo_id(args.repo_id)
+    if args.via == "http":
+        return _http_hook_snippet(args, repo_id)
+    if args.url:
+        raise ConfigError("--url goes with --via http")
     config_path = find_config_path(args.config)
     if lookup_backrest_repo(repo_id) is None:
         sys.stderr.write(
@@ -448,6 +467,62 @@ def cmd_hook_snippet(args: argparse.Namespace) -> int:
     if note is not None and note[0] is None:
         sys.stderr.write(f"note: {note[1]}\n")
     return 0
+
+
+def _http_hook_snippet(args: argparse.Namespace, repo_id: str) -> int:
+    """The curl hook for Backrest in Docker; the deadline comes from this config if any."""
+    from local_agent.config import UploadConfig, find_config_path, load_config
+    from local_agent.serve.hook import render_http_snippet
+
+    if not args.url:
+        raise ConfigError("--via http needs --url, e.g. --url http://backrest-relay:8787")
+    deadline = (
+        load_config(args.config).config.upload.deadline_seconds
+        if find_config_path(args.config)
+        else UploadConfig().deadline_seconds
+    )
+    text = render_http_snippet(
+        repo_id, url=args.url, deadline_seconds=deadline, fmt=args.format, hook=args.hook or "both"
+    )
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+# -- serve ---------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Parse, check, and hand over to local_agent.serve.app (needs the serve extra)."""
+    from local_agent.config import find_config_path, load_config
+
+    try:
+        from local_agent.serve.app import serve
+    except ImportError as exc:
+        from local_agent.serve import SERVE_EXTRA_HINT
+
+        raise ConfigError(f"{SERVE_EXTRA_HINT} ({exc.name or exc} is missing)") from None
+    loaded = load_config(args.config)
+    register_secrets(loaded.config)
+    if args.listen:
+        from pydantic import ValidationError
+
+        from local_agent.config import ServeConfig
+
+        try:
+            ServeConfig(listen=args.listen)
+        except ValidationError:
+            raise ConfigError(f"--listen {args.listen!r}: expected HOST:PORT") from None
+    token = os.environ.get("BACKREST_RELAY_TOKEN") or loaded.config.serve.token.get_secret_value()
+    if token and len(token) < 16:
+        raise ConfigError("serve: the token is shorter than 16 characters; use a long random one")
+    REDACTOR.add(token)
+    config_path = find_config_path(args.config)
+    return serve(
+        loaded.config,
+        config_path=config_path.resolve() if config_path else None,
+        listen=args.listen or loaded.config.serve.listen,
+        token=token,
+    )
 
 
 # -- schedule ------------------------------------------------------------------------------

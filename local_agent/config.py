@@ -299,6 +299,46 @@ class StateConfig(_Section):
         return Path(base) / "backrest-relay"
 
 
+class ServeConfig(_Section):
+    """`backrest-relay serve`: the HTTP sidecar (docs/docker.md)."""
+
+    listen: str = "127.0.0.1:8787"
+    # Bearer token callers must send; `BACKREST_RELAY_TOKEN` also sets it. Required unless
+    # `listen` is a loopback address.
+    token: SecretStr = SecretStr("")
+    # Repositories are mirrored only when their real path lies under one of these.
+    roots: list[str] = Field(default_factory=list)
+    # Repositories the service may mirror besides those in Backrest's config.json (id → path).
+    repos: dict[str, str] = Field(default_factory=dict)
+    # Backrest's config.json (read-only); default: Backrest's own lookup ($BACKREST_CONFIG ...).
+    backrest_config: str = ""
+    max_queue: int = Field(default=100, ge=1, le=10_000)
+    max_parallel: int = Field(default=2, ge=1, le=64)
+    max_body: str = "16KiB"
+    # How long a finished run stays visible at /v1/runs/{id} (by count).
+    keep_runs: int = Field(default=1000, ge=10, le=100_000)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, colon, port = value.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected HOST:PORT, e.g. 0.0.0.0:8787")
+        return value
+
+    @field_validator("max_body")
+    @classmethod
+    def _max_body(cls, value: str) -> str:
+        size = parse_size(value)
+        if not 256 <= size <= 1024 * 1024:
+            raise ValueError("must be between 256B and 1MiB")
+        return value
+
+    @property
+    def max_body_bytes(self) -> int:
+        return parse_size(self.max_body)
+
+
 class RelayConfig(_Section):
     destination: DestinationConfig
     upload: UploadConfig = Field(default_factory=UploadConfig)
@@ -306,6 +346,7 @@ class RelayConfig(_Section):
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     state: StateConfig = Field(default_factory=StateConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def manifest_prefix_for(self, *, repo_id: str | None, repo_guid: str | None) -> str:
         """Where manifests (and verification reports) go. `{repo_guid}` falls back to the
@@ -500,9 +541,9 @@ def _apply_env_overrides(
         if not isinstance(body, dict):
             raise ConfigError(f"config: {section} must be a table, like [{section}]")
         value: Any = _typed_env_value(var, f"{section}.{key}", known[section][key], env[var])
-        if (section, key) == ("notify", "urls"):
+        if (section, key) in (("notify", "urls"), ("serve", "roots")):
             value = _parse_list(var, value)
-        elif (section, key) == ("notify", "healthchecks"):
+        elif (section, key) in (("notify", "healthchecks"), ("serve", "repos")):
             try:
                 value = json.loads(value)
             except json.JSONDecodeError:

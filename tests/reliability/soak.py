@@ -110,6 +110,15 @@ CATEGORIES: dict[str, tuple[str, str, str, str]] = {
         "pairs that did not interleave",
         "local files missing afterwards",
     ),
+    "serve sidecar": (
+        "`backrest-relay serve` as a real process: triggers for ten repositories from eight "
+        "callers at once, each following its run, hanging up at a random point, hanging up "
+        "before the answer, or asking wait=false (tests/reliability/test_serve_soak.py)",
+        "callers that hung up",
+        "triggers whose run finished with exit 0 (and, when followed, streamed `exit 0`)",
+        "runs lost or failed + runs duplicated (two alive for one repository) + files "
+        "missing from the mirrors",
+    ),
 }
 
 
