@@ -218,6 +218,7 @@ class MirrorModel(RuleBasedStateMachine):
         )
         self.log: list[str] = []
         self.swapped = False
+        self.delete_baseline: int | None = None
         self.damaged: dict[str, str] = {}  # repository-relative key → what was done to it
         self.ever_local_snapshots: set[str] = set()
         self.files = 0
@@ -317,6 +318,8 @@ class MirrorModel(RuleBasedStateMachine):
     ) -> Run:
         """Run the agent as a process (as Backrest would), optionally killing it or running
         `during` (a racing backup) alongside."""
+        if rule != "upload_delete":
+            self.delete_baseline = None  # a run without deletion drops the guard's count
         before = self.listing()
         uploads_before = {u for _, u in unfinished_upload_ids(self.endpoint, self.bucket)}
         snaps = self.local_snapshots()
@@ -559,9 +562,20 @@ class MirrorModel(RuleBasedStateMachine):
         self.step(
             "upload_delete", "upload with " + ", ".join(f"upload.{k} = {v}" for k, v in env.items())
         )
+        local_before = len(self.local_snapshots())
         run = self.run_agent("upload_delete", env=self.agent_env(**env))
         allowed, why = self.expected_plain()
+        # docs/mirror.md: a delete run may lose at most max(2, max_delete_percent %) of the
+        # snapshots counted at the last accepted delete run — or, when deletion was off in
+        # between (the count is dropped then), of those on the mirror. A user who turns
+        # deletion on after many forgets answers once; forgets between delete runs never ask.
+        baselines = [len(_snapshots(_repo_keys(run.before)))]
+        if self.delete_baseline is not None:
+            baselines.append(self.delete_baseline)
+        if allowed == {0} and any(b - local_before > max(2, b / 10) for b in baselines):
+            allowed, why = {0, 5}, "more snapshots gone than the guard lets go without a human"
         self.expect_exit(run, allowed, why + "; an ordinary forget --prune needs no human")
+        self.delete_baseline = local_before if run.returncode == 0 else self.delete_baseline
         if run.returncode == 0 and not self.damaged:
             STATS.invariants["delete run: mirror equals the repository"] += 1
             remote = set(_repo_keys(run.after))
