@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from cloud.integrations.s3 import S3Access
     from local_agent.object_writer import ObjectWriter
+    from local_agent.objectlock import ObjectLock
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -120,6 +121,9 @@ class Backend:
         self._requests = 0
         self._lock = threading.Lock()
         self._made_lock = threading.Lock()
+        # Object Lock retention every object written through this backend carries
+        # (`[destination] object_lock`); None writes plain objects.
+        self.lock: ObjectLock | None = None
 
     @property
     def client(self) -> S3Client:
@@ -211,10 +215,19 @@ class Backend:
     # -- objects --------------------------------------------------------------------------
 
     def put(
-        self, key: str, body: bytes | BinaryIO, size: int, md5_hex: str, sha256_hex: str
+        self,
+        key: str,
+        body: bytes | BinaryIO,
+        size: int,
+        md5_hex: str,
+        sha256_hex: str,
+        *,
+        locked: bool = True,
     ) -> str:
         """Upload a repository file (`key` relative to the prefix); returns the ETag."""
-        return self.put_at(self.destination.key(key), body, size, md5_hex, sha256_hex, what=key)
+        return self.put_at(
+            self.destination.key(key), body, size, md5_hex, sha256_hex, what=key, locked=locked
+        )
 
     def put_at(
         self,
@@ -225,17 +238,21 @@ class Backend:
         sha256_hex: str,
         *,
         what: str = "",
+        locked: bool = True,
     ) -> str:
         """Upload to an absolute object key (manifests live outside the prefix).
 
-        `md5_hex` and `sha256_hex` are of the body: the bucket checks both."""
+        `md5_hex` and `sha256_hex` are of the body: the bucket checks both. With `locked`
+        (the default) the object carries the backend's Object Lock retention, if any."""
+        lock = self.lock if locked else None
         writer = self._object_writer()
         if writer is not None:
             start = None if isinstance(body, bytes) else body.tell()
+            extra = lock.headers() if lock is not None else None
             try:
                 return self._call(
                     f"upload of {what or full}",
-                    lambda: writer.put(full, body, size, md5_hex, sha256_hex),
+                    lambda: writer.put(full, body, size, md5_hex, sha256_hex, extra),
                 )
             except DestinationError as exc:
                 if error_code(exc.__cause__) not in WRONG_REGION:
@@ -260,6 +277,7 @@ class Backend:
                 ContentLength=size,
                 ContentMD5=md5_header(md5_hex),
                 ContentType="application/octet-stream",
+                **(lock.params() if lock is not None else {}),
             ),
         )
         return _etag(resp["ETag"])
@@ -299,7 +317,10 @@ class Backend:
         resp = self._call(
             f"start of multipart upload of {key}",
             lambda: self.client.create_multipart_upload(
-                Bucket=self.bucket, Key=full, ContentType="application/octet-stream"
+                Bucket=self.bucket,
+                Key=full,
+                ContentType="application/octet-stream",
+                **(self.lock.params() if self.lock is not None else {}),
             ),
         )
         return resp["UploadId"]
@@ -418,6 +439,11 @@ class Backend:
                 MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
             ),
         )
+        if self.lock is not None:
+            # CreateMultipartUpload carried the lock; set it on the completed version as
+            # well, because some S3-compatible servers (moto among them) drop the lock
+            # headers of a multipart upload. One request per object of >= 64 MiB.
+            self.put_retention(key, self.lock, version_id=resp.get("VersionId"))
         return _etag(resp.get("ETag", ""))
 
     def abort_multipart(self, full_key: str, upload_id: str) -> None:
@@ -457,3 +483,37 @@ class Backend:
             id_marker = page.get("NextUploadIdMarker", "")
             if not key_marker:
                 return
+
+    # -- Object Lock ----------------------------------------------------------------------
+
+    def put_retention(self, key: str, lock: ObjectLock, *, version_id: str | None = None) -> None:
+        """Set (extend) the retention of a repository object's current version, or of
+        `version_id`. Never shortens and never bypasses governance: S3 refuses both."""
+        full = self.destination.key(key)
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": full,
+            "Retention": {"Mode": lock.mode, "RetainUntilDate": lock.until},
+        }
+        if version_id:
+            kwargs["VersionId"] = version_id
+        self._call(
+            f"extending the retention of {key}",
+            lambda: self.client.put_object_retention(**kwargs),
+        )
+
+    def object_lock_status(self) -> tuple[bool, str]:
+        """Whether the bucket has Object Lock enabled, and what it said (GetObjectLock-
+        Configuration; a bucket without it answers ObjectLockConfigurationNotFoundError)."""
+        try:
+            resp = self.client.get_object_lock_configuration(Bucket=self.bucket)
+        except Exception as exc:
+            code = error_code(exc)
+            if code in ("ObjectLockConfigurationNotFoundError", "InvalidRequest", "404"):
+                return False, describe_error(exc)
+            if _is_sdk_error(exc):
+                what = f"reading the Object Lock setting of {self.bucket}"
+                raise self._translate(what, exc) from exc
+            raise
+        enabled = resp.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+        return enabled, "Enabled" if enabled else "not enabled"

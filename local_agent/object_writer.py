@@ -26,7 +26,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from html import unescape
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from urllib.parse import urlsplit
@@ -186,15 +186,24 @@ class ObjectWriter:
     # -- requests -------------------------------------------------------------------------
 
     def put(
-        self, key: str, body: bytes | BinaryIO, size: int, md5_hex: str, sha256_hex: str
+        self,
+        key: str,
+        body: bytes | BinaryIO,
+        size: int,
+        md5_hex: str,
+        sha256_hex: str,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> str:
-        """Store `body` (exactly `size` bytes) under the absolute object `key`; its ETag."""
+        """Store `body` (exactly `size` bytes) under the absolute object `key`; its ETag.
+
+        `extra_headers` (Object Lock's mode and retain-until date) are sent and signed."""
         path = f"{self._path_prefix}/{s3_path(key)}"
         headers = {
             "host": self._host_header,
             "content-length": str(size),
             "content-md5": md5_header(md5_hex),
             "content-type": "application/octet-stream",
+            **(extra_headers or {}),
         }
         start = None if isinstance(body, bytes | bytearray | memoryview) else body.tell()
         attempt = 0

@@ -100,6 +100,7 @@ class LocalPipeline:
     def _verify(self, event: MirrorCompleted) -> EventDetail:
         from cloud.integrations.s3 import make_s3_client
         from cloud.integrations.s3_store import S3ObjectStore, S3ReportSink
+        from local_agent.verification import report_lock
 
         client = make_s3_client(self.config.destination.access())
         bucket = event.destination.bucket
@@ -108,7 +109,7 @@ class LocalPipeline:
                 event,
                 store=S3ObjectStore(client, bucket),
                 runs=self.runs(),
-                reports=S3ReportSink(client, bucket),
+                reports=S3ReportSink(client, bucket, **report_lock(self.config)),
                 options=VerifyOptions(concurrency=self.config.upload.concurrency),
             )
         except ObjectStoreError as exc:

@@ -76,6 +76,9 @@ def run_upload(
         dry_run=dry_run,
         reconcile=reconcile,
         run_id=ctx.run_id,
+        object_lock=(
+            config.destination.object_lock.policy() if config.destination.object_lock else None
+        ),
     )
     state_dir = config.state.path()
     stop = StopSignal(upload.deadline_seconds)

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from cloud.logic.ports import ListedObject, ObjectNotFoundError, ObjectStoreError
@@ -86,14 +87,24 @@ class S3ReportSink:
     """Writes reports into the bucket beside the manifest — best effort: a read-only key
     (as the verifier should have) cannot, and the verdict must not depend on it."""
 
-    def __init__(self, client: S3Client, bucket: str) -> None:
+    def __init__(
+        self, client: S3Client, bucket: str, *, lock_mode: str | None = None, lock_days: int = 0
+    ) -> None:
+        """`lock_mode` (GOVERNANCE/COMPLIANCE) and `lock_days`: the Object Lock retention
+        reports carry, like everything else the agent writes (`[destination] object_lock`)."""
         self.client = client
         self.bucket = bucket
+        self.lock_mode = lock_mode
+        self.lock_days = lock_days
 
     def put(self, key: str, data: bytes) -> str | None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+        lock: dict[str, Any] = {}
+        if self.lock_mode:
+            until = datetime.now(UTC).replace(microsecond=0) + timedelta(days=self.lock_days)
+            lock = {"ObjectLockMode": self.lock_mode, "ObjectLockRetainUntilDate": until}
         try:
             self.client.put_object(
                 Bucket=self.bucket,
@@ -101,6 +112,7 @@ class S3ReportSink:
                 Body=data,
                 ContentMD5=md5,
                 ContentType="application/gzip",
+                **lock,
             )
         except (BotoCoreError, ClientError) as exc:
             log.warning("could not store the verification report %s: %s", key, _describe(exc))

@@ -1,0 +1,151 @@
+"""Object Lock (issue 18): every object the agent writes is retained, kept objects are
+extended in their renewal window only, and `doctor` says when the bucket cannot lock.
+
+moto's S3 with an Object-Lock-enabled bucket, behind the B2-quirk proxy (which refuses the
+checksum headers B2 refuses, and logs which headers each request carried); real restic
+repositories.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+
+from tests.integration.conftest import BuiltRepo
+from tests.support.agent import run_agent, write_agent_config
+from tests.support.s3servers import S3Endpoint, S3Proxy
+
+DAYS = 30
+DAY = 86400.0
+LOCK = f'object_lock = {{ mode = "governance", days = {DAYS} }}'
+
+
+@pytest.fixture
+def clean_env() -> Iterator[None]:
+    """In-process runs read the environment: keep the host's settings out."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith(("BACKREST_RELAY_", "AWS_"))}
+    for name in saved:
+        del os.environ[name]
+    yield
+    os.environ.update(saved)
+
+
+def locked_bucket(endpoint: S3Endpoint, name: str = "offsite", *, lock: bool = True) -> str:
+    endpoint.client().create_bucket(Bucket=name, ObjectLockEnabledForBucket=lock)
+    return name
+
+
+def lock_config(
+    tmp_path: Path,
+    endpoint: S3Endpoint,
+    bucket: str,
+    *,
+    lock: str | None = LOCK,
+    **upload: Any,
+) -> Path:
+    path = write_agent_config(
+        tmp_path / "relay.toml",
+        endpoint,
+        bucket,
+        state_dir=tmp_path / "state",
+        upload={"multipart_threshold": "5MiB", "part_size": "5MiB", **upload},
+    )
+    if lock:
+        text = path.read_text().replace("[upload]", f"{lock}\n[upload]", 1)
+        path.write_text(text)
+    return path
+
+
+def all_keys(endpoint: S3Endpoint, bucket: str) -> list[str]:
+    client = endpoint.client()
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys += [item["Key"] for item in page.get("Contents", [])]
+    return keys
+
+
+def retain_until(endpoint: S3Endpoint, bucket: str, key: str) -> tuple[str, datetime]:
+    """The current version's lock, as HeadObject reports it (moto 5 has no
+    GetObjectRetention)."""
+    got = endpoint.client().head_object(Bucket=bucket, Key=key)
+    return got.get("ObjectLockMode", ""), got.get("ObjectLockRetainUntilDate", datetime.min)
+
+
+@pytest.mark.parametrize("direct_put", [True, False], ids=["signed-put", "boto3-put"])
+def test_every_object_and_every_multipart_upload_carries_the_lock(
+    direct_put: bool,
+    restic_repo: BuiltRepo,
+    moto_endpoint: S3Endpoint,
+    tmp_path: Path,
+) -> None:
+    bucket = locked_bucket(moto_endpoint)
+    with S3Proxy(moto_endpoint, b2_quirks=True) as proxy:
+        config = lock_config(tmp_path, proxy.endpoint, bucket, direct_put=direct_put)
+        started = datetime.now(UTC)
+        upload = ["upload", "--repo", str(restic_repo.path), "--repo-id", "home"]
+        result = run_agent([*upload, "--config", str(config), "--json"])
+        assert result.returncode == 0, result.stderr
+        requests = proxy.requests
+    assert not [r for r in requests if r.fault == "b2_quirk"]
+    writes = [r for r in requests if r.operation in ("PutObject", "CreateMultipartUpload")]
+    assert {r.operation for r in writes} == {"PutObject", "CreateMultipartUpload"}
+    for request in writes:
+        assert "x-amz-object-lock-mode" in request.header_names, request
+        assert "x-amz-object-lock-retain-until-date" in request.header_names, request
+        assert "content-md5" in request.header_names or request.operation != "PutObject"
+
+    keys = all_keys(moto_endpoint, bucket)
+    assert any(k.startswith("restic/home/data/") for k in keys)
+    assert any(k.startswith("restic/home.relay/manifests/") for k in keys)
+    for key in keys:  # the repository's objects and the manifest alike
+        mode, until = retain_until(moto_endpoint, bucket, key)
+        assert mode == "GOVERNANCE", key
+        assert started + timedelta(days=DAYS - 1) < until < started + timedelta(days=DAYS + 1)
+
+
+def test_a_locked_version_cannot_be_deleted_only_hidden(
+    restic_repo: BuiltRepo, moto_endpoint: S3Endpoint, tmp_path: Path
+) -> None:
+    bucket = locked_bucket(moto_endpoint)
+    config = lock_config(tmp_path, moto_endpoint, bucket)
+    upload = ["upload", "--repo", str(restic_repo.path), "--repo-id", "home"]
+    result = run_agent([*upload, "--config", str(config)])
+    assert result.returncode == 0, result.stderr
+    client = moto_endpoint.client()
+    key = "restic/home/config"
+    version = client.head_object(Bucket=bucket, Key=key)["VersionId"]
+    with pytest.raises(ClientError) as info:
+        client.delete_object(Bucket=bucket, Key=key, VersionId=version)
+    assert info.value.response["Error"]["Code"] == "AccessDenied"
+    hidden = client.delete_object(Bucket=bucket, Key=key)  # what the key CAN do: hide
+    assert hidden.get("DeleteMarker")
+    versions = client.list_object_versions(Bucket=bucket, Prefix=key)["Versions"]
+    assert [v["VersionId"] for v in versions] == [version]
+
+
+def test_doctor_says_when_the_bucket_cannot_lock(moto_endpoint: S3Endpoint, tmp_path: Path) -> None:
+    plain = locked_bucket(moto_endpoint, "plain", lock=False)
+    config = lock_config(tmp_path, moto_endpoint, plain)
+    result = run_agent(["doctor", "--config", str(config)])
+    assert result.returncode != 0, result.stdout
+    assert "[FAIL] object lock" in result.stdout
+    assert "does not have Object Lock enabled" in result.stdout
+    assert "Backblaze B2" in result.stdout and "AWS S3" in result.stdout
+
+    # The same bucket without object_lock configured: a warning, not a failure.
+    config = lock_config(tmp_path, moto_endpoint, plain, lock=None)
+    result = run_agent(["doctor", "--config", str(config)])
+    assert "[warn] object lock" in result.stdout
+    assert result.returncode == 0, result.stdout
+
+    locked = locked_bucket(moto_endpoint, "locked")
+    config = lock_config(tmp_path, moto_endpoint, locked)
+    result = run_agent(["doctor", "--config", str(config)])
+    assert "[ok  ] object lock" in result.stdout
+    assert result.returncode == 0, result.stdout
