@@ -183,6 +183,8 @@ def _attach_manifest(
         or summary.deleted_files
         or summary.adopted_files
         or summary.listed_objects is not None
+        # A fresh manifest carries a fresh lock: the newest state stays recoverable.
+        or summary.retention_extended
     )
     previous = state.get_meta(LAST_MANIFEST)
     if not changed and previous:

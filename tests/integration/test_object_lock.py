@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from local_agent.config import load_config
+from local_agent.upload import run_upload
 from tests.integration.conftest import BuiltRepo
-from tests.support.agent import run_agent, write_agent_config
+from tests.support.agent import agent_env, run_agent, write_agent_config
 from tests.support.s3servers import S3Endpoint, S3Proxy
 
 DAYS = 30
@@ -149,3 +151,61 @@ def test_doctor_says_when_the_bucket_cannot_lock(moto_endpoint: S3Endpoint, tmp_
     result = run_agent(["doctor", "--config", str(config)])
     assert "[ok  ] object lock" in result.stdout
     assert result.returncode == 0, result.stdout
+
+
+def test_retention_is_extended_only_in_the_renewal_window_and_no_op_runs_send_nothing(
+    restic_repo: BuiltRepo, moto_endpoint: S3Endpoint, tmp_path: Path, clean_env: None
+) -> None:
+    """days = 30, renew_days = 10 (a third). Runs are driven by a clock: a run a day later
+    sends no request at all; a run 21 days later extends every object still in the
+    local repository — and only those: a snapshot forgotten locally ages out of its lock
+    — with one PutObjectRetention each; the run after sends nothing again."""
+    bucket = locked_bucket(moto_endpoint)
+    t0 = datetime.now(UTC).timestamp()
+    with S3Proxy(moto_endpoint, b2_quirks=True) as proxy:
+        config_path = lock_config(tmp_path, proxy.endpoint, bucket)
+        config = load_config(str(config_path), env=agent_env()).config
+
+        def run_at(now: float) -> dict[str, Any]:
+            proxy.reset()
+            summary = run_upload(
+                config,
+                repo_path=restic_repo.path,
+                repo_id="home",
+                repo_guid=None,
+                show_progress=False,
+                clock=lambda: now,
+            ).as_dict()
+            assert summary["exit_code"] == 0, summary["error"]
+            return summary
+
+        first = run_at(t0)
+        assert first["uploaded_files"] > 0 and first["retention_extended"] == 0
+
+        nothing = run_at(t0 + DAY)
+        assert nothing["retention_extended"] == 0
+        assert proxy.requests == [], proxy.operations()
+
+        forgotten = sorted((restic_repo.path / "snapshots").iterdir())[0]
+        forgotten.unlink()
+        local = [p for p in restic_repo.path.rglob("*") if p.is_file()]
+        renewal_at = t0 + 21 * DAY
+        renewed = run_at(renewal_at)
+        assert renewed["retention_extended"] == len(local)
+        assert proxy.count(operation="PutObjectRetention") == len(local)
+        assert not [r for r in proxy.requests if r.fault == "b2_quirk"]
+        # Nothing listed or re-uploaded; one fresh (locked) manifest.
+        assert proxy.count(operation="PutObject") == 1
+        assert not proxy.list_calls()
+
+        again = run_at(renewal_at + DAY)
+        assert again["retention_extended"] == 0
+        assert proxy.requests == [], proxy.operations()
+
+    expected = datetime.fromtimestamp(renewal_at, UTC) + timedelta(days=DAYS)
+    for path in local:
+        key = f"restic/home/{path.relative_to(restic_repo.path).as_posix()}"
+        assert abs(retain_until(moto_endpoint, bucket, key)[1] - expected) < timedelta(seconds=2)
+    old_key = f"restic/home/snapshots/{forgotten.name}"
+    old_until = retain_until(moto_endpoint, bucket, old_key)[1]
+    assert old_until < datetime.fromtimestamp(t0, UTC) + timedelta(days=DAYS, seconds=2)
