@@ -62,6 +62,9 @@ class VerifyOptions:
     extra_percent: float = 0.0
     extra_bytes: int = 0
     concurrency: int = 8
+    # The prefix the manifest describes, when the mirror was rebuilt elsewhere
+    # (`recover --into`); None: the destination's own prefix.
+    manifest_prefix: str | None = None
 
 
 @dataclass
@@ -236,7 +239,10 @@ class MirrorVerifier:
         except (OSError, EOFError, ValueError) as exc:
             problems.add(manifest_key, "manifest", f"manifest unreadable: {exc}")
             return None
-        if header.prefix != self.destination.prefix or header.bucket != self.destination.bucket:
+        described = self.options.manifest_prefix
+        if described is None:
+            described = self.destination.prefix
+        if header.prefix != described or header.bucket != self.destination.bucket:
             problems.add(
                 manifest_key,
                 "manifest",
