@@ -100,7 +100,7 @@ class LocalPipeline:
     def _verify(self, event: MirrorCompleted) -> EventDetail:
         from cloud.integrations.s3 import make_s3_client
         from cloud.integrations.s3_store import S3ObjectStore, S3ReportSink
-        from local_agent.verification import report_lock
+        from local_agent.verification import lock_check, report_lock
 
         client = make_s3_client(self.config.destination.access())
         bucket = event.destination.bucket
@@ -110,7 +110,9 @@ class LocalPipeline:
                 store=S3ObjectStore(client, bucket),
                 runs=self.runs(),
                 reports=S3ReportSink(client, bucket, **report_lock(self.config)),
-                options=VerifyOptions(concurrency=self.config.upload.concurrency),
+                options=VerifyOptions(
+                    concurrency=self.config.upload.concurrency, **lock_check(self.config)
+                ),
             )
         except ObjectStoreError as exc:
             # Not a verdict: keep the event in the outbox and verify on the next run.

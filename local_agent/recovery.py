@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from cloud.contracts.destination import Destination
 from cloud.contracts.manifest import ManifestEntry, ManifestHeader
-from cloud.logic.ports import ListedObject, ObjectStore, RunStore
+from cloud.logic.ports import ListedObject, ObjectStore, Retention, RetentionSource, RunStore
 from cloud.logic.verify import (
     IGNORED_FOLDERS,
     MirrorVerifier,
@@ -323,6 +323,11 @@ class _PinnedManifest:
     def list_requests(self) -> int:
         return self.store.list_requests
 
+    def retention(self, key: str) -> Retention | None:
+        if isinstance(self.store, RetentionSource):
+            return self.store.retention(key)
+        return None
+
 
 def prove(
     store: ObjectStore, plan: RecoveryPlan, *, concurrency: int, verify: VerifyOptions | None
@@ -336,6 +341,8 @@ def prove(
         extra_percent=100.0,
         concurrency=concurrency,
         manifest_prefix=_described_prefix(plan),
+        lock_days=base.lock_days,
+        lock_min_days=base.lock_min_days,
     )
     pinned = _PinnedManifest(store, plan.state.key, plan.state.data)
     return MirrorVerifier(pinned, plan.target, options).verify(plan.state.key, plan.state.sha256)
@@ -415,7 +422,7 @@ def run_recover(
             store,
             plan,
             concurrency=config.upload.concurrency,
-            verify=lock_verify_options(config, clock()),
+            verify=lock_verify_options(config),
         )
     finally:
         backend.close()
@@ -432,10 +439,11 @@ def run_recover(
     return int(ExitCode.OK)
 
 
-def lock_verify_options(config: RelayConfig, now: float) -> VerifyOptions | None:
-    """Hook for the verifier's lock check (issue 18.4); None: nothing extra."""
-    del config, now
-    return None
+def lock_verify_options(config: RelayConfig) -> VerifyOptions:
+    """The verifier's lock check as `verify` runs it (copies carry a fresh lock)."""
+    from local_agent.verification import lock_check
+
+    return VerifyOptions(**lock_check(config))
 
 
 def _check_into(

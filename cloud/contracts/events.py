@@ -143,7 +143,7 @@ class VerificationStats(_Model):
 
 class Problem(_Model):
     key: str
-    kind: Literal["missing", "size", "etag", "hash", "manifest", "unreadable", "extra"]
+    kind: Literal["missing", "size", "etag", "hash", "manifest", "unreadable", "extra", "lock"]
     detail: str = Field(max_length=500)
 
 

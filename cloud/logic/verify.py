@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import IO, Literal
 
 from cloud.contracts.destination import Destination
@@ -37,13 +38,17 @@ from cloud.logic.ports import (
     ObjectNotFoundError,
     ObjectStore,
     ObjectStoreError,
+    RetentionSource,
 )
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 IGNORED_FOLDERS = ("locks/",)
 READ_ATTEMPTS = 3  # restic writes locks while it checks a mirror: not extra
 
-ProblemKind = Literal["missing", "size", "etag", "hash", "manifest", "unreadable", "extra"]
+ProblemKind = Literal["missing", "size", "etag", "hash", "manifest", "unreadable", "extra", "lock"]
+DAY = 86400.0
+# A new object's lock is set when the run starts; the manifest is written when it ends.
+LOCK_NEW_SLACK = DAY
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,11 @@ class VerifyOptions:
     # The prefix the manifest describes, when the mirror was rebuilt elsewhere
     # (`recover --into`); None: the destination's own prefix.
     manifest_prefix: str | None = None
+    # Object Lock (`[destination] object_lock`): objects read back must be retained at
+    # least `lock_min_days` from now, and objects the run uploaded about `lock_days` from
+    # the manifest's time. None: locks are not checked.
+    lock_days: float | None = None
+    lock_min_days: float = 1.0
 
 
 @dataclass
@@ -250,8 +260,10 @@ class MirrorVerifier:
                 f"{self.destination.bucket}/{self.destination.prefix}",
             )
             return header
+        if self.options.lock_days is not None and not isinstance(self.store, RetentionSource):
+            problems.warn("this store cannot report Object Lock retention; locks not checked")
         try:
-            deep = _DeepChecker(self.store, self.destination, self.options, problems, stats)
+            deep = _DeepChecker(self.store, self.destination, self.options, problems, stats, header)
             try:
                 self._merge(entries, problems, stats, deep)
             except _Unordered:
@@ -261,7 +273,9 @@ class MirrorVerifier:
                 stats.update(dict.fromkeys(stats, 0))
                 manifest_file.seek(0)
                 _, entries = self._entries(manifest_file)
-                deep = _DeepChecker(self.store, self.destination, self.options, problems, stats)
+                deep = _DeepChecker(
+                    self.store, self.destination, self.options, problems, stats, header
+                )
                 self._keyed(entries, problems, stats, deep)
             finally:
                 deep.close()
@@ -360,8 +374,10 @@ class _DeepChecker:
         options: VerifyOptions,
         problems: _Problems,
         stats: dict[str, int],
+        header: ManifestHeader | None = None,
     ) -> None:
         self.store = store
+        self.header = header
         self.destination = destination
         self.options = options
         self.problems = problems
@@ -424,12 +440,42 @@ class _DeepChecker:
             self.stats["deep"] += 1
             self.stats["deep_new"] += 1 if entry.uploaded else 0
             self.stats["bytes"] += size
+        self._check_lock(entry)
         expected = expected_sha256(entry)
         if size != entry.size:
             self.problems.add(entry.key, "size", f"read {size} bytes, expected {entry.size}")
         elif expected and sha.hexdigest() != expected:
             self.problems.add(
                 entry.key, "hash", f"content hashes to {sha.hexdigest()}, expected {expected}"
+            )
+
+    def _check_lock(self, entry: ManifestEntry) -> None:
+        """An object read back must carry a lock far enough away: `lock_min_days` from
+        now, and for one the run uploaded about `lock_days` from the manifest's time."""
+        days = self.options.lock_days
+        if days is None or not isinstance(self.store, RetentionSource):
+            return
+        got = self.store.retention(self.destination.key(entry.key))
+        if got is None:
+            self.problems.add(
+                entry.key,
+                "lock",
+                f"no Object Lock retention (expected {days:g} days): whoever holds a key "
+                "that can write can remove it",
+            )
+            return
+        now = datetime.now(UTC)
+        minimum = now + timedelta(days=self.options.lock_min_days)
+        if entry.uploaded and self.header is not None:
+            new_minimum = self.header.created_at + timedelta(days=days, seconds=-LOCK_NEW_SLACK)
+            minimum = max(minimum, new_minimum)
+        if got.until < minimum:
+            self.problems.add(
+                entry.key,
+                "lock",
+                f"{got.mode.lower()} retention ends {got.until.isoformat()}, before "
+                f"{minimum.replace(microsecond=0).isoformat()} (object_lock days = {days:g}, "
+                f"min_days = {self.options.lock_min_days:g})",
             )
 
     def close(self) -> None:

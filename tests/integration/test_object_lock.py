@@ -8,6 +8,8 @@ repositories.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -209,3 +211,40 @@ def test_retention_is_extended_only_in_the_renewal_window_and_no_op_runs_send_no
     old_key = f"restic/home/snapshots/{forgotten.name}"
     old_until = retain_until(moto_endpoint, bucket, old_key)[1]
     assert old_until < datetime.fromtimestamp(t0, UTC) + timedelta(days=DAYS, seconds=2)
+
+
+def test_verify_flags_an_object_whose_lock_is_missing_or_short(
+    restic_repo: BuiltRepo, moto_endpoint: S3Endpoint, tmp_path: Path
+) -> None:
+    """Identical bytes put again without a lock (or with a 2-day one) pass every content
+    check; only the lock check sees that the current version is unprotected."""
+    bucket = locked_bucket(moto_endpoint)
+    config = str(lock_config(tmp_path, moto_endpoint, bucket))
+    repo = ["--repo-id", "home", "--config", config]
+    assert run_agent(["upload", "--repo", str(restic_repo.path), *repo]).returncode == 0
+    good = run_agent(["verify", *repo, "--deep", "100%", "--json"])
+    assert good.returncode == 0, good.stdout + good.stderr
+
+    client = moto_endpoint.client()
+    unlocked = "restic/home/config"
+    short = f"restic/home/snapshots/{restic_repo.snapshots[0]}"
+    for key, lock in (
+        (unlocked, {}),
+        (
+            short,
+            {
+                "ObjectLockMode": "GOVERNANCE",
+                "ObjectLockRetainUntilDate": datetime.now(UTC) + timedelta(days=2),
+            },
+        ),
+    ):
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+        client.put_object(Bucket=bucket, Key=key, Body=body, ContentMD5=md5, **lock)
+
+    flagged = run_agent(["verify", *repo, "--deep", "100%"])
+    assert flagged.returncode == 3, flagged.stdout + flagged.stderr
+    assert "PROBLEM lock: config: no Object Lock retention" in flagged.stdout
+    assert f"PROBLEM lock: snapshots/{restic_repo.snapshots[0]}: governance retention" in (
+        flagged.stdout
+    )
