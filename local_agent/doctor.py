@@ -228,47 +228,41 @@ ENABLE_OBJECT_LOCK = (
 def _object_lock_check(doctor: Doctor, config: Any, backend: Any) -> None:
     """GetObjectLockConfiguration: with `object_lock` configured the bucket must have
     Object Lock enabled (else every upload would be refused, exit 4); without it, say
-    what the copy is exposed to."""
+    what the copy is exposed to (and send nothing)."""
     wanted = config.destination.object_lock
+    if wanted is None:
+        # No request: GetObjectLockConfiguration is a bucket-level call that a key
+        # restricted to one prefix may not be allowed, and nothing here depends on it.
+        doctor.record(
+            "object lock",
+            None,
+            "destination.object_lock is not set: whoever holds this key can hide or "
+            "overwrite the off-site copy (docs/security.md). " + ENABLE_OBJECT_LOCK,
+        )
+        return
     try:
         enabled, said = backend.object_lock_status()
     except RelayError as exc:
         doctor.record(
             "object lock",
-            False if wanted else None,
+            False,
             f"cannot read the bucket's Object Lock setting: {exc.message} (a B2 key needs "
             "the readBucketRetentions capability)",
         )
         return
-    if wanted is not None:
-        if enabled:
-            doctor.record(
-                "object lock",
-                True,
-                f"bucket {backend.bucket} has Object Lock enabled; every object is written "
-                f"with {wanted.mode} retention for {wanted.days} days",
-            )
-        else:
-            doctor.record(
-                "object lock",
-                False,
-                f"destination.object_lock is set but bucket {backend.bucket} does not have "
-                f"Object Lock enabled ({said}): uploads would be refused. {ENABLE_OBJECT_LOCK}",
-            )
-    elif enabled:
+    if enabled:
         doctor.record(
             "object lock",
-            None,
-            f"bucket {backend.bucket} has Object Lock enabled but destination.object_lock "
-            "is not set: objects are written without retention, so the backup host's key "
-            "can still destroy them (docs/security.md)",
+            True,
+            f"bucket {backend.bucket} has Object Lock enabled; every object is written "
+            f"with {wanted.mode} retention for {wanted.days} days",
         )
     else:
         doctor.record(
             "object lock",
-            None,
-            f"bucket {backend.bucket} has no Object Lock: whoever holds the backup host's "
-            "key can hide or overwrite the off-site copy. " + ENABLE_OBJECT_LOCK,
+            False,
+            f"destination.object_lock is set but bucket {backend.bucket} does not have "
+            f"Object Lock enabled ({said}): uploads would be refused. {ENABLE_OBJECT_LOCK}",
         )
 
 
