@@ -591,6 +591,14 @@ class Backend:
             ),
         )
 
+    def versioning_enabled(self) -> bool:
+        """Whether the bucket keeps versions (always so with Object Lock)."""
+        resp = self._call(
+            f"reading the versioning setting of {self.bucket}",
+            lambda: self.client.get_bucket_versioning(Bucket=self.bucket),
+        )
+        return resp.get("Status") == "Enabled"
+
     def hide(self, full_key: str) -> None:
         """DeleteObject without a version id: a delete marker on versioned buckets (the
         versions stay, and so does their lock)."""

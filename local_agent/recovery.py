@@ -23,6 +23,7 @@ import json
 import logging
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -69,10 +70,17 @@ class MirrorState:
     version_id: str
     created_at: datetime
     objects: int
-    sha256: str  # of the manifest object's bytes
     verified: bool | None  # True verified, False failed, None: no record here
-    data: bytes = field(repr=False)
     current: bool = True  # its key's current version is still this one
+    # The whole manifest and its SHA-256, read only for the state being rebuilt (`load`):
+    # listing the states reads just each manifest's first line.
+    data: bytes = field(default=b"", repr=False)
+    sha256: str = ""
+
+    def load(self, backend: Backend) -> None:
+        if not self.sha256:
+            self.data = _read_all(backend, self.key, self.version_id)
+            self.sha256 = hashlib.sha256(self.data).hexdigest()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -147,11 +155,9 @@ def list_states(
         if not written:
             continue
         first = written[-1]  # ListObjectVersions lists a key's versions newest first
-        data = _read_all(backend, key, first.version_id)
         try:
-            with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
-                header = ManifestHeader.model_validate_json(stream.readline())
-        except (OSError, EOFError, ValueError) as exc:
+            header = _read_header(backend, key, first.version_id)
+        except (OSError, EOFError, ValueError, zlib.error) as exc:
             log.warning("%s (version %s): not a manifest (%s)", key, first.version_id, exc)
             continue
         latest = next((v for v in versions if v.latest), None)
@@ -162,9 +168,7 @@ def list_states(
                 version_id=first.version_id,
                 created_at=header.created_at,
                 objects=header.objects,
-                sha256=hashlib.sha256(data).hexdigest(),
                 verified=verdicts.get(header.run_id),
-                data=data,
                 current=latest is not None and latest.version_id == first.version_id,
             )
         )
@@ -193,7 +197,26 @@ def choose_state(
     return candidates[-1]
 
 
+def _read_header(backend: Backend, key: str, version_id: str) -> ManifestHeader:
+    """A manifest's header line, reading no further than the chunk that holds it."""
+    inflate = zlib.decompressobj(wbits=31)  # gzip
+    text = b""
+    chunks = backend.read_version(key, version_id)
+    try:
+        for chunk in chunks:
+            text += inflate.decompress(chunk, 1024 * 1024)
+            if b"\n" in text or len(text) >= 1024 * 1024:
+                break
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    return ManifestHeader.model_validate_json(text.split(b"\n", 1)[0])
+
+
 def manifest_entries(state: MirrorState) -> tuple[ManifestHeader, list[ManifestEntry]]:
+    if not state.sha256:
+        raise AssertionError("manifest_entries needs MirrorState.load first")
     with gzip.GzipFile(fileobj=io.BytesIO(state.data)) as stream:
         header = ManifestHeader.model_validate_json(stream.readline())
         entries = [ManifestEntry.model_validate_json(line) for line in stream if line.strip()]
@@ -398,6 +421,7 @@ def run_recover(
             _print_states(states, as_json=as_json)
             return int(ExitCode.OK)
         state = choose_state(states, as_of=moment, run_id=manifest)
+        state.load(backend)
         plan = plan_recovery(backend, state, into=into)
         summary = _summary(plan, dry_run=dry_run)
         if plan.missing:
@@ -411,6 +435,13 @@ def run_recover(
         if dry_run:
             _emit(summary, as_json=as_json)
             return int(ExitCode.OK)
+        if plan.hide and not backend.versioning_enabled():
+            _emit(summary, as_json=as_json)
+            raise RecoveryError(
+                f"bucket {destination.bucket} does not keep versions: hiding the "
+                f"{len(plan.hide)} object(s) the state did not hold would delete them for "
+                "good. Nothing was changed; rebuild it elsewhere with --into PREFIX"
+            )
         execute_plan(backend, plan)
         if plan.in_place:
             _forget_reconciled(config, destination, repo_guid)

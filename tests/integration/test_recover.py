@@ -154,3 +154,23 @@ def test_recover_names_what_is_missing_and_changes_nothing(
         usage = run_agent(["recover", *repo, *bad])
         assert usage.returncode == 2, (bad, usage.stderr)
         assert said in usage.stderr, usage.stderr
+
+
+def test_in_place_recovery_never_deletes_on_a_bucket_without_versions(
+    restic_repo: BuiltRepo, moto_endpoint: S3Endpoint, tmp_path: Path
+) -> None:
+    """Hiding is a delete marker only where versions are kept; elsewhere it would delete
+    for good, so recover refuses (exit 3) and changes nothing."""
+    client = moto_endpoint.client()
+    client.create_bucket(Bucket="unversioned")
+    config = str(lock_config(tmp_path, moto_endpoint, "unversioned", lock=None))
+    repo = ["--repo-id", "home", "--config", config]
+    assert run_agent(["upload", "--repo", str(restic_repo.path), *repo]).returncode == 0
+    as_of = datetime.now(UTC).isoformat()
+    extra = f"{PREFIX}/snapshots/{'e' * 64}"
+    client.put_object(Bucket="unversioned", Key=extra, Body=b"newer or bogus")
+
+    result = run_agent(["recover", *repo, "--as-of", as_of])
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "does not keep versions" in result.stderr
+    assert client.get_object(Bucket="unversioned", Key=extra)["Body"].read() == b"newer or bogus"
