@@ -70,7 +70,10 @@ class MirrorState:
     version_id: str
     created_at: datetime
     objects: int
-    verified: bool | None  # True verified, False failed, None: no record here
+    verified: bool | None  # the latest verdict: True verified, False failed, None: none here
+    # When verifications of this state failed: one that failed *after* the chosen time is
+    # the attack being noticed, not a reason to distrust the state.
+    failed_at: list[datetime] = field(default_factory=list)
     current: bool = True  # its key's current version is still this one
     # The whole manifest and its SHA-256, read only for the state being rebuilt (`load`):
     # listing the states reads just each manifest's first line.
@@ -145,10 +148,13 @@ def list_states(
         if version.key.endswith(MANIFEST_SUFFIX) and not version.key.endswith(REPORT_SUFFIX):
             by_key.setdefault(version.key, []).append(version)
     verdicts: dict[str, bool] = {}
+    failures: dict[str, list[datetime]] = {}
     if runs is not None and repo_key:
         for record in reversed(runs.runs(repo_key, limit=1000)):  # oldest first
             if record.kind == "verification" and record.mirror_run_id:
                 verdicts[record.mirror_run_id] = record.status == "verified"
+                if record.status != "verified":
+                    failures.setdefault(record.mirror_run_id, []).append(record.finished_at)
     states: list[MirrorState] = []
     for key, versions in sorted(by_key.items()):
         written = [v for v in versions if not v.delete_marker]
@@ -169,6 +175,7 @@ def list_states(
                 created_at=header.created_at,
                 objects=header.objects,
                 verified=verdicts.get(header.run_id),
+                failed_at=failures.get(header.run_id, []),
                 current=latest is not None and latest.version_id == first.version_id,
             )
         )
@@ -179,15 +186,20 @@ def list_states(
 def choose_state(
     states: list[MirrorState], *, as_of: datetime | None, run_id: str | None
 ) -> MirrorState:
-    """`--manifest RUN_ID`, else the newest state at or before `--as-of` that no
-    verification found broken (verified ones and ones without a record qualify)."""
+    """`--manifest RUN_ID`, else the newest state written at or before `--as-of` that no
+    verification finished by then found broken (a verification that failed later — the
+    attack being noticed — does not disqualify it)."""
     if run_id is not None:
         for state in states:
             if state.run_id == run_id:
                 return state
         raise RecoveryError(f"no manifest of run {run_id} in the bucket")
     assert as_of is not None
-    candidates = [s for s in states if s.created_at <= as_of and s.verified is not False]
+    candidates = [
+        s
+        for s in states
+        if s.created_at <= as_of and not any(_aware(t) <= as_of for t in s.failed_at)
+    ]
     if not candidates:
         raise RecoveryError(
             f"no manifest written at or before {as_of.isoformat()} that verification did "
@@ -195,6 +207,10 @@ def choose_state(
             "`backrest-relay recover` without --as-of/--manifest)"
         )
     return candidates[-1]
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _read_header(backend: Backend, key: str, version_id: str) -> ManifestHeader:

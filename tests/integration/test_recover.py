@@ -76,15 +76,20 @@ def test_attack_with_the_agents_key_is_flagged_and_recover_as_of_restores_the_mi
         size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
         client.put_object(Bucket=bucket, Key=key, Body=os.urandom(size))
     client.put_object(Bucket=bucket, Key=f"{PREFIX}/snapshots/{'e' * 64}", Body=b"ransom note")
-    client.put_object(Bucket=bucket, Key=manifest_key, Body=b"not a manifest")
 
+    # The verifier notices (and records a failed verification of that run's state)...
     flagged = run_agent(["verify", *repo])
     assert flagged.returncode == 3, flagged.stdout + flagged.stderr
     assert "VERIFICATION FAILED" in flagged.stdout
+    assert "PROBLEM missing: config" in flagged.stdout
+    # ...and the attacker replaces the manifest too.
+    client.put_object(Bucket=bucket, Key=manifest_key, Body=b"not a manifest")
+    assert run_agent(["verify", *repo]).returncode == 3
 
     listed = run_agent(["recover", *repo, "--json"])
     assert listed.returncode == 0, listed.stderr
     assert '"manifest_intact": false' in listed.stdout
+    assert '"verified": false' in listed.stdout  # what verification said after the attack
 
     planned = run_agent(["recover", *repo, "--as-of", before_attack, "--dry-run", "--json"])
     assert planned.returncode == 0, planned.stderr
