@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from cloud.integrations.object_store_memory import InMemoryObjectStore
 from cloud.logic.ports import Retention
 from cloud.logic.verify import MirrorVerifier, VerifyOptions
@@ -73,3 +75,24 @@ def test_a_store_that_cannot_tell_locks_warns_instead_of_failing() -> None:
     outcome = run(plain, sha, lock_days=30)
     assert outcome.verified
     assert any("locks not checked" in w for w in outcome.warnings)
+
+
+def test_the_lambda_takes_the_lock_check_from_its_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cloud.handlers.verify import dependencies_from_env
+
+    for name, value in {
+        "RUNS_TABLE": "runs",
+        "IDEMPOTENCY_TABLE": "idem",
+        "EVENT_BUS_NAME": "bus",
+        "DESTINATION_SECRET_ARN": "secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("OBJECT_LOCK_DAYS", raising=False)
+    assert dependencies_from_env().options.lock_days is None
+    monkeypatch.setenv("OBJECT_LOCK_DAYS", "30")
+    monkeypatch.setenv("OBJECT_LOCK_MIN_DAYS", "3")
+    options = dependencies_from_env().options
+    assert (options.lock_days, options.lock_min_days) == (30, 3)
