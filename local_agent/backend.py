@@ -210,6 +210,11 @@ class Backend:
             hint = f" — bucket {self.bucket!r} does not exist at this endpoint"
         elif code == "RequestTimeTooSkewed":
             hint = " — the system clock is off; fix NTP"
+        elif self.lock is not None and code == "InvalidRequest":
+            hint = (
+                " — destination.object_lock needs a bucket with Object Lock enabled "
+                "(`backrest-relay doctor` checks it; docs/security.md)"
+            )
         return DestinationError(f"{what}: {describe_error(exc)}{hint}")
 
     # -- objects --------------------------------------------------------------------------

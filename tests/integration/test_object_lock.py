@@ -248,3 +248,15 @@ def test_verify_flags_an_object_whose_lock_is_missing_or_short(
     assert f"PROBLEM lock: snapshots/{restic_repo.snapshots[0]}: governance retention" in (
         flagged.stdout
     )
+
+
+def test_upload_with_object_lock_to_a_bucket_without_it_exits_4_naming_the_cause(
+    restic_repo: BuiltRepo, moto_endpoint: S3Endpoint, tmp_path: Path
+) -> None:
+    plain = locked_bucket(moto_endpoint, "plain", lock=False)
+    config = lock_config(tmp_path, moto_endpoint, plain)
+    result = run_agent(
+        ["upload", "--repo", str(restic_repo.path), "--repo-id", "home", "--config", str(config)]
+    )
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "destination.object_lock needs a bucket with Object Lock enabled" in result.stderr
