@@ -124,6 +124,10 @@ class Backend:
         # Object Lock retention every object written through this backend carries
         # (`[destination] object_lock`); None writes plain objects.
         self.lock: ObjectLock | None = None
+        # Full key → version id of objects written with a lock, for the caller to record
+        # (`take_version`): renewal then extends the version the agent wrote, not whatever
+        # is current (an attacker's overwrite).
+        self._versions: dict[str, str] = {}
 
     @property
     def client(self) -> S3Client:
@@ -254,10 +258,11 @@ class Backend:
         if writer is not None:
             start = None if isinstance(body, bytes) else body.tell()
             extra = lock.headers() if lock is not None else None
+            heard = (lambda v: self._note_version(full, v)) if lock is not None else None
             try:
                 return self._call(
                     f"upload of {what or full}",
-                    lambda: writer.put(full, body, size, md5_hex, sha256_hex, extra),
+                    lambda: writer.put(full, body, size, md5_hex, sha256_hex, extra, heard),
                 )
             except DestinationError as exc:
                 if error_code(exc.__cause__) not in WRONG_REGION:
@@ -285,6 +290,8 @@ class Backend:
                 **(lock.params() if lock is not None else {}),
             ),
         )
+        if lock is not None and resp.get("VersionId"):
+            self._note_version(full, resp["VersionId"])
         return _etag(resp["ETag"])
 
     def delete(self, key: str) -> None:
@@ -449,6 +456,8 @@ class Backend:
             # well, because some S3-compatible servers (moto among them) drop the lock
             # headers of a multipart upload. One request per object of >= 64 MiB.
             self.put_retention(key, self.lock, version_id=resp.get("VersionId"))
+            if resp.get("VersionId"):
+                self._note_version(full, resp["VersionId"])
         return _etag(resp.get("ETag", ""))
 
     def abort_multipart(self, full_key: str, upload_id: str) -> None:
@@ -490,6 +499,15 @@ class Backend:
                 return
 
     # -- Object Lock ----------------------------------------------------------------------
+
+    def _note_version(self, full: str, version_id: str) -> None:
+        with self._lock:
+            self._versions[full] = version_id
+
+    def take_version(self, key: str) -> str | None:
+        """The version id the last locked write of repository object `key` created."""
+        with self._lock:
+            return self._versions.pop(self.destination.key(key), None)
 
     def put_retention(self, key: str, lock: ObjectLock, *, version_id: str | None = None) -> None:
         """Set (extend) the retention of a repository object's current version, or of

@@ -595,7 +595,8 @@ class MirrorRun:
         self._abort_stray_uploads_once()
         uploader.upload(file, self.options.repo_path / file.key, digest, data)
         if self.backend.lock is not None:
-            self.state.set_retention([file.key], self.backend.lock.until_epoch)
+            version = self.backend.take_version(file.key)
+            self.state.set_retention([file.key], self.backend.lock.until_epoch, version)
         with self._lock:
             self.summary.uploaded_files += 1
             self.summary.uploaded_bytes += file.size
@@ -765,7 +766,10 @@ class MirrorRun:
             raise self._first_error
 
     def _renew_one(self, item: _Work, lock: ObjectLock) -> None:
-        self.backend.put_retention(item.file.key, lock)
+        # The version this agent wrote, when known: an attacker's newer version of the key
+        # must not be the one kept alive while the genuine one's lock runs out.
+        version = self.state.retention_version(item.file.key)
+        self.backend.put_retention(item.file.key, lock, version_id=version)
         self.state.set_retention([item.file.key], lock.until_epoch)
         with self._lock:
             self.summary.retention_extended += 1

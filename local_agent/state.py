@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS gone (
 -- keeps what is known; a key without a row has an unknown retention and is extended.
 CREATE TABLE IF NOT EXISTS retention (
     key TEXT PRIMARY KEY,
-    until REAL NOT NULL
+    until REAL NOT NULL,
+    version_id TEXT                -- the version the agent wrote; NULL: unknown (current)
 );
 CREATE INDEX IF NOT EXISTS retention_until ON retention(until);
 CREATE TABLE IF NOT EXISTS multipart_parts (
@@ -338,14 +339,23 @@ class StateStore:
 
     # -- Object Lock retention ------------------------------------------------------------
 
-    def set_retention(self, keys: list[str], until: float) -> None:
-        """Record that `keys` are retained until `until` (epoch seconds)."""
+    def set_retention(self, keys: list[str], until: float, version_id: str | None = None) -> None:
+        """Record that `keys` are retained until `until` (epoch seconds); a `version_id`
+        (one key) is the version the agent wrote, kept until another is given."""
         with self._lock, self._transaction() as db:
             db.executemany(
-                "INSERT INTO retention(key, until) VALUES(?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET until=excluded.until",
-                [(k, until) for k in keys],
+                "INSERT INTO retention(key, until, version_id) VALUES(?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET until=excluded.until, "
+                "version_id=COALESCE(excluded.version_id, retention.version_id)",
+                [(k, until, version_id) for k in keys],
             )
+
+    def retention_version(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT version_id FROM retention WHERE key=?", (key,)
+            ).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
 
     def retention_of(self, key: str) -> float | None:
         with self._lock:

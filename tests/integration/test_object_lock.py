@@ -190,6 +190,12 @@ def test_retention_is_extended_only_in_the_renewal_window_and_no_op_runs_send_no
 
         forgotten = sorted((restic_repo.path / "snapshots").iterdir())[0]
         forgotten.unlink()
+        # An attacker overwrites a kept object: renewal must keep the agent's version
+        # locked, not the attacker's.
+        client = moto_endpoint.client()
+        attacked = "restic/home/config"
+        genuine = client.head_object(Bucket=bucket, Key=attacked)["VersionId"]
+        client.put_object(Bucket=bucket, Key=attacked, Body=b"garbage")
         local = [p for p in restic_repo.path.rglob("*") if p.is_file()]
         renewal_at = t0 + 21 * DAY
         renewed = run_at(renewal_at)
@@ -207,7 +213,12 @@ def test_retention_is_extended_only_in_the_renewal_window_and_no_op_runs_send_no
     expected = datetime.fromtimestamp(renewal_at, UTC) + timedelta(days=DAYS)
     for path in local:
         key = f"restic/home/{path.relative_to(restic_repo.path).as_posix()}"
+        if key == attacked:
+            continue
         assert abs(retain_until(moto_endpoint, bucket, key)[1] - expected) < timedelta(seconds=2)
+    head = moto_endpoint.client().head_object(Bucket=bucket, Key=attacked, VersionId=genuine)
+    assert abs(head["ObjectLockRetainUntilDate"] - expected) < timedelta(seconds=2)
+    assert "ObjectLockMode" not in moto_endpoint.client().head_object(Bucket=bucket, Key=attacked)
     old_key = f"restic/home/snapshots/{forgotten.name}"
     old_until = retain_until(moto_endpoint, bucket, old_key)[1]
     assert old_until < datetime.fromtimestamp(t0, UTC) + timedelta(days=DAYS, seconds=2)
