@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from cloud.integrations.s3 import S3Access
     from local_agent.object_writer import ObjectWriter
+    from local_agent.objectlock import ObjectLock
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -120,6 +121,13 @@ class Backend:
         self._requests = 0
         self._lock = threading.Lock()
         self._made_lock = threading.Lock()
+        # Object Lock retention every object written through this backend carries
+        # (`[destination] object_lock`); None writes plain objects.
+        self.lock: ObjectLock | None = None
+        # Full key → version id of objects written with a lock, for the caller to record
+        # (`take_version`): renewal then extends the version the agent wrote, not whatever
+        # is current (an attacker's overwrite).
+        self._versions: dict[str, str] = {}
 
     @property
     def client(self) -> S3Client:
@@ -206,15 +214,29 @@ class Backend:
             hint = f" — bucket {self.bucket!r} does not exist at this endpoint"
         elif code == "RequestTimeTooSkewed":
             hint = " — the system clock is off; fix NTP"
+        elif self.lock is not None and code == "InvalidRequest":
+            hint = (
+                " — destination.object_lock needs a bucket with Object Lock enabled "
+                "(`backrest-relay doctor` checks it; docs/security.md)"
+            )
         return DestinationError(f"{what}: {describe_error(exc)}{hint}")
 
     # -- objects --------------------------------------------------------------------------
 
     def put(
-        self, key: str, body: bytes | BinaryIO, size: int, md5_hex: str, sha256_hex: str
+        self,
+        key: str,
+        body: bytes | BinaryIO,
+        size: int,
+        md5_hex: str,
+        sha256_hex: str,
+        *,
+        locked: bool = True,
     ) -> str:
         """Upload a repository file (`key` relative to the prefix); returns the ETag."""
-        return self.put_at(self.destination.key(key), body, size, md5_hex, sha256_hex, what=key)
+        return self.put_at(
+            self.destination.key(key), body, size, md5_hex, sha256_hex, what=key, locked=locked
+        )
 
     def put_at(
         self,
@@ -225,17 +247,22 @@ class Backend:
         sha256_hex: str,
         *,
         what: str = "",
+        locked: bool = True,
     ) -> str:
         """Upload to an absolute object key (manifests live outside the prefix).
 
-        `md5_hex` and `sha256_hex` are of the body: the bucket checks both."""
+        `md5_hex` and `sha256_hex` are of the body: the bucket checks both. With `locked`
+        (the default) the object carries the backend's Object Lock retention, if any."""
+        lock = self.lock if locked else None
         writer = self._object_writer()
         if writer is not None:
             start = None if isinstance(body, bytes) else body.tell()
+            extra = lock.headers() if lock is not None else None
+            heard = (lambda v: self._note_version(full, v)) if lock is not None else None
             try:
                 return self._call(
                     f"upload of {what or full}",
-                    lambda: writer.put(full, body, size, md5_hex, sha256_hex),
+                    lambda: writer.put(full, body, size, md5_hex, sha256_hex, extra, heard),
                 )
             except DestinationError as exc:
                 if error_code(exc.__cause__) not in WRONG_REGION:
@@ -260,8 +287,11 @@ class Backend:
                 ContentLength=size,
                 ContentMD5=md5_header(md5_hex),
                 ContentType="application/octet-stream",
+                **(lock.params() if lock is not None else {}),
             ),
         )
+        if lock is not None and resp.get("VersionId"):
+            self._note_version(full, resp["VersionId"])
         return _etag(resp["ETag"])
 
     def delete(self, key: str) -> None:
@@ -299,7 +329,10 @@ class Backend:
         resp = self._call(
             f"start of multipart upload of {key}",
             lambda: self.client.create_multipart_upload(
-                Bucket=self.bucket, Key=full, ContentType="application/octet-stream"
+                Bucket=self.bucket,
+                Key=full,
+                ContentType="application/octet-stream",
+                **(self.lock.params() if self.lock is not None else {}),
             ),
         )
         return resp["UploadId"]
@@ -418,6 +451,13 @@ class Backend:
                 MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
             ),
         )
+        if self.lock is not None:
+            # CreateMultipartUpload carried the lock; set it on the completed version as
+            # well, because some S3-compatible servers (moto among them) drop the lock
+            # headers of a multipart upload. One request per object of >= 64 MiB.
+            self.put_retention(key, self.lock, version_id=resp.get("VersionId"))
+            if resp.get("VersionId"):
+                self._note_version(full, resp["VersionId"])
         return _etag(resp.get("ETag", ""))
 
     def abort_multipart(self, full_key: str, upload_id: str) -> None:
@@ -457,3 +497,150 @@ class Backend:
             id_marker = page.get("NextUploadIdMarker", "")
             if not key_marker:
                 return
+
+    # -- Object Lock ----------------------------------------------------------------------
+
+    def _note_version(self, full: str, version_id: str) -> None:
+        with self._lock:
+            self._versions[full] = version_id
+
+    def take_version(self, key: str) -> str | None:
+        """The version id the last locked write of repository object `key` created."""
+        with self._lock:
+            return self._versions.pop(self.destination.key(key), None)
+
+    def put_retention(self, key: str, lock: ObjectLock, *, version_id: str | None = None) -> None:
+        """Set (extend) the retention of a repository object's current version, or of
+        `version_id`. Never shortens and never bypasses governance: S3 refuses both."""
+        full = self.destination.key(key)
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": full,
+            "Retention": {"Mode": lock.mode, "RetainUntilDate": lock.until},
+        }
+        if version_id:
+            kwargs["VersionId"] = version_id
+        self._call(
+            f"extending the retention of {key}",
+            lambda: self.client.put_object_retention(**kwargs),
+        )
+
+    def object_lock_status(self) -> tuple[bool, str]:
+        """Whether the bucket has Object Lock enabled, and what it said (GetObjectLock-
+        Configuration; a bucket without it answers ObjectLockConfigurationNotFoundError)."""
+        try:
+            resp = self.client.get_object_lock_configuration(Bucket=self.bucket)
+        except Exception as exc:
+            code = error_code(exc)
+            if code in ("ObjectLockConfigurationNotFoundError", "InvalidRequest", "404"):
+                return False, describe_error(exc)
+            if _is_sdk_error(exc):
+                what = f"reading the Object Lock setting of {self.bucket}"
+                raise self._translate(what, exc) from exc
+            raise
+        enabled = resp.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+        return enabled, "Enabled" if enabled else "not enabled"
+
+    # -- versions (recover) ---------------------------------------------------------------
+
+    def list_versions(self, full_prefix: str) -> Iterator[ObjectVersion]:
+        """Every version and delete marker under an absolute key prefix, 1000 per request
+        (ListObjectVersions: B2 bills it as a list call; only `recover` uses it)."""
+        key_marker = ""
+        version_marker = ""
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full_prefix}
+            if key_marker:
+                kwargs["KeyMarker"] = key_marker
+                if version_marker:
+                    kwargs["VersionIdMarker"] = version_marker
+            page = self._call(
+                f"listing the versions under {self.bucket}/{full_prefix}",
+                lambda kw=kwargs: self.client.list_object_versions(**kw),  # type: ignore[misc]
+            )
+            for item in page.get("Versions", []):
+                yield ObjectVersion(
+                    key=item["Key"],
+                    version_id=str(item.get("VersionId") or "null"),
+                    size=int(item.get("Size", 0)),
+                    etag=_etag(item.get("ETag", "")),
+                    modified=item["LastModified"].timestamp(),
+                    latest=bool(item.get("IsLatest")),
+                    delete_marker=False,
+                )
+            for marker in page.get("DeleteMarkers", []):
+                yield ObjectVersion(
+                    key=marker["Key"],
+                    version_id=str(marker.get("VersionId") or "null"),
+                    size=0,
+                    etag="",
+                    modified=marker["LastModified"].timestamp(),
+                    latest=bool(marker.get("IsLatest")),
+                    delete_marker=True,
+                )
+            if not page.get("IsTruncated"):
+                return
+            key_marker = page.get("NextKeyMarker", "")
+            version_marker = page.get("NextVersionIdMarker", "")
+            if not key_marker:
+                return
+
+    def read_version(self, full_key: str, version_id: str) -> Iterator[bytes]:
+        """The bytes of one version of an object, streamed."""
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=full_key, VersionId=version_id)
+            body = resp["Body"]
+            try:
+                yield from body.iter_chunks(1024 * 1024)
+            finally:
+                body.close()
+        except Exception as exc:
+            if _is_sdk_error(exc):
+                raise self._translate(f"reading {full_key} version {version_id}", exc) from exc
+            raise
+
+    def copy_version(self, full_key: str, version_id: str, target_key: str) -> None:
+        """Copy one version of an object to `target_key` (the same key: it becomes the
+        current version again), carrying the backend's Object Lock. Up to 5 GB (CopyObject);
+        restic's packs are at most 128 MiB."""
+        self._call(
+            f"restoring {full_key} version {version_id}",
+            lambda: self.client.copy_object(
+                Bucket=self.bucket,
+                Key=target_key,
+                CopySource={"Bucket": self.bucket, "Key": full_key, "VersionId": version_id},
+                MetadataDirective="COPY",
+                **(self.lock.params() if self.lock is not None else {}),
+            ),
+        )
+
+    def versioning_enabled(self) -> bool:
+        """Whether the bucket keeps versions (always so with Object Lock)."""
+        resp = self._call(
+            f"reading the versioning setting of {self.bucket}",
+            lambda: self.client.get_bucket_versioning(Bucket=self.bucket),
+        )
+        return resp.get("Status") == "Enabled"
+
+    def hide(self, full_key: str) -> None:
+        """DeleteObject without a version id: a delete marker on versioned buckets (the
+        versions stay, and so does their lock)."""
+        self._call(
+            f"hiding {full_key}",
+            lambda: self.client.delete_object(Bucket=self.bucket, Key=full_key),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectVersion:
+    key: str  # full object key
+    version_id: str
+    size: int
+    etag: str
+    modified: float  # epoch seconds
+    latest: bool
+    delete_marker: bool
+
+    @property
+    def multipart(self) -> bool:
+        return "-" in self.etag

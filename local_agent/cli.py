@@ -138,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve = add("serve", help="HTTP sidecar that Backrest's Docker image triggers with curl")
     serve.add_argument("--listen", help="HOST:PORT (default: [serve] listen, 127.0.0.1:8787)")
 
+    rec = add(
+        "recover",
+        help="list the mirror's states, or rebuild one from the bucket's object versions",
+    )
+    rec.add_argument("--repo-id", help="Backrest repository id")
+    rec.add_argument("--repo-guid", help="restic repository id (Backrest's guid)")
+    which = rec.add_mutually_exclusive_group()
+    which.add_argument(
+        "--as-of", help="the newest state at or before TIME (ISO 8601, or a duration ago: 3d)"
+    )
+    which.add_argument("--manifest", metavar="RUN_ID", help="the state of this upload run")
+    rec.add_argument("--into", metavar="PREFIX", help="rebuild under a new prefix, not in place")
+    rec.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    rec.add_argument("--json", action="store_true", help="print JSON")
+
     doctor = add("doctor", help="check config, credentials, bucket, clock")
     _repo_args(doctor)
 
@@ -219,6 +234,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             html=args.html,
             forget=args.forget,
         )
+    if args.command == "recover":
+        return cmd_recover(args)
     if args.command == "doctor":
         from local_agent.doctor import run_doctor
 
@@ -387,6 +404,32 @@ def cmd_verify(args: argparse.Namespace) -> int:
         repo_guid=identity.guid,
         run_id=args.run,
         deep=args.deep,
+        as_json=args.json,
+    )
+
+
+# -- recover -------------------------------------------------------------------------------
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from local_agent.config import load_config, validate_repo_guid, validate_repo_id
+    from local_agent.recovery import run_recover
+
+    loaded = load_config(args.config)
+    register_secrets(loaded.config)
+    identity = resolve_identity(
+        loaded.config.state.path(),
+        repo_id=validate_repo_id(args.repo_id) if args.repo_id else None,
+        repo_guid=validate_repo_guid(args.repo_guid) if args.repo_guid else None,
+    )
+    return run_recover(
+        loaded.config,
+        repo_id=identity.repo_id,
+        repo_guid=identity.guid,
+        as_of=args.as_of,
+        manifest=args.manifest,
+        into=args.into,
+        dry_run=args.dry_run,
         as_json=args.json,
     )
 

@@ -35,6 +35,7 @@ from cloud.contracts.manifest import (
 )
 from cloud.integrations.s3 import S3Access
 from local_agent.errors import ConfigError
+from local_agent.objectlock import ObjectLockPolicy
 from local_agent.units import parse_duration, parse_rate, parse_size
 
 ENV_PREFIX = "BACKREST_RELAY_"
@@ -75,6 +76,34 @@ def _inside(inner: str, outer: str) -> bool:
     return bool(outer) and (inner + "/").startswith(outer + "/")
 
 
+class ObjectLockConfig(_Section):
+    """`[destination] object_lock = { mode = "governance", days = 30 }` (docs/security.md)."""
+
+    mode: Literal["governance", "compliance"]
+    days: int = Field(ge=1, le=36500)
+    # Extend a kept object's retention once fewer days than this remain (default: a third
+    # of `days`, at least 1): renewal costs one request per object per renewal.
+    renew_days: int | None = Field(default=None, ge=1)
+    # The verifier calls a lock ending sooner than this a problem (older objects).
+    min_days: int = Field(default=1, ge=0)
+
+    @model_validator(mode="after")
+    def _renew_inside(self) -> ObjectLockConfig:
+        if self.renew_days is not None and self.renew_days >= self.days:
+            raise ValueError("renew_days must be smaller than days")
+        if self.min_days >= self.days:
+            raise ValueError("min_days must be smaller than days")
+        return self
+
+    def policy(self) -> ObjectLockPolicy:
+        return ObjectLockPolicy(
+            mode=self.mode,
+            days=self.days,
+            renew_days=self.renew_days or max(1, self.days // 3),
+            min_days=self.min_days,
+        )
+
+
 class DestinationConfig(_Section):
     provider: Provider = "b2"
     endpoint_url: str = ""
@@ -84,6 +113,7 @@ class DestinationConfig(_Section):
     manifest_prefix: str = DEFAULT_MANIFEST_PREFIX
     access_key_id: str = ""
     secret_access_key: SecretStr = SecretStr("")
+    object_lock: ObjectLockConfig | None = None
 
     @field_validator("bucket")
     @classmethod
@@ -543,6 +573,14 @@ def _apply_env_overrides(
         value: Any = _typed_env_value(var, f"{section}.{key}", known[section][key], env[var])
         if (section, key) in (("notify", "urls"), ("serve", "roots")):
             value = _parse_list(var, value)
+        elif (section, key) == ("destination", "object_lock"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ConfigError(
+                    f"environment variable {var}: expected a JSON object "
+                    '{"mode": "governance", "days": 30}'
+                ) from None
         elif (section, key) in (("notify", "healthchecks"), ("serve", "repos")):
             try:
                 value = json.loads(value)

@@ -147,6 +147,8 @@ def run_doctor(args: argparse.Namespace) -> int:
         doctor.record("bucket access", False, f"{describe_error(exc)} — {destination.describe()}")
         return _exit(doctor)
 
+    _object_lock_check(doctor, config, backend)
+
     # Every prefix the agent writes under, each proven with a real PUT (and DELETE) of a
     # probe object: a B2 key has one name prefix, and a key that covers the repository but
     # not the manifests lets `upload` mirror everything and then fail on the manifest.
@@ -200,6 +202,7 @@ def _probe(
             len(body),
             hashlib.md5(body, usedforsecurity=False).hexdigest(),
             hashlib.sha256(body).hexdigest(),
+            locked=False,  # a locked probe could not be removed for `days`
         )
         via = "the agent's signed PUT" if backend.direct_put_active else "boto3 put_object"
         return f"can upload under {where} (single PUT with Content-MD5, via {via})"
@@ -216,6 +219,57 @@ def _probe(
     except RelayError as exc:
         level = False if delete_enabled else None
         doctor.record(f"delete permission ({label})", level, exc.message)
+
+
+ENABLE_OBJECT_LOCK = (
+    "Object Lock can only protect versions in a bucket that has it enabled. On Backblaze "
+    "B2: bucket settings → Object Lock → Enable (this also keeps every version of each "
+    "file), or create a new bucket with Object Lock enabled. On AWS S3: create the bucket "
+    "with Object Lock enabled (`aws s3api create-bucket --object-lock-enabled-for-bucket`), "
+    "or on an existing versioned bucket run `aws s3api put-object-lock-configuration "
+    "--object-lock-configuration ObjectLockEnabled=Enabled`. See docs/security.md"
+)
+
+
+def _object_lock_check(doctor: Doctor, config: Any, backend: Any) -> None:
+    """GetObjectLockConfiguration: with `object_lock` configured the bucket must have
+    Object Lock enabled (else every upload would be refused, exit 4); without it, say
+    what the copy is exposed to (and send nothing)."""
+    wanted = config.destination.object_lock
+    if wanted is None:
+        # No request: GetObjectLockConfiguration is a bucket-level call that a key
+        # restricted to one prefix may not be allowed, and nothing here depends on it.
+        doctor.record(
+            "object lock",
+            None,
+            "destination.object_lock is not set: whoever holds this key can hide or "
+            "overwrite the off-site copy (docs/security.md). " + ENABLE_OBJECT_LOCK,
+        )
+        return
+    try:
+        enabled, said = backend.object_lock_status()
+    except RelayError as exc:
+        doctor.record(
+            "object lock",
+            False,
+            f"cannot read the bucket's Object Lock setting: {exc.message} (a B2 key needs "
+            "the readBucketRetentions capability)",
+        )
+        return
+    if enabled:
+        doctor.record(
+            "object lock",
+            True,
+            f"bucket {backend.bucket} has Object Lock enabled; every object is written "
+            f"with {wanted.mode} retention for {wanted.days} days",
+        )
+    else:
+        doctor.record(
+            "object lock",
+            False,
+            f"destination.object_lock is set but bucket {backend.bucket} does not have "
+            f"Object Lock enabled ({said}): uploads would be refused. {ENABLE_OBJECT_LOCK}",
+        )
 
 
 def _exit(doctor: Doctor) -> int:

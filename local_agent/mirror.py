@@ -30,6 +30,7 @@ from local_agent.errors import (
     RelayError,
     RepositoryError,
 )
+from local_agent.objectlock import ObjectLock, ObjectLockPolicy
 from local_agent.progress import Progress
 from local_agent.repository import (
     DELETE_ORDER,
@@ -72,6 +73,7 @@ class MirrorOptions:
     dry_run: bool = False
     reconcile: bool = False
     run_id: str | None = None
+    object_lock: ObjectLockPolicy | None = None  # `[destination] object_lock`
 
 
 @dataclass
@@ -93,6 +95,7 @@ class MirrorSummary:
     pending_deletions: int = 0  # gone locally, deleted remotely once upload.delete_after passed
     next_deletion_due: str | None = None  # ISO 8601 UTC
     aborted_uploads: int = 0
+    retention_extended: int = 0  # objects whose Object Lock retention this run extended
     listed_objects: int | None = None
     new_snapshots: list[str] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)
@@ -118,6 +121,9 @@ SNAPSHOT_ALLOWANCE = 2
 # Pack bytes that may go in a run that did not also replace index files (a prune that drops
 # packs from the index always does), whatever the share: one default pack.
 DATA_ALLOWANCE_BYTES = 16 * 1024 * 1024
+# Retention extensions per run at most (PutObjectRetention has no batch form); the rest
+# follow in the next runs, long before their locks end.
+RENEW_LIMIT = 10_000
 # Local snapshot count at the last run whose deletions the guard accepted.
 SNAPSHOT_BASELINE = "delete_guard_snapshots"
 
@@ -231,6 +237,9 @@ class MirrorRun:
             self._report_plan(work, deletions)
             return
 
+        if options.object_lock is not None and self.backend.lock is None:
+            # One retain-until date for everything this run writes, manifest included.
+            self.backend.lock = options.object_lock.lock_at(self.clock())
         self._upload(work)
         self._abort_orphaned_uploads(scan)
         if self._strays_checked:
@@ -238,6 +247,7 @@ class MirrorRun:
             # the first would stay unfinished (and billed). Look once more, now that every
             # upload of this run is complete.
             self._abort_stray_uploads()
+        self._renew_retention(scan)
         self._delete(deletions)
         if self.stop.reason == "deadline":
             raise DeadlineError(
@@ -603,6 +613,9 @@ class MirrorRun:
             return
         self._abort_stray_uploads_once()
         uploader.upload(file, self.options.repo_path / file.key, digest, data)
+        if self.backend.lock is not None:
+            version = self.backend.take_version(file.key)
+            self.state.set_retention([file.key], self.backend.lock.until_epoch, version)
         with self._lock:
             self.summary.uploaded_files += 1
             self.summary.uploaded_bytes += file.size
@@ -742,3 +755,41 @@ class MirrorRun:
         self.state.clear_gone([item.file.key])
         with self._lock:
             self.summary.deleted_files += 1
+
+    # -- Object Lock retention ------------------------------------------------------------
+
+    def _renew_retention(self, scan: RepositoryScan) -> None:
+        """Extend the retention of objects still in the local repository once they enter
+        the renewal window (fewer than `renew_days` left, or unknown). Objects gone
+        locally are left to age out. Nothing due — the usual run — sends nothing."""
+        policy = self.options.object_lock
+        if policy is None:
+            return
+        now = self.clock()
+        due: list[RepoFile] = []
+        for key in self.state.retention_due(policy.renew_before(now)):
+            file = scan.files.get(key)
+            if file is not None:
+                due.append(file)
+                if len(due) == RENEW_LIMIT:
+                    break
+        if not due:
+            return
+        lock = policy.lock_at(now)
+        log.info(
+            "extending the Object Lock retention of %d object(s) to %s",
+            len(due),
+            lock.until.isoformat(),
+        )
+        self._run_parallel((_Work(f) for f in due), lambda item: self._renew_one(item, lock))
+        if self._first_error is not None:
+            raise self._first_error
+
+    def _renew_one(self, item: _Work, lock: ObjectLock) -> None:
+        # The version this agent wrote, when known: an attacker's newer version of the key
+        # must not be the one kept alive while the genuine one's lock runs out.
+        version = self.state.retention_version(item.file.key)
+        self.backend.put_retention(item.file.key, lock, version_id=version)
+        self.state.set_retention([item.file.key], lock.until_epoch)
+        with self._lock:
+            self.summary.retention_extended += 1

@@ -26,7 +26,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from html import unescape
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from urllib.parse import urlsplit
@@ -186,15 +186,26 @@ class ObjectWriter:
     # -- requests -------------------------------------------------------------------------
 
     def put(
-        self, key: str, body: bytes | BinaryIO, size: int, md5_hex: str, sha256_hex: str
+        self,
+        key: str,
+        body: bytes | BinaryIO,
+        size: int,
+        md5_hex: str,
+        sha256_hex: str,
+        extra_headers: Mapping[str, str] | None = None,
+        on_version: Callable[[str], None] | None = None,
     ) -> str:
-        """Store `body` (exactly `size` bytes) under the absolute object `key`; its ETag."""
+        """Store `body` (exactly `size` bytes) under the absolute object `key`; its ETag.
+
+        `extra_headers` (Object Lock's mode and retain-until date) are sent and signed;
+        `on_version` hears the version id a versioned bucket gave the object."""
         path = f"{self._path_prefix}/{s3_path(key)}"
         headers = {
             "host": self._host_header,
             "content-length": str(size),
             "content-md5": md5_header(md5_hex),
             "content-type": "application/octet-stream",
+            **(extra_headers or {}),
         }
         start = None if isinstance(body, bytes | bytearray | memoryview) else body.tell()
         attempt = 0
@@ -214,7 +225,7 @@ class ObjectWriter:
                 ]
             ).encode("utf-8")
             try:
-                status, reason, etag, data = self._exchange(key, head, body, size)
+                status, reason, etag, data, version = self._exchange(key, head, body, size)
             except _NetworkError as exc:
                 if attempt >= self._max_attempts or not exc.retryable:
                     raise exc.as_botocore(self._url_base + path) from exc.cause
@@ -222,6 +233,8 @@ class ObjectWriter:
                 self._sleep(backoff(attempt))
                 continue
             if 200 <= status < 300:
+                if version and on_version is not None:
+                    on_version(version)
                 return (etag or "").strip('"')
             code, message = parse_error(status, reason, data)
             if (status in RETRY_STATUS or code in RETRY_CODES) and attempt < self._max_attempts:
@@ -238,7 +251,7 @@ class ObjectWriter:
 
     def _exchange(
         self, key: str, head: bytes, body: bytes | BinaryIO, size: int
-    ) -> tuple[int, str, str | None, bytes]:
+    ) -> tuple[int, str, str | None, bytes, str | None]:
         conn = self._connection()
         if conn.idle_but_readable():
             conn.close()  # closed by the server while idle: reconnect, as urllib3 does
@@ -258,7 +271,13 @@ class ObjectWriter:
             raise RepositoryError(
                 f"{key}: the local file changed while being uploaded ({exc})"
             ) from None
-        return response.status, response.reason, response.headers.get("etag"), response.body
+        return (
+            response.status,
+            response.reason,
+            response.headers.get("etag"),
+            response.body,
+            response.headers.get("x-amz-version-id"),
+        )
 
 
 class _NetworkError(Exception):

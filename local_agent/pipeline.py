@@ -132,6 +132,7 @@ class LocalPipeline:
         """
         from cloud.integrations.s3 import make_s3_client
         from cloud.integrations.s3_store import S3ObjectStore, S3ReportSink
+        from local_agent.verification import lock_check, report_lock
 
         client = make_s3_client(self.config.destination.access())
         bucket = event.destination.bucket
@@ -144,11 +145,12 @@ class LocalPipeline:
                 event,
                 store=S3ObjectStore(client, bucket),
                 runs=self.runs(),
-                reports=S3ReportSink(client, bucket),
+                reports=S3ReportSink(client, bucket, **report_lock(self.config)),
                 options=VerifyOptions(
                     concurrency=self.config.upload.concurrency,
                     should_stop=self.should_stop,
                     progress=progress,
+                    **lock_check(self.config),
                 ),
                 every_seconds=self.config.verify.every_seconds,
                 rotation_budget=self.config.verify.budget_bytes,

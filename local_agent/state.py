@@ -66,6 +66,15 @@ CREATE TABLE IF NOT EXISTS gone (
     key TEXT PRIMARY KEY,
     since REAL NOT NULL
 );
+-- Object Lock: until when (epoch seconds) each object's current version is retained, as
+-- this agent set it (issue 18). Kept apart from `objects` so a rebuild from a listing
+-- keeps what is known; a key without a row has an unknown retention and is extended.
+CREATE TABLE IF NOT EXISTS retention (
+    key TEXT PRIMARY KEY,
+    until REAL NOT NULL,
+    version_id TEXT                -- the version the agent wrote; NULL: unknown (current)
+);
+CREATE INDEX IF NOT EXISTS retention_until ON retention(until);
 CREATE TABLE IF NOT EXISTS multipart_parts (
     key TEXT NOT NULL,
     upload_id TEXT NOT NULL,
@@ -419,3 +428,46 @@ class StateStore:
                         completed.run_id,
                     ),
                 )
+
+    # -- Object Lock retention ------------------------------------------------------------
+
+    def set_retention(self, keys: list[str], until: float, version_id: str | None = None) -> None:
+        """Record that `keys` are retained until `until` (epoch seconds); a `version_id`
+        (one key) is the version the agent wrote, kept until another is given."""
+        with self._lock, self._transaction() as db:
+            db.executemany(
+                "INSERT INTO retention(key, until, version_id) VALUES(?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET until=excluded.until, "
+                "version_id=COALESCE(excluded.version_id, retention.version_id)",
+                [(k, until, version_id) for k in keys],
+            )
+
+    def retention_version(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT version_id FROM retention WHERE key=?", (key,)
+            ).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
+    def retention_of(self, key: str) -> float | None:
+        with self._lock:
+            row = self._db.execute("SELECT until FROM retention WHERE key=?", (key,)).fetchone()
+        return None if row is None else float(row[0])
+
+    def retention_due(self, before: float) -> Iterator[str]:
+        """Keys of objects at the destination whose retention ends before `before`, or is
+        unknown (adopted, or written before the lock was configured), in key order."""
+        last = ""
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT o.key FROM objects o LEFT JOIN retention r ON r.key = o.key "
+                    "WHERE o.key > ? AND (r.until IS NULL OR r.until < ?) "
+                    "ORDER BY o.key LIMIT 1000",
+                    (last, before),
+                ).fetchall()
+            if not rows:
+                return
+            for (key,) in rows:
+                yield str(key)
+            last = rows[-1][0]

@@ -76,6 +76,9 @@ def run_upload(
         dry_run=dry_run,
         reconcile=reconcile,
         run_id=ctx.run_id,
+        object_lock=(
+            config.destination.object_lock.policy() if config.destination.object_lock else None
+        ),
     )
     state_dir = config.state.path()
     stop = StopSignal(upload.deadline_seconds)
@@ -236,6 +239,8 @@ def _attach_manifest(
         or summary.adopted_files
         or summary.listed_objects is not None
         or state.has_unmanifested()  # an earlier run uploaded them, then stopped
+        # A fresh manifest carries a fresh lock: the newest state stays recoverable.
+        or summary.retention_extended
     )
     previous = state.get_meta(LAST_MANIFEST)
     if not changed and previous:

@@ -90,6 +90,18 @@ def recorded_manifest(
     return ManifestRef.model_validate_json(raw) if raw else None
 
 
+def lock_check(config: RelayConfig) -> dict[str, Any]:
+    """VerifyOptions for the lock check: what `[destination] object_lock` promises."""
+    lock = config.destination.object_lock
+    return {} if lock is None else {"lock_days": lock.days, "lock_min_days": lock.min_days}
+
+
+def report_lock(config: RelayConfig) -> dict[str, Any]:
+    """The Object Lock a verification report carries: the destination's, if configured."""
+    lock = config.destination.object_lock
+    return {} if lock is None else {"lock_mode": lock.mode.upper(), "lock_days": lock.days}
+
+
 def run_verify(
     config: RelayConfig,
     *,
@@ -135,6 +147,7 @@ def run_verify(
             extra_percent=spec.percent,
             extra_bytes=spec.size,
             concurrency=config.upload.concurrency,
+            **lock_check(config),
         )
         expected = recorded.sha256 if recorded is not None and recorded.key == key else None
         outcome = MirrorVerifier(store, destination, options).verify(key, expected)
@@ -159,7 +172,9 @@ def run_verify(
     if outcome.report:
         from cloud.integrations.s3_store import S3ReportSink
 
-        S3ReportSink(client, destination.bucket).put(problems_report_key(key), outcome.report)
+        S3ReportSink(client, destination.bucket, **report_lock(config)).put(
+            problems_report_key(key), outcome.report
+        )
     record_verification(runs, result)
     verified = isinstance(result, MirrorVerified)
     if as_json:

@@ -150,10 +150,19 @@ class VerificationStats(_Model):
 class Problem(_Model):
     key: str
     kind: Literal[
-        "missing", "size", "etag", "hash", "manifest", "unreadable", "extra", "unverifiable"
+        "missing",
+        "size",
+        "etag",
+        "hash",
+        "manifest",
+        "unreadable",
+        "extra",
+        "unverifiable",
+        "lock",
     ]
     """`unverifiable`: the verification could not proceed (GetObject denied, download cap
-    reached, destination unreachable); the detail says why. Not a verdict on the data."""
+    reached, destination unreachable); the detail says why. Not a verdict on the data.
+    `lock`: an object's Object Lock retention is missing or ends too soon."""
     detail: str = Field(max_length=500)
 
 

@@ -33,6 +33,9 @@ Configuration (environment; no credentials in it):
 ``VERIFY_NEW_BYTES_BUDGET`` optional byte cap on deep-checking objects the run uploaded
 ``VERIFY_ROTATION_RUNS``    re-read every older object once per N verifications (30)
 ``VERIFY_CONCURRENCY``      parallel reads during the deep check (8)
+``OBJECT_LOCK_DAYS``        optional: the agent's `object_lock.days`; objects read back
+                            must then carry an Object Lock (docs/security.md)
+``OBJECT_LOCK_MIN_DAYS``    retention that must remain on older objects read back (1)
 ``POWERTOOLS_SERVICE_NAME`` optional, default ``backrest-relay-verifier``
 """
 
@@ -146,6 +149,8 @@ def dependencies_from_env() -> Dependencies:
         new_bytes_budget=env_int("VERIFY_NEW_BYTES_BUDGET", None),
         rotation_runs=env_int("VERIFY_ROTATION_RUNS", 30, minimum=1) or 30,
         concurrency=env_int("VERIFY_CONCURRENCY", 8, minimum=1) or 8,
+        lock_days=env_int("OBJECT_LOCK_DAYS", None, minimum=1),
+        lock_min_days=env_int("OBJECT_LOCK_MIN_DAYS", 1, minimum=0) or 0,
     )
     dynamodb = boto3.client("dynamodb")
     return Dependencies(

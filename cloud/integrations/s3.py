@@ -9,8 +9,10 @@ them, and integrity comes from the `Content-MD5` the caller sends.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cloud.contracts.destination import Provider, b2_endpoint
 
@@ -102,7 +104,7 @@ def make_s3_client(
     something else that signs requests for the same destination.
     """
     session = session or make_s3_session(access)
-    return session.client(
+    client = session.client(
         "s3",
         endpoint_url=access.resolved_endpoint(),
         config=client_config(
@@ -113,3 +115,32 @@ def make_s3_client(
             max_attempts=max_attempts,
         ),
     )
+    events = client.meta.events
+    events.register("before-call.s3.CopyObject", _lock_copy_md5)
+    if not flexible_checksums_allowed(access.provider):
+        events.register("before-call.s3.PutObjectRetention", _md5_not_flexible)
+    return client
+
+
+# MD5 of the empty body, base64: what a CopyObject (no body) carries as Content-MD5.
+EMPTY_MD5 = "1B2M2Y8AsgTpgAmY7PhCfg=="
+
+
+def _lock_copy_md5(params: dict[str, Any], **_: Any) -> None:
+    """A write that carries Object Lock headers needs Content-MD5 (B2, and moto, refuse it
+    otherwise); CopyObject has no body and botocore sends none, so send the empty one's."""
+    headers = params["headers"]
+    if "x-amz-object-lock-mode" in headers and "Content-MD5" not in headers:
+        headers["Content-MD5"] = EMPTY_MD5
+
+
+def _md5_not_flexible(params: dict[str, Any], **_: Any) -> None:
+    """PutObjectRetention requires a body checksum; botocore >= 1.36 sends it as
+    `x-amz-checksum-crc32`, which B2 refuses. Send the old Content-MD5 instead."""
+    params["context"]["checksum"] = {}
+    body = params.get("body") or b""
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    if isinstance(body, bytes) and "Content-MD5" not in params["headers"]:
+        digest = hashlib.md5(body, usedforsecurity=False).digest()
+        params["headers"]["Content-MD5"] = base64.b64encode(digest).decode("ascii")

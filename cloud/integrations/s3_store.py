@@ -11,9 +11,10 @@ import hashlib
 import logging
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from cloud.logic.ports import ListedObject, ObjectNotFoundError, ObjectStoreError
+from cloud.logic.ports import ListedObject, ObjectNotFoundError, ObjectStoreError, Retention
 
 if TYPE_CHECKING:
     from types_boto3_s3 import S3Client
@@ -38,6 +39,22 @@ class S3ObjectStore:
         self.bucket = bucket
         self._list_requests = 0
         self._lock = threading.Lock()
+        # Object Lock headers of objects read, kept until asked for (`retention`), so the
+        # verifier's lock check costs no request for objects it reads anyway.
+        self._seen: dict[str, Retention | None] = {}
+
+    def retention(self, key: str) -> Retention | None:
+        """The current version's Object Lock, from the last read of `key`, else a HEAD."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        with self._lock:
+            if key in self._seen:
+                return self._seen.pop(key)
+        try:
+            response = self.client.head_object(Bucket=self.bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            raise ObjectStoreError(f"checking {self.bucket}/{key}: {_describe(exc)}") from exc
+        return _retention(response)
 
     @property
     def list_requests(self) -> int:
@@ -68,6 +85,10 @@ class S3ObjectStore:
 
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=key)
+            with self._lock:
+                if len(self._seen) >= 10_000:  # never asked for: keep memory bounded
+                    self._seen.pop(next(iter(self._seen)))
+                self._seen[key] = _retention(response)
             body = response["Body"]
             try:
                 yield from body.iter_chunks(chunk_size)
@@ -82,18 +103,36 @@ class S3ObjectStore:
             raise ObjectStoreError(f"reading {self.bucket}/{key}: {_describe(exc)}") from exc
 
 
+def _retention(response: Any) -> Retention | None:
+    mode = response.get("ObjectLockMode")
+    until = response.get("ObjectLockRetainUntilDate")
+    if not mode or not isinstance(until, datetime):
+        return None
+    return Retention(str(mode), until)
+
+
 class S3ReportSink:
     """Writes reports into the bucket beside the manifest — best effort: a read-only key
     (as the verifier should have) cannot, and the verdict must not depend on it."""
 
-    def __init__(self, client: S3Client, bucket: str) -> None:
+    def __init__(
+        self, client: S3Client, bucket: str, *, lock_mode: str | None = None, lock_days: int = 0
+    ) -> None:
+        """`lock_mode` (GOVERNANCE/COMPLIANCE) and `lock_days`: the Object Lock retention
+        reports carry, like everything else the agent writes (`[destination] object_lock`)."""
         self.client = client
         self.bucket = bucket
+        self.lock_mode = lock_mode
+        self.lock_days = lock_days
 
     def put(self, key: str, data: bytes) -> str | None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+        lock: dict[str, Any] = {}
+        if self.lock_mode:
+            until = datetime.now(UTC).replace(microsecond=0) + timedelta(days=self.lock_days)
+            lock = {"ObjectLockMode": self.lock_mode, "ObjectLockRetainUntilDate": until}
         try:
             self.client.put_object(
                 Bucket=self.bucket,
@@ -101,6 +140,7 @@ class S3ReportSink:
                 Body=data,
                 ContentMD5=md5,
                 ContentType="application/gzip",
+                **lock,
             )
         except (BotoCoreError, ClientError) as exc:
             log.warning("could not store the verification report %s: %s", key, _describe(exc))

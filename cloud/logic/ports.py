@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +47,24 @@ class ObjectStore(Protocol):
     @property
     def list_requests(self) -> int:
         """List requests sent so far (B2 bills them as Class C)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """An object version's Object Lock: mode (GOVERNANCE/COMPLIANCE) and retain-until."""
+
+    mode: str
+    until: datetime
+
+
+@runtime_checkable
+class RetentionSource(Protocol):
+    """A store that can say how an object is locked (S3: the headers of the GET the deep
+    check made anyway, else a HEAD). Optional: stores without it are not lock-checked."""
+
+    def retention(self, key: str) -> Retention | None:
+        """The current version's retention; None when it has none."""
         ...
 
 

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import IO, Literal, Protocol
 
 from cloud.contracts.destination import Destination
@@ -40,6 +41,7 @@ from cloud.logic.ports import (
     ObjectNotFoundError,
     ObjectStore,
     ObjectStoreError,
+    RetentionSource,
 )
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -47,8 +49,11 @@ IGNORED_FOLDERS = ("locks/",)
 READ_ATTEMPTS = 3  # restic writes locks while it checks a mirror: not extra
 
 ProblemKind = Literal[
-    "missing", "size", "etag", "hash", "manifest", "unreadable", "extra", "unverifiable"
+    "missing", "size", "etag", "hash", "manifest", "unreadable", "extra", "unverifiable", "lock"
 ]
+DAY = 86400.0
+# A new object's lock is set when the run starts; the manifest is written when it ends.
+LOCK_NEW_SLACK = DAY
 
 
 class VerifyProgress(Protocol):
@@ -91,6 +96,14 @@ class VerifyOptions:
     rotate_uploaded: bool = False
     should_stop: Callable[[], bool] | None = None
     progress: VerifyProgress | None = None
+    # The prefix the manifest describes, when the mirror was rebuilt elsewhere
+    # (`recover --into`); None: the destination's own prefix.
+    manifest_prefix: str | None = None
+    # Object Lock (`[destination] object_lock`): objects read back must be retained at
+    # least `lock_min_days` from now, and objects the run uploaded about `lock_days` from
+    # the manifest's time. None: locks are not checked.
+    lock_days: float | None = None
+    lock_min_days: float = 1.0
 
 
 @dataclass
@@ -326,7 +339,10 @@ class MirrorVerifier:
         except (OSError, EOFError, ValueError) as exc:
             problems.add(manifest_key, "manifest", f"manifest unreadable: {exc}")
             return None
-        if header.prefix != self.destination.prefix or header.bucket != self.destination.bucket:
+        described = self.options.manifest_prefix
+        if described is None:
+            described = self.destination.prefix
+        if header.prefix != described or header.bucket != self.destination.bucket:
             problems.add(
                 manifest_key,
                 "manifest",
@@ -334,9 +350,11 @@ class MirrorVerifier:
                 f"{self.destination.bucket}/{self.destination.prefix}",
             )
             return header
+        if self.options.lock_days is not None and not isinstance(self.store, RetentionSource):
+            problems.warn("this store cannot report Object Lock retention; locks not checked")
         try:
             deep = self._pass = _DeepChecker(
-                self.store, self.destination, self.options, problems, stats, carried
+                self.store, self.destination, self.options, problems, stats, carried, header
             )
             try:
                 self._merge(entries, problems, stats, deep)
@@ -352,7 +370,13 @@ class MirrorVerifier:
                     _Carried(iter(()), "") if self.options.carried else _Carried(iter(()))
                 )
                 deep = self._pass = _DeepChecker(
-                    self.store, self.destination, self.options, problems, stats, unordered_carry
+                    self.store,
+                    self.destination,
+                    self.options,
+                    problems,
+                    stats,
+                    unordered_carry,
+                    header,
                 )
                 self._keyed(entries, problems, stats, deep)
             finally:
@@ -492,8 +516,10 @@ class _DeepChecker:
         problems: _Problems,
         stats: dict[str, int],
         carried: _Carried | None = None,
+        header: ManifestHeader | None = None,
     ) -> None:
         self.store = store
+        self.header = header
         self.destination = destination
         self.options = options
         self.problems = problems
@@ -620,6 +646,7 @@ class _DeepChecker:
             self.stats["bytes"] += size
         if self.options.progress is not None:
             self.options.progress.advance(1, size)
+        self._check_lock(entry)
         expected = expected_sha256(entry)
         if size != entry.size:
             self.problems.add(entry.key, "size", f"read {size} bytes, expected {entry.size}")
@@ -639,6 +666,35 @@ class _DeepChecker:
         if complete:
             return "", True  # reached the end of the mirror: start over next time
         return self.rotation_next, False
+
+    def _check_lock(self, entry: ManifestEntry) -> None:
+        """An object read back must carry a lock far enough away: `lock_min_days` from
+        now, and for one the run uploaded about `lock_days` from the manifest's time."""
+        days = self.options.lock_days
+        if days is None or not isinstance(self.store, RetentionSource):
+            return
+        got = self.store.retention(self.destination.key(entry.key))
+        if got is None:
+            self.problems.add(
+                entry.key,
+                "lock",
+                f"no Object Lock retention (expected {days:g} days): whoever holds a key "
+                "that can write can remove it",
+            )
+            return
+        now = datetime.now(UTC)
+        minimum = now + timedelta(days=self.options.lock_min_days)
+        if entry.uploaded and self.header is not None:
+            new_minimum = self.header.created_at + timedelta(days=days, seconds=-LOCK_NEW_SLACK)
+            minimum = max(minimum, new_minimum)
+        if got.until < minimum:
+            self.problems.add(
+                entry.key,
+                "lock",
+                f"{got.mode.lower()} retention ends {got.until.isoformat()}, before "
+                f"{minimum.replace(microsecond=0).isoformat()} (object_lock days = {days:g}, "
+                f"min_days = {self.options.lock_min_days:g})",
+            )
 
     def close(self) -> None:
         """Wait for every read; re-raise what stopped one (idempotent)."""

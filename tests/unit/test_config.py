@@ -849,3 +849,54 @@ def test_delete_after_values(tmp_path: Path, text: str, seconds: float) -> None:
 def test_bad_delete_after_names_the_key(tmp_path: Path, snippet: str) -> None:
     err = config_error(tmp_path, MINIMAL_S3 + f"[upload]\n{snippet}\n")
     assert "upload.delete_after" in err.message
+
+
+# -- [destination] object_lock (issue 18) -------------------------------------------------
+
+
+def test_object_lock_loads_with_its_derived_renewal_window(tmp_path: Path) -> None:
+    loaded = load_text(tmp_path, MINIMAL_S3 + 'object_lock = { mode = "governance", days = 30 }\n')
+    lock = loaded.config.destination.object_lock
+    assert lock is not None
+    policy = lock.policy()
+    assert (policy.s3_mode, policy.days, policy.renew_days, policy.min_days) == (
+        "GOVERNANCE",
+        30,
+        10,
+        1,
+    )
+
+
+def test_object_lock_is_off_by_default(tmp_path: Path) -> None:
+    assert load_text(tmp_path, MINIMAL_S3).config.destination.object_lock is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '{ mode = "GOVERNANCE", days = 30 }',
+        '{ mode = "legal-hold", days = 30 }',
+        '{ mode = "compliance", days = "30" }',
+        '{ mode = "compliance", days = true }',
+        '{ mode = "compliance", days = 0 }',
+        '{ mode = "compliance" }',
+        '{ mode = "compliance", days = 30, renew_days = 30 }',
+        '{ mode = "compliance", days = 30, extend = true }',
+        '"governance"',
+    ],
+)
+def test_object_lock_is_validated_strictly_naming_the_key(tmp_path: Path, value: str) -> None:
+    err = config_error(tmp_path, MINIMAL_S3 + f"object_lock = {value}\n")
+    assert "destination.object_lock" in err.message
+    assert str(tmp_path / "config.toml") in err.message
+
+
+def test_object_lock_from_the_environment_is_json(tmp_path: Path) -> None:
+    var = "BACKREST_RELAY_DESTINATION__OBJECT_LOCK"
+    loaded = load_text(tmp_path, MINIMAL_S3, **{var: '{"mode": "compliance", "days": 14}'})
+    lock = loaded.config.destination.object_lock
+    assert lock is not None and (lock.mode, lock.days) == ("compliance", 14)
+    err = config_error(tmp_path, MINIMAL_S3, **{var: "compliance"})
+    assert var in err.message
+    err = config_error(tmp_path, MINIMAL_S3, **{var: '{"mode": "compliance", "days": "14"}'})
+    assert "destination.object_lock.days" in err.message
