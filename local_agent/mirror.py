@@ -531,6 +531,12 @@ class MirrorRun:
                 "this one stopped"
             )
 
+    def _record_error(self, exc: RelayError) -> None:
+        with self._lock:
+            if self._first_error is None:
+                self._first_error = exc
+        self.stop.stop(exc.kind)
+
     def _run_parallel(self, items: Iterable[_Work], task: Callable[[_Work], None]) -> None:
         """Run `task` over `items` on `concurrency` threads, pulling lazily so memory does
         not grow with the number of files."""
@@ -548,10 +554,15 @@ class MirrorRun:
                 except StopRequested:
                     return
                 except RelayError as exc:
-                    with self._lock:
-                        if self._first_error is None:
-                            self._first_error = exc
-                    self.stop.stop(exc.kind)
+                    self._record_error(exc)
+                    return
+                except Exception as exc:
+                    # A defect, not a verdict on the data: it must still stop the later
+                    # phases, and the run must not end as if this file had gone up.
+                    log.debug("unexpected error on %s", item.file.key, exc_info=True)
+                    self._record_error(
+                        RelayError(f"{item.file.key}: unexpected {type(exc).__name__}: {exc}")
+                    )
                     return
 
         threads = [

@@ -656,3 +656,40 @@ def test_multipart_upload_of_a_pack_pruned_before_it_finished_is_aborted(
     assert done.summary["aborted_uploads"] == len(pending)
     assert unfinished_uploads(endpoint, rclone_bucket) == []
     restic_check(mirror_url(endpoint, rclone_bucket), restic_password, env=endpoint.env())
+
+
+BUGGY_UPLOAD_HOOK = """
+from local_agent import uploader
+
+_upload = uploader.ObjectUploader.upload
+
+
+def _buggy_upload(self, file, path, digest, data):
+    # A programming error (not a RelayError) in one upload thread, on one pack.
+    if file.key.startswith("data/"):
+        raise AttributeError("'NoneType' object has no attribute 'etag'")
+    return _upload(self, file, path, digest, data)
+
+
+uploader.ObjectUploader.upload = _buggy_upload
+"""
+
+
+def test_unexpected_error_in_an_upload_thread_fails_the_run_and_stops_later_phases(
+    restic_bin: str,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    restic_password: str,
+    tmp_path: Path,
+) -> None:
+    """Any exception in a worker thread, not only the agent's own errors, must stop the run
+    with exit 1 and keep index/ and snapshots/ from going up without their packs."""
+    endpoint = rclone_server.endpoint
+    repo, source = tmp_path / "repo", tmp_path / "src"
+    small_repo(repo, source, restic_password, seed=41)
+    result = hooked_upload(BUGGY_UPLOAD_HOOK, config_for(tmp_path, endpoint, rclone_bucket), repo)
+    assert result.returncode == 1, result.stderr
+    assert "AttributeError" in result.stderr or "unexpected" in result.stderr
+    uploaded = {k.removeprefix(f"{PREFIX}/") for k in remote_keys(endpoint, rclone_bucket, PREFIX)}
+    assert not any(k.startswith(("index/", "snapshots/")) for k in uploaded), uploaded
+    assert "Traceback" not in result.stderr
