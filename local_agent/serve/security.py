@@ -111,14 +111,19 @@ def parse_trigger(body: bytes, content_type: str) -> Trigger:
         raise Refused(400, "request body is not UTF-8") from None
     if media == "application/json":
         try:
-            parsed = json.loads(text)
-        except ValueError:
-            raise Refused(400, "request body is not valid JSON") from None
+            parsed = json.loads(text, object_pairs_hook=_unique_keys)
+        except ValueError as exc:
+            raise Refused(400, str(exc) if isinstance(exc, _Duplicate) else _NOT_JSON) from None
+        except RecursionError:
+            raise Refused(400, _NOT_JSON) from None
         if not isinstance(parsed, dict):
             raise Refused(400, "request body must be a JSON object")
         raw = parsed
     elif media == "application/x-www-form-urlencoded":
-        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text))
+        try:
+            pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text))
+        except ValueError:  # a field without '=' (strict parsing): malformed, not a 500
+            raise Refused(400, "request body is not valid form data") from None
         raw = {}
         for name, value in pairs:
             if name in raw:
@@ -147,6 +152,24 @@ def parse_trigger(body: bytes, content_type: str) -> Trigger:
         raise Refused(400, "field 'event' must be a Backrest hook condition (CONDITION_...)")
     error = values.get("error", "")[:MAX_ERROR_TEXT]
     return Trigger(repo_id, guid, values.get("repo_uri") or None, event, error)
+
+
+_NOT_JSON = "request body is not valid JSON"
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object whose keys are unique: a field given twice is refused, as in forms
+    (json.loads would keep the last silently, so two readers could see two repositories)."""
+    seen: dict[str, object] = {}
+    for name, value in pairs:
+        if name in seen:
+            raise _Duplicate(f"field {name!r} given twice")
+        seen[name] = value
+    return seen
+
+
+class _Duplicate(ValueError):
+    pass
 
 
 def resolve_target(

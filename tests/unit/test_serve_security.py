@@ -63,6 +63,10 @@ def test_trigger_from_form_or_json() -> None:
         (b"\xff\xfe", "application/json", 400),
         (b"repo_id=home", "text/plain", 415),
         (b"repo_id=home&error=a%00b", "application/x-www-form-urlencoded", 400),
+        (b"repo_id", "application/x-www-form-urlencoded", 400),  # no '=': not a 500
+        (b"repo_id=home&&", "application/x-www-form-urlencoded", 400),
+        (b'{"repo_id": "other", "repo_id": "home"}', "application/json", 400),  # as forms
+        (b"[" * 3000 + b"]" * 3000, "application/json", 400),  # under max_body: RecursionError
     ],
 )
 def test_bad_triggers_are_refused(body: bytes, content_type: str, status: int) -> None:
