@@ -1,8 +1,10 @@
 """Runs the service holds: at most one per destination at a time, one per repository.
 
-A trigger for a repository that already has a run queued or in progress joins that run
-(Backrest runs one task at a time, so while its hook waits nothing new reaches the
-repository; a repeated trigger means Backrest restarted or re-ran the hook). Runs wait in
+A trigger for a repository that already has a run *queued* joins that run; a trigger for
+one whose run is in progress joins (or queues) the next run, never the one going: that run
+listed the repository before the trigger, and a Backrest that restarted or whose curl gave
+up may have backed up and checked since, so only a later run is sure to mirror the new
+data. The run going and the next one share a destination, so they never overlap. Runs wait in
 a bounded queue, each in its own child process that the service stops at the deadline. A
 run belongs to the service, not to a caller: a caller that disconnects leaves it running,
 and any caller can follow it by id.
@@ -157,7 +159,7 @@ class RunQueue:
         self.runs: OrderedDict[str, Run] = OrderedDict()
         self._waiting: OrderedDict[str, deque[Run]] = OrderedDict()  # destination → runs
         self._running: dict[str, Run] = {}  # destination → run
-        self._active: dict[tuple[str, str], Run] = {}  # (kind, repo key) → run
+        self._active: dict[tuple[str, str], Run] = {}  # (kind, repo key) → queued run
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -208,6 +210,9 @@ class RunQueue:
             run = queue.popleft()
             if not queue:
                 del self._waiting[lane]
+            # From now on it has listed the repository: later triggers join the next run.
+            if self._active.get((run.kind, run.target.key)) is run:
+                del self._active[(run.kind, run.target.key)]
             self._running[lane] = run
             run.state = "running"
             run.started_at = time.time()
@@ -227,7 +232,6 @@ class RunQueue:
         run.finish(code)
         log.info("run %s finished: exit %d", run.id, code)
         del self._running[lane]
-        self._active.pop((run.kind, run.target.key), None)
         if self._on_finish is not None:
             self._on_finish(run)
         self._start_ready()

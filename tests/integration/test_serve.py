@@ -213,22 +213,79 @@ def test_two_triggers_for_one_repository_make_one_run(
     restic_repo: BuiltRepo, rclone_server: RcloneS3Server, rclone_bucket: str, tmp_path: Path
 ) -> None:
     config = service_config(
-        tmp_path, rclone_server.endpoint, rclone_bucket, {"home": restic_repo.path}
+        tmp_path,
+        rclone_server.endpoint,
+        rclone_bucket,
+        {"home": restic_repo.path},
+        upload={"bandwidth_limit": "16MiB/s"},  # the runs below wait behind this one
     )
     with RelayService(config) as service:
+        going = service.trigger({"repo_id": "home"}, wait=False)
         first = service.trigger({"repo_id": "home"}, wait=False)
         second = service.trigger(
             {"repo_id": "home", "repo_guid": _guid("home"), "event": "CONDITION_CHECK_SUCCESS"},
             wait=False,
         )
         assert first.status == second.status == 202, (first.body, second.body)
+        assert first.json()["id"] != going.json()["id"]  # the run going listed before them
         assert second.json()["id"] == first.json()["id"]
         assert second.json()["joined"] is True
         info = service.wait_done(first.json()["id"])
         assert info["exit_code"] == 0 and info["callers"] == 2
         families = _metrics(service)
-        assert _sample(families, "backrest_relay_runs_total", outcome="ok") == 1
+        assert _sample(families, "backrest_relay_runs_total", outcome="ok") == 2
         assert _sample(families, "backrest_relay_triggers_joined_total") == 1
+
+
+def test_trigger_during_a_run_gets_a_later_run_that_mirrors_the_new_data(
+    restic_repo: BuiltRepo,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    restic_password: str,
+    tmp_path: Path,
+) -> None:
+    """Backrest restarted mid-run (or curl gave up), backed up, checked, triggered again:
+    that trigger must not join the run that listed the repository before the backup, or
+    the new snapshot stays off-site only at the next check (monthly by default)."""
+    from tests.support.repos import restic_snapshots, write_random_tree
+
+    config = service_config(
+        tmp_path,
+        rclone_server.endpoint,
+        rclone_bucket,
+        {"home": restic_repo.path},
+        upload={"bandwidth_limit": "8MiB/s"},
+    )
+    with RelayService(config) as service:
+        conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=120)
+        conn.request(
+            "POST",
+            "/v1/runs",
+            json.dumps({"repo_id": "home"}).encode(),
+            {**service.headers(), "Content-Type": "application/json"},
+        )
+        resp = conn.getresponse()
+        first = resp.getheader("X-Run-Id")
+        assert resp.status == 200 and first
+        while not re.match(rb"backrest-relay: \w+: \d+/\d+ files", line := resp.readline()):
+            assert line, service.log()  # the run has listed the repository: it is uploading
+        conn.close()  # Backrest restarted
+        write_random_tree(tmp_path / "new-src", files=3, size=(10_000, 50_000), seed=77)
+        restic_backup(restic_repo.path, restic_password, tmp_path / "new-src")
+        assert service.run_info(first)["state"] == "running"
+        again = service.trigger({"repo_id": "home"}, wait=False)
+        assert again.status == 202, again.body
+        later = again.json()["id"]
+        third = service.trigger({"repo_id": "home"}, wait=False).json()
+        service.wait_done(first)
+        assert service.wait_done(later)["exit_code"] == 0, service.log()
+    mirror = mirror_url(rclone_server.endpoint, rclone_bucket, "home")
+    env = rclone_server.endpoint.env()
+    local_ids = {s["id"] for s in restic_snapshots(restic_repo.path, restic_password)}
+    assert {s["id"] for s in restic_snapshots(mirror, restic_password, env=env)} == local_ids
+    restic_check(mirror, restic_password, env=env)
+    assert later != first and again.json()["joined"] is False
+    assert third["id"] == later and third["joined"] is True  # joins the next run: no duplicate
 
 
 def test_two_repositories_both_mirrored_one_run_at_a_time(

@@ -52,16 +52,19 @@ async def settle() -> None:
 def test_one_run_per_destination_joins_and_bounded_queue() -> None:
     async def scenario() -> None:
         gate = Gate()
-        queue = RunQueue(gate, max_queue=2, max_parallel=4)
+        queue = RunQueue(gate, max_queue=3, max_parallel=4)
         a1, joined = queue.submit(target("a", "d1"), trigger("a"))
         assert not joined and a1.state == "running"
+        # a1 has listed the repository: a trigger now may bring data it did not see
+        a2, joined = queue.submit(target("a", "d1"), trigger("a"))
+        assert not joined and a2 is not a1 and a2.state == "queued"
         again, joined = queue.submit(target("a", "d1"), trigger("a"))
-        assert joined and again is a1 and a1.callers == 2
+        assert joined and again is a2 and a2.callers == 2  # the next run, not a duplicate
         b1, _ = queue.submit(target("b", "d1"), trigger("b"))  # same destination: waits
         c1, _ = queue.submit(target("c", "d2"), trigger("c"))  # other destination: runs
         await settle()
         assert (b1.state, c1.state) == ("queued", "running")
-        assert queue.position(b1) == 1
+        assert queue.position(b1) == 2
         b2, joined = queue.submit(target("b", "d1"), trigger("b"))
         assert joined and b2 is b1  # a queued run is joined too
         queue.submit(target("e", "d1"), trigger("e"))
@@ -69,7 +72,10 @@ def test_one_run_per_destination_joins_and_bounded_queue() -> None:
             queue.submit(target("f", "d1"), trigger("f"))
         gate.finish(a1)
         await settle()
-        assert a1.state == "done" and a1.exit_code == 0 and b1.state == "running"
+        assert a1.state == "done" and a1.exit_code == 0 and a2.state == "running"
+        gate.finish(a2)
+        await settle()
+        assert b1.state == "running"
         lines = [line async for line in a1.follow()]
         assert lines == ["working\n", f"{FINAL_PREFIX}0\n"]
         assert all(len(s & {"d1"}) <= 1 for s in gate.overlaps)
