@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -250,3 +251,38 @@ def test_http_hook_snippet_json_form_holds_the_text_form_scripts(tmp_path: Path)
     assert no_url.returncode == 2 and "--url" in no_url.stderr
     stray = run_cli(["hook-snippet", "--repo-id", "my-repo", *url], env)
     assert stray.returncode == 2 and "--via http" in stray.stderr
+
+
+@pytest.mark.parametrize("shell", ["sh", "dash", "bash"])
+def test_http_hook_parses_and_runs_its_later_lines_in_every_shell_of_backrests_image(
+    shell: str, tmp_path: Path
+) -> None:
+    """Backrest's image has sh and bash, and a `#!/bin/bash` first line picks bash: the
+    script must parse there too (bash reads a `'` inside "${VAR:?...}" as a quote)."""
+    from local_agent.serve.hook import http_hook_command
+    from tests.support.backrest import render_backrest_template
+
+    path = shutil.which(shell)
+    if path is None:
+        pytest.skip(f"{shell} is not installed")
+    for failure in (False, True):
+        script = render_backrest_template(
+            http_hook_command("http://127.0.0.1:9", max_time=5, failure=failure),
+            repo_id="home",
+            repo_uri="/repos/home",
+            repo_guid="a" * 64,
+            event="CONDITION_CHECK_ERROR" if failure else "CONDITION_CHECK_SUCCESS",
+            error='it\'s "$(false)"',
+        )
+        done = subprocess.run(
+            [path],
+            input=script + '\necho "hook status $?"\necho later-line-ran\n',
+            env={"PATH": "/usr/bin:/bin"},  # no token: the hook says so and fails
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert "later-line-ran" in done.stdout, (shell, done.stdout, done.stderr)
+        assert "hook status 0" not in done.stdout
+        assert "BACKREST_RELAY_TOKEN" in done.stderr
