@@ -141,7 +141,8 @@ def create_app(
         )
 
     def authorized(request: Request) -> bool:
-        return check_token(token, request.headers.get("authorization"))
+        page = request.url.path == "/" and request.method in ("GET", "HEAD")
+        return check_token(token, request.headers.get("authorization"), basic=page)
 
     def unauthorized(request: Request) -> Response:
         browser = request.url.path == "/"

@@ -81,9 +81,11 @@ def is_loopback(listen: str) -> bool:
         return False
 
 
-def check_token(expected: str, authorization: str | None) -> bool:
-    """Bearer token (or HTTP Basic with the token as password, for browsers), compared in
-    constant time. An empty `expected` means no token is configured (loopback only)."""
+def check_token(expected: str, authorization: str | None, *, basic: bool = False) -> bool:
+    """Bearer token (or, where `basic`, HTTP Basic with the token as password: the status
+    page, for browsers), compared in constant time. Only there: a browser resends a Basic
+    login to any site's form POST, so the API would be open to cross-site requests. An
+    empty `expected` means no token is configured (loopback only)."""
     if not expected:
         return True
     if not authorization:
@@ -92,7 +94,7 @@ def check_token(expected: str, authorization: str | None) -> bool:
     offered = ""
     if scheme.lower() == "bearer":
         offered = value.strip()
-    elif scheme.lower() == "basic":
+    elif scheme.lower() == "basic" and basic:
         try:
             decoded = base64.b64decode(value.strip(), validate=True).decode()
         except (binascii.Error, UnicodeDecodeError):

@@ -7,6 +7,7 @@ the bucket is `rclone serve s3`. Hooks are rendered as Backrest renders them and
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import math
@@ -441,6 +442,8 @@ def test_refused_requests_get_4xx_and_nothing_is_read_or_uploaded(
         tmp_path, counting_proxy.endpoint, rclone_bucket, repos, max_body="1KiB"
     )
     json_type = {"Content-Type": "application/json"}
+    form_type = {"Content-Type": "application/x-www-form-urlencoded"}
+    basic = base64.b64encode(f"me:{TOKEN}".encode()).decode()
     with RelayService(config) as service:
         auth = {**service.headers(), **json_type}
         body = json.dumps({"repo_id": "home"}).encode()
@@ -471,6 +474,17 @@ def test_refused_requests_get_4xx_and_nothing_is_read_or_uploaded(
             ),
             "metrics without token": service.request("GET", "/metrics"),
             "page without token": service.request("GET", "/"),
+            # what a page in a browser holding the status page's Basic login can send
+            # cross-site without a preflight: a form POST; Basic is for `GET /` only
+            "basic auth on the API": service.request(
+                "POST",
+                "/v1/runs",
+                b"repo_id=home&event=CONDITION_CHECK_ERROR&error=phish",
+                {"Authorization": "Basic " + basic, **form_type},
+            ),
+            "basic auth on metrics": service.request(
+                "GET", "/metrics", headers={"Authorization": "Basic " + basic}
+            ),
         }
         statuses = {name: resp.status for name, resp in cases.items()}
         assert statuses == {
@@ -489,6 +503,8 @@ def test_refused_requests_get_4xx_and_nothing_is_read_or_uploaded(
             "oversized": 413,
             "metrics without token": 401,
             "page without token": 401,
+            "basic auth on the API": 401,
+            "basic auth on metrics": 401,
         }, {n: (r.status, r.body) for n, r in cases.items()}
         families = _metrics(service)
         assert _sample(families, "backrest_relay_runs_total") == 0
@@ -520,6 +536,9 @@ def test_metrics_parse_and_move_and_no_secret_anywhere(
         run_id = streamed.headers["x-run-id"]
         texts = [streamed.body, json.dumps(service.run_info(run_id)), service.metrics()]
         texts.append(service.request("GET", "/", headers=service.headers()).body)
+        basic = base64.b64encode(f"me:{TOKEN}".encode()).decode()
+        page = service.request("GET", "/", headers={"Authorization": "Basic " + basic})
+        assert page.status == 200 and page.body == texts[-1]  # a browser's login, page only
         texts.append(service.request("GET", "/healthz").body)
         after = _metrics(service)
         log = service.log()

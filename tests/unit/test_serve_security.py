@@ -24,11 +24,12 @@ TOKEN = "a-long-sentinel-token-0123456789"
 def test_token_bearer_or_basic_password_and_nothing_else() -> None:
     basic = base64.b64encode(f"anyone:{TOKEN}".encode()).decode()
     assert check_token(TOKEN, f"Bearer {TOKEN}")
-    assert check_token(TOKEN, f"Basic {basic}")
+    assert check_token(TOKEN, f"Basic {basic}", basic=True)  # the status page only
+    assert not check_token(TOKEN, f"Basic {basic}")
     assert not check_token(TOKEN, None)
     assert not check_token(TOKEN, f"Bearer {TOKEN[:-1]}")
     assert not check_token(TOKEN, f"Token {TOKEN}")
-    assert not check_token(TOKEN, "Basic !!!")
+    assert not check_token(TOKEN, "Basic !!!", basic=True)
     assert check_token("", None)  # no token configured (loopback only)
 
 
