@@ -168,6 +168,10 @@ def create_app(
     async def post_run(request: Request) -> Response:
         if not authorized(request):
             return unauthorized(request)
+        if "origin" in request.headers:
+            # Browsers send Origin with every POST, the hook's curl never does: without a
+            # token (loopback) any page the host's browser opens could post here otherwise.
+            return refuse(403, "requests from web pages are refused (no Origin header, please)")
         wait = request.query_params.get("wait", "true").lower() not in ("false", "0", "no")
         try:
             body = await read_body(request)

@@ -517,6 +517,28 @@ def test_refused_requests_get_4xx_and_nothing_is_read_or_uploaded(
     assert TOKEN not in log and counting_proxy.endpoint.secret_key not in log
 
 
+def test_without_a_token_on_loopback_a_browser_page_cannot_post_runs(
+    rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str, tmp_path: Path
+) -> None:
+    """No token is allowed on loopback, but a browser on the same host is on loopback too:
+    any site it visits can send a form POST there (no preflight), or rebind a name to
+    127.0.0.1. Browsers send `Origin` with every POST; curl and the hook never do."""
+    repo = _small_repo(tmp_path / "repo", restic_password, 6)
+    config = service_config(tmp_path, rclone_server.endpoint, rclone_bucket, {"home": repo})
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    body = b"repo_id=home&event=CONDITION_CHECK_ERROR&error=your+backups+are+gone"
+    with RelayService(config, token=None) as service:
+        cross = service.request("POST", "/v1/runs", body, {**form, "Origin": "http://evil.test"})
+        opaque = service.request("POST", "/v1/runs", body, {**form, "Origin": "null"})
+        families = _metrics(service)
+        plain = service.request("POST", "/v1/runs?wait=false", b"repo_id=home", form)
+        assert plain.status == 202, plain.body  # curl's way still works
+        service.wait_done(plain.json()["id"])
+    assert (cross.status, opaque.status) == (403, 403), (cross.body, opaque.body)
+    assert _sample(families, "backrest_relay_runs_total") == 0
+    assert _sample(families, "backrest_relay_runs_in_progress") == 0
+
+
 def test_metrics_parse_and_move_and_no_secret_anywhere(
     rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str, tmp_path: Path
 ) -> None:
