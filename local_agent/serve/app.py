@@ -18,7 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -174,7 +174,11 @@ def create_app(
             return refuse(403, "requests from web pages are refused (no Origin header, please)")
         wait = request.query_params.get("wait", "true").lower() not in ("false", "0", "no")
         try:
-            body = await read_body(request)
+            try:
+                body = await read_body(request)
+            except ClientDisconnect:  # the hook was stopped while sending: routine
+                log.info("caller hung up before its request was complete: nothing run")
+                return Response(status_code=400)
             trigger = parse_trigger(body, request.headers.get("content-type", ""))
             target = await run_in_threadpool(resolve_target, trigger, config)
             run, joined = queue.submit(target, trigger)

@@ -539,6 +539,29 @@ def test_without_a_token_on_loopback_a_browser_page_cannot_post_runs(
     assert _sample(families, "backrest_relay_runs_in_progress") == 0
 
 
+def test_caller_hanging_up_mid_body_logs_no_traceback(
+    rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str, tmp_path: Path
+) -> None:
+    """A hook killed while sending (Backrest stopped) is routine: one line, no traceback."""
+    import socket
+
+    repo = _small_repo(tmp_path / "repo", restic_password, 7)
+    config = service_config(tmp_path, rclone_server.endpoint, rclone_bucket, {"home": repo})
+    with RelayService(config) as service:
+        with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/runs HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+                b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: 18\r\n\r\n"
+                b'{"repo_'
+            )
+        info = service.trigger({"repo_id": "home"})  # the service carries on
+        assert info.body.rstrip().endswith("backrest-relay: exit 0"), info.body
+        health = service.request("GET", "/healthz").json()
+        log = service.log()
+    assert health["in_progress"] == 0
+    assert "Traceback" not in log, log
+
+
 def test_metrics_parse_and_move_and_no_secret_anywhere(
     rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str, tmp_path: Path
 ) -> None:
