@@ -303,15 +303,27 @@ def serve(config: RelayConfig, *, config_path: Path | None, listen: str, token: 
         )
     host, _, port = listen.rpartition(":")
     app = create_app(config, config_path=config_path, token=token)
+    queue: RunQueue = app.state.queue
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            # Stop the runs first: their streams then end with a final line, and uvicorn
+            # need not cancel them mid-stream (a traceback per caller) after its timeout.
+            await queue.close()
+            await super().shutdown(sockets)
+
     log.info("listening on %s (token %s)", listen, "required" if token else "not required")
-    uvicorn.run(
-        app,
-        host=host.strip("[]"),
-        port=int(port),
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-        proxy_headers=False,
-        server_header=False,
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=host.strip("[]"),
+            port=int(port),
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            proxy_headers=False,
+            server_header=False,
+        )
     )
+    server.run()
     return 0

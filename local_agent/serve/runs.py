@@ -43,6 +43,8 @@ MAX_LINE_BYTES = 8192
 FINAL_PREFIX = "backrest-relay: exit "
 #: How long past the upload deadline a child may live before it is killed.
 KILL_GRACE_SECONDS = 180.0
+#: How long a run may take to stop when the service stops (within docker stop's 10 s).
+STOP_GRACE_SECONDS = 6.0
 
 Launcher = Callable[["Run"], Awaitable[int]]
 
@@ -161,6 +163,7 @@ class RunQueue:
         self._running: dict[str, Run] = {}  # destination → run
         self._active: dict[tuple[str, str], Run] = {}  # (kind, repo key) → queued run
         self._tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
 
     @property
     def queue_depth(self) -> int:
@@ -176,6 +179,8 @@ class RunQueue:
         if active is not None:
             active.callers += 1
             return active, True
+        if self.closed:
+            raise QueueFull("the service is stopping")
         if self.queue_depth >= self.max_queue:
             raise QueueFull(f"{self.queue_depth} runs are waiting (serve.max_queue)")
         run = Run(target=target, trigger=trigger)
@@ -244,11 +249,22 @@ class RunQueue:
             self.runs.popitem(last=False)
 
     async def close(self) -> None:
+        """Stop every run (children get SIGTERM and a moment to save progress) and end
+        every caller's stream with a final line, so the service stops without waiting for
+        streams that would never end."""
+        self.closed = True
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for run in self.runs.values():
+            if run.state != "done":
+                run.emit(
+                    "backrest-relay: error: the service is stopping: run interrupted "
+                    "(progress saved; the next trigger resumes it)"
+                )
+                run.finish(int(ExitCode.UNEXPECTED))
 
 
 class ChildLauncher:
@@ -333,6 +349,11 @@ class ChildLauncher:
         except asyncio.CancelledError:  # service shutting down
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
+            try:  # the CLI saves its progress on SIGTERM: give it a moment (docker stop: 10 s)
+                await asyncio.wait_for(proc.wait(), STOP_GRACE_SECONDS)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
             raise
         run.summary = _last_json(stdout)
         return code if code >= 0 else int(ExitCode.UNEXPECTED)

@@ -354,6 +354,67 @@ def test_caller_disconnecting_leaves_the_run_going_and_followable(
     )
 
 
+def test_sigterm_ends_every_stream_with_a_final_line_and_stops_the_run(
+    restic_repo: BuiltRepo,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    restic_password: str,
+    tmp_path: Path,
+) -> None:
+    """`docker stop` while a hook follows a run: the hook's log says why it ended (and the
+    hook fails), the child stops, nothing logs a traceback, and the next run completes."""
+    import signal
+    import subprocess
+
+    config = service_config(
+        tmp_path,
+        rclone_server.endpoint,
+        rclone_bucket,
+        {"home": restic_repo.path},
+        upload={"bandwidth_limit": "4MiB/s"},
+    )
+    service = RelayService(config).start()
+    try:
+        assert service.proc is not None
+        conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=60)
+        conn.request(
+            "POST",
+            "/v1/runs",
+            json.dumps({"repo_id": "home"}).encode(),
+            {**service.headers(), "Content-Type": "application/json"},
+        )
+        resp = conn.getresponse()
+        while not re.match(rb"backrest-relay: \w+: \d+/\d+ files", line := resp.readline()):
+            assert line, service.log()
+        children = subprocess.run(
+            ["pgrep", "-P", str(service.proc.pid)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        assert children
+        service.proc.send_signal(signal.SIGTERM)
+        rest = resp.read().decode().splitlines()  # ends when the service ends the stream
+        conn.close()
+        service.proc.wait(timeout=30)
+    finally:
+        service.stop()
+    log = service.log()
+    assert (
+        rest
+        and rest[-1].startswith("backrest-relay: exit ")
+        and rest[-1] != ("backrest-relay: exit 0")
+    ), (rest, log)
+    assert any("service is stopping" in line for line in rest), rest
+    assert "Traceback" not in log, log
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children)
+    with RelayService(config) as again:
+        done = again.trigger({"repo_id": "home"})
+    assert done.body.rstrip().endswith("backrest-relay: exit 0"), done.body
+    restic_check(
+        mirror_url(rclone_server.endpoint, rclone_bucket, "home"),
+        restic_password,
+        env=rclone_server.endpoint.env(),
+    )
+
+
 def test_service_sigkilled_mid_multipart_resumes_with_only_missing_parts(
     rclone_server: RcloneS3Server,
     rclone_bucket: str,
