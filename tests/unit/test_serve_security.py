@@ -133,3 +133,15 @@ def test_guid_or_uri_differing_from_backrest_config_is_a_conflict(tmp_path: Path
         with pytest.raises(Refused) as exc:
             resolve_target(trig, config, {})
         assert exc.value.status == status, trig
+
+
+def test_unknown_field_names_cannot_forge_or_flood_log_lines() -> None:
+    """The refusal is logged: a field name with a new line must not start a fake line, and
+    a body of 2,000 made-up fields must not make a 13 kB one."""
+    forged = b"repo_id=home&x%0Abackrest-relay: INFO: run 1 finished: exit 0=1"
+    flood = b"&".join(b"f%d=1" % i for i in range(2000))
+    for body in (forged, flood):
+        with pytest.raises(Refused) as exc:
+            parse_trigger(body, "application/x-www-form-urlencoded")
+        assert exc.value.status == 400
+        assert "\n" not in exc.value.message and len(exc.value.message) < 400
