@@ -30,6 +30,7 @@ from local_agent.serve.security import (
     Refused,
     check_token,
     is_loopback,
+    is_loopback_host,
     parse_trigger,
     resolve_target,
 )
@@ -141,10 +142,14 @@ def create_app(
         )
 
     def authorized(request: Request) -> bool:
+        if not token and not is_loopback_host(request.headers.get("host", "")):
+            return False  # no token: only names of this host (a rebound name is a web page)
         page = request.url.path == "/" and request.method in ("GET", "HEAD")
         return check_token(token, request.headers.get("authorization"), basic=page)
 
     def unauthorized(request: Request) -> Response:
+        if not token:
+            return refuse(403, "without a token only loopback names are served (Host header)")
         browser = request.url.path == "/"
         return refuse(
             401,

@@ -81,6 +81,19 @@ def is_loopback(listen: str) -> bool:
         return False
 
 
+def is_loopback_host(value: str) -> bool:
+    """Whether a Host header names this host by a loopback name or address (with or
+    without a port): without a token, anything else is a name a web page rebound here."""
+    value = value.strip().lower()
+    name = value[1 : value.find("]")] if value.startswith("[") else value.partition(":")[0]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def check_token(expected: str, authorization: str | None, *, basic: bool = False) -> bool:
     """Bearer token (or, where `basic`, HTTP Basic with the token as password: the status
     page, for browsers), compared in constant time. Only there: a browser resends a Basic

@@ -583,7 +583,8 @@ def test_without_a_token_on_loopback_a_browser_page_cannot_post_runs(
 ) -> None:
     """No token is allowed on loopback, but a browser on the same host is on loopback too:
     any site it visits can send a form POST there (no preflight), or rebind a name to
-    127.0.0.1. Browsers send `Origin` with every POST; curl and the hook never do."""
+    127.0.0.1 and read the answers. Browsers send `Origin` with every POST (curl and the hook
+    never do), and a rebound name arrives in `Host`."""
     repo = _small_repo(tmp_path / "repo", restic_password, 6)
     config = service_config(tmp_path, rclone_server.endpoint, rclone_bucket, {"home": repo})
     form = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -591,6 +592,14 @@ def test_without_a_token_on_loopback_a_browser_page_cannot_post_runs(
     with RelayService(config, token=None) as service:
         cross = service.request("POST", "/v1/runs", body, {**form, "Origin": "http://evil.test"})
         opaque = service.request("POST", "/v1/runs", body, {**form, "Origin": "null"})
+        # a name the page's site rebound to 127.0.0.1: its script reads what it fetches
+        rebound = {"Host": f"evil.test:{service.port}"}
+        reads = [service.request("GET", path, headers=rebound) for path in ("/", "/metrics")]
+        assert [r.status for r in reads] == [403, 403], [r.body for r in reads]
+        ours = [f"localhost:{service.port}", f"127.0.0.1:{service.port}", "[::1]", "LOCALHOST"]
+        assert all(
+            service.request("GET", "/metrics", headers={"Host": h}).status == 200 for h in ours
+        )
         families = _metrics(service)
         plain = service.request("POST", "/v1/runs?wait=false", b"repo_id=home", form)
         assert plain.status == 202, plain.body  # curl's way still works
