@@ -18,7 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -30,6 +30,7 @@ from local_agent.serve.security import (
     Refused,
     check_token,
     is_loopback,
+    is_loopback_host,
     parse_trigger,
     resolve_target,
 )
@@ -141,9 +142,14 @@ def create_app(
         )
 
     def authorized(request: Request) -> bool:
-        return check_token(token, request.headers.get("authorization"))
+        if not token and not is_loopback_host(request.headers.get("host", "")):
+            return False  # no token: only names of this host (a rebound name is a web page)
+        page = request.url.path == "/" and request.method in ("GET", "HEAD")
+        return check_token(token, request.headers.get("authorization"), basic=page)
 
     def unauthorized(request: Request) -> Response:
+        if not token:
+            return refuse(403, "without a token only loopback names are served (Host header)")
         browser = request.url.path == "/"
         return refuse(
             401,
@@ -167,9 +173,17 @@ def create_app(
     async def post_run(request: Request) -> Response:
         if not authorized(request):
             return unauthorized(request)
+        if "origin" in request.headers:
+            # Browsers send Origin with every POST, the hook's curl never does: without a
+            # token (loopback) any page the host's browser opens could post here otherwise.
+            return refuse(403, "requests from web pages are refused (no Origin header, please)")
         wait = request.query_params.get("wait", "true").lower() not in ("false", "0", "no")
         try:
-            body = await read_body(request)
+            try:
+                body = await read_body(request)
+            except ClientDisconnect:  # the hook was stopped while sending: routine
+                log.info("caller hung up before its request was complete: nothing run")
+                return Response(status_code=400)
             trigger = parse_trigger(body, request.headers.get("content-type", ""))
             target = await run_in_threadpool(resolve_target, trigger, config)
             run, joined = queue.submit(target, trigger)
@@ -294,15 +308,27 @@ def serve(config: RelayConfig, *, config_path: Path | None, listen: str, token: 
         )
     host, _, port = listen.rpartition(":")
     app = create_app(config, config_path=config_path, token=token)
+    queue: RunQueue = app.state.queue
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            # Stop the runs first: their streams then end with a final line, and uvicorn
+            # need not cancel them mid-stream (a traceback per caller) after its timeout.
+            await queue.close()
+            await super().shutdown(sockets)
+
     log.info("listening on %s (token %s)", listen, "required" if token else "not required")
-    uvicorn.run(
-        app,
-        host=host.strip("[]"),
-        port=int(port),
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-        proxy_headers=False,
-        server_header=False,
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=host.strip("[]"),
+            port=int(port),
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            proxy_headers=False,
+            server_header=False,
+        )
     )
+    server.run()
     return 0

@@ -36,8 +36,8 @@ def http_hook_command(url: str, *, max_time: int, failure: bool = False) -> str:
     fields = _FAILURE_FIELDS if failure else _FIELDS
     lines = [
         "{ curl --silent --show-error --no-buffer --max-time " + str(max_time) + " \\",
-        f"    --header \"Authorization: Bearer ${{{TOKEN_ENV}:?is not set in Backrest's "
-        'environment}" \\',
+        f'    --header "Authorization: Bearer ${{{TOKEN_ENV}:?is not set in the environment '
+        'of Backrest}" \\',
         *(f"    --data-urlencode {name}={value} \\" for name, value in fields),
         f"    {shlex.quote(endpoint)} </dev/null 2>&1 ||",
         '  echo "backrest-relay: curl failed (exit $?)"; } |',

@@ -1,8 +1,10 @@
 """Runs the service holds: at most one per destination at a time, one per repository.
 
-A trigger for a repository that already has a run queued or in progress joins that run
-(Backrest runs one task at a time, so while its hook waits nothing new reaches the
-repository; a repeated trigger means Backrest restarted or re-ran the hook). Runs wait in
+A trigger for a repository that already has a run *queued* joins that run; a trigger for
+one whose run is in progress joins (or queues) the next run, never the one going: that run
+listed the repository before the trigger, and a Backrest that restarted or whose curl gave
+up may have backed up and checked since, so only a later run is sure to mirror the new
+data. The run going and the next one share a destination, so they never overlap. Runs wait in
 a bounded queue, each in its own child process that the service stops at the deadline. A
 run belongs to the service, not to a caller: a caller that disconnects leaves it running,
 and any caller can follow it by id.
@@ -41,6 +43,8 @@ MAX_LINE_BYTES = 8192
 FINAL_PREFIX = "backrest-relay: exit "
 #: How long past the upload deadline a child may live before it is killed.
 KILL_GRACE_SECONDS = 180.0
+#: How long a run may take to stop when the service stops (within docker stop's 10 s).
+STOP_GRACE_SECONDS = 6.0
 
 Launcher = Callable[["Run"], Awaitable[int]]
 
@@ -157,8 +161,9 @@ class RunQueue:
         self.runs: OrderedDict[str, Run] = OrderedDict()
         self._waiting: OrderedDict[str, deque[Run]] = OrderedDict()  # destination → runs
         self._running: dict[str, Run] = {}  # destination → run
-        self._active: dict[tuple[str, str], Run] = {}  # (kind, repo key) → run
+        self._active: dict[tuple[str, str], Run] = {}  # (kind, repo key) → queued run
         self._tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
 
     @property
     def queue_depth(self) -> int:
@@ -174,6 +179,8 @@ class RunQueue:
         if active is not None:
             active.callers += 1
             return active, True
+        if self.closed:
+            raise QueueFull("the service is stopping")
         if self.queue_depth >= self.max_queue:
             raise QueueFull(f"{self.queue_depth} runs are waiting (serve.max_queue)")
         run = Run(target=target, trigger=trigger)
@@ -208,6 +215,9 @@ class RunQueue:
             run = queue.popleft()
             if not queue:
                 del self._waiting[lane]
+            # From now on it has listed the repository: later triggers join the next run.
+            if self._active.get((run.kind, run.target.key)) is run:
+                del self._active[(run.kind, run.target.key)]
             self._running[lane] = run
             run.state = "running"
             run.started_at = time.time()
@@ -227,7 +237,6 @@ class RunQueue:
         run.finish(code)
         log.info("run %s finished: exit %d", run.id, code)
         del self._running[lane]
-        self._active.pop((run.kind, run.target.key), None)
         if self._on_finish is not None:
             self._on_finish(run)
         self._start_ready()
@@ -240,11 +249,22 @@ class RunQueue:
             self.runs.popitem(last=False)
 
     async def close(self) -> None:
+        """Stop every run (children get SIGTERM and a moment to save progress) and end
+        every caller's stream with a final line, so the service stops without waiting for
+        streams that would never end."""
+        self.closed = True
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for run in self.runs.values():
+            if run.state != "done":
+                run.emit(
+                    "backrest-relay: error: the service is stopping: run interrupted "
+                    "(progress saved; the next trigger resumes it)"
+                )
+                run.finish(int(ExitCode.UNEXPECTED))
 
 
 class ChildLauncher:
@@ -329,6 +349,11 @@ class ChildLauncher:
         except asyncio.CancelledError:  # service shutting down
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
+            try:  # the CLI saves its progress on SIGTERM: give it a moment (docker stop: 10 s)
+                await asyncio.wait_for(proc.wait(), STOP_GRACE_SECONDS)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
             raise
         run.summary = _last_json(stdout)
         return code if code >= 0 else int(ExitCode.UNEXPECTED)

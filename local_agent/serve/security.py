@@ -81,9 +81,24 @@ def is_loopback(listen: str) -> bool:
         return False
 
 
-def check_token(expected: str, authorization: str | None) -> bool:
-    """Bearer token (or HTTP Basic with the token as password, for browsers), compared in
-    constant time. An empty `expected` means no token is configured (loopback only)."""
+def is_loopback_host(value: str) -> bool:
+    """Whether a Host header names this host by a loopback name or address (with or
+    without a port): without a token, anything else is a name a web page rebound here."""
+    value = value.strip().lower()
+    name = value[1 : value.find("]")] if value.startswith("[") else value.partition(":")[0]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def check_token(expected: str, authorization: str | None, *, basic: bool = False) -> bool:
+    """Bearer token (or, where `basic`, HTTP Basic with the token as password: the status
+    page, for browsers), compared in constant time. Only there: a browser resends a Basic
+    login to any site's form POST, so the API would be open to cross-site requests. An
+    empty `expected` means no token is configured (loopback only)."""
     if not expected:
         return True
     if not authorization:
@@ -92,7 +107,7 @@ def check_token(expected: str, authorization: str | None) -> bool:
     offered = ""
     if scheme.lower() == "bearer":
         offered = value.strip()
-    elif scheme.lower() == "basic":
+    elif scheme.lower() == "basic" and basic:
         try:
             decoded = base64.b64decode(value.strip(), validate=True).decode()
         except (binascii.Error, UnicodeDecodeError):
@@ -111,14 +126,19 @@ def parse_trigger(body: bytes, content_type: str) -> Trigger:
         raise Refused(400, "request body is not UTF-8") from None
     if media == "application/json":
         try:
-            parsed = json.loads(text)
-        except ValueError:
-            raise Refused(400, "request body is not valid JSON") from None
+            parsed = json.loads(text, object_pairs_hook=_unique_keys)
+        except ValueError as exc:
+            raise Refused(400, str(exc) if isinstance(exc, _Duplicate) else _NOT_JSON) from None
+        except RecursionError:
+            raise Refused(400, _NOT_JSON) from None
         if not isinstance(parsed, dict):
             raise Refused(400, "request body must be a JSON object")
         raw = parsed
     elif media == "application/x-www-form-urlencoded":
-        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text))
+        try:
+            pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text))
+        except ValueError:  # a field without '=' (strict parsing): malformed, not a 500
+            raise Refused(400, "request body is not valid form data") from None
         raw = {}
         for name, value in pairs:
             if name in raw:
@@ -127,8 +147,10 @@ def parse_trigger(body: bytes, content_type: str) -> Trigger:
     else:
         raise Refused(415, "send application/json or application/x-www-form-urlencoded")
     unknown = sorted(set(raw) - set(FIELDS))
-    if unknown:
-        raise Refused(400, f"unknown field(s): {', '.join(unknown)} (known: {', '.join(FIELDS)})")
+    if unknown:  # quoted and few: the refusal is logged, and names are the caller's text
+        names = ", ".join(repr(name[:40]) for name in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise Refused(400, f"unknown field(s): {names}{more} (known: {', '.join(FIELDS)})")
     values: dict[str, str] = {}
     for name, item in raw.items():
         if not isinstance(item, str):
@@ -147,6 +169,24 @@ def parse_trigger(body: bytes, content_type: str) -> Trigger:
         raise Refused(400, "field 'event' must be a Backrest hook condition (CONDITION_...)")
     error = values.get("error", "")[:MAX_ERROR_TEXT]
     return Trigger(repo_id, guid, values.get("repo_uri") or None, event, error)
+
+
+_NOT_JSON = "request body is not valid JSON"
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object whose keys are unique: a field given twice is refused, as in forms
+    (json.loads would keep the last silently, so two readers could see two repositories)."""
+    seen: dict[str, object] = {}
+    for name, value in pairs:
+        if name in seen:
+            raise _Duplicate(f"field {name!r} given twice")
+        seen[name] = value
+    return seen
+
+
+class _Duplicate(ValueError):
+    pass
 
 
 def resolve_target(

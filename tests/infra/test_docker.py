@@ -193,3 +193,21 @@ def test_hook_in_the_docs_is_what_hook_snippet_prints() -> None:
     assert result.returncode == 0, result.stderr
     script = "".join(line + "\n" for line in result.stdout.splitlines() if not line.startswith("#"))
     assert script in code_blocks("sh")
+
+
+def test_the_state_volume_is_writable_by_the_user_the_docs_let_you_pick() -> None:
+    """A new named volume takes the owner of the image's directory (uid 1000): with another
+    PUID the relay could not write its state, so the docs must say how to hand it over."""
+    final = instructions()
+    owner = one(final, "USER").split(":")[0]
+    assert f"--uid {owner} " in " ".join(all_of(final, "RUN")) and "chown relay:relay /state" in (
+        " ".join(all_of(final, "RUN"))
+    )
+    (block,) = code_blocks("yaml")
+    relay = yaml.safe_load(block)["services"]["backrest-relay"]
+    assert relay["user"] == "${PUID:-" + owner + "}:${PGID:-" + owner + "}"
+    text = " ".join(DOCS.read_text().split())
+    assert (
+        "docker compose run --rm --user 0 --entrypoint chown backrest-relay <PUID>:<PGID> /state"
+        in text
+    )

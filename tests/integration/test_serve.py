@@ -7,6 +7,7 @@ the bucket is `rclone serve s3`. Hooks are rendered as Backrest renders them and
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import math
@@ -213,22 +214,79 @@ def test_two_triggers_for_one_repository_make_one_run(
     restic_repo: BuiltRepo, rclone_server: RcloneS3Server, rclone_bucket: str, tmp_path: Path
 ) -> None:
     config = service_config(
-        tmp_path, rclone_server.endpoint, rclone_bucket, {"home": restic_repo.path}
+        tmp_path,
+        rclone_server.endpoint,
+        rclone_bucket,
+        {"home": restic_repo.path},
+        upload={"bandwidth_limit": "16MiB/s"},  # the runs below wait behind this one
     )
     with RelayService(config) as service:
+        going = service.trigger({"repo_id": "home"}, wait=False)
         first = service.trigger({"repo_id": "home"}, wait=False)
         second = service.trigger(
             {"repo_id": "home", "repo_guid": _guid("home"), "event": "CONDITION_CHECK_SUCCESS"},
             wait=False,
         )
         assert first.status == second.status == 202, (first.body, second.body)
+        assert first.json()["id"] != going.json()["id"]  # the run going listed before them
         assert second.json()["id"] == first.json()["id"]
         assert second.json()["joined"] is True
         info = service.wait_done(first.json()["id"])
         assert info["exit_code"] == 0 and info["callers"] == 2
         families = _metrics(service)
-        assert _sample(families, "backrest_relay_runs_total", outcome="ok") == 1
+        assert _sample(families, "backrest_relay_runs_total", outcome="ok") == 2
         assert _sample(families, "backrest_relay_triggers_joined_total") == 1
+
+
+def test_trigger_during_a_run_gets_a_later_run_that_mirrors_the_new_data(
+    restic_repo: BuiltRepo,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    restic_password: str,
+    tmp_path: Path,
+) -> None:
+    """Backrest restarted mid-run (or curl gave up), backed up, checked, triggered again:
+    that trigger must not join the run that listed the repository before the backup, or
+    the new snapshot stays off-site only at the next check (monthly by default)."""
+    from tests.support.repos import restic_snapshots, write_random_tree
+
+    config = service_config(
+        tmp_path,
+        rclone_server.endpoint,
+        rclone_bucket,
+        {"home": restic_repo.path},
+        upload={"bandwidth_limit": "8MiB/s"},
+    )
+    with RelayService(config) as service:
+        conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=120)
+        conn.request(
+            "POST",
+            "/v1/runs",
+            json.dumps({"repo_id": "home"}).encode(),
+            {**service.headers(), "Content-Type": "application/json"},
+        )
+        resp = conn.getresponse()
+        first = resp.getheader("X-Run-Id")
+        assert resp.status == 200 and first
+        while not re.match(rb"backrest-relay: \w+: \d+/\d+ files", line := resp.readline()):
+            assert line, service.log()  # the run has listed the repository: it is uploading
+        conn.close()  # Backrest restarted
+        write_random_tree(tmp_path / "new-src", files=3, size=(10_000, 50_000), seed=77)
+        restic_backup(restic_repo.path, restic_password, tmp_path / "new-src")
+        assert service.run_info(first)["state"] == "running"
+        again = service.trigger({"repo_id": "home"}, wait=False)
+        assert again.status == 202, again.body
+        later = again.json()["id"]
+        third = service.trigger({"repo_id": "home"}, wait=False).json()
+        service.wait_done(first)
+        assert service.wait_done(later)["exit_code"] == 0, service.log()
+    mirror = mirror_url(rclone_server.endpoint, rclone_bucket, "home")
+    env = rclone_server.endpoint.env()
+    local_ids = {s["id"] for s in restic_snapshots(restic_repo.path, restic_password)}
+    assert {s["id"] for s in restic_snapshots(mirror, restic_password, env=env)} == local_ids
+    restic_check(mirror, restic_password, env=env)
+    assert later != first and again.json()["joined"] is False
+    assert third["id"] == later and third["joined"] is True  # joins the next run: no duplicate
 
 
 def test_two_repositories_both_mirrored_one_run_at_a_time(
@@ -289,6 +347,67 @@ def test_caller_disconnecting_leaves_the_run_going_and_followable(
         )
         assert followed.body.rstrip().endswith("backrest-relay: exit 0")
         assert "mirrored " in followed.body
+    restic_check(
+        mirror_url(rclone_server.endpoint, rclone_bucket, "home"),
+        restic_password,
+        env=rclone_server.endpoint.env(),
+    )
+
+
+def test_sigterm_ends_every_stream_with_a_final_line_and_stops_the_run(
+    restic_repo: BuiltRepo,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    restic_password: str,
+    tmp_path: Path,
+) -> None:
+    """`docker stop` while a hook follows a run: the hook's log says why it ended (and the
+    hook fails), the child stops, nothing logs a traceback, and the next run completes."""
+    import signal
+    import subprocess
+
+    config = service_config(
+        tmp_path,
+        rclone_server.endpoint,
+        rclone_bucket,
+        {"home": restic_repo.path},
+        upload={"bandwidth_limit": "4MiB/s"},
+    )
+    service = RelayService(config).start()
+    try:
+        assert service.proc is not None
+        conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=60)
+        conn.request(
+            "POST",
+            "/v1/runs",
+            json.dumps({"repo_id": "home"}).encode(),
+            {**service.headers(), "Content-Type": "application/json"},
+        )
+        resp = conn.getresponse()
+        while not re.match(rb"backrest-relay: \w+: \d+/\d+ files", line := resp.readline()):
+            assert line, service.log()
+        children = subprocess.run(
+            ["pgrep", "-P", str(service.proc.pid)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        assert children
+        service.proc.send_signal(signal.SIGTERM)
+        rest = resp.read().decode().splitlines()  # ends when the service ends the stream
+        conn.close()
+        service.proc.wait(timeout=30)
+    finally:
+        service.stop()
+    log = service.log()
+    assert (
+        rest
+        and rest[-1].startswith("backrest-relay: exit ")
+        and rest[-1] != ("backrest-relay: exit 0")
+    ), (rest, log)
+    assert any("service is stopping" in line for line in rest), rest
+    assert "Traceback" not in log, log
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children)
+    with RelayService(config) as again:
+        done = again.trigger({"repo_id": "home"})
+    assert done.body.rstrip().endswith("backrest-relay: exit 0"), done.body
     restic_check(
         mirror_url(rclone_server.endpoint, rclone_bucket, "home"),
         restic_password,
@@ -384,6 +503,8 @@ def test_refused_requests_get_4xx_and_nothing_is_read_or_uploaded(
         tmp_path, counting_proxy.endpoint, rclone_bucket, repos, max_body="1KiB"
     )
     json_type = {"Content-Type": "application/json"}
+    form_type = {"Content-Type": "application/x-www-form-urlencoded"}
+    basic = base64.b64encode(f"me:{TOKEN}".encode()).decode()
     with RelayService(config) as service:
         auth = {**service.headers(), **json_type}
         body = json.dumps({"repo_id": "home"}).encode()
@@ -414,6 +535,17 @@ def test_refused_requests_get_4xx_and_nothing_is_read_or_uploaded(
             ),
             "metrics without token": service.request("GET", "/metrics"),
             "page without token": service.request("GET", "/"),
+            # what a page in a browser holding the status page's Basic login can send
+            # cross-site without a preflight: a form POST; Basic is for `GET /` only
+            "basic auth on the API": service.request(
+                "POST",
+                "/v1/runs",
+                b"repo_id=home&event=CONDITION_CHECK_ERROR&error=phish",
+                {"Authorization": "Basic " + basic, **form_type},
+            ),
+            "basic auth on metrics": service.request(
+                "GET", "/metrics", headers={"Authorization": "Basic " + basic}
+            ),
         }
         statuses = {name: resp.status for name, resp in cases.items()}
         assert statuses == {
@@ -432,6 +564,8 @@ def test_refused_requests_get_4xx_and_nothing_is_read_or_uploaded(
             "oversized": 413,
             "metrics without token": 401,
             "page without token": 401,
+            "basic auth on the API": 401,
+            "basic auth on metrics": 401,
         }, {n: (r.status, r.body) for n, r in cases.items()}
         families = _metrics(service)
         assert _sample(families, "backrest_relay_runs_total") == 0
@@ -442,6 +576,60 @@ def test_refused_requests_get_4xx_and_nothing_is_read_or_uploaded(
     for resp in cases.values():
         assert TOKEN not in resp.body
     assert TOKEN not in log and counting_proxy.endpoint.secret_key not in log
+
+
+def test_without_a_token_on_loopback_a_browser_page_cannot_post_runs(
+    rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str, tmp_path: Path
+) -> None:
+    """No token is allowed on loopback, but a browser on the same host is on loopback too:
+    any site it visits can send a form POST there (no preflight), or rebind a name to
+    127.0.0.1 and read the answers. Browsers send `Origin` with every POST (curl and the hook
+    never do), and a rebound name arrives in `Host`."""
+    repo = _small_repo(tmp_path / "repo", restic_password, 6)
+    config = service_config(tmp_path, rclone_server.endpoint, rclone_bucket, {"home": repo})
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    body = b"repo_id=home&event=CONDITION_CHECK_ERROR&error=your+backups+are+gone"
+    with RelayService(config, token=None) as service:
+        cross = service.request("POST", "/v1/runs", body, {**form, "Origin": "http://evil.test"})
+        opaque = service.request("POST", "/v1/runs", body, {**form, "Origin": "null"})
+        # a name the page's site rebound to 127.0.0.1: its script reads what it fetches
+        rebound = {"Host": f"evil.test:{service.port}"}
+        reads = [service.request("GET", path, headers=rebound) for path in ("/", "/metrics")]
+        assert [r.status for r in reads] == [403, 403], [r.body for r in reads]
+        ours = [f"localhost:{service.port}", f"127.0.0.1:{service.port}", "[::1]", "LOCALHOST"]
+        assert all(
+            service.request("GET", "/metrics", headers={"Host": h}).status == 200 for h in ours
+        )
+        families = _metrics(service)
+        plain = service.request("POST", "/v1/runs?wait=false", b"repo_id=home", form)
+        assert plain.status == 202, plain.body  # curl's way still works
+        service.wait_done(plain.json()["id"])
+    assert (cross.status, opaque.status) == (403, 403), (cross.body, opaque.body)
+    assert _sample(families, "backrest_relay_runs_total") == 0
+    assert _sample(families, "backrest_relay_runs_in_progress") == 0
+
+
+def test_caller_hanging_up_mid_body_logs_no_traceback(
+    rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str, tmp_path: Path
+) -> None:
+    """A hook killed while sending (Backrest stopped) is routine: one line, no traceback."""
+    import socket
+
+    repo = _small_repo(tmp_path / "repo", restic_password, 7)
+    config = service_config(tmp_path, rclone_server.endpoint, rclone_bucket, {"home": repo})
+    with RelayService(config) as service:
+        with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/runs HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+                b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: 18\r\n\r\n"
+                b'{"repo_'
+            )
+        info = service.trigger({"repo_id": "home"})  # the service carries on
+        assert info.body.rstrip().endswith("backrest-relay: exit 0"), info.body
+        health = service.request("GET", "/healthz").json()
+        log = service.log()
+    assert health["in_progress"] == 0
+    assert "Traceback" not in log, log
 
 
 def test_metrics_parse_and_move_and_no_secret_anywhere(
@@ -463,6 +651,9 @@ def test_metrics_parse_and_move_and_no_secret_anywhere(
         run_id = streamed.headers["x-run-id"]
         texts = [streamed.body, json.dumps(service.run_info(run_id)), service.metrics()]
         texts.append(service.request("GET", "/", headers=service.headers()).body)
+        basic = base64.b64encode(f"me:{TOKEN}".encode()).decode()
+        page = service.request("GET", "/", headers={"Authorization": "Basic " + basic})
+        assert page.status == 200 and page.body == texts[-1]  # a browser's login, page only
         texts.append(service.request("GET", "/healthz").body)
         after = _metrics(service)
         log = service.log()

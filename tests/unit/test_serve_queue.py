@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,16 +53,19 @@ async def settle() -> None:
 def test_one_run_per_destination_joins_and_bounded_queue() -> None:
     async def scenario() -> None:
         gate = Gate()
-        queue = RunQueue(gate, max_queue=2, max_parallel=4)
+        queue = RunQueue(gate, max_queue=3, max_parallel=4)
         a1, joined = queue.submit(target("a", "d1"), trigger("a"))
         assert not joined and a1.state == "running"
+        # a1 has listed the repository: a trigger now may bring data it did not see
+        a2, joined = queue.submit(target("a", "d1"), trigger("a"))
+        assert not joined and a2 is not a1 and a2.state == "queued"
         again, joined = queue.submit(target("a", "d1"), trigger("a"))
-        assert joined and again is a1 and a1.callers == 2
+        assert joined and again is a2 and a2.callers == 2  # the next run, not a duplicate
         b1, _ = queue.submit(target("b", "d1"), trigger("b"))  # same destination: waits
         c1, _ = queue.submit(target("c", "d2"), trigger("c"))  # other destination: runs
         await settle()
         assert (b1.state, c1.state) == ("queued", "running")
-        assert queue.position(b1) == 1
+        assert queue.position(b1) == 2
         b2, joined = queue.submit(target("b", "d1"), trigger("b"))
         assert joined and b2 is b1  # a queued run is joined too
         queue.submit(target("e", "d1"), trigger("e"))
@@ -69,7 +73,10 @@ def test_one_run_per_destination_joins_and_bounded_queue() -> None:
             queue.submit(target("f", "d1"), trigger("f"))
         gate.finish(a1)
         await settle()
-        assert a1.state == "done" and a1.exit_code == 0 and b1.state == "running"
+        assert a1.state == "done" and a1.exit_code == 0 and a2.state == "running"
+        gate.finish(a2)
+        await settle()
+        assert b1.state == "running"
         lines = [line async for line in a1.follow()]
         assert lines == ["working\n", f"{FINAL_PREFIX}0\n"]
         assert all(len(s & {"d1"}) <= 1 for s in gate.overlaps)
@@ -244,3 +251,38 @@ def test_http_hook_snippet_json_form_holds_the_text_form_scripts(tmp_path: Path)
     assert no_url.returncode == 2 and "--url" in no_url.stderr
     stray = run_cli(["hook-snippet", "--repo-id", "my-repo", *url], env)
     assert stray.returncode == 2 and "--via http" in stray.stderr
+
+
+@pytest.mark.parametrize("shell", ["sh", "dash", "bash"])
+def test_http_hook_parses_and_runs_its_later_lines_in_every_shell_of_backrests_image(
+    shell: str, tmp_path: Path
+) -> None:
+    """Backrest's image has sh and bash, and a `#!/bin/bash` first line picks bash: the
+    script must parse there too (bash reads a `'` inside "${VAR:?...}" as a quote)."""
+    from local_agent.serve.hook import http_hook_command
+    from tests.support.backrest import render_backrest_template
+
+    path = shutil.which(shell)
+    if path is None:
+        pytest.skip(f"{shell} is not installed")
+    for failure in (False, True):
+        script = render_backrest_template(
+            http_hook_command("http://127.0.0.1:9", max_time=5, failure=failure),
+            repo_id="home",
+            repo_uri="/repos/home",
+            repo_guid="a" * 64,
+            event="CONDITION_CHECK_ERROR" if failure else "CONDITION_CHECK_SUCCESS",
+            error='it\'s "$(false)"',
+        )
+        done = subprocess.run(
+            [path],
+            input=script + '\necho "hook status $?"\necho later-line-ran\n',
+            env={"PATH": "/usr/bin:/bin"},  # no token: the hook says so and fails
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert "later-line-ran" in done.stdout, (shell, done.stdout, done.stderr)
+        assert "hook status 0" not in done.stdout
+        assert "BACKREST_RELAY_TOKEN" in done.stderr

@@ -24,11 +24,12 @@ TOKEN = "a-long-sentinel-token-0123456789"
 def test_token_bearer_or_basic_password_and_nothing_else() -> None:
     basic = base64.b64encode(f"anyone:{TOKEN}".encode()).decode()
     assert check_token(TOKEN, f"Bearer {TOKEN}")
-    assert check_token(TOKEN, f"Basic {basic}")
+    assert check_token(TOKEN, f"Basic {basic}", basic=True)  # the status page only
+    assert not check_token(TOKEN, f"Basic {basic}")
     assert not check_token(TOKEN, None)
     assert not check_token(TOKEN, f"Bearer {TOKEN[:-1]}")
     assert not check_token(TOKEN, f"Token {TOKEN}")
-    assert not check_token(TOKEN, "Basic !!!")
+    assert not check_token(TOKEN, "Basic !!!", basic=True)
     assert check_token("", None)  # no token configured (loopback only)
 
 
@@ -63,6 +64,10 @@ def test_trigger_from_form_or_json() -> None:
         (b"\xff\xfe", "application/json", 400),
         (b"repo_id=home", "text/plain", 415),
         (b"repo_id=home&error=a%00b", "application/x-www-form-urlencoded", 400),
+        (b"repo_id", "application/x-www-form-urlencoded", 400),  # no '=': not a 500
+        (b"repo_id=home&&", "application/x-www-form-urlencoded", 400),
+        (b'{"repo_id": "other", "repo_id": "home"}', "application/json", 400),  # as forms
+        (b"[" * 3000 + b"]" * 3000, "application/json", 400),  # under max_body: RecursionError
     ],
 )
 def test_bad_triggers_are_refused(body: bytes, content_type: str, status: int) -> None:
@@ -128,3 +133,15 @@ def test_guid_or_uri_differing_from_backrest_config_is_a_conflict(tmp_path: Path
         with pytest.raises(Refused) as exc:
             resolve_target(trig, config, {})
         assert exc.value.status == status, trig
+
+
+def test_unknown_field_names_cannot_forge_or_flood_log_lines() -> None:
+    """The refusal is logged: a field name with a new line must not start a fake line, and
+    a body of 2,000 made-up fields must not make a 13 kB one."""
+    forged = b"repo_id=home&x%0Abackrest-relay: INFO: run 1 finished: exit 0=1"
+    flood = b"&".join(b"f%d=1" % i for i in range(2000))
+    for body in (forged, flood):
+        with pytest.raises(Refused) as exc:
+            parse_trigger(body, "application/x-www-form-urlencoded")
+        assert exc.value.status == 400
+        assert "\n" not in exc.value.message and len(exc.value.message) < 400
