@@ -31,10 +31,9 @@ from html import unescape
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from urllib.parse import urlsplit
 
-from local_agent.backend import md5_header
 from local_agent.errors import RepositoryError
 from local_agent.http1 import BodyTooShortError, Connection
-from local_agent.sigv4 import SigningCredentials, SigV4Signer, s3_path
+from local_agent.sigv4 import SigningCredentials, SigV4Signer, md5_header, s3_path
 
 if TYPE_CHECKING:
     from boto3.session import Session
