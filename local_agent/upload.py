@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud.contracts.events import (
+    ErrorKind,
     EventDetail,
     ManifestRef,
     MirrorVerified,
@@ -231,9 +232,9 @@ def _attach_manifest(
 ) -> None:
     """Write a new manifest, or point at the last one when the run changed nothing."""
     changed = (
-        summary.uploaded_files
-        or summary.deleted_files
-        or summary.adopted_files
+        summary.stats.uploaded_files
+        or summary.stats.deleted_files
+        or summary.stats.adopted_files
         or summary.listed_objects is not None
         or state.has_unmanifested()  # an earlier run uploaded them, then stopped
     )
@@ -254,7 +255,7 @@ def _attach_manifest(
         summary.exit_code = int(exc.exit_code)
         summary.error = {"kind": exc.kind, "message": f"mirror done, manifest not: {exc.message}"}
         return
-    summary.requests = backend.requests
+    summary.stats.requests = backend.requests
     summary.manifest = ref.model_dump()
     state.set_meta(LAST_MANIFEST, ref.model_dump_json())
 
@@ -286,7 +287,7 @@ def report_failure(
     repo_guid: str | None,
     repo_path: str | None,
     trigger: str,
-    kind: str,
+    kind: ErrorKind,
     message: str,
     publisher: Publisher | None = None,
 ) -> dict[str, object]:
