@@ -10,6 +10,7 @@ passes ``--no-cache`` and ``restic_env`` sets a private ``RESTIC_CACHE_DIR``.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import hashlib
 import json
@@ -18,13 +19,13 @@ import random
 import shutil
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.s3servers import S3Endpoint
-from tests.support.tools import restic_env
+from testbed.s3.endpoint import S3Endpoint
 
 __all__ = [
     "FakeRepo",
@@ -35,6 +36,7 @@ __all__ = [
     "make_restic_repo",
     "restic_backup",
     "restic_check",
+    "restic_env",
     "restic_forget",
     "restic_restore",
     "restic_snapshots",
@@ -42,6 +44,38 @@ __all__ = [
     "sha256_file",
     "write_random_tree",
 ]
+
+# Variables that would make restic (or the AWS SDK inside it) read the developer's own
+# repository, password or credentials instead of the ones a test passes explicitly.
+_LEAKY_PREFIXES = ("RESTIC_", "AWS_", "B2_", "RCLONE_")
+
+_cache_dir: Path | None = None
+
+
+def _shared_cache_dir() -> Path:
+    """One throw-away restic cache per process, so nothing ever lands in ~/.cache/restic."""
+    global _cache_dir
+    if _cache_dir is None:
+        _cache_dir = Path(tempfile.mkdtemp(prefix="backrest-relay-restic-cache-"))
+        atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    return _cache_dir
+
+
+def restic_env(password: str, **extra: str) -> dict[str, str]:
+    """Environment for running restic: the caller's password and nothing from the developer.
+
+    Inherited ``RESTIC_*``/``AWS_*``/``B2_*``/``RCLONE_*`` variables are dropped so a test
+    can never touch a real repository or account; ``extra`` adds variables back (for
+    example ``AWS_ACCESS_KEY_ID`` for an ``s3:`` repository) and override defaults.
+    ``RESTIC_CACHE_DIR`` points at a per-process temporary directory; the helpers in
+    ``repos`` also pass ``--no-cache``.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LEAKY_PREFIXES)}
+    env["RESTIC_PASSWORD"] = password
+    env["RESTIC_CACHE_DIR"] = str(_shared_cache_dir())
+    env.update(extra)
+    return env
+
 
 # restic writes repository files read-only and directories private; so do the fakes, so
 # code under test meets the same permissions it will meet in production.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.repos import make_restic_repo, restic_backup, write_random_tree
+from testbed.repos import make_restic_repo, restic_backup, write_random_tree
 
 
 @dataclass(frozen=True)

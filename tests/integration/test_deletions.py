@@ -20,8 +20,8 @@ import pytest
 
 from local_agent.config import load_config
 from local_agent.upload import run_upload
-from tests.support.agent import agent_env, remote_keys, run_agent, write_agent_config
-from tests.support.repos import (
+from testbed.agent import agent_env, remote_keys, run_agent, write_agent_config
+from testbed.repos import (
     make_restic_repo,
     restic_backup,
     restic_check,
@@ -29,7 +29,7 @@ from tests.support.repos import (
     s3_repo_url,
     write_random_tree,
 )
-from tests.support.s3servers import RcloneS3Server
+from testbed.s3.rclone import RcloneS3Server
 
 PREFIX = "restic/home"
 DAY = 86400.0

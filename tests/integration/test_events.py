@@ -16,9 +16,9 @@ from typing import Any
 import boto3
 import pytest
 
-from tests.support.agent import run_agent, write_agent_config
-from tests.support.repos import add_packs, corrupt, make_fake_restic_repo
-from tests.support.s3servers import S3Endpoint, free_port
+from testbed.agent import run_agent, write_agent_config
+from testbed.repos import add_packs, corrupt, make_fake_restic_repo
+from testbed.s3.endpoint import S3Endpoint, free_port
 
 BUS = "backrest-relay"
 PREFIX = "restic/home"

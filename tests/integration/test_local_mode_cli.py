@@ -20,9 +20,12 @@ from typing import Any
 import pytest
 
 from local_agent import progress as progress_module
-from tests.support.agent import agent_env, run_agent, write_agent_config
-from tests.support.repos import make_restic_repo, restic_backup, restic_check, s3_repo_url
-from tests.support.s3servers import Fault, RcloneS3Server, RequestInfo, S3Proxy
+from testbed.agent import agent_env, run_agent, write_agent_config
+from testbed.repos import make_restic_repo, restic_backup, restic_check, s3_repo_url
+from testbed.s3.faults import Fault
+from testbed.s3.operations import RequestInfo
+from testbed.s3.proxy import S3Proxy
+from testbed.s3.rclone import RcloneS3Server
 from tests.support.sinks import HttpSink
 
 REPO_ID = "home"

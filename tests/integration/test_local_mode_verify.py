@@ -11,8 +11,8 @@ import random
 import time
 from pathlib import Path
 
-from tests.support.agent import AgentResult, run_agent, write_agent_config
-from tests.support.repos import (
+from testbed.agent import AgentResult, run_agent, write_agent_config
+from testbed.repos import (
     corrupt,
     make_restic_repo,
     restic_backup,
@@ -20,7 +20,9 @@ from tests.support.repos import (
     s3_repo_url,
     write_random_tree,
 )
-from tests.support.s3servers import Fault, RequestInfo, S3Proxy
+from testbed.s3.faults import Fault
+from testbed.s3.operations import RequestInfo
+from testbed.s3.proxy import S3Proxy
 from tests.support.sinks import HttpSink
 
 PREFIX = "restic/home"

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.support.agent import run_agent, write_agent_config
-from tests.support.repos import make_fake_restic_repo
-from tests.support.s3servers import RcloneS3Server
+from testbed.agent import run_agent, write_agent_config
+from testbed.repos import make_fake_restic_repo
+from testbed.s3.rclone import RcloneS3Server
 from tests.support.sinks import HttpSink
 
 GUID = "ef" * 32

@@ -20,16 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import BuiltRepo
-from tests.support.agent import (
+from testbed.agent import (
     remote_keys,
     run_agent,
     start_agent,
     unfinished_uploads,
     write_agent_config,
 )
-from tests.support.backrest import render_backrest_template
-from tests.support.repos import (
+from testbed.repos import (
     corrupt,
     restic_backup,
     restic_check,
@@ -38,7 +36,11 @@ from tests.support.repos import (
     s3_repo_url,
     write_random_tree,
 )
-from tests.support.s3servers import RcloneS3Server, S3Endpoint, S3Proxy
+from testbed.s3.endpoint import S3Endpoint
+from testbed.s3.proxy import S3Proxy
+from testbed.s3.rclone import RcloneS3Server
+from tests.integration.conftest import BuiltRepo
+from tests.support.backrest import render_backrest_template
 
 PREFIX = "restic/home"
 
@@ -190,7 +192,7 @@ def test_sigkill_during_multipart_upload_resumes_with_only_missing_parts(
     restic_password: str,
     tmp_path: Path,
 ) -> None:
-    from tests.support.repos import make_restic_repo
+    from testbed.repos import make_restic_repo
 
     repo = tmp_path / "repo"
     source = tmp_path / "src"

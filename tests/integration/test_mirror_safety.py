@@ -28,7 +28,7 @@ import pytest
 
 from local_agent.repository import multipart_etags
 from local_agent.uploader import part_size_candidates
-from tests.support.agent import (
+from testbed.agent import (
     AgentResult,
     agent_command,
     agent_env,
@@ -38,7 +38,7 @@ from tests.support.agent import (
     unfinished_uploads,
     write_agent_config,
 )
-from tests.support.repos import (
+from testbed.repos import (
     make_restic_repo,
     restic_backup,
     restic_check,
@@ -46,7 +46,9 @@ from tests.support.repos import (
     s3_repo_url,
     write_random_tree,
 )
-from tests.support.s3servers import RcloneS3Server, S3Endpoint, S3Proxy
+from testbed.s3.endpoint import S3Endpoint
+from testbed.s3.proxy import S3Proxy
+from testbed.s3.rclone import RcloneS3Server
 
 REPO_ID = "safety"
 PREFIX = f"restic/{REPO_ID}"
@@ -323,7 +325,7 @@ RACING_BACKUP_HOOK = """
 import os
 from pathlib import Path
 from local_agent import repository
-from tests.support.repos import restic_backup, write_random_tree
+from testbed.repos import restic_backup, write_random_tree
 
 _repo = Path(os.environ["RACE_REPO"])
 _source = Path(os.environ["RACE_SOURCE"])

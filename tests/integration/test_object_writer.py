@@ -17,14 +17,11 @@ from cloud.integrations.s3 import S3Access
 from local_agent.backend import Backend
 from local_agent.errors import DestinationError
 from local_agent.throttle import Throttle, ThrottledReader
-from tests.support.s3servers import (
-    Fault,
-    FaultSchedule,
-    RcloneS3Server,
-    RequestInfo,
-    S3Endpoint,
-    S3Proxy,
-)
+from testbed.s3.endpoint import S3Endpoint
+from testbed.s3.faults import Fault, FaultSchedule
+from testbed.s3.operations import RequestInfo
+from testbed.s3.proxy import S3Proxy
+from testbed.s3.rclone import RcloneS3Server
 
 
 def access_for(endpoint: S3Endpoint, *, secret: str | None = None) -> S3Access:

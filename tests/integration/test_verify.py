@@ -13,9 +13,10 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.support.agent import AgentResult, run_agent, write_agent_config
-from tests.support.repos import FakeRepo, add_packs, make_fake_restic_repo
-from tests.support.s3servers import RcloneS3Server, S3Endpoint, free_port
+from testbed.agent import AgentResult, run_agent, write_agent_config
+from testbed.repos import FakeRepo, add_packs, make_fake_restic_repo
+from testbed.s3.endpoint import S3Endpoint, free_port
+from testbed.s3.rclone import RcloneS3Server
 
 GUID = "cd" * 32
 PREFIX = "restic/home"

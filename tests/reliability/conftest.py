@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from testbed.repos import make_restic_repo, restic_backup, write_random_tree
+from testbed.s3.rclone import RcloneS3Server
 from tests.reliability.common import LEDGER_ENV, SEED, SOAK, Ledger
-from tests.support.repos import make_restic_repo, restic_backup, write_random_tree
-from tests.support.s3servers import RcloneS3Server
 from tests.support.tools import require_tool
 
 _LEDGER = Ledger()

@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 
 from local_agent.config import LoadedConfig, RelayConfig, load_config
 from local_agent.errors import ConfigError
+from testbed.agent import run_agent, write_agent_config
+from testbed.repos import make_fake_restic_repo
+from testbed.s3.rclone import RcloneS3Server
 from tests.reliability.common import SEED, SOAK, Ledger, count
-from tests.support.agent import run_agent, write_agent_config
-from tests.support.repos import make_fake_restic_repo
-from tests.support.s3servers import RcloneS3Server
 
 EXAMPLES = count("bad config: hypothesis examples (files, env overrides)")
 CLI_EXAMPLES = count("bad config: configs through the CLI")

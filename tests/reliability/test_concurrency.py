@@ -24,6 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testbed.agent import AgentResult, start_agent, unfinished_uploads, write_agent_config
+from testbed.repos import add_packs, make_fake_restic_repo
+from testbed.s3.endpoint import S3Endpoint
+from testbed.s3.operations import RequestInfo
+from testbed.s3.proxy import S3Proxy
+from testbed.s3.rclone import RcloneS3Server
 from tests.reliability.common import (
     MULTIPART,
     Ledger,
@@ -32,9 +38,6 @@ from tests.reliability.common import (
     count,
     sub_seed,
 )
-from tests.support.agent import AgentResult, start_agent, unfinished_uploads, write_agent_config
-from tests.support.repos import add_packs, make_fake_restic_repo
-from tests.support.s3servers import RcloneS3Server, RequestInfo, S3Endpoint, S3Proxy
 
 REPO_ID = "twice"
 GUID = "2a" * 32

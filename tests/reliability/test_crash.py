@@ -36,6 +36,18 @@ from typing import Literal
 import pytest
 
 from local_agent.state import StateStore
+from testbed.agent import (
+    run_agent,
+    start_agent,
+    unfinished_uploads,
+    write_agent_config,
+)
+from testbed.repos import restic_check, s3_repo_url
+from testbed.s3.endpoint import S3Endpoint
+from testbed.s3.faults import Fault
+from testbed.s3.operations import RequestInfo
+from testbed.s3.proxy import S3Proxy
+from testbed.s3.rclone import RcloneS3Server
 from tests.reliability.common import (
     MULTIPART,
     SOAK,
@@ -52,20 +64,6 @@ from tests.reliability.common import (
     sub_seed,
 )
 from tests.reliability.conftest import ResticRepo
-from tests.support.agent import (
-    run_agent,
-    start_agent,
-    unfinished_uploads,
-    write_agent_config,
-)
-from tests.support.repos import restic_check, s3_repo_url
-from tests.support.s3servers import (
-    Fault,
-    RcloneS3Server,
-    RequestInfo,
-    S3Endpoint,
-    S3Proxy,
-)
 
 REPO_ID = "crash"
 GUID = "c7" * 32

@@ -68,8 +68,7 @@ from hypothesis.stateful import (
 )
 
 from local_agent.config import UploadConfig
-from tests.reliability.common import MODEL, SEED, SOAK, Ledger, count
-from tests.support.agent import (
+from testbed.agent import (
     agent_command,
     agent_env,
     remote_etags,
@@ -78,7 +77,7 @@ from tests.support.agent import (
     unfinished_upload_ids,
     write_agent_config,
 )
-from tests.support.repos import (
+from testbed.repos import (
     ResticError,
     make_restic_repo,
     restic_backup,
@@ -86,7 +85,9 @@ from tests.support.repos import (
     restic_forget,
     s3_repo_url,
 )
-from tests.support.s3servers import MotoS3Server, S3Endpoint, unique_bucket_name
+from testbed.s3.endpoint import S3Endpoint, unique_bucket_name
+from testbed.s3.moto_server import MotoS3Server
+from tests.reliability.common import MODEL, SEED, SOAK, Ledger, count
 from tests.support.tamper import TAMPER_KINDS, TamperKind, is_multipart_etag, tamper_object
 
 REPO_ID = "model"

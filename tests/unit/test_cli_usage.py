@@ -250,7 +250,7 @@ def test_manifest_prefix_inside_repository_prefix_is_refused_before_any_request(
 ) -> None:
     """The templates differ but expand to nested prefixes for this repository id: refused
     with exit 2 before the bucket is contacted (127.0.0.1:9 would fail with exit 4)."""
-    from tests.support.repos import make_fake_restic_repo
+    from testbed.repos import make_fake_restic_repo
 
     repo = tmp_path / "repo"
     make_fake_restic_repo(repo, packs=2, pack_size=1024)
