@@ -6,6 +6,7 @@ import http.client
 import http.server
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -122,16 +123,26 @@ class S3Endpoint:
 
 
 def wait_until_answering(
-    port: int, timeout: float, died: Callable[[], str | None], what: str
+    port: int,
+    timeout: float,
+    died: Callable[[], str | None],
+    what: str,
+    *,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
-    """Poll until something answers HTTP on ``port``; any status counts as up."""
+    """Poll until something answers HTTP (HTTPS with ``tls``) on ``port``; any status
+    counts as up."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
         reason = died()
         if reason is not None:
             raise RuntimeError(f"{what} exited during startup:\n{reason}")
-        conn = http.client.HTTPConnection(LOCALHOST, port, timeout=1)
+        conn = (
+            http.client.HTTPSConnection(LOCALHOST, port, timeout=1, context=tls)
+            if tls is not None
+            else http.client.HTTPConnection(LOCALHOST, port, timeout=1)
+        )
         try:
             conn.request("GET", "/")
             conn.getresponse().read()

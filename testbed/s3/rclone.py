@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -32,7 +33,9 @@ class RcloneS3Server:
         rclone: str | None = None,
         extra_args: Sequence[str] = (),
         startup_timeout: float = 15.0,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
+        """`tls` (certificate, key; testbed.tls makes a pair) serves https instead of http."""
         if len(access_key) < 8 or len(secret_key) < 8:
             raise ValueError("rclone serve s3 wants access and secret keys of 8+ characters")
         self._requested_root = root
@@ -40,6 +43,9 @@ class RcloneS3Server:
         self._secret_key = secret_key
         self._rclone = rclone
         self._extra_args = tuple(extra_args)
+        if tls is not None:
+            self._extra_args += ("--cert", str(tls[0]), "--key", str(tls[1]))
+        self._tls = None if tls is None else ssl.create_default_context(cafile=str(tls[0]))
         self._startup_timeout = startup_timeout
         self._workdir: Path | None = None
         self._root: Path | None = None
@@ -114,7 +120,11 @@ class RcloneS3Server:
                 )
             try:
                 wait_until_answering(
-                    port, self._startup_timeout, self._startup_failure, "rclone serve s3"
+                    port,
+                    self._startup_timeout,
+                    self._startup_failure,
+                    "rclone serve s3",
+                    tls=self._tls,
                 )
             except RuntimeError as exc:
                 self._terminate()
@@ -124,7 +134,7 @@ class RcloneS3Server:
                 self._cleanup_dirs()
                 raise RuntimeError(f"{exc}\n--- rclone log ---\n{log_text}") from None
             self._endpoint = S3Endpoint(
-                endpoint_url=f"http://{LOCALHOST}:{port}",
+                endpoint_url=f"{'https' if self._tls else 'http'}://{LOCALHOST}:{port}",
                 access_key=self._access_key,
                 secret_key=self._secret_key,
                 local_root=self._root,
