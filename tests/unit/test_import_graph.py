@@ -122,3 +122,26 @@ def test_cloud_never_imports_local_agent() -> None:
         if b.startswith("local_agent")
     )
     assert forbidden == []
+
+
+# Which layers of cloud/ a layer may import (docs/architecture.md, "Dependency rules").
+LAYER_RULES = {
+    "cloud.contracts": {"cloud.contracts"},
+    "cloud.logic": {"cloud.logic", "cloud.contracts"},
+    "cloud.integrations": {"cloud.integrations", "cloud.logic", "cloud.contracts"},
+}
+
+
+def _layer(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def test_cloud_layers_import_only_what_is_below_them() -> None:
+    broken = sorted(
+        f"{a} -> {b}"
+        for a, deps in import_graph().items()
+        if _layer(a) in LAYER_RULES
+        for b in deps
+        if _layer(b) not in LAYER_RULES[_layer(a)]
+    )
+    assert broken == []
