@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import (
@@ -41,17 +42,24 @@ def stats_of(summary: MirrorSummary) -> MirrorStats:
     return MirrorStats.model_validate(summary.stats.model_dump())
 
 
+def _run_fields(ctx: RunContext) -> dict[str, Any]:
+    """What every event of a run carries; the run finishes now."""
+    return {
+        "run_id": ctx.run_id,
+        "repo": ctx.repo,
+        "host": ctx.host,
+        "trigger": ctx.trigger,
+        "destination": ctx.destination,
+        "started_at": ctx.started_at,
+        "finished_at": datetime.now(UTC),
+    }
+
+
 def completed_event(
     ctx: RunContext, summary: MirrorSummary, manifest: ManifestRef
 ) -> MirrorCompleted:
     return MirrorCompleted(
-        run_id=ctx.run_id,
-        repo=ctx.repo,
-        host=ctx.host,
-        trigger=ctx.trigger,
-        destination=ctx.destination,
-        started_at=ctx.started_at,
-        finished_at=datetime.now(UTC),
+        **_run_fields(ctx),
         stats=stats_of(summary),
         manifest=manifest,
         new_snapshots=sorted(summary.new_snapshots)[:MAX_LISTED_SNAPSHOTS],
@@ -66,13 +74,7 @@ def failed_event(
     if len(text) > MAX_MESSAGE_CHARS:
         text = text[: MAX_MESSAGE_CHARS - 1] + "…"
     return MirrorFailed(
-        run_id=ctx.run_id,
-        repo=ctx.repo,
-        host=ctx.host,
-        trigger=ctx.trigger,
-        destination=ctx.destination,
-        started_at=ctx.started_at,
-        finished_at=datetime.now(UTC),
+        **_run_fields(ctx),
         stats=stats_of(summary) if summary is not None and summary.stats.files else None,
         error=ErrorInfo(kind=kind, message=text),
         corrupt_files=(summary.corrupt if summary else [])[:MAX_LISTED_PROBLEMS],

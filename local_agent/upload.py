@@ -30,7 +30,7 @@ from local_agent.errors import ExitCode, RelayError
 from local_agent.events import RunContext, completed_event, failed_event
 from local_agent.manifest import ManifestWriter
 from local_agent.mirror import MirrorOptions, MirrorRun, MirrorSummary
-from local_agent.outbox import Outbox
+from local_agent.outbox import FlushResult, Outbox
 from local_agent.progress import Progress
 from local_agent.publishers import Publisher, make_publisher
 from local_agent.repository import ensure_repository
@@ -260,6 +260,15 @@ def _attach_manifest(
     state.set_meta(LAST_MANIFEST, ref.model_dump_json())
 
 
+def _warn_unsent(result: FlushResult, publisher: Publisher) -> None:
+    log.warning(
+        "could not publish %d event(s) via %s (kept, sent on the next run): %s",
+        result.pending,
+        publisher.name,
+        result.error,
+    )
+
+
 def _send_backlog(outbox: Outbox, publisher: Publisher, *, summary: MirrorSummary | None) -> None:
     result = outbox.flush(publisher)
     if summary is not None:
@@ -270,12 +279,7 @@ def _send_backlog(outbox: Outbox, publisher: Publisher, *, summary: MirrorSummar
             "error": result.error,
         }
     if result.error:
-        log.warning(
-            "could not publish %d event(s) via %s (kept, sent on the next run): %s",
-            result.pending,
-            publisher.name,
-            result.error,
-        )
+        _warn_unsent(result, publisher)
     elif result.sent and summary is None:
         log.info("sent %d event(s) left over from earlier runs", result.sent)
 
@@ -312,12 +316,7 @@ def report_failure(
     finally:
         outbox.close()
     if result.error:
-        log.warning(
-            "could not publish %d event(s) via %s (kept, sent on the next run): %s",
-            result.pending,
-            publisher.name,
-            result.error,
-        )
+        _warn_unsent(result, publisher)
     return {
         "run_id": ctx.run_id,
         "publisher": publisher.name,
