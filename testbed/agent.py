@@ -50,6 +50,37 @@ def write_agent_config(
     return path
 
 
+def agent_config_in(directory: Path, endpoint: S3Endpoint, bucket: str, **settings: Any) -> Path:
+    """`write_agent_config` for a test's own directory: `relay.toml` in it, state in
+    `state/` under it."""
+    return write_agent_config(
+        directory / "relay.toml", endpoint, bucket, state_dir=directory / "state", **settings
+    )
+
+
+def upload_args(
+    config: Path | str,
+    repo: Path | str,
+    *extra: str,
+    repo_id: str | None = "home",
+    repo_guid: str | None = None,
+    trigger: str | None = None,
+    json_summary: bool = True,
+) -> list[str]:
+    """`backrest-relay upload ...` as a Backrest hook runs it; `extra` goes last."""
+    args = ["upload", "--repo", str(repo)]
+    if repo_id is not None:
+        args += ["--repo-id", repo_id]
+    if repo_guid is not None:
+        args += ["--repo-guid", repo_guid]
+    if trigger is not None:
+        args += ["--trigger", trigger]
+    args += ["--config", str(config)]
+    if json_summary:
+        args.append("--json")
+    return [*args, *extra]
+
+
 @dataclass
 class AgentResult:
     returncode: int

@@ -20,7 +20,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +28,17 @@ from typing import Any
 from testbed.s3.endpoint import S3Endpoint
 
 __all__ = [
+    "BuiltRepo",
     "FakeRepo",
     "ResticError",
     "add_packs",
+    "build_restic_repo",
     "corrupt",
     "make_fake_restic_repo",
     "make_restic_repo",
     "restic_backup",
     "restic_check",
+    "restic_check_mirror",
     "restic_env",
     "restic_forget",
     "restic_restore",
@@ -194,6 +197,31 @@ def restic_backup(
     return snapshot_id
 
 
+@dataclass(frozen=True)
+class BuiltRepo:
+    """A real restic repository, the folder its snapshots were taken of, and their ids."""
+
+    path: Path
+    source: Path
+    password: str
+    snapshots: list[str]
+
+
+def build_restic_repo(
+    base: Path, password: str, rounds: Iterable[Callable[[Path], int | None]]
+) -> BuiltRepo:
+    """``restic init`` under ``base``, then one backup per round: each round writes files
+    into the folder it is given (under the one source) and returns the ``--pack-size`` in
+    MiB for its backup, or None for restic's default."""
+    repo, source = base / "repo", base / "src"
+    make_restic_repo(repo, password)
+    snapshots = []
+    for number, write in enumerate(rounds):
+        pack_mib = write(source / f"round{number}")
+        snapshots.append(restic_backup(repo, password, source, pack_size_mib=pack_mib))
+    return BuiltRepo(repo, source, password, snapshots)
+
+
 def restic_snapshots(
     repo_or_url: str | Path, password: str, env: Mapping[str, str] | None = None
 ) -> list[dict[str, Any]]:
@@ -248,6 +276,15 @@ def restic_check(
     if proc.returncode != 0:
         raise ResticError(cmd, proc.returncode, stdout, stderr)
     return stdout
+
+
+def restic_check_mirror(
+    endpoint: S3Endpoint, bucket: str, prefix: str, password: str, *, read_data: bool = True
+) -> str:
+    """``restic check`` of the mirror at ``bucket/prefix`` on ``endpoint``: the oracle."""
+    return restic_check(
+        s3_repo_url(endpoint, bucket, prefix), password, env=endpoint.env(), read_data=read_data
+    )
 
 
 def restic_forget(

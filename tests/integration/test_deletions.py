@@ -20,7 +20,7 @@ import pytest
 
 from local_agent.config import load_config
 from local_agent.upload import run_upload
-from testbed.agent import agent_env, remote_keys, run_agent, write_agent_config
+from testbed.agent import agent_config_in, agent_env, remote_keys, run_agent
 from testbed.repos import (
     make_restic_repo,
     restic_backup,
@@ -137,11 +137,10 @@ class Mirror:
 def make_mirror(
     tmp_path: Path, server: RcloneS3Server, bucket: str, password: str, **upload: object
 ) -> Mirror:
-    config = write_agent_config(
-        tmp_path / "relay.toml",
+    config = agent_config_in(
+        tmp_path,
         server.endpoint,
         bucket,
-        state_dir=tmp_path / "state",
         upload={"delete": True, **upload},
     )
     return Mirror(server, bucket, config, password)

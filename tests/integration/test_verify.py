@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import pytest
 
-from testbed.agent import AgentResult, run_agent, write_agent_config
+from testbed.agent import AgentResult, agent_config_in, run_agent
 from testbed.repos import FakeRepo, add_packs, make_fake_restic_repo
 from testbed.s3.endpoint import S3Endpoint, free_port
 from testbed.s3.rclone import RcloneS3Server
@@ -23,11 +23,10 @@ PREFIX = "restic/home"
 
 
 def config(tmp_path: Path, endpoint: S3Endpoint, bucket: str, publisher: str = "local") -> Path:
-    return write_agent_config(
-        tmp_path / "relay.toml",
+    return agent_config_in(
+        tmp_path,
         endpoint,
         bucket,
-        state_dir=tmp_path / "state",
         events={"publisher": publisher},
     )
 
