@@ -6,16 +6,15 @@ import contextlib
 import http.client
 import http.server
 import logging
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from moto.server import ThreadedMotoServer
 
-from testbed.s3.endpoint import LOCALHOST, S3Endpoint, free_port, wait_until_answering
+from testbed.s3.endpoint import LOCALHOST, S3Endpoint, Served, free_port, wait_until_answering
 
 
-class MotoS3Server:
+class MotoS3Server(Served):
     """moto's ``ThreadedMotoServer`` on 127.0.0.1, reset on entry, exit and ``reset()``.
 
     moto keeps its state in process-global backends (shared with ``mock_aws``), so state
@@ -82,15 +81,3 @@ class MotoS3Server:
         wsgi = server._server  # ThreadedMotoServer.stop() leaves the socket open
         if wsgi is not None:
             wsgi.server_close()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -146,8 +146,24 @@ def s3_error_xml(code: str, message: str) -> bytes:
     ).encode()
 
 
+class _PathStyle:
+    """Bucket and key of a path-style request path."""
+
+    path: str
+
+    @property
+    def bucket(self) -> str | None:
+        """Bucket named by the path (path-style addressing), if any."""
+        return split_path(self.path)[0]
+
+    @property
+    def key(self) -> str | None:
+        """Object key named by the path, URL-decoded, if any."""
+        return split_path(self.path)[1]
+
+
 @dataclass(frozen=True, eq=False)
-class RequestInfo:
+class RequestInfo(_PathStyle):
     """A request as the proxy received it, before forwarding: what fault hooks decide on."""
 
     seq: int
@@ -163,23 +179,13 @@ class RequestInfo:
         return frozenset(self.headers)
 
     @property
-    def bucket(self) -> str | None:
-        """Bucket named by the path (path-style addressing), if any."""
-        return split_path(self.path)[0]
-
-    @property
-    def key(self) -> str | None:
-        """Object key named by the path, URL-decoded, if any."""
-        return split_path(self.path)[1]
-
-    @property
     def operation(self) -> str:
         """S3 operation name, see ``s3_operation``."""
         return s3_operation(self.method, self.path, self.query, self.headers)
 
 
 @dataclass(frozen=True, eq=False)
-class LoggedRequest:
+class LoggedRequest(_PathStyle):
     """One entry of the proxy's request log.
 
     ``status`` is what the client received (None: the connection was dropped or reset);
@@ -196,16 +202,6 @@ class LoggedRequest:
     upstream_status: int | None
     fault: str | None
     operation: str
-
-    @property
-    def bucket(self) -> str | None:
-        """Bucket named by the path, if any."""
-        return split_path(self.path)[0]
-
-    @property
-    def key(self) -> str | None:
-        """Object key named by the path, URL-decoded, if any."""
-        return split_path(self.path)[1]
 
     @property
     def is_list_call(self) -> bool:

@@ -12,11 +12,10 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from email.message import Message
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
-from testbed.s3.endpoint import CHUNK, LOCALHOST, S3Endpoint
+from testbed.s3.endpoint import CHUNK, LOCALHOST, S3Endpoint, Served
 from testbed.s3.faults import Fault, FaultHook
 from testbed.s3.operations import (
     LoggedRequest,
@@ -390,7 +389,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             record(None)
 
 
-class S3Proxy:
+class S3Proxy(Served):
     """A threaded HTTP reverse proxy in front of an S3 endpoint, for observing and breaking it.
 
     Requests are forwarded byte-for-byte (method, path and query, headers in order
@@ -471,18 +470,6 @@ class S3Proxy:
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- the request log --------------------------------------------------------------------
 

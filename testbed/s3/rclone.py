@@ -10,13 +10,11 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-from testbed.s3.endpoint import LOCALHOST, S3Endpoint, free_port, wait_until_answering
+from testbed.s3.endpoint import LOCALHOST, S3Endpoint, Served, free_port, wait_until_answering
 
 
-class RcloneS3Server:
+class RcloneS3Server(Served):
     """``rclone serve s3`` over a local directory, as a context manager.
 
     Each top-level directory of ``root`` is a bucket. rclone reads no config file
@@ -172,15 +170,3 @@ class RcloneS3Server:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
         self._root = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
