@@ -75,6 +75,7 @@ from testbed.agent import (
     slow_directory_reads,
     start_agent,
     unfinished_upload_ids,
+    upload_args,
     write_agent_config,
 )
 from testbed.repos import (
@@ -291,17 +292,7 @@ class MirrorModel(RuleBasedStateMachine):
         return snapshot
 
     def agent_args(self, *extra: str) -> list[str]:
-        return [
-            "upload",
-            "--repo",
-            str(self.repo),
-            "--repo-id",
-            REPO_ID,
-            "--config",
-            str(self.config),
-            "--json",
-            *extra,
-        ]
+        return upload_args(self.config, self.repo, *extra, repo_id=REPO_ID)
 
     def agent_env(self, **overrides: str) -> dict[str, str]:
         return {f"BACKREST_RELAY_UPLOAD__{k.upper()}": v for k, v in overrides.items()}
