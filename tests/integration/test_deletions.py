@@ -24,7 +24,7 @@ from testbed.agent import agent_config_in, agent_env, remote_keys, run_agent
 from testbed.repos import (
     make_restic_repo,
     restic_backup,
-    restic_check,
+    restic_check_mirror,
     restic_snapshots,
     s3_repo_url,
     write_random_tree,
@@ -99,8 +99,9 @@ class Mirror:
 
     def check(self, *, read_data: bool = False) -> None:
         """The oracle: restic itself reads the mirror."""
-        url = s3_repo_url(self.server.endpoint, self.bucket, PREFIX)
-        restic_check(url, self.password, env=self.server.endpoint.env(), read_data=read_data)
+        restic_check_mirror(
+            self.server.endpoint, self.bucket, PREFIX, self.password, read_data=read_data
+        )
 
     def snapshots(self) -> int:
         url = s3_repo_url(self.server.endpoint, self.bucket, PREFIX)
