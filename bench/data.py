@@ -1,6 +1,6 @@
 """restic-format repositories for the scenarios, generated once per invocation.
 
-The files come from `tests.support.repos` (restic's layout, every file named by the SHA-256
+The files come from `testbed.repos` (restic's layout, every file named by the SHA-256
 of its random bytes). Modification times are set to one whole second in the past, the same
 for every file: peers that compare times (rclone, s5cmd) then see exactly the times a
 mirror made by themselves would carry, whatever precision the server keeps.
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from bench.sizes import Sizes
-from tests.support.repos import FakeRepo, add_packs, make_fake_restic_repo
+from testbed.repos import FakeRepo, add_packs, make_fake_restic_repo
 
 _Maker = Callable[[Path], FakeRepo]
 

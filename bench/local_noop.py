@@ -26,8 +26,9 @@ from pathlib import Path
 
 from bench.data import small_file_repo
 from local_agent.units import format_size, parse_size
-from tests.support.agent import run_agent, write_agent_config
-from tests.support.s3servers import RcloneS3Server, S3Proxy
+from testbed.agent import run_agent, write_agent_config
+from testbed.s3.proxy import S3Proxy
+from testbed.s3.rclone import RcloneS3Server
 
 BUCKET = "local-noop"
 PACK_SIZE = 4096

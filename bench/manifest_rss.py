@@ -73,7 +73,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--objects", type=int, default=200_000)
     args = parser.parse_args()
-    from tests.support.s3servers import RcloneS3Server
+    from testbed.s3.rclone import RcloneS3Server
 
     with tempfile.TemporaryDirectory() as tmp, RcloneS3Server(Path(tmp) / "s3") as server:
         endpoint = server.endpoint

@@ -33,8 +33,8 @@ from bench.cli import TMPFS
 from bench.data import add_new_files, small_file_repo
 from bench.sizes import KiB, Sizes
 from bench.tools import PREFIX, ROOT, Dest, Ours, OursVerify, verify_flags
-from tests.support.repos import FakeRepo
-from tests.support.s3servers import RcloneS3Server
+from testbed.repos import FakeRepo
+from testbed.s3.rclone import RcloneS3Server
 
 DEFAULT_FILES = {"S1": 0, "S2": 2_000, "S3": 20_000, "S4": 20_000, "S5": 20_000}
 

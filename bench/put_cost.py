@@ -19,7 +19,7 @@ from pathlib import Path
 from cloud.contracts.destination import Destination
 from cloud.integrations.s3 import S3Access
 from local_agent.backend import Backend
-from tests.support.s3servers import RcloneS3Server
+from testbed.s3.rclone import RcloneS3Server
 
 BODY_SIZE = 4096
 VARIANTS = {"boto3 put_object": False, "agent's object writer": True}

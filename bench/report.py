@@ -572,7 +572,7 @@ def render(report: Report) -> str:
     )
     add(
         "- Requests are counted in one extra, untimed run per tool through `S3Proxy` "
-        "(tests/support/s3servers.py), which names each S3 operation; `list` counts what "
+        "(testbed/s3/operations.py), which names each S3 operation; `list` counts what "
         "B2 bills as Class C (ListObjects*, ListParts, ListMultipartUploads). For "
         "backrest-relay the counting run keeps its state store (renamed for the proxy's URL)."
     )
@@ -604,7 +604,7 @@ def render(report: Report) -> str:
     )
     add(
         "- Repositories: restic layout, random content, every file named by its SHA-256 "
-        "(tests/support/repos.py), all with one whole-second modification time."
+        "(testbed/repos.py), all with one whole-second modification time."
     )
     add(
         "- S3–S5: each tool's bucket starts as a copy of the repository made in the server's "

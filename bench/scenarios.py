@@ -33,8 +33,10 @@ from bench.tools import (
     Tool,
     verify_flags,
 )
-from tests.support.repos import FakeRepo
-from tests.support.s3servers import RcloneS3Server, S3Endpoint, S3Proxy
+from testbed.repos import FakeRepo
+from testbed.s3.endpoint import S3Endpoint
+from testbed.s3.proxy import S3Proxy
+from testbed.s3.rclone import RcloneS3Server
 
 Log = Callable[[str], None]
 

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from bench.measure import BenchError, Measured, run_measured
-from tests.support.s3servers import LIST_OPERATIONS, LoggedRequest, S3Endpoint
+from testbed.s3.endpoint import S3Endpoint
+from testbed.s3.operations import LIST_OPERATIONS, LoggedRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "bench"

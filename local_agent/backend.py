@@ -9,7 +9,6 @@ no request at all.
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from cloud.contracts.destination import Destination
 from local_agent import __version__
 from local_agent.errors import ConfigError, DestinationError, RelayError
+from local_agent.sigv4 import md5_header
 
 if TYPE_CHECKING:
     from boto3.session import Session
@@ -56,10 +56,6 @@ class Listed:
 class ListedUpload:
     key: str  # full object key
     upload_id: str
-
-
-def md5_header(md5_hex: str) -> str:
-    return base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii")
 
 
 def _etag(value: str) -> str:

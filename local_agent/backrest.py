@@ -1,23 +1,11 @@
 """Backrest integration: find Backrest's config, read its repositories, build the hook snippet.
 
-The agent is started by a Backrest *command hook*. Backrest renders the hook's script with Go's
-``text/template`` and pipes the result to ``sh`` on stdin, with Backrest's own working directory
-and environment (the repository's password and ``env`` entries are not passed). Everything here
-follows from that:
-
-* the snippet templates only non-secret values (the rendered script is shown in Backrest's
-  operation log), quotes every templated string with Backrest's ``.ShellEscape`` and ends in
-  ``</dev/null`` so that the agent can never read the rest of the script from the shell's stdin;
-* ``.Repo.Uri`` is the URI as typed in Backrest, so ``${VAR}`` references are still unexpanded
-  and are resolved here exactly as Backrest resolves them before handing the URI to restic;
-* the URI is parsed the way restic parses a repository location, so a path that restic treats
-  as local is local here too, and a remote backend is refused with a clear message.
-
-Backrest facts this module relies on (garethgeorge/backrest): the config path rules of
-``internal/config/environment.go``; the protojson field names of ``proto/v1/config.proto``;
-``ExpandEnv`` in ``internal/orchestrator/repo/env.go`` (only ``${VAR}``, an unset variable
-becomes empty); ``HookVars.ShellEscape`` = ``al.essio.dev/pkg/shellescape.Quote``, whose algorithm
-is the same as Python's :func:`shlex.quote`.
+Backrest pipes the rendered hook to `sh` on stdin with its own environment, shows the script
+in its log and leaves `${VAR}` in `.Repo.Uri` unexpanded: so the snippet templates only
+non-secret, `.ShellEscape`d values and ends in `</dev/null`, and URIs are expanded and parsed
+here as Backrest and restic do (docs/backrest.md). The rules followed are Backrest's own
+(`internal/config/environment.go`, `proto/v1/config.proto`, `ExpandEnv` in
+`internal/orchestrator/repo/env.go`; `.ShellEscape` quotes as `shlex.quote` does).
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """How often Backrest checks a repository, and so how old its off-site copy may get.
 
-The mirror runs on Backrest's `CONDITION_CHECK_SUCCESS`, so a repository is copied off-site
-exactly as often as Backrest checks it: `repos[].checkPolicy.schedule` in Backrest's config,
-a cron string or `maxFrequencyDays`/`maxFrequencyHours`. Backrest's default check policy is
-**monthly** (`0 0 1 * *`); a fixed 26 h staleness window would then alarm every day of the
-month, and users would learn to ignore the alarm. The window is instead the longest gap
-between two scheduled checks plus slack (`max(2 h, 10 %)`), unless `notify.max_age` is set.
-
-The cron subset is the one Backrest's schedules use (5 fields: minute hour day-of-month month
-day-of-week, with `*`, `?`, lists, ranges, steps, month and weekday names, `7` = Sunday, the
-`@hourly`/`@daily`/`@weekly`/`@monthly`/`@yearly` macros, and a 6th year field of `*`).
-Day-of-month and day-of-week combine as in cron: when both are restricted, either matches.
-Anything else (`L`, `W`, `#`) is reported as not understood and the configured `max_age`
-applies. No dependency is needed for this: the longest gap is found by walking the calendar
-day by day over nine years (leap years included).
+The mirror runs after each Backrest check, and Backrest's default check is monthly: a fixed
+26 h staleness window would alarm every day and teach users to ignore it. The window is the
+longest gap between two scheduled checks plus slack (docs/notifications.md). Only the cron
+subset Backrest's schedules use is understood; anything else (`L`, `W`, `#`) falls back to
+the configured `max_age`. The longest gap is found by walking nine years of calendar.
 """
 
 from __future__ import annotations

@@ -13,11 +13,11 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from local_agent import __version__
+from local_agent.cli_common import register_secrets, resolve_repo
 from local_agent.errors import ConfigError, ExitCode, RelayError
 from local_agent.identity import resolve_identity
 from local_agent.redact import REDACTOR, RedactingFormatter
@@ -254,41 +254,6 @@ def _dispatch(args: argparse.Namespace) -> int:
 # -- upload -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ResolvedRepo:
-    path: Path
-    repo_id: str | None
-    guid: str | None
-
-
-def resolve_repo(
-    args: argparse.Namespace, state_dir: Path | None = None, *, learn: bool = True
-) -> ResolvedRepo:
-    """The repository from --repo, else from Backrest's config.json by --repo-id; its guid
-    from --repo-guid, Backrest's config or what this host learned (local_agent.identity),
-    so every command records a repository under the same key."""
-    from local_agent.backrest import find_backrest_repo, repo_path_from_uri
-    from local_agent.config import validate_repo_guid, validate_repo_id
-
-    repo_id = validate_repo_id(args.repo_id) if args.repo_id else None
-    guid = validate_repo_guid(args.repo_guid) if args.repo_guid else None
-    if args.repo:
-        path = repo_path_from_uri(args.repo)
-    else:
-        if not repo_id:
-            raise ConfigError("pass --repo PATH, or --repo-id ID to read it from Backrest's config")
-        found = find_backrest_repo(repo_id)
-        if guid is None and found.guid:
-            guid = validate_repo_guid(found.guid)
-        path = repo_path_from_uri(found.uri)
-    if state_dir is not None:
-        identity = resolve_identity(
-            state_dir, repo_id=repo_id, repo_guid=guid, repo_path=path, learn=learn
-        )
-        repo_id, guid = identity.repo_id, identity.guid
-    return ResolvedRepo(path, repo_id, guid)
-
-
 def cmd_upload(args: argparse.Namespace) -> int:
     from local_agent.config import load_config
     from local_agent.upload import run_upload
@@ -323,18 +288,6 @@ def cmd_upload(args: argparse.Namespace) -> int:
     )
     print_summary(summary.as_dict(), as_json=args.json)
     return summary.exit_code
-
-
-def register_secrets(config: Any) -> None:
-    dest = config.destination
-    REDACTOR.add(dest.secret_access_key.get_secret_value(), dest.access_key_id)
-    REDACTOR.add(*(u.get_secret_value() for u in config.notify.urls))
-    REDACTOR.add(*(u.get_secret_value() for u in config.notify.healthchecks.values()))
-    REDACTOR.add(
-        os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        os.environ.get("AWS_SESSION_TOKEN"),
-        os.environ.get("AWS_ACCESS_KEY_ID"),
-    )
 
 
 def print_summary(summary: dict[str, Any], *, as_json: bool) -> None:

@@ -222,11 +222,12 @@ def run_demo(*, keep: bool = False, notify: Sequence[str] = ()) -> int:
                     interactive=sys.stderr.isatty(),
                     publisher=LocalPublisher(pipeline),
                 )
+                stats = summary.stats
                 say(
-                    f"    {plural(summary.uploaded_files, 'file')} uploaded "
-                    f"({format_size(summary.uploaded_bytes)}), {summary.already_present} "
-                    f"already there, {summary.requests} S3 requests, "
-                    f"{format_duration(summary.duration_seconds)}"
+                    f"    {plural(stats.uploaded_files, 'file')} uploaded "
+                    f"({format_size(stats.uploaded_bytes)}), {stats.already_present} "
+                    f"already there, {stats.requests} S3 requests, "
+                    f"{format_duration(stats.duration_seconds)}"
                 )
                 return summary
 

@@ -55,7 +55,7 @@ class Doctor:
 
 def run_doctor(args: argparse.Namespace) -> int:
     from local_agent.backend import Backend, describe_error
-    from local_agent.cli import register_secrets, resolve_repo
+    from local_agent.cli_common import register_secrets, resolve_repo
     from local_agent.config import load_config
     from local_agent.repository import scan_repository
     from local_agent.units import plural

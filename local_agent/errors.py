@@ -7,6 +7,10 @@ names the file, key or setting at fault and what to do; none may carry a credent
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cloud.contracts.events import ErrorKind
 
 
 class ExitCode(IntEnum):
@@ -23,7 +27,7 @@ class RelayError(Exception):
     """Base of every error the CLI turns into a message and an exit code."""
 
     exit_code: ExitCode = ExitCode.UNEXPECTED
-    kind: str = "unexpected"
+    kind: ErrorKind = "unexpected"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import get_args
+from typing import Any
 
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import (
@@ -24,8 +24,6 @@ from cloud.contracts.ids import new_run_id
 from local_agent.mirror import MirrorSummary
 from local_agent.redact import REDACTOR
 
-_KINDS: frozenset[str] = frozenset(get_args(ErrorKind))
-
 
 @dataclass(frozen=True)
 class RunContext:
@@ -40,30 +38,28 @@ class RunContext:
 
 
 def stats_of(summary: MirrorSummary) -> MirrorStats:
-    return MirrorStats(
-        files=summary.files,
-        bytes=summary.bytes,
-        uploaded_files=summary.uploaded_files,
-        uploaded_bytes=summary.uploaded_bytes,
-        already_present=summary.already_present,
-        adopted_files=summary.adopted_files,
-        deleted_files=summary.deleted_files,
-        requests=summary.requests,
-        duration_seconds=summary.duration_seconds,
-    )
+    """A frozen copy of the run's counters, as the event carries them."""
+    return MirrorStats.model_validate(summary.stats.model_dump())
+
+
+def _run_fields(ctx: RunContext) -> dict[str, Any]:
+    """What every event of a run carries; the run finishes now."""
+    return {
+        "run_id": ctx.run_id,
+        "repo": ctx.repo,
+        "host": ctx.host,
+        "trigger": ctx.trigger,
+        "destination": ctx.destination,
+        "started_at": ctx.started_at,
+        "finished_at": datetime.now(UTC),
+    }
 
 
 def completed_event(
     ctx: RunContext, summary: MirrorSummary, manifest: ManifestRef
 ) -> MirrorCompleted:
     return MirrorCompleted(
-        run_id=ctx.run_id,
-        repo=ctx.repo,
-        host=ctx.host,
-        trigger=ctx.trigger,
-        destination=ctx.destination,
-        started_at=ctx.started_at,
-        finished_at=datetime.now(UTC),
+        **_run_fields(ctx),
         stats=stats_of(summary),
         manifest=manifest,
         new_snapshots=sorted(summary.new_snapshots)[:MAX_LISTED_SNAPSHOTS],
@@ -72,21 +68,14 @@ def completed_event(
 
 
 def failed_event(
-    ctx: RunContext, *, kind: str, message: str, summary: MirrorSummary | None = None
+    ctx: RunContext, *, kind: ErrorKind, message: str, summary: MirrorSummary | None = None
 ) -> MirrorFailed:
-    safe_kind: ErrorKind = kind if kind in _KINDS else "unexpected"  # type: ignore[assignment]
     text = REDACTOR(message)
     if len(text) > MAX_MESSAGE_CHARS:
         text = text[: MAX_MESSAGE_CHARS - 1] + "…"
     return MirrorFailed(
-        run_id=ctx.run_id,
-        repo=ctx.repo,
-        host=ctx.host,
-        trigger=ctx.trigger,
-        destination=ctx.destination,
-        started_at=ctx.started_at,
-        finished_at=datetime.now(UTC),
-        stats=stats_of(summary) if summary is not None and summary.files else None,
-        error=ErrorInfo(kind=safe_kind, message=text),
+        **_run_fields(ctx),
+        stats=stats_of(summary) if summary is not None and summary.stats.files else None,
+        error=ErrorInfo(kind=kind, message=text),
         corrupt_files=(summary.corrupt if summary else [])[:MAX_LISTED_PROBLEMS],
     )

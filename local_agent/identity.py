@@ -1,27 +1,8 @@
-"""One identity per repository, whichever command names it and however.
+"""One identity per repository (its guid), whichever command names it and however.
 
-The run store, `status`, the watchdog and notifications key a repository by its **guid**:
-Backrest's ``repos[].guid``, which Backrest sets to restic's repository id. Commands name
-repositories in different ways — the hook passes ``--repo-id``, ``--repo-guid`` and
-``--repo``; a person types ``--repo-id home`` or ``--repo /srv/restic`` — and before this
-module a run without ``--repo-guid`` was recorded under the id, so ``status`` showed a
-phantom second row that ``--check-stale`` reported forever.
-
-Where the guid can come from, in order:
-
-1. ``--repo-guid`` (the hook passes ``{{ .Repo.Guid }}``).
-2. Backrest's ``config.json`` (``repos[].guid`` of ``--repo-id``), when readable here.
-3. What this host learned earlier: each time a command knows both the id and the guid
-   (normally every hook run), it remembers ``id → guid`` and ``digest of the repository's
-   `config` file → guid`` in ``identities.json`` in the state directory.
-
-Not from the repository itself: restic keeps its repository id *inside* ``config``, which is
-encrypted with the repository's master key, so reading it (``restic cat config``) needs the
-password — which the hook does not receive and the agent must never ask for. The file's
-SHA-256 is readable without the password and never changes (restic writes ``config`` once),
-so it ties a path to the guid a hook run reported for it.
-
-When no source knows a guid, the Backrest id is the identity (as before).
+Without it a run lacking `--repo-guid` was recorded under the Backrest id, and `status` kept
+a phantom second row the silence alarm reported forever. Where the guid comes from, and why
+not from the repository itself: docs/backrest.md, "One identity per repository".
 """
 
 from __future__ import annotations

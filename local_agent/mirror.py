@@ -18,9 +18,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
+
+from pydantic import ConfigDict
 
 from cloud.contracts.destination import Destination
+from cloud.contracts.events import ErrorKind, MirrorStats
 from local_agent.backend import Backend, Listed
 from local_agent.deadline import StopRequested, StopSignal
 from local_agent.errors import (
@@ -76,6 +79,17 @@ class MirrorOptions:
     object_lock: ObjectLockPolicy | None = None  # `[destination] object_lock`
 
 
+class RunStats(MirrorStats):
+    """The event's counters, counted up while the run goes (the contract declares them)."""
+
+    model_config = ConfigDict(frozen=False)
+
+
+class RunError(TypedDict):
+    kind: ErrorKind
+    message: str
+
+
 @dataclass
 class MirrorSummary:
     """What a run did; printed as JSON with `--json` and the basis of completion events."""
@@ -85,13 +99,7 @@ class MirrorSummary:
     repo_path: str = ""
     destination: dict[str, Any] = field(default_factory=dict)
     dry_run: bool = False
-    files: int = 0
-    bytes: int = 0
-    uploaded_files: int = 0
-    uploaded_bytes: int = 0
-    already_present: int = 0
-    adopted_files: int = 0
-    deleted_files: int = 0
+    stats: RunStats = field(default_factory=RunStats)
     pending_deletions: int = 0  # gone locally, deleted remotely once upload.delete_after passed
     next_deletion_due: str | None = None  # ISO 8601 UTC
     aborted_uploads: int = 0
@@ -101,16 +109,17 @@ class MirrorSummary:
     corrupt: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     plan: dict[str, Any] | None = None
-    requests: int = 0
-    duration_seconds: float = 0.0
-    error: dict[str, str] | None = None
+    error: RunError | None = None
     run_id: str | None = None
     manifest: dict[str, Any] | None = None
     event: dict[str, Any] | None = None
     verification: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The `--json` summary: the counters sit at the top level, beside the rest."""
+        out = asdict(self)
+        out.update(out.pop("stats").model_dump())
+        return out
 
 
 # Deletion guards (docs/mirror.md "Deletions"). `config` and `keys/` are never deleted.
@@ -202,8 +211,8 @@ class MirrorRun:
         except RelayError as exc:
             self._fail(exc)
         finally:
-            self.summary.requests = self.backend.requests
-            self.summary.duration_seconds = round(time.monotonic() - started, 3)
+            self.summary.stats.requests = self.backend.requests
+            self.summary.stats.duration_seconds = round(time.monotonic() - started, 3)
         return self.summary
 
     def _fail(self, exc: RelayError) -> None:
@@ -217,8 +226,8 @@ class MirrorRun:
         # When the bucket is about to be listed, nothing the store says is trusted.
         known = None if reconcile else self.state.known_sizes()
         scan = scan_repository(options.repo_path, known_sizes=known)
-        self.summary.files = len(scan.files)
-        self.summary.bytes = scan.total_bytes
+        self.summary.stats.files = len(scan.files)
+        self.summary.stats.bytes = scan.total_bytes
         self.summary.skipped = [{"key": s.key, "reason": s.reason} for s in scan.skipped]
         if scan.skipped:
             log.warning(
@@ -299,7 +308,7 @@ class MirrorRun:
         work: dict[Kind, list[_Work]] = {kind: [] for kind in UPLOAD_ORDER}
         for key, file in scan.files.items():
             if known.get(key) == file.size:
-                self.summary.already_present += 1
+                self.summary.stats.already_present += 1
                 continue
             listed = listing.get(key) if listing is not None else None
             work[file.kind].append(
@@ -618,7 +627,7 @@ class MirrorRun:
                 RemoteObject(file.key, file.size, digest.sha256, digest.md5, listed.etag)
             )
             with self._lock:
-                self.summary.adopted_files += 1
+                self.summary.stats.adopted_files += 1
             if self.progress:
                 self.progress.advance(files=1, size=file.size)
             return
@@ -628,8 +637,8 @@ class MirrorRun:
             version = self.backend.take_version(file.key)
             self.state.set_retention([file.key], self.backend.lock.until_epoch, version)
         with self._lock:
-            self.summary.uploaded_files += 1
-            self.summary.uploaded_bytes += file.size
+            self.summary.stats.uploaded_files += 1
+            self.summary.stats.uploaded_bytes += file.size
             if file.kind is Kind.SNAPSHOTS:
                 self.summary.new_snapshots.append(file.name)
         if self.progress:
@@ -749,10 +758,10 @@ class MirrorRun:
                 raise self._first_error
             if self.stop.reason is not None:
                 return  # the deadline: later kinds wait for the next run
-        if self.summary.deleted_files:
+        if self.summary.stats.deleted_files:
             log.info(
                 "deleted %d objects gone locally for at least %s",
-                self.summary.deleted_files,
+                self.summary.stats.deleted_files,
                 format_duration(delay),
             )
 
@@ -765,7 +774,7 @@ class MirrorRun:
         self.state.forget(item.file.key)
         self.state.clear_gone([item.file.key])
         with self._lock:
-            self.summary.deleted_files += 1
+            self.summary.stats.deleted_files += 1
 
     # -- Object Lock retention ------------------------------------------------------------
 

@@ -1,21 +1,11 @@
 """Single PUTs of repository files, signed by the agent and sent on kept-alive connections.
 
-Why not `put_object`: botocore spends about 2.5 ms of CPU on each request (validation,
-event hooks, endpoint rules, response parsing, and over plain http a second SHA-256 of the
-body). A repository of small files is thousands of such requests, and the CPU is spent
-under the GIL, so more threads do not help; this writer needs about a tenth of that
-(docs/benchmarks.md). Everything else (listing, multipart, deletes) stays with boto3.
-
-The writer is derived from the client the shared factory made: the same endpoint, region,
-addressing style, timeouts, attempt count and credential chain. It keeps B2's rules: no
-`x-amz-checksum-*` header, `Content-MD5` on every request, and a signed SHA-256 of the
-payload (the file's name), so the bucket refuses bytes that changed on the way. Where it
-cannot match botocore's behaviour (an HTTP proxy, a bucket name that virtual hosting
-cannot carry, no credentials), `writer_for` returns None and boto3 does the PUT.
-
-Retries follow botocore's "standard" mode: connection errors, 500/502/503/504, 429 and
-throttling or timeout codes, with exponential backoff and full jitter (at most 20 s).
-Failures are raised as botocore exceptions so the backend words them like any other.
+botocore spends about 2.5 ms of CPU per request under the GIL, most of a run over small
+files; this writer needs a tenth of that. It copies the factory client's behaviour (endpoint,
+addressing, timeouts, attempts, credentials, CA bundle, B2's header rules, botocore's
+standard retries) and raises botocore exceptions, so the backend words failures the same
+way; where it cannot match, `writer_for` returns None and boto3 sends the PUT
+(docs/configuration.md, "Single PUTs"; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -31,10 +21,9 @@ from html import unescape
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from urllib.parse import urlsplit
 
-from local_agent.backend import md5_header
 from local_agent.errors import RepositoryError
 from local_agent.http1 import BodyTooShortError, Connection
-from local_agent.sigv4 import SigningCredentials, SigV4Signer, s3_path
+from local_agent.sigv4 import SigningCredentials, SigV4Signer, md5_header, s3_path
 
 if TYPE_CHECKING:
     from boto3.session import Session

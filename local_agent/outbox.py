@@ -11,13 +11,13 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.contracts.events import EventDetail, parse_detail
+from cloud.integrations.sqlite_file import UnusableFile, open_sqlite
 from local_agent.errors import ConfigError
 from local_agent.publishers import Publisher, PublishError
 
@@ -61,13 +61,12 @@ class Outbox:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                str(path), isolation_level=None, timeout=30, check_same_thread=False
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.DatabaseError) as exc:
+        except OSError as exc:
             raise ConfigError(f"outbox {path}: unusable ({exc})") from None
+        try:
+            self._db = open_sqlite(path, what="outbox", init=lambda db: db.executescript(_SCHEMA))
+        except UnusableFile as exc:
+            raise ConfigError(str(exc)) from None
         self._lock = threading.Lock()
 
     def close(self) -> None:

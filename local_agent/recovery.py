@@ -58,7 +58,7 @@ class RecoveryError(RelayError):
     """The chosen state cannot be rebuilt from what the bucket holds (exit 3)."""
 
     exit_code = ExitCode.LOCAL_INTEGRITY
-    kind = "recovery"
+    kind = "destination"  # the bucket no longer holds what the state needs
 
 
 @dataclass

@@ -13,6 +13,7 @@ sent, without normalisation); tests compare each signature with botocore's.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import threading
@@ -21,6 +22,11 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 ALGORITHM = "AWS4-HMAC-SHA256"
+
+
+def md5_header(md5_hex: str) -> str:
+    """The Content-MD5 header value (base64 of the digest) for a hex MD5."""
+    return base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii")
 
 
 @dataclass(frozen=True)

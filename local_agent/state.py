@@ -17,11 +17,12 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.contracts.destination import Destination
+from cloud.integrations.sqlite_file import UnusableFile, open_sqlite, transaction
 from local_agent.errors import ConfigError
 
 SCHEMA_VERSION = 2
@@ -129,33 +130,30 @@ class StateStore:
                 ) from None
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(
-                str(path) if path else ":memory:",
-                check_same_thread=False,
-                isolation_level=None,  # autocommit: every statement is durable on return
-                timeout=30,
+            self._db = open_sqlite(
+                path,
+                what="state file",
+                hint="move it away and run again (the next run re-reads the bucket listing once)",
+                synchronous="NORMAL",
+                init=self._init_schema,
             )
-            if path is not None:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
-            existing = {
-                str(row[0])
-                for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            }
-            self._db.executescript(_SCHEMA)
-            if "objects" in existing and "unmanifested" not in existing:
-                self._migrate_unmanifested()
-            self._db.execute(
-                "INSERT INTO meta(name, value) VALUES('schema_version', ?) "
-                "ON CONFLICT(name) DO UPDATE SET value=excluded.value "
-                "WHERE CAST(value AS INTEGER) < CAST(excluded.value AS INTEGER)",
-                (str(SCHEMA_VERSION),),
-            )
-        except sqlite3.DatabaseError as exc:
-            raise ConfigError(
-                f"state file {path}: unusable ({exc}); move it away and run again "
-                "(the next run re-reads the bucket listing once)"
-            ) from None
+        except UnusableFile as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _init_schema(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        existing = {
+            str(row[0]) for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        db.executescript(_SCHEMA)
+        if "objects" in existing and "unmanifested" not in existing:
+            self._migrate_unmanifested()
+        db.execute(
+            "INSERT INTO meta(name, value) VALUES('schema_version', ?) "
+            "ON CONFLICT(name) DO UPDATE SET value=excluded.value "
+            "WHERE CAST(value AS INTEGER) < CAST(excluded.value AS INTEGER)",
+            (str(SCHEMA_VERSION),),
+        )
 
     def _migrate_unmanifested(self) -> None:
         """Schema 1 → 2: find the objects a run uploaded after the last manifest was
@@ -191,17 +189,9 @@ class StateStore:
                 (last_run, row[0]),
             )
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """All or nothing; a failure rolls back so later writes are not swallowed by an
-        open transaction. Callers hold `self._lock`."""
-        self._db.execute("BEGIN")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        """Callers hold `self._lock`."""
+        return transaction(self._db)
 
     def close(self) -> None:
         with self._lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+from collections.abc import Callable
 from typing import BinaryIO
 
 
@@ -15,18 +16,27 @@ class Throttle:
     letting a home uplink saturate for long.
     """
 
-    def __init__(self, bytes_per_second: int) -> None:
+    def __init__(
+        self,
+        bytes_per_second: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        """`clock` and `sleep` are for tests, which check the rate without waiting."""
         self.rate = float(bytes_per_second)
         self.capacity = max(self.rate / 4, 64 * 1024)
+        self._clock = clock
+        self._sleep = sleep
         self._tokens = self.capacity
-        self._stamp = time.monotonic()
+        self._stamp = clock()
         self._lock = threading.Lock()
 
     def consume(self, amount: int) -> None:
         while amount > 0:
             take = min(float(amount), self.capacity)
             with self._lock:
-                now = time.monotonic()
+                now = self._clock()
                 self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
                 self._stamp = now
                 if self._tokens >= take:
@@ -34,7 +44,7 @@ class Throttle:
                     amount -= int(take)
                     continue
                 wait = (take - self._tokens) / self.rate
-            time.sleep(wait)
+            self._sleep(wait)
 
 
 class ThrottledReader(io.RawIOBase):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud.contracts.events import (
+    ErrorKind,
     EventDetail,
     ManifestRef,
     MirrorVerified,
@@ -29,7 +30,7 @@ from local_agent.errors import ExitCode, RelayError
 from local_agent.events import RunContext, completed_event, failed_event
 from local_agent.manifest import ManifestWriter
 from local_agent.mirror import MirrorOptions, MirrorRun, MirrorSummary
-from local_agent.outbox import Outbox
+from local_agent.outbox import FlushResult, Outbox
 from local_agent.progress import Progress
 from local_agent.publishers import Publisher, make_publisher
 from local_agent.repository import ensure_repository
@@ -234,9 +235,9 @@ def _attach_manifest(
 ) -> None:
     """Write a new manifest, or point at the last one when the run changed nothing."""
     changed = (
-        summary.uploaded_files
-        or summary.deleted_files
-        or summary.adopted_files
+        summary.stats.uploaded_files
+        or summary.stats.deleted_files
+        or summary.stats.adopted_files
         or summary.listed_objects is not None
         or state.has_unmanifested()  # an earlier run uploaded them, then stopped
         # A fresh manifest carries a fresh lock: the newest state stays recoverable.
@@ -259,9 +260,18 @@ def _attach_manifest(
         summary.exit_code = int(exc.exit_code)
         summary.error = {"kind": exc.kind, "message": f"mirror done, manifest not: {exc.message}"}
         return
-    summary.requests = backend.requests
+    summary.stats.requests = backend.requests
     summary.manifest = ref.model_dump()
     state.set_meta(LAST_MANIFEST, ref.model_dump_json())
+
+
+def _warn_unsent(result: FlushResult, publisher: Publisher) -> None:
+    log.warning(
+        "could not publish %d event(s) via %s (kept, sent on the next run): %s",
+        result.pending,
+        publisher.name,
+        result.error,
+    )
 
 
 def _send_backlog(outbox: Outbox, publisher: Publisher, *, summary: MirrorSummary | None) -> None:
@@ -274,12 +284,7 @@ def _send_backlog(outbox: Outbox, publisher: Publisher, *, summary: MirrorSummar
             "error": result.error,
         }
     if result.error:
-        log.warning(
-            "could not publish %d event(s) via %s (kept, sent on the next run): %s",
-            result.pending,
-            publisher.name,
-            result.error,
-        )
+        _warn_unsent(result, publisher)
     elif result.sent and summary is None:
         log.info("sent %d event(s) left over from earlier runs", result.sent)
 
@@ -291,7 +296,7 @@ def report_failure(
     repo_guid: str | None,
     repo_path: str | None,
     trigger: str,
-    kind: str,
+    kind: ErrorKind,
     message: str,
     publisher: Publisher | None = None,
 ) -> dict[str, object]:
@@ -316,12 +321,7 @@ def report_failure(
     finally:
         outbox.close()
     if result.error:
-        log.warning(
-            "could not publish %d event(s) via %s (kept, sent on the next run): %s",
-            result.pending,
-            publisher.name,
-            result.error,
-        )
+        _warn_unsent(result, publisher)
     return {
         "run_id": ctx.run_id,
         "publisher": publisher.name,

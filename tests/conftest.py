@@ -13,13 +13,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.support.s3servers import (
-    MotoS3Server,
-    RcloneS3Server,
-    S3Endpoint,
-    S3Proxy,
-    unique_bucket_name,
-)
+from testbed.s3.endpoint import S3Endpoint, unique_bucket_name
+from testbed.s3.moto_server import MotoS3Server
+from testbed.s3.proxy import S3Proxy
+from testbed.s3.rclone import RcloneS3Server
 from tests.support.tools import require_tool
 
 # Fixtures that need restic or rclone; tests using them (even indirectly) get `real_tools`.

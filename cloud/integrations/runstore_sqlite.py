@@ -14,7 +14,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +30,7 @@ from cloud.integrations.runstore_codec import (
     parse_kind,
     parse_status,
 )
+from cloud.integrations.sqlite_file import UnusableFile, open_sqlite, transaction
 from cloud.logic.ports import RepoStatus, RunRecord
 
 SCHEMA_VERSION = 1
@@ -112,27 +113,22 @@ class SqliteRunStore:
         self._lock = threading.Lock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                str(path),
-                check_same_thread=False,
-                isolation_level=None,  # autocommit; writes use explicit transactions
-                timeout=30,
-            )
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
             raise RunStoreError(f"run store {path}: cannot open ({exc})") from None
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            with self._transaction() as db:
-                self._init_schema(db)
-        except sqlite3.DatabaseError as exc:
-            self._db.close()
-            raise RunStoreError(
-                f"run store {path}: unusable ({exc}); move it away to start a fresh history"
-            ) from None
-        except RunStoreError:
-            self._db.close()
-            raise
+            self._db = open_sqlite(
+                path,
+                what="run store",
+                hint="move it away to start a fresh history",
+                synchronous="FULL",
+                init=self._init_schema_in_transaction,
+            )
+        except UnusableFile as exc:
+            raise RunStoreError(str(exc)) from None
+
+    def _init_schema_in_transaction(self, db: sqlite3.Connection) -> None:
+        with transaction(db, immediate=True):
+            self._init_schema(db)
 
     def _init_schema(self, db: sqlite3.Connection) -> None:
         """A file written by a newer release may mean something else: refuse, never guess."""
@@ -159,18 +155,9 @@ class SqliteRunStore:
                 (str(SCHEMA_VERSION),),
             )
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """All or nothing. IMMEDIATE takes the write lock up front, so a second process waits
-        on the busy timeout instead of failing on a lock upgrade. Callers hold `_lock`
-        (or are the constructor)."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        """Callers hold `_lock`."""
+        return transaction(self._db, immediate=True)
 
     def close(self) -> None:
         with self._lock:

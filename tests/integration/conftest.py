@@ -6,21 +6,17 @@ session and each test that changes it works on its own copy.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import random
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support.repos import make_restic_repo, restic_backup, write_random_tree
+from testbed.repos import BuiltRepo, build_restic_repo, write_random_tree
 
-
-@dataclass(frozen=True)
-class BuiltRepo:
-    path: Path
-    source: Path
-    snapshots: list[str]
+__all__ = ["BuiltRepo"]  # for the tests' type hints
 
 
 @pytest.fixture(scope="session")
@@ -29,20 +25,16 @@ def built_restic_repo(
 ) -> BuiltRepo:
     """A real restic repository: three snapshots, ~60 MB of incompressible data, packs of
     16 MiB (restic's default) plus small tree packs."""
-    base = tmp_path_factory.mktemp("restic-built")
-    repo = base / "repo"
-    source = base / "src"
-    make_restic_repo(repo, restic_password)
-    snapshots = []
-    for round_ in range(3):
-        write_random_tree(
-            source / f"round{round_}", files=12, size=(200_000, 3_000_000), seed=round_
-        )
-        (source / f"round{round_}" / "big.bin").write_bytes(
-            random.Random(100 + round_).randbytes(7_000_000)
-        )
-        snapshots.append(restic_backup(repo, restic_password, source))
-    return BuiltRepo(repo, source, snapshots)
+
+    def write(folder: Path, seed: int) -> None:
+        write_random_tree(folder, files=12, size=(200_000, 3_000_000), seed=seed)
+        (folder / "big.bin").write_bytes(random.Random(100 + seed).randbytes(7_000_000))
+
+    return build_restic_repo(
+        tmp_path_factory.mktemp("restic-built"),
+        restic_password,
+        [functools.partial(write, seed=seed) for seed in range(3)],
+    )
 
 
 @pytest.fixture
@@ -52,4 +44,6 @@ def restic_repo(built_restic_repo: BuiltRepo, tmp_path: Path) -> BuiltRepo:
     shutil.copytree(built_restic_repo.path, copy, symlinks=True)
     for path in [copy, *copy.rglob("*")]:
         path.chmod(0o700 if path.is_dir() else 0o400)
-    return BuiltRepo(copy, built_restic_repo.source, list(built_restic_repo.snapshots))
+    return dataclasses.replace(
+        built_restic_repo, path=copy, snapshots=list(built_restic_repo.snapshots)
+    )

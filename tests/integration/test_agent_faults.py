@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from tests.support.agent import (
+from testbed.agent import (
     AgentResult,
     agent_env,
     remote_keys,
@@ -29,18 +29,12 @@ from tests.support.agent import (
     unfinished_uploads,
     write_agent_config,
 )
-from tests.support.repos import FakeRepo, add_packs, make_fake_restic_repo
-from tests.support.s3servers import (
-    Fault,
-    FaultHook,
-    FaultSchedule,
-    LoggedRequest,
-    RcloneS3Server,
-    RequestInfo,
-    S3Endpoint,
-    S3Proxy,
-    free_port,
-)
+from testbed.repos import FakeRepo, add_packs, make_fake_restic_repo
+from testbed.s3.endpoint import S3Endpoint, free_port
+from testbed.s3.faults import Fault, FaultHook, FaultSchedule
+from testbed.s3.operations import LoggedRequest, RequestInfo
+from testbed.s3.proxy import S3Proxy
+from testbed.s3.rclone import RcloneS3Server
 
 REPO_ID = "faults"
 PREFIX = f"restic/{REPO_ID}"

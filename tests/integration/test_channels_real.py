@@ -9,6 +9,7 @@ log request URLs at DEBUG).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -331,10 +332,31 @@ def test_sns_publishes_subject_text_and_attributes() -> None:
 @pytest.mark.usefixtures("aws")
 def test_sns_fifo_topic_gets_group_and_dedup_ids() -> None:
     sns = boto3.client("sns", region_name="us-east-1")
+    sqs = boto3.client("sqs", region_name="us-east-1")
     topic_arn = sns.create_topic(Name="relay-alerts.fifo", Attributes={"FifoTopic": "true"})[
         "TopicArn"
     ]
-    SnsChannel(topic_arn).send(note())  # moto refuses a FIFO publish without MessageGroupId
+    queue_url = sqs.create_queue(QueueName="alerts.fifo", Attributes={"FifoQueue": "true"})[
+        "QueueUrl"
+    ]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
+        "Attributes"
+    ]["QueueArn"]
+    sns.subscribe(TopicArn=topic_arn, Protocol="sqs", Endpoint=queue_arn)
+    channel = SnsChannel(topic_arn)
+    channel.send(note())  # moto refuses a FIFO publish without MessageGroupId
+    channel.send(note())  # a resend of the same notification: deduplicated
+    channel.send(note(severity="recovery"))  # another notification of the same run
+    messages = sqs.receive_message(
+        QueueUrl=queue_url, MaxNumberOfMessages=10, AttributeNames=["All"]
+    ).get("Messages", [])
+    groups = [m["Attributes"]["MessageGroupId"] for m in messages]
+    dedup_ids = [m["Attributes"]["MessageDeduplicationId"] for m in messages]
+    assert groups == ["f" * 64, "f" * 64]  # one group per repository: in order
+    assert dedup_ids == [
+        hashlib.sha256(f"{RUN_ID}\0{severity}".encode()).hexdigest()
+        for severity in ("failure", "recovery")
+    ]
 
 
 @pytest.mark.usefixtures("aws")

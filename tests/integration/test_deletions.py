@@ -20,16 +20,16 @@ import pytest
 
 from local_agent.config import load_config
 from local_agent.upload import run_upload
-from tests.support.agent import agent_env, remote_keys, run_agent, write_agent_config
-from tests.support.repos import (
+from testbed.agent import agent_config_in, agent_env, remote_keys, run_agent
+from testbed.repos import (
     make_restic_repo,
     restic_backup,
-    restic_check,
+    restic_check_mirror,
     restic_snapshots,
     s3_repo_url,
     write_random_tree,
 )
-from tests.support.s3servers import RcloneS3Server
+from testbed.s3.rclone import RcloneS3Server
 
 PREFIX = "restic/home"
 DAY = 86400.0
@@ -99,8 +99,9 @@ class Mirror:
 
     def check(self, *, read_data: bool = False) -> None:
         """The oracle: restic itself reads the mirror."""
-        url = s3_repo_url(self.server.endpoint, self.bucket, PREFIX)
-        restic_check(url, self.password, env=self.server.endpoint.env(), read_data=read_data)
+        restic_check_mirror(
+            self.server.endpoint, self.bucket, PREFIX, self.password, read_data=read_data
+        )
 
     def snapshots(self) -> int:
         url = s3_repo_url(self.server.endpoint, self.bucket, PREFIX)
@@ -137,11 +138,10 @@ class Mirror:
 def make_mirror(
     tmp_path: Path, server: RcloneS3Server, bucket: str, password: str, **upload: object
 ) -> Mirror:
-    config = write_agent_config(
-        tmp_path / "relay.toml",
+    config = agent_config_in(
+        tmp_path,
         server.endpoint,
         bucket,
-        state_dir=tmp_path / "state",
         upload={"delete": True, **upload},
     )
     return Mirror(server, bucket, config, password)

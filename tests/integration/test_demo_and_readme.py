@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from local_agent.cli import build_parser
-from tests.support.agent import run_agent
+from testbed.agent import run_agent
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -35,13 +35,13 @@ from cloud.handlers import notify as notify_handler
 from cloud.handlers import verify as verify_handler
 from cloud.integrations.eventbus import EventBridgeBus
 from cloud.integrations.runstore_dynamodb import DynamoRunStore, create_table
+from testbed.agent import run_agent, write_agent_config
+from testbed.repos import FakeRepo, add_packs, make_fake_restic_repo
+from testbed.s3.endpoint import S3Endpoint
 from tests.infra.conftest import load_sam_template
 from tests.integration.test_lambda_notify_moto import CHAT_TOKEN, HC_UUID
 from tests.integration.test_lambda_notify_moto import Cloud as NotifySide
 from tests.integration.test_lambda_verify_moto import Cloud as VerifySide
-from tests.support.agent import run_agent, write_agent_config
-from tests.support.repos import FakeRepo, add_packs, make_fake_restic_repo
-from tests.support.s3servers import S3Endpoint
 from tests.support.sinks import HttpSink
 
 REGION = "us-east-1"

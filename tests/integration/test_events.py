@@ -10,15 +10,16 @@ import gzip
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 
-from tests.support.agent import run_agent, write_agent_config
-from tests.support.repos import add_packs, corrupt, make_fake_restic_repo
-from tests.support.s3servers import S3Endpoint, free_port
+from testbed.agent import agent_config_in, run_agent, upload_args
+from testbed.repos import add_packs, corrupt, make_fake_restic_repo
+from testbed.s3.endpoint import S3Endpoint, free_port
 
 BUS = "backrest-relay"
 PREFIX = "restic/home"
@@ -80,37 +81,48 @@ def wiring(moto_endpoint: S3Endpoint) -> Wiring:
     return Wiring(moto_endpoint)
 
 
-def make_config(tmp_path: Path, endpoint: S3Endpoint, bucket: str, events_url: str) -> Path:
-    return write_agent_config(
-        tmp_path / "relay.toml",
+def make_config(
+    tmp_path: Path, endpoint: S3Endpoint, bucket: str, events_url: str, *, event_bus: str = BUS
+) -> Path:
+    return agent_config_in(
+        tmp_path,
         endpoint,
         bucket,
-        state_dir=tmp_path / "state",
         events={
             "publisher": "eventbridge",
-            "event_bus": BUS,
+            "event_bus": event_bus,
             "region": "us-east-1",
             "endpoint_url": events_url,
         },
     )
 
 
+@dataclass(frozen=True)
+class Scene:
+    """A bucket on moto, the agent configured to publish to the test bus through moto's
+    EventBridge, and the queue the bus's rule feeds."""
+
+    endpoint: S3Endpoint
+    bucket: str
+    config: Path
+    wiring: Wiring
+
+
+@pytest.fixture
+def scene(
+    tmp_path: Path,
+    moto_endpoint: S3Endpoint,
+    unique_bucket: Callable[[S3Endpoint], str],
+    wiring: Wiring,
+) -> Scene:
+    bucket = unique_bucket(moto_endpoint)
+    config = make_config(tmp_path, moto_endpoint, bucket, moto_endpoint.endpoint_url)
+    return Scene(moto_endpoint, bucket, config, wiring)
+
+
 def upload(config: Path, repo: Path, endpoint: S3Endpoint):  # type: ignore[no-untyped-def]
     return run_agent(
-        [
-            "upload",
-            "--repo",
-            str(repo),
-            "--repo-id",
-            "home",
-            "--repo-guid",
-            "ab" * 32,
-            "--trigger",
-            "CONDITION_CHECK_SUCCESS",
-            "--config",
-            str(config),
-            "--json",
-        ],
+        upload_args(config, repo, repo_guid="ab" * 32, trigger="CONDITION_CHECK_SUCCESS"),
         env=aws_env(endpoint),
     )
 
@@ -124,18 +136,13 @@ def read_manifest(
 
 
 def test_mirror_delivers_completed_event_pointing_at_a_true_manifest(
-    tmp_path: Path,
-    moto_endpoint: S3Endpoint,
-    unique_bucket: Callable[[S3Endpoint], str],
-    wiring: Wiring,
+    tmp_path: Path, scene: Scene
 ) -> None:
-    bucket = unique_bucket(moto_endpoint)
     repo = make_fake_restic_repo(tmp_path / "repo", packs=30, pack_size=(1000, 50_000), seed=1)
-    config = make_config(tmp_path, moto_endpoint, bucket, moto_endpoint.endpoint_url)
-    result = upload(config, repo.root, moto_endpoint)
+    result = upload(scene.config, repo.root, scene.endpoint)
     assert result.returncode == 0, result.stderr
 
-    [event] = wiring.received()
+    [event] = scene.wiring.received()
     assert event["source"] == "backrest-relay.agent"
     assert event["detail-type"] == "Mirror Completed"
     detail = event["detail"]
@@ -143,14 +150,14 @@ def test_mirror_delivers_completed_event_pointing_at_a_true_manifest(
     assert detail["run_id"] == result.summary["run_id"]
     assert detail["repo"] == {"id": "home", "guid": "ab" * 32, "path": str(repo.root)}
     assert detail["trigger"] == "CONDITION_CHECK_SUCCESS"
-    assert detail["destination"]["bucket"] == bucket
+    assert detail["destination"]["bucket"] == scene.bucket
     assert detail["destination"]["prefix"] == PREFIX
     assert detail["stats"]["uploaded_files"] == len(repo.mirrored_files())
     assert sorted(detail["new_snapshots"]) == sorted(p.name for p in repo.snapshots)
 
     manifest = detail["manifest"]
     assert manifest["key"].startswith(f"{PREFIX}.relay/manifests/")  # beside the repository
-    body, lines = read_manifest(moto_endpoint, bucket, manifest["key"])
+    body, lines = read_manifest(scene.endpoint, scene.bucket, manifest["key"])
     assert hashlib.sha256(body).hexdigest() == manifest["sha256"]
     header, entries = lines[0], lines[1:]
     assert header["run_id"] == detail["run_id"]
@@ -166,48 +173,36 @@ def test_mirror_delivers_completed_event_pointing_at_a_true_manifest(
         assert entry["uploaded"] is True
 
 
-def test_noop_run_points_at_the_unchanged_manifest(
-    tmp_path: Path,
-    moto_endpoint: S3Endpoint,
-    unique_bucket: Callable[[S3Endpoint], str],
-    wiring: Wiring,
-) -> None:
-    bucket = unique_bucket(moto_endpoint)
+def test_noop_run_points_at_the_unchanged_manifest(tmp_path: Path, scene: Scene) -> None:
     repo = make_fake_restic_repo(tmp_path / "repo", packs=5, pack_size=2000, seed=2)
-    config = make_config(tmp_path, moto_endpoint, bucket, moto_endpoint.endpoint_url)
-    first = upload(config, repo.root, moto_endpoint)
-    second = upload(config, repo.root, moto_endpoint)
+    first = upload(scene.config, repo.root, scene.endpoint)
+    second = upload(scene.config, repo.root, scene.endpoint)
     assert first.returncode == second.returncode == 0, second.stderr
-    events = wiring.received()
+    events = scene.wiring.received()
     assert [e["detail-type"] for e in events] == ["Mirror Completed"] * 2
     assert events[1]["detail"]["manifest"] == events[0]["detail"]["manifest"]
     assert events[1]["detail"]["stats"]["requests"] == 0
-    manifests = moto_endpoint.client().list_objects_v2(Bucket=bucket, Prefix=f"{PREFIX}.relay/")
+    manifests = scene.endpoint.client().list_objects_v2(
+        Bucket=scene.bucket, Prefix=f"{PREFIX}.relay/"
+    )
     assert manifests["KeyCount"] == 1
 
     new = add_packs(repo, 2, 3000, seed=3)
-    third = upload(config, repo.root, moto_endpoint)
+    third = upload(scene.config, repo.root, scene.endpoint)
     assert third.returncode == 0, third.stderr
-    [event] = wiring.received()
+    [event] = scene.wiring.received()
     assert event["detail"]["manifest"]["key"] != events[0]["detail"]["manifest"]["key"]
-    _, lines = read_manifest(moto_endpoint, bucket, event["detail"]["manifest"]["key"])
+    _, lines = read_manifest(scene.endpoint, scene.bucket, event["detail"]["manifest"]["key"])
     uploaded = {e["key"] for e in lines[1:] if e["uploaded"]}
     assert uploaded == {p.relative_to(repo.root).as_posix() for p in new}
 
 
-def test_corrupt_pack_delivers_mirror_failed(
-    tmp_path: Path,
-    moto_endpoint: S3Endpoint,
-    unique_bucket: Callable[[S3Endpoint], str],
-    wiring: Wiring,
-) -> None:
-    bucket = unique_bucket(moto_endpoint)
+def test_corrupt_pack_delivers_mirror_failed(tmp_path: Path, scene: Scene) -> None:
     repo = make_fake_restic_repo(tmp_path / "repo", packs=6, pack_size=4000, seed=4)
     corrupt(repo.data[2])
-    config = make_config(tmp_path, moto_endpoint, bucket, moto_endpoint.endpoint_url)
-    result = upload(config, repo.root, moto_endpoint)
+    result = upload(scene.config, repo.root, scene.endpoint)
     assert result.returncode == 3
-    [event] = wiring.received()
+    [event] = scene.wiring.received()
     assert event["detail-type"] == "Mirror Failed"
     detail = event["detail"]
     assert detail["error"]["kind"] == "local-integrity"
@@ -218,43 +213,34 @@ def test_corrupt_pack_delivers_mirror_failed(
 
 
 def test_unreachable_eventbridge_keeps_events_and_next_run_sends_both_in_order(
-    tmp_path: Path,
-    moto_endpoint: S3Endpoint,
-    unique_bucket: Callable[[S3Endpoint], str],
-    wiring: Wiring,
+    tmp_path: Path, scene: Scene
 ) -> None:
-    bucket = unique_bucket(moto_endpoint)
     repo = make_fake_restic_repo(tmp_path / "repo", packs=4, pack_size=2000, seed=5)
-    dead = make_config(tmp_path, moto_endpoint, bucket, f"http://127.0.0.1:{free_port()}")
-    first = upload(dead, repo.root, moto_endpoint)
+    dead = make_config(tmp_path, scene.endpoint, scene.bucket, f"http://127.0.0.1:{free_port()}")
+    first = upload(dead, repo.root, scene.endpoint)
     assert first.returncode == 0, first.stderr
     assert "could not publish" in first.stderr
     assert first.summary["event"]["pending"] == 1
-    assert wiring.received() == []
+    assert scene.wiring.received() == []
 
     add_packs(repo, 1, 2000, seed=6)
-    live = make_config(tmp_path, moto_endpoint, bucket, moto_endpoint.endpoint_url)
-    second = upload(live, repo.root, moto_endpoint)
+    live = make_config(tmp_path, scene.endpoint, scene.bucket, scene.endpoint.endpoint_url)
+    second = upload(live, repo.root, scene.endpoint)
     assert second.returncode == 0, second.stderr
     assert second.summary["event"]["pending"] == 0
-    events = wiring.received()
+    events = scene.wiring.received()
     assert [e["detail"]["run_id"] for e in events] == [
         first.summary["run_id"],
         second.summary["run_id"],
     ]
-    third = upload(live, repo.root, moto_endpoint)
+    third = upload(live, repo.root, scene.endpoint)
     assert third.returncode == 0
-    assert [e["detail"]["run_id"] for e in wiring.received()] == [third.summary["run_id"]]
+    assert [e["detail"]["run_id"] for e in scene.wiring.received()] == [third.summary["run_id"]]
 
 
 def test_report_failure_publishes_mirror_failed_for_a_failed_check(
-    tmp_path: Path,
-    moto_endpoint: S3Endpoint,
-    unique_bucket: Callable[[S3Endpoint], str],
-    wiring: Wiring,
+    tmp_path: Path, scene: Scene
 ) -> None:
-    bucket = unique_bucket(moto_endpoint)
-    config = make_config(tmp_path, moto_endpoint, bucket, moto_endpoint.endpoint_url)
     result = run_agent(
         [
             "report-failure",
@@ -267,13 +253,13 @@ def test_report_failure_publishes_mirror_failed_for_a_failed_check(
             "--error",
             "pack 1234abcd: ciphertext verification failed",
             "--config",
-            str(config),
+            str(scene.config),
             "--json",
         ],
-        env=aws_env(moto_endpoint),
+        env=aws_env(scene.endpoint),
     )
     assert result.returncode == 0, result.stderr
-    [event] = wiring.received()
+    [event] = scene.wiring.received()
     assert event["detail-type"] == "Mirror Failed"
     assert event["detail"]["error"] == {
         "kind": "check",
@@ -283,29 +269,14 @@ def test_report_failure_publishes_mirror_failed_for_a_failed_check(
     assert event["detail"]["destination"]["prefix"] == PREFIX
 
 
-def test_failed_entry_count_is_not_success(
-    tmp_path: Path,
-    moto_endpoint: S3Endpoint,
-    unique_bucket: Callable[[S3Endpoint], str],
-    wiring: Wiring,
-) -> None:
+def test_failed_entry_count_is_not_success(tmp_path: Path, scene: Scene) -> None:
     """A bus that does not exist: PutEvents answers with a failed entry (or an error); the
     event stays in the outbox."""
-    bucket = unique_bucket(moto_endpoint)
     repo = make_fake_restic_repo(tmp_path / "repo", packs=2, pack_size=2000, seed=7)
-    config = write_agent_config(
-        tmp_path / "relay.toml",
-        moto_endpoint,
-        bucket,
-        state_dir=tmp_path / "state",
-        events={
-            "publisher": "eventbridge",
-            "event_bus": "no-such-bus",
-            "region": "us-east-1",
-            "endpoint_url": moto_endpoint.endpoint_url,
-        },
+    config = make_config(
+        tmp_path, scene.endpoint, scene.bucket, scene.endpoint.endpoint_url, event_bus="no-such-bus"
     )
-    result = upload(config, repo.root, moto_endpoint)
+    result = upload(config, repo.root, scene.endpoint)
     assert result.returncode == 0, result.stderr
     assert result.summary["event"]["pending"] == 1
     assert "could not publish" in result.stderr

@@ -44,7 +44,7 @@ from cloud.handlers import watchdog as watchdog_handler
 from cloud.integrations.eventbus import EventBridgeBus
 from cloud.integrations.runstore_dynamodb import DynamoRunStore, create_table
 from cloud.logic.verification import record_verification
-from tests.support.s3servers import S3Endpoint
+from testbed.s3.endpoint import S3Endpoint
 from tests.support.sinks import HttpRequest, HttpSink, closed_port
 
 REGION = "us-east-1"

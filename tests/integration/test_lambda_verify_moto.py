@@ -27,9 +27,9 @@ from aws_lambda_powertools.utilities import parameters
 
 from cloud.handlers import verify as verify_handler
 from cloud.integrations.runstore_dynamodb import DynamoRunStore, create_table
-from tests.support.agent import run_agent, write_agent_config
-from tests.support.repos import make_fake_restic_repo
-from tests.support.s3servers import S3Endpoint
+from testbed.agent import run_agent, write_agent_config
+from testbed.repos import make_fake_restic_repo
+from testbed.s3.endpoint import S3Endpoint
 
 REGION = "us-east-1"
 BUS = "backrest-relay"

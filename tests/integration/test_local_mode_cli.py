@@ -20,9 +20,16 @@ from typing import Any
 import pytest
 
 from local_agent import progress as progress_module
-from tests.support.agent import agent_env, run_agent, write_agent_config
-from tests.support.repos import make_restic_repo, restic_backup, restic_check, s3_repo_url
-from tests.support.s3servers import Fault, RcloneS3Server, RequestInfo, S3Proxy
+from testbed.agent import agent_config_in, agent_env, run_agent, upload_args
+from testbed.repos import (
+    make_restic_repo,
+    restic_backup,
+    restic_check_mirror,
+)
+from testbed.s3.faults import Fault
+from testbed.s3.operations import RequestInfo
+from testbed.s3.proxy import S3Proxy
+from testbed.s3.rclone import RcloneS3Server
 from tests.support.sinks import HttpSink
 
 REPO_ID = "home"
@@ -64,11 +71,10 @@ def local_config(
     upload: Mapping[str, Any] | None = None,
     extra: str = "",
 ) -> Path:
-    config = write_agent_config(
-        tmp_path / "relay.toml",
+    config = agent_config_in(
+        tmp_path,
         server.endpoint,
         bucket,
-        state_dir=tmp_path / "state",
         events={"publisher": "local"},
         upload=upload,
     )
@@ -253,12 +259,7 @@ def status_rows(config: Path, env: Mapping[str, str] | None = None) -> list[dict
 
 
 def mirror_check(server: RcloneS3Server, bucket: str, password: str) -> None:
-    restic_check(
-        s3_repo_url(server.endpoint, bucket, f"restic/{REPO_ID}"),
-        password,
-        env=server.endpoint.env(),
-        read_data=False,
-    )
+    restic_check_mirror(server.endpoint, bucket, f"restic/{REPO_ID}", password, read_data=False)
 
 
 def test_every_command_records_under_backrests_guid(
@@ -273,19 +274,14 @@ def test_every_command_records_under_backrests_guid(
     config = str(local_config(tmp_path, rclone_server, rclone_bucket))
 
     hook = run_agent(
-        [
-            "upload",
-            "--repo",
-            f"local:{repo}",
-            "--repo-id",
-            REPO_ID,
-            "--repo-guid",
-            guid,
-            "--trigger",
-            "CONDITION_CHECK_SUCCESS",
-            "--config",
+        upload_args(
             config,
-        ],
+            f"local:{repo}",
+            repo_id=REPO_ID,
+            repo_guid=guid,
+            trigger="CONDITION_CHECK_SUCCESS",
+            json_summary=False,
+        ),
         env=env,
     )
     assert hook.returncode == 0, hook.stderr
@@ -310,29 +306,29 @@ def test_every_command_records_under_backrests_guid(
     mirror_check(rclone_server, rclone_bucket, restic_password)
 
 
+def hook_ran_without_backrest_config(
+    tmp_path: Path, server: RcloneS3Server, bucket: str, password: str
+) -> tuple[Path, str, dict[str, str], str]:
+    """A repository the hook mirrored once, on a host where Backrest's config.json is not
+    readable: (repository, its guid, the environment, the config file)."""
+    repo = small_restic_repo(tmp_path, password)
+    guid = restic_repo_id(repo, password)
+    env = {"BACKREST_CONFIG": str(tmp_path / "not-here.json")}
+    config = str(local_config(tmp_path, server, bucket))
+    hook = run_agent(
+        upload_args(config, repo, repo_id=REPO_ID, repo_guid=guid, json_summary=False), env=env
+    )
+    assert hook.returncode == 0, hook.stderr
+    return repo, guid, env, config
+
+
 def test_without_backrests_config_the_guid_learned_from_the_hook_is_used(
     tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
 ) -> None:
     """Backrest in Docker: its config.json is not readable on this host."""
-    repo = small_restic_repo(tmp_path, restic_password)
-    guid = restic_repo_id(repo, restic_password)
-    env = {"BACKREST_CONFIG": str(tmp_path / "not-here.json")}
-    config = str(local_config(tmp_path, rclone_server, rclone_bucket))
-    hook = run_agent(
-        [
-            "upload",
-            "--repo",
-            str(repo),
-            "--repo-id",
-            REPO_ID,
-            "--repo-guid",
-            guid,
-            "--config",
-            config,
-        ],
-        env=env,
+    repo, guid, env, config = hook_ran_without_backrest_config(
+        tmp_path, rclone_server, rclone_bucket, restic_password
     )
-    assert hook.returncode == 0, hook.stderr
     for args in (
         ["report-failure", "--repo-id", REPO_ID, "--error", "boom"],
         ["report-failure", "--repo", str(repo), "--error", "boom"],
@@ -350,25 +346,9 @@ def test_without_backrests_config_the_guid_learned_from_the_hook_is_used(
 def test_status_forget_drops_a_repository(
     tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
 ) -> None:
-    repo = small_restic_repo(tmp_path, restic_password)
-    guid = restic_repo_id(repo, restic_password)
-    env = {"BACKREST_CONFIG": str(tmp_path / "not-here.json")}
-    config = str(local_config(tmp_path, rclone_server, rclone_bucket))
-    up = run_agent(
-        [
-            "upload",
-            "--repo",
-            str(repo),
-            "--repo-id",
-            REPO_ID,
-            "--repo-guid",
-            guid,
-            "--config",
-            config,
-        ],
-        env=env,
+    _repo, guid, env, config = hook_ran_without_backrest_config(
+        tmp_path, rclone_server, rclone_bucket, restic_password
     )
-    assert up.returncode == 0, up.stderr
     gone = run_agent(["report-failure", "--repo-id", "old-nas", "--config", config], env=env)
     assert gone.returncode == 0, gone.stderr
     assert {r["repo_id"] for r in status_rows(Path(config), env)} == {REPO_ID, "old-nas"}
@@ -427,11 +407,10 @@ def test_one_key_limited_to_the_repository_prefix_covers_everything_the_agent_wr
     guid = restic_repo_id(repo, restic_password)
     env = {"BACKREST_CONFIG": str(tmp_path / "not-here.json")}
     with S3Proxy(rclone_server.endpoint, fault=prefix_restricted(f"restic/{REPO_ID}")) as proxy:
-        config = write_agent_config(
-            tmp_path / "relay.toml",
+        config = agent_config_in(
+            tmp_path,
             proxy.endpoint,
             rclone_bucket,
-            state_dir=tmp_path / "state",
             events={"publisher": "local"},
         )
         doctor = run_agent(

@@ -11,16 +11,17 @@ import random
 import time
 from pathlib import Path
 
-from tests.support.agent import AgentResult, run_agent, write_agent_config
-from tests.support.repos import (
+from testbed.agent import AgentResult, agent_config_in, run_agent, upload_args
+from testbed.repos import (
     corrupt,
     make_restic_repo,
     restic_backup,
-    restic_check,
-    s3_repo_url,
+    restic_check_mirror,
     write_random_tree,
 )
-from tests.support.s3servers import Fault, RequestInfo, S3Proxy
+from testbed.s3.faults import Fault
+from testbed.s3.operations import RequestInfo
+from testbed.s3.proxy import S3Proxy
 from tests.support.sinks import HttpSink
 
 PREFIX = "restic/home"
@@ -55,11 +56,10 @@ def config(
     verify: str = "",
     **upload: object,
 ) -> Path:
-    path = write_agent_config(
-        tmp_path / "relay.toml",
+    path = agent_config_in(
+        tmp_path,
         proxy.endpoint,
         bucket,
-        state_dir=tmp_path / "state",
         upload=upload,
         events={"publisher": "local"},
     )
@@ -72,21 +72,7 @@ def config(
 
 
 def upload(cfg: Path, repo: Path, env: dict[str, str] | None = None) -> AgentResult:
-    return run_agent(
-        [
-            "upload",
-            "--repo",
-            str(repo),
-            "--repo-id",
-            "home",
-            "--repo-guid",
-            GUID,
-            "--config",
-            str(cfg),
-            "--json",
-        ],
-        env=env,
-    )
+    return run_agent(upload_args(cfg, repo, repo_guid=GUID), env=env)
 
 
 def gets(proxy: S3Proxy) -> list[str]:
@@ -136,11 +122,8 @@ def test_noop_runs_send_nothing_and_rotation_is_budgeted(
         assert not set(objects) & set(seen), "the rotation re-read what it read last time"
         seen += objects
         time.sleep(1.1)
-    restic_check(
-        s3_repo_url(counting_proxy.endpoint, rclone_bucket, PREFIX),
-        restic_password,
-        env=counting_proxy.endpoint.env(),
-        read_data=False,
+    restic_check_mirror(
+        counting_proxy.endpoint, rclone_bucket, PREFIX, restic_password, read_data=False
     )
 
 
@@ -228,11 +211,8 @@ def test_an_event_that_cannot_be_verified_does_not_silence_later_failures(
             assert new_packs[-1].name in alert_body["message"]
             assert bad.summary["event"]["pending"] == 0
     counting_proxy.fault = None
-    restic_check(
-        s3_repo_url(counting_proxy.endpoint, rclone_bucket, PREFIX),
-        restic_password,
-        env=counting_proxy.endpoint.env(),
-        read_data=False,
+    restic_check_mirror(
+        counting_proxy.endpoint, rclone_bucket, PREFIX, restic_password, read_data=False
     )
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.support.agent import run_agent, write_agent_config
-from tests.support.repos import make_fake_restic_repo
-from tests.support.s3servers import RcloneS3Server
+from testbed.agent import agent_config_in, run_agent, upload_args
+from testbed.repos import make_fake_restic_repo
+from testbed.s3.rclone import RcloneS3Server
 from tests.support.sinks import HttpSink
 
 GUID = "ef" * 32
@@ -25,11 +25,10 @@ def test_success_then_damage_is_named_in_the_next_alert(
 ) -> None:
     repo = make_fake_restic_repo(tmp_path / "repo", packs=12, pack_size=(500, 20_000), seed=21)
     with HttpSink() as chat, HttpSink() as healthchecks:
-        config = write_agent_config(
-            tmp_path / "relay.toml",
+        config = agent_config_in(
+            tmp_path,
             rclone_server.endpoint,
             rclone_bucket,
-            state_dir=tmp_path / "state",
             events={"publisher": "local"},
         )
         apprise_url = f"json://127.0.0.1:{chat.port}/hook"
@@ -40,18 +39,7 @@ def test_success_then_damage_is_named_in_the_next_alert(
                 'success = "always"\n'
                 f'healthchecks = {{ home = "{healthchecks.url}/{HC_UUID}" }}\n'
             )
-        args = [
-            "upload",
-            "--repo",
-            str(repo.root),
-            "--repo-id",
-            "home",
-            "--repo-guid",
-            GUID,
-            "--config",
-            str(config),
-            "--json",
-        ]
+        args = upload_args(config, repo.root, repo_guid=GUID)
         first = run_agent(args)
         assert first.returncode == 0, first.stderr
         [message] = chat.wait_for(1)

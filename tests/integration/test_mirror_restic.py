@@ -20,25 +20,29 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import BuiltRepo
-from tests.support.agent import (
+from testbed.agent import (
+    agent_config_in,
     remote_keys,
     run_agent,
     start_agent,
     unfinished_uploads,
-    write_agent_config,
+    upload_args,
 )
-from tests.support.backrest import render_backrest_template
-from tests.support.repos import (
+from testbed.repos import (
     corrupt,
     restic_backup,
     restic_check,
+    restic_check_mirror,
     restic_restore,
     restic_snapshots,
     s3_repo_url,
     write_random_tree,
 )
-from tests.support.s3servers import RcloneS3Server, S3Endpoint, S3Proxy
+from testbed.s3.endpoint import S3Endpoint
+from testbed.s3.proxy import S3Proxy
+from testbed.s3.rclone import RcloneS3Server
+from tests.integration.conftest import BuiltRepo
+from tests.support.backrest import render_backrest_template
 
 PREFIX = "restic/home"
 
@@ -53,30 +57,16 @@ def repo_files(repo: Path) -> set[str]:
 
 
 def config_for(tmp_path: Path, endpoint: S3Endpoint, bucket: str, **upload: object) -> Path:
-    return write_agent_config(
-        tmp_path / "relay.toml",
+    return agent_config_in(
+        tmp_path,
         endpoint,
         bucket,
-        state_dir=tmp_path / "state",
         upload={"multipart_threshold": "8MiB", "part_size": "5MiB", **upload},
     )
 
 
 def upload(config: Path, repo: Path, *extra: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
-    return run_agent(
-        [
-            "upload",
-            "--repo",
-            str(repo),
-            "--repo-id",
-            "home",
-            "--config",
-            str(config),
-            "--json",
-            *extra,
-        ],
-        env=env,
-    )
+    return run_agent(upload_args(config, repo, *extra), env=env)
 
 
 def assert_restic_sees_mirror(
@@ -190,7 +180,7 @@ def test_sigkill_during_multipart_upload_resumes_with_only_missing_parts(
     restic_password: str,
     tmp_path: Path,
 ) -> None:
-    from tests.support.repos import make_restic_repo
+    from testbed.repos import make_restic_repo
 
     repo = tmp_path / "repo"
     source = tmp_path / "src"
@@ -232,11 +222,7 @@ def test_sigkill_during_multipart_upload_resumes_with_only_missing_parts(
     assert counting_proxy.count(operation="UploadPart") == total_parts - present
     assert counting_proxy.count(operation="CreateMultipartUpload") == 0
     assert unfinished_uploads(rclone_server.endpoint, rclone_bucket) == []
-    restic_check(
-        s3_repo_url(rclone_server.endpoint, rclone_bucket, PREFIX),
-        restic_password,
-        env=rclone_server.endpoint.env(),
-    )
+    restic_check_mirror(rclone_server.endpoint, rclone_bucket, PREFIX, restic_password)
 
 
 def test_corrupt_pack_is_named_not_uploaded_and_nothing_after_it(
@@ -407,11 +393,8 @@ def test_deadline_stops_cleanly_with_a_consistent_mirror_and_the_next_run_finish
     fast = config_for(tmp_path, rclone_server.endpoint, rclone_bucket)
     done = upload(fast, restic_repo.path)
     assert done.returncode == 0, done.stderr
-    restic_check(
-        s3_repo_url(rclone_server.endpoint, rclone_bucket, PREFIX),
-        restic_password,
-        env=rclone_server.endpoint.env(),
-        read_data=False,
+    restic_check_mirror(
+        rclone_server.endpoint, rclone_bucket, PREFIX, restic_password, read_data=False
     )
 
 

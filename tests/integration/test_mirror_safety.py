@@ -28,17 +28,18 @@ import pytest
 
 from local_agent.repository import multipart_etags
 from local_agent.uploader import part_size_candidates
-from tests.support.agent import (
+from testbed.agent import (
     AgentResult,
     agent_command,
+    agent_config_in,
     agent_env,
     remote_keys,
     run_agent,
     start_agent,
     unfinished_uploads,
-    write_agent_config,
+    upload_args,
 )
-from tests.support.repos import (
+from testbed.repos import (
     make_restic_repo,
     restic_backup,
     restic_check,
@@ -47,7 +48,9 @@ from tests.support.repos import (
     s3_repo_url,
     write_random_tree,
 )
-from tests.support.s3servers import RcloneS3Server, S3Endpoint, S3Proxy
+from testbed.s3.endpoint import S3Endpoint
+from testbed.s3.proxy import S3Proxy
+from testbed.s3.rclone import RcloneS3Server
 
 REPO_ID = "safety"
 PREFIX = f"restic/{REPO_ID}"
@@ -69,32 +72,21 @@ def small_repo(
 
 
 def config_for(tmp_path: Path, endpoint: S3Endpoint, bucket: str, **upload: object) -> Path:
-    return write_agent_config(
-        tmp_path / "relay.toml",
+    return agent_config_in(
+        tmp_path,
         endpoint,
         bucket,
-        state_dir=tmp_path / "state",
         prefix=PREFIX,
         upload={"multipart_threshold": "5MiB", "part_size": "5MiB", **upload},
     )
 
 
-def upload_args(config: Path, repo: Path, *extra: str) -> list[str]:
-    return [
-        "upload",
-        "--repo",
-        str(repo),
-        "--repo-id",
-        REPO_ID,
-        "--config",
-        str(config),
-        "--json",
-        *extra,
-    ]
+def safety_args(config: Path, repo: Path, *extra: str) -> list[str]:
+    return upload_args(config, repo, *extra, repo_id=REPO_ID)
 
 
 def upload(config: Path, repo: Path, *extra: str, env: dict[str, str] | None = None) -> AgentResult:
-    return run_agent(upload_args(config, repo, *extra), env=env, timeout=240)
+    return run_agent(safety_args(config, repo, *extra), env=env, timeout=240)
 
 
 def hooked_upload(
@@ -111,7 +103,7 @@ def hooked_upload(
         ]
     )
     proc = subprocess.run(
-        [agent_command([])[0], "-c", script, *upload_args(config, repo, *extra)],
+        [agent_command([])[0], "-c", script, *safety_args(config, repo, *extra)],
         env=agent_env(env),
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -298,7 +290,7 @@ def test_unreadable_new_pack_stops_index_and_snapshot_phases(
         subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(shared_dir)], check=True)
     unreadable.chmod(0)
 
-    result = as_nobody(agent_command(upload_args(config, repo)), shared_dir)
+    result = as_nobody(agent_command(safety_args(config, repo)), shared_dir)
     assert result.returncode == 3, result.stderr
     assert bad_key in result.stderr
     assert "cannot read" in result.stderr
@@ -310,7 +302,7 @@ def test_unreadable_new_pack_stops_index_and_snapshot_phases(
 
     # Readable again: the next run mirrors everything, the new snapshot included.
     unreadable.chmod(0o400)
-    done = as_nobody(agent_command(upload_args(config, repo)), shared_dir)
+    done = as_nobody(agent_command(safety_args(config, repo)), shared_dir)
     assert done.returncode == 0, done.stderr
     assert new_snapshot in {
         s["id"] for s in restic_snapshots(url, restic_password, env=endpoint.env())
@@ -324,7 +316,7 @@ RACING_BACKUP_HOOK = """
 import os
 from pathlib import Path
 from local_agent import repository
-from tests.support.repos import restic_backup, write_random_tree
+from testbed.repos import restic_backup, write_random_tree
 
 _repo = Path(os.environ["RACE_REPO"])
 _source = Path(os.environ["RACE_SOURCE"])
@@ -536,7 +528,7 @@ def test_resumed_multipart_upload_of_a_file_changed_after_hashing_is_not_complet
     assert target.stat().st_size > 30_000_000
     key = target.relative_to(repo).as_posix()
     slow = config_for(tmp_path, counting_proxy.endpoint, rclone_bucket, bandwidth_limit="8MiB/s")
-    proc = start_agent(upload_args(slow, repo))
+    proc = start_agent(safety_args(slow, repo))
     try:
         while counting_proxy.count(operation="UploadPart", pred=lambda r: r.status == 200) < 2:
             assert proc.poll() is None, proc.communicate()

@@ -22,8 +22,8 @@ from cloud.contracts.ids import new_run_id
 from cloud.integrations.runstore_sqlite import SqliteRunStore
 from cloud.logic.verification import mirror_run_record, record_verification
 from local_agent.html_report import render_report
-from tests.support.agent import run_agent, write_agent_config
-from tests.support.s3servers import S3Endpoint
+from testbed.agent import run_agent, write_agent_config
+from testbed.s3.endpoint import S3Endpoint
 from tests.support.tools import require_tool
 
 DEST = Destination(provider="b2", endpoint_url="https://s3.x", bucket="offsite", prefix="r/home")

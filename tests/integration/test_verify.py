@@ -13,20 +13,20 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.support.agent import AgentResult, run_agent, write_agent_config
-from tests.support.repos import FakeRepo, add_packs, make_fake_restic_repo
-from tests.support.s3servers import RcloneS3Server, S3Endpoint, free_port
+from testbed.agent import AgentResult, agent_config_in, run_agent
+from testbed.repos import FakeRepo, add_packs, make_fake_restic_repo
+from testbed.s3.endpoint import S3Endpoint, free_port
+from testbed.s3.rclone import RcloneS3Server
 
 GUID = "cd" * 32
 PREFIX = "restic/home"
 
 
 def config(tmp_path: Path, endpoint: S3Endpoint, bucket: str, publisher: str = "local") -> Path:
-    return write_agent_config(
-        tmp_path / "relay.toml",
+    return agent_config_in(
+        tmp_path,
         endpoint,
         bucket,
-        state_dir=tmp_path / "state",
         events={"publisher": publisher},
     )
 

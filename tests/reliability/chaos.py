@@ -1,7 +1,7 @@
 """Seeded fault schedules for the S3 proxy, plus the two faults it lacks: slow responses and
 response bodies cut off half-way.
 
-``tests.support.s3servers.S3Proxy`` asks its ``fault`` hook, in the handler thread, before
+``testbed.s3.proxy.S3Proxy`` asks its ``fault`` hook, in the handler thread, before
 it forwards a request. That gives both missing faults without touching the proxy:
 
 - **slow**: the hook sleeps, then lets the request through (time to first byte grows);
@@ -26,13 +26,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.support.s3servers import (
-    Fault,
-    RequestInfo,
-    S3Proxy,
-    _ClientGoneError,
-    _ProxyHandler,
-)
+from testbed.s3.faults import Fault
+from testbed.s3.operations import RequestInfo
+from testbed.s3.proxy import S3Proxy, _ClientGoneError, _ProxyHandler
 
 # Kinds a schedule can pick from. "truncate" only applies to responses with a body
 # (GET); elsewhere it degrades to "drop".

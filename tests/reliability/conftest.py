@@ -4,17 +4,17 @@ built per session, and an rclone server that sees changes made to its directory 
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from testbed.repos import BuiltRepo, build_restic_repo, write_random_tree
+from testbed.s3.rclone import RcloneS3Server
 from tests.reliability.common import LEDGER_ENV, SEED, SOAK, Ledger
-from tests.support.repos import make_restic_repo, restic_backup, write_random_tree
-from tests.support.s3servers import RcloneS3Server
 from tests.support.tools import require_tool
 
 _LEDGER = Ledger()
@@ -33,11 +33,7 @@ def ledger() -> Iterator[Ledger]:
         _LEDGER.write(Path(target))
 
 
-@dataclass(frozen=True)
-class ResticRepo:
-    path: Path
-    password: str
-    snapshots: list[str]
+ResticRepo = BuiltRepo  # the name the reliability tests use
 
 
 @pytest.fixture(scope="session")
@@ -48,18 +44,18 @@ def crash_repo(
     multipart threshold (two or three parts each) and a handful of small packs, so a
     kill can land in a single PUT, between the parts of a multipart upload, in the
     index or snapshot phase, or in the manifest and verification that follow."""
-    base = tmp_path_factory.mktemp("reliability-restic")
-    repo = base / "repo"
-    source = base / "src"
-    make_restic_repo(repo, restic_password)
     rng = random.Random(SEED)
-    snapshots = []
     plan = [(16_000_000, 4, 6), (10_000_000, 2, 8), (1_500_000, 6, None), (700_000, 4, None)]
-    for round_, (total, files, pack_mib) in enumerate(plan):
-        folder = source / f"round{round_}"
+
+    def write(folder: Path, total: int, files: int, pack_mib: int | None) -> int | None:
         write_random_tree(folder, files=files, size=total // files, seed=rng.randrange(1 << 30))
-        snapshots.append(restic_backup(repo, restic_password, source, pack_size_mib=pack_mib))
-    return ResticRepo(repo, restic_password, snapshots)
+        return pack_mib
+
+    return build_restic_repo(
+        tmp_path_factory.mktemp("reliability-restic"),
+        restic_password,
+        [functools.partial(write, total=t, files=f, pack_mib=p) for t, f, p in plan],
+    )
 
 
 @pytest.fixture(scope="session")

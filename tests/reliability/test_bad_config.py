@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 
 from local_agent.config import LoadedConfig, RelayConfig, load_config
 from local_agent.errors import ConfigError
+from testbed.agent import agent_config_in, run_agent
+from testbed.repos import make_fake_restic_repo
+from testbed.s3.rclone import RcloneS3Server
 from tests.reliability.common import SEED, SOAK, Ledger, count
-from tests.support.agent import run_agent, write_agent_config
-from tests.support.repos import make_fake_restic_repo
-from tests.support.s3servers import RcloneS3Server
 
 EXAMPLES = count("bad config: hypothesis examples (files, env overrides)")
 CLI_EXAMPLES = count("bad config: configs through the CLI")
@@ -385,11 +385,10 @@ def test_huge_deadline_prints_no_traceback(
     tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str
 ) -> None:
     repo = make_fake_restic_repo(tmp_path / "repo", packs=2, pack_size=1000)
-    config = write_agent_config(
-        tmp_path / "relay.toml",
+    config = agent_config_in(
+        tmp_path,
         rclone_server.endpoint,
         rclone_bucket,
-        state_dir=tmp_path / "state",
         upload={"deadline": "200000d"},
     )
     args = ["upload", "--repo", str(repo.root), "--repo-id", "x", "--config", str(config)]

@@ -24,6 +24,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testbed.agent import (
+    AgentResult,
+    agent_config_in,
+    start_agent,
+    unfinished_uploads,
+    write_agent_config,
+)
+from testbed.repos import add_packs, make_fake_restic_repo
+from testbed.s3.endpoint import S3Endpoint
+from testbed.s3.operations import RequestInfo
+from testbed.s3.proxy import S3Proxy
+from testbed.s3.rclone import RcloneS3Server
 from tests.reliability.common import (
     MULTIPART,
     Ledger,
@@ -32,9 +44,6 @@ from tests.reliability.common import (
     count,
     sub_seed,
 )
-from tests.support.agent import AgentResult, start_agent, unfinished_uploads, write_agent_config
-from tests.support.repos import add_packs, make_fake_restic_repo
-from tests.support.s3servers import RcloneS3Server, RequestInfo, S3Endpoint, S3Proxy
 
 REPO_ID = "twice"
 GUID = "2a" * 32
@@ -205,11 +214,10 @@ def test_runs_with_and_without_guid_do_not_interleave(
 ) -> None:
     repo = slow_repo(tmp_path / "repo", seed=60)
     traffic = Traffic(counting_proxy)
-    config = write_agent_config(
-        tmp_path / "relay.toml",
+    config = agent_config_in(
+        tmp_path,
         counting_proxy.endpoint,
         rclone_bucket,
-        state_dir=tmp_path / "state",
         upload={**MULTIPART, "bandwidth_limit": "10MiB/s", "lock_wait": "1s", "concurrency": 1},
     )
     hook = upload(config, str(repo), "run-a")  # as Backrest's hook runs it

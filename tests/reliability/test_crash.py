@@ -36,6 +36,19 @@ from typing import Literal
 import pytest
 
 from local_agent.state import StateStore
+from testbed.agent import (
+    run_agent,
+    start_agent,
+    unfinished_uploads,
+    upload_args,
+    write_agent_config,
+)
+from testbed.repos import restic_check, s3_repo_url
+from testbed.s3.endpoint import S3Endpoint
+from testbed.s3.faults import Fault
+from testbed.s3.operations import RequestInfo
+from testbed.s3.proxy import S3Proxy
+from testbed.s3.rclone import RcloneS3Server
 from tests.reliability.common import (
     MULTIPART,
     SOAK,
@@ -52,20 +65,6 @@ from tests.reliability.common import (
     sub_seed,
 )
 from tests.reliability.conftest import ResticRepo
-from tests.support.agent import (
-    run_agent,
-    start_agent,
-    unfinished_uploads,
-    write_agent_config,
-)
-from tests.support.repos import restic_check, s3_repo_url
-from tests.support.s3servers import (
-    Fault,
-    RcloneS3Server,
-    RequestInfo,
-    S3Endpoint,
-    S3Proxy,
-)
 
 REPO_ID = "crash"
 GUID = "c7" * 32
@@ -161,19 +160,8 @@ def expected_requests(repo: Path) -> int:
     return upload + 2 + len(sizes)
 
 
-def upload_args(config: Path, repo: Path) -> list[str]:
-    return [
-        "upload",
-        "--repo",
-        str(repo),
-        "--repo-id",
-        REPO_ID,
-        "--repo-guid",
-        GUID,
-        "--config",
-        str(config),
-        "--json",
-    ]
+def crash_upload_args(config: Path, repo: Path) -> list[str]:
+    return upload_args(config, repo, repo_id=REPO_ID, repo_guid=GUID)
 
 
 def crash_config(path: Path, endpoint: S3Endpoint, bucket: str, state: Path) -> Path:
@@ -280,7 +268,7 @@ def test_sigkill_at_random_points_loses_nothing(
         for k in range(kills):
             # A resumed run has less to do: aim its kill at the first half of the work.
             point = draw_point(rng, requests if k == 0 else requests // 2, seconds)
-            proc = start_agent(upload_args(config, crash_repo.path))
+            proc = start_agent(crash_upload_args(config, crash_repo.path))
             killer.arm(proc, point)
             _, err = proc.communicate(timeout=300)
             killer.disarm()
@@ -302,7 +290,7 @@ def test_sigkill_at_random_points_loses_nothing(
             if right_after:
                 failures.append(f"trial {trial} right after kill {point}: {right_after}")
         fired_total += len(fired)
-        final = run_agent(upload_args(config, crash_repo.path))
+        final = run_agent(crash_upload_args(config, crash_repo.path))
         assert "Traceback" not in final.stderr, final.stderr
         if final.returncode != 0:
             failures.append(

@@ -21,6 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from testbed.agent import AgentResult, run_agent, unfinished_uploads, write_agent_config
+from testbed.repos import add_packs, make_fake_restic_repo, restic_check, s3_repo_url
+from testbed.s3.endpoint import S3Endpoint
+from testbed.s3.faults import Fault, FaultSchedule
+from testbed.s3.operations import RequestInfo
+from testbed.s3.rclone import RcloneS3Server
 from tests.reliability.chaos import FAULT_KINDS, ChaosProxy, RandomFaults, truncate_this_response
 from tests.reliability.common import (
     MULTIPART,
@@ -35,9 +41,6 @@ from tests.reliability.common import (
     sub_seed,
 )
 from tests.reliability.conftest import ResticRepo
-from tests.support.agent import AgentResult, run_agent, unfinished_uploads, write_agent_config
-from tests.support.repos import add_packs, make_fake_restic_repo, restic_check, s3_repo_url
-from tests.support.s3servers import Fault, FaultSchedule, RcloneS3Server, RequestInfo, S3Endpoint
 
 REPO_ID = "flaky"
 GUID = "f1" * 32

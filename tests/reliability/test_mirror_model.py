@@ -68,17 +68,17 @@ from hypothesis.stateful import (
 )
 
 from local_agent.config import UploadConfig
-from tests.reliability.common import MODEL, SEED, SOAK, Ledger, count
-from tests.support.agent import (
+from testbed.agent import (
     agent_command,
     agent_env,
     remote_etags,
     slow_directory_reads,
     start_agent,
     unfinished_upload_ids,
+    upload_args,
     write_agent_config,
 )
-from tests.support.repos import (
+from testbed.repos import (
     ResticError,
     make_restic_repo,
     restic_backup,
@@ -86,7 +86,9 @@ from tests.support.repos import (
     restic_forget,
     s3_repo_url,
 )
-from tests.support.s3servers import MotoS3Server, S3Endpoint, unique_bucket_name
+from testbed.s3.endpoint import S3Endpoint, unique_bucket_name
+from testbed.s3.moto_server import MotoS3Server
+from tests.reliability.common import MODEL, SEED, SOAK, Ledger, count
 from tests.support.tamper import TAMPER_KINDS, TamperKind, is_multipart_etag, tamper_object
 
 REPO_ID = "model"
@@ -291,17 +293,7 @@ class MirrorModel(RuleBasedStateMachine):
         return snapshot
 
     def agent_args(self, *extra: str) -> list[str]:
-        return [
-            "upload",
-            "--repo",
-            str(self.repo),
-            "--repo-id",
-            REPO_ID,
-            "--config",
-            str(self.config),
-            "--json",
-            *extra,
-        ]
+        return upload_args(self.config, self.repo, *extra, repo_id=REPO_ID)
 
     def agent_env(self, **overrides: str) -> dict[str, str]:
         return {f"BACKREST_RELAY_UPLOAD__{k.upper()}": v for k, v in overrides.items()}

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import pytest
 
+from testbed.agent import run_agent, write_agent_config
+from testbed.repos import FakeRepo, make_fake_restic_repo
+from testbed.s3.endpoint import S3Endpoint
+from testbed.s3.rclone import RcloneS3Server
 from tests.reliability.common import Ledger, count, remote_files, sub_seed
-from tests.support.agent import run_agent, write_agent_config
-from tests.support.repos import FakeRepo, make_fake_restic_repo
-from tests.support.s3servers import RcloneS3Server, S3Endpoint
 
 REPO_ID = "odd"
 PREFIX = f"restic/{REPO_ID}"

@@ -38,10 +38,11 @@ import pytest
 from aws_lambda_powertools.utilities import parameters
 from moto import mock_aws
 
+from testbed.agent import AgentResult, run_agent, write_agent_config
+from testbed.repos import add_packs, make_fake_restic_repo
+from testbed.s3.endpoint import S3Endpoint, unique_bucket_name
+from testbed.s3.rclone import RcloneS3Server
 from tests.reliability.common import Ledger, leaks
-from tests.support.agent import AgentResult, run_agent, write_agent_config
-from tests.support.repos import add_packs, make_fake_restic_repo
-from tests.support.s3servers import RcloneS3Server, S3Endpoint, unique_bucket_name
 from tests.support.sinks import HttpSink, closed_port
 
 ACCESS_KEY = "AKIARELAYSENTINEL7Q"

@@ -28,10 +28,11 @@ from typing import Any
 
 import pytest
 
+from testbed.agent import AgentResult, run_agent, write_agent_config
+from testbed.repos import add_packs, make_fake_restic_repo
+from testbed.s3.endpoint import unique_bucket_name
+from testbed.s3.rclone import RcloneS3Server
 from tests.reliability.common import Ledger, count, sub_seed
-from tests.support.agent import AgentResult, run_agent, write_agent_config
-from tests.support.repos import add_packs, make_fake_restic_repo
-from tests.support.s3servers import RcloneS3Server, unique_bucket_name
 
 REPO_ID = "tamper"
 GUID = "7a" * 32

@@ -119,7 +119,55 @@ class _HttpServer(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _HttpHandler)
 
 
-class HttpSink:
+class _Sink:
+    """Serving a socketserver in a daemon thread, as a context manager."""
+
+    _thread_name = "sink"
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._server: socketserver.BaseServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def _make_server(self) -> socketserver.TCPServer:
+        raise NotImplementedError
+
+    @property
+    def port(self) -> int:
+        assert isinstance(self._server, socketserver.TCPServer), "sink not started"
+        port: int = self._server.server_address[1]
+        return port
+
+    def start(self) -> Self:
+        self._server = server = self._make_server()
+        self._thread = threading.Thread(
+            target=server.serve_forever, args=(0.05,), name=self._thread_name, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class HttpSink(_Sink):
     """A ThreadingHTTPServer on 127.0.0.1 that records every request and answers `status`
     (or, first, whatever `answer_next()` queued) with `response_body`.
 
@@ -133,37 +181,17 @@ class HttpSink:
         self.response_body = response_body
         self.queued_statuses: list[int] = []
         self.requests: list[HttpRequest] = []
-        self.lock = threading.Lock()
-        self._server: _HttpServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
-    @property
-    def port(self) -> int:
-        assert self._server is not None, "sink not started"
-        port: int = self._server.server_address[1]
-        return port
+    _thread_name = "http-sink"
+
+    def _make_server(self) -> socketserver.TCPServer:
+        return _HttpServer(self)
 
     @property
     def url(self) -> str:
         """``http://127.0.0.1:PORT`` (no trailing slash)."""
         return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Self:
-        self._server = _HttpServer(self)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.05,), name="http-sink", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
 
     def clear(self) -> None:
         with self.lock:
@@ -180,17 +208,6 @@ class HttpSink:
         _wait_until(lambda: len(self.requests) >= count, timeout, f"{count} HTTP request(s)")
         with self.lock:
             return list(self.requests)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # -- SMTP ----------------------------------------------------------------------------------------
@@ -378,7 +395,7 @@ class _SmtpServer(socketserver.ThreadingTCPServer):
         super().__init__(("127.0.0.1", 0), _SmtpHandler)
 
 
-class SmtpSink:
+class SmtpSink(_Sink):
     """A plain-text SMTP server on 127.0.0.1 that accepts and records every message.
 
     With `credentials=(user, password)` it requires AUTH and refuses other credentials
@@ -389,45 +406,14 @@ class SmtpSink:
     def __init__(self, credentials: tuple[str, str] | None = None) -> None:
         self.credentials = credentials
         self.messages: list[SmtpMessage] = []
-        self.lock = threading.Lock()
-        self._server: _SmtpServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
-    @property
-    def port(self) -> int:
-        assert self._server is not None, "sink not started"
-        port: int = self._server.server_address[1]
-        return port
+    _thread_name = "smtp-sink"
 
-    def start(self) -> Self:
-        self._server = _SmtpServer(self)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.05,), name="smtp-sink", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+    def _make_server(self) -> socketserver.TCPServer:
+        return _SmtpServer(self)
 
     def wait_for(self, count: int = 1, timeout: float = 10.0) -> list[SmtpMessage]:
         _wait_until(lambda: len(self.messages) >= count, timeout, f"{count} email(s)")
         with self.lock:
             return list(self.messages)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from tests.support.s3servers import S3Endpoint
+from testbed.s3.endpoint import S3Endpoint
 
 TamperKind = Literal["delete", "truncate", "corrupt"]
 TAMPER_KINDS: tuple[TamperKind, ...] = ("delete", "truncate", "corrupt")

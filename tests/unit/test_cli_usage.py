@@ -179,13 +179,19 @@ def test_upload_nonexistent_root_path_is_exit_3(
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_upload_empty_directory_is_refused_as_unmounted(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def upload_empty_mount(tmp_path: Path, *extra: str) -> tuple[Path, int]:
+    """`upload` of an empty directory, as an unmounted NAS share looks: (the dir, exit code)."""
     config = write_config(tmp_path)
     mount = tmp_path / "nas"
     mount.mkdir()
-    code = main(["upload", "--config", str(config), "--repo", str(mount), "--repo-id", "r1"])
+    args = ["upload", "--config", str(config), "--repo", str(mount), "--repo-id", "r1", *extra]
+    return mount, main(args)
+
+
+def test_upload_empty_directory_is_refused_as_unmounted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mount, code = upload_empty_mount(tmp_path)
     assert code == 3
     err = capsys.readouterr().err
     assert "mounted" in err
@@ -196,12 +202,7 @@ def test_upload_empty_directory_is_refused_as_unmounted(
 def test_upload_empty_directory_json_summary(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = write_config(tmp_path)
-    mount = tmp_path / "nas"
-    mount.mkdir()
-    code = main(
-        ["upload", "--config", str(config), "--repo", str(mount), "--repo-id", "r1", "--json"]
-    )
+    _mount, code = upload_empty_mount(tmp_path, "--json")
     assert code == 3
     captured = capsys.readouterr()
     lines = [line for line in captured.out.splitlines() if line.strip()]
@@ -222,12 +223,7 @@ def test_upload_empty_directory_json_summary(
 def test_upload_dry_run_on_empty_directory_is_also_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = write_config(tmp_path)
-    mount = tmp_path / "nas"
-    mount.mkdir()
-    code = main(
-        ["upload", "--config", str(config), "--repo", str(mount), "--repo-id", "r1", "--dry-run"]
-    )
+    _mount, code = upload_empty_mount(tmp_path, "--dry-run")
     assert code == 3
     assert "mounted" in capsys.readouterr().err
     assert not (tmp_path / "state").exists()  # a dry run writes no state and takes no lock
@@ -250,7 +246,7 @@ def test_manifest_prefix_inside_repository_prefix_is_refused_before_any_request(
 ) -> None:
     """The templates differ but expand to nested prefixes for this repository id: refused
     with exit 2 before the bucket is contacted (127.0.0.1:9 would fail with exit 4)."""
-    from tests.support.repos import make_fake_restic_repo
+    from testbed.repos import make_fake_restic_repo
 
     repo = tmp_path / "repo"
     make_fake_restic_repo(repo, packs=2, pack_size=1024)

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 import pytest
 from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
 
-from tests.support import repos
-from tests.support.repos import (
+from testbed import repos
+from testbed.repos import (
     add_packs,
     corrupt,
     make_fake_restic_repo,
@@ -35,18 +35,11 @@ from tests.support.repos import (
     sha256_file,
     write_random_tree,
 )
-from tests.support.s3servers import (
-    Fault,
-    FaultSchedule,
-    RcloneS3Server,
-    RequestInfo,
-    S3Endpoint,
-    S3Proxy,
-    b2_rejected_header,
-    free_port,
-    s3_operation,
-    unique_bucket_name,
-)
+from testbed.s3.endpoint import S3Endpoint, free_port, unique_bucket_name
+from testbed.s3.faults import Fault, FaultSchedule
+from testbed.s3.operations import RequestInfo, b2_rejected_header, s3_operation
+from testbed.s3.proxy import S3Proxy
+from testbed.s3.rclone import RcloneS3Server
 from tests.support.tools import REQUIRE_TOOLS_ENV, require_tool, restic_env
 
 if TYPE_CHECKING:
