@@ -476,6 +476,48 @@ def test_one_key_limited_to_the_repository_prefix_covers_everything_the_agent_wr
     mirror_check(rclone_server, rclone_bucket, restic_password)
 
 
+def deny_reads(inner: Any) -> Any:
+    """A B2 key without `readFiles`: listing and writing work, GetObject is AccessDenied."""
+
+    def hook(info: RequestInfo) -> Fault | None:
+        if info.method == "GET" and info.key is not None:
+            return Fault.s3_error(403, "AccessDenied", "no readFiles")
+        result: Fault | None = inner(info)
+        return result
+
+    return hook
+
+
+def test_doctor_fails_a_key_that_cannot_read_back_in_local_mode(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    """Local mode reads every new object back: a key without `readFiles` makes every run
+    "could not verify", so doctor must not call it "everything looks right"."""
+    repo = small_restic_repo(tmp_path, restic_password)
+    env = {"BACKREST_CONFIG": str(tmp_path / "not-here.json")}
+    fault = deny_reads(prefix_restricted(f"restic/{REPO_ID}"))
+    with S3Proxy(rclone_server.endpoint, fault=fault) as proxy:
+        config = write_agent_config(
+            tmp_path / "relay.toml",
+            proxy.endpoint,
+            rclone_bucket,
+            state_dir=tmp_path / "state",
+            events={"publisher": "local"},
+        )
+        doctor = run_agent(doctor_args(repo, config), env=env)
+        assert doctor.returncode == 4, doctor.stdout + doctor.stderr
+        assert "[FAIL] read permission (repository prefix)" in doctor.stdout, doctor.stdout
+        assert "[FAIL] read permission (manifest prefix)" in doctor.stdout, doctor.stdout
+        assert "everything looks right" not in doctor.stdout
+
+        proxy.fault = prefix_restricted(f"restic/{REPO_ID}")
+        fine = run_agent(doctor_args(repo, config), env=env)
+        assert fine.returncode == 0, fine.stdout + fine.stderr
+        assert "[ok  ] read permission (manifest prefix)" in fine.stdout, fine.stdout
+    remote = rclone_server.bucket_path(rclone_bucket)
+    assert not [p for p in remote.rglob("*") if "doctor" in p.name], "probe objects left behind"
+
+
 # -- 5. the local silence alarm ------------------------------------------------------------------
 
 HC_UUID = "7b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d"
