@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import time
 from pathlib import Path
 
-from tests.support.agent import AgentResult, run_agent, write_agent_config
+from tests.support.agent import AgentResult, run_agent, start_agent, write_agent_config
 from tests.support.repos import (
     corrupt,
     make_restic_repo,
@@ -182,6 +183,56 @@ def test_verification_respects_the_deadline_and_resumes_where_it_stopped(
     assert len(read_first) + len(read_second) == (
         second.summary["verification"]["stats"]["deep_checked"]
         + first.summary["verification"]["stats"]["deep_checked"]
+    )
+
+
+def test_a_terminated_verification_keeps_what_it_proved(
+    tmp_path: Path, counting_proxy: S3Proxy, rclone_bucket: str, restic_password: str
+) -> None:
+    """SIGTERM (Backrest or its container stopping, the sidecar shutting down) mid-way
+    through the read-back: the run stops like at its deadline (exit 6), and the next run
+    does not read again what this one had already proven."""
+    repo, _ = small_repo(tmp_path, restic_password, backups=5)
+
+    def slow_reads(info: RequestInfo) -> Fault | None:
+        if info.operation == "GetObject" and (info.key or "").startswith(f"{PREFIX}/"):
+            time.sleep(1.0)
+        return None
+
+    counting_proxy.fault = slow_reads
+    cfg = config(tmp_path, counting_proxy, rclone_bucket, concurrency=1, deadline="5m")
+    args = ["upload", "--repo", str(repo), "--repo-id", "home", "--repo-guid", GUID]
+    proc = start_agent([*args, "--config", str(cfg), "--json"])
+    try:
+        deadline = time.monotonic() + 120
+        while len([k for k in gets(counting_proxy) if k.startswith(f"{PREFIX}/")]) < 3:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the verification never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 6, err
+    summary = json.loads(out)
+    assert summary["verification"]["unproven_objects"] > 0, summary
+    read_first = {k for k in gets(counting_proxy) if k.startswith(f"{PREFIX}/")}
+
+    counting_proxy.fault = None
+    counting_proxy.reset()
+    second = upload(cfg, repo)
+    assert second.returncode == 0, second.stderr
+    assert second.summary["verification"]["complete"] is True
+    read_second = {k for k in gets(counting_proxy) if k.startswith(f"{PREFIX}/")}
+    assert read_second, "the rest was not proven"
+    assert len(read_first & read_second) <= 1, "the second run re-read what the first proved"
+    restic_check(
+        s3_repo_url(counting_proxy.endpoint, rclone_bucket, PREFIX),
+        restic_password,
+        env=counting_proxy.endpoint.env(),
+        read_data=False,
     )
 
 
