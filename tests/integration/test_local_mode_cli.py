@@ -115,6 +115,11 @@ def test_status_is_a_table_when_piped_and_json_only_with_json(
     to_stdout = run_agent(["status", "--html", "-", "--config", str(config)])
     assert to_stdout.stdout.lstrip().lower().startswith("<!doctype html"), to_stdout.stdout[:200]
 
+    nowhere = tmp_path / "no-such-dir" / "status.html"
+    refused = run_agent(["status", "--html", str(nowhere), "--config", str(config)])
+    assert refused.returncode == 2, refused.stderr
+    assert str(nowhere) in refused.stderr and "unexpected" not in refused.stderr, refused.stderr
+
 
 def test_global_flags_are_accepted_before_or_after_the_subcommand(
     tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str
