@@ -88,6 +88,10 @@ class RunStoreError(Exception):
     """The run-store file cannot be used (corrupt, unreadable, or from a newer version)."""
 
 
+class RunStoreCorrupt(RunStoreError):
+    """The file is not a usable SQLite database (a newer version's file is not this)."""
+
+
 def _run_from_row(row: tuple[Any, ...]) -> RunRecord:
     (repo_key, run_id, kind, status, started, finished, repo_id, host, mirror_run_id, detail) = row
     return RunRecord(
@@ -127,7 +131,7 @@ class SqliteRunStore:
                 self._init_schema(db)
         except sqlite3.DatabaseError as exc:
             self._db.close()
-            raise RunStoreError(
+            raise RunStoreCorrupt(
                 f"run store {path}: unusable ({exc}); move it away to start a fresh history"
             ) from None
         except RunStoreError:

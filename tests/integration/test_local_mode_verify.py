@@ -312,3 +312,39 @@ def test_healthchecks_hears_every_verified_run_whatever_the_chat_policy(
             assert start.query["rid"] == [result.summary["run_id"]]
             assert done.query["rid"] == [result.summary["run_id"]]
         assert chat.requests == [], "on_recovery: a normal success stays quiet in chat"
+
+
+def test_a_corrupt_run_store_is_set_aside_and_the_run_still_reports(
+    tmp_path: Path, counting_proxy: S3Proxy, rclone_bucket: str, restic_password: str
+) -> None:
+    """runs.sqlite damaged (disk full, a bad copy): the hook run used to die with exit 1 and
+    send nothing but Healthchecks' /start — every later run too. The history is only
+    history: it is set aside, a fresh one started, and the run mirrors, verifies and
+    notifies as usual."""
+    repo, _ = small_repo(tmp_path, restic_password, backups=1)
+    with HttpSink() as chat, HttpSink() as hc:
+        cfg = config(
+            tmp_path,
+            counting_proxy,
+            rclone_bucket,
+            notify=(
+                f'urls = ["json://127.0.0.1:{chat.port}/hook"]\n'
+                'success = "always"\n'
+                f'healthchecks = {{ home = "{hc.url}/{HC_UUID}" }}\n'
+            ),
+        )
+        runs = tmp_path / "state" / "runs.sqlite"
+        runs.parent.mkdir(parents=True, exist_ok=True)
+        runs.write_bytes(b"not a database\n" * 100)
+        result = upload(cfg, repo)
+        assert result.returncode == 0, result.stderr
+        assert result.summary["verification"]["verified"] is True
+        assert "runs.sqlite" in result.stderr and "set aside" in result.stderr, result.stderr
+        [message] = chat.wait_for(1)
+        assert "verified" in message.json()["title"]
+        assert [r.path for r in hc.wait_for(2)] == [f"/{HC_UUID}/start", f"/{HC_UUID}"]
+    kept = [p for p in runs.parent.iterdir() if p.name.startswith("runs.sqlite.unusable")]
+    assert [p.read_bytes() for p in kept] == [b"not a database\n" * 100]
+    status = run_agent(["status", "--json", "--config", str(cfg)])
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["repositories"][0]["last_verified_at"]
