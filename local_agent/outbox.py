@@ -60,15 +60,41 @@ class Outbox:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                str(path), isolation_level=None, timeout=30, check_same_thread=False
+            self._db = self._open(path)
+        except sqlite3.OperationalError as exc:  # locked, read-only, cannot open: not damage
+            raise ConfigError(f"outbox {path}: unusable ({exc})") from None
+        except sqlite3.DatabaseError as exc:
+            # A damaged outbox must not stop every later run (and its alerts): its unsent
+            # events are lost either way, so set it aside and start an empty one.
+            aside = path.with_name(f"{path.name}.unusable-{int(time.time())}")
+            try:
+                path.rename(aside)
+                for suffix in ("-wal", "-shm"):
+                    path.with_name(path.name + suffix).unlink(missing_ok=True)
+                self._db = self._open(path)
+            except (OSError, sqlite3.DatabaseError):
+                raise ConfigError(f"outbox {path}: unusable ({exc})") from None
+            log.warning(
+                "outbox %s: unusable (%s); set aside as %s (events it held are not sent)",
+                path,
+                exc,
+                aside.name,
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.DatabaseError) as exc:
+        except OSError as exc:
             raise ConfigError(f"outbox {path}: unusable ({exc})") from None
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(path), isolation_level=None, timeout=30, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         self._db.close()

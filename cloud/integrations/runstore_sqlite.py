@@ -131,7 +131,10 @@ class SqliteRunStore:
                 self._init_schema(db)
         except sqlite3.DatabaseError as exc:
             self._db.close()
-            raise RunStoreCorrupt(
+            # Locked, read-only or unopenable is not damage: only a damaged file may be
+            # set aside (local_agent.pipeline), never one another process is using.
+            kind = RunStoreError if isinstance(exc, sqlite3.OperationalError) else RunStoreCorrupt
+            raise kind(
                 f"run store {path}: unusable ({exc}); move it away to start a fresh history"
             ) from None
         except RunStoreError:

@@ -348,3 +348,34 @@ def test_a_corrupt_run_store_is_set_aside_and_the_run_still_reports(
     status = run_agent(["status", "--json", "--config", str(cfg)])
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["repositories"][0]["last_verified_at"]
+
+
+def test_a_corrupt_outbox_is_set_aside_and_the_run_still_reports(
+    tmp_path: Path, counting_proxy: S3Proxy, rclone_bucket: str, restic_password: str
+) -> None:
+    """outbox.sqlite damaged: every hook run refused (exit 2) before mirroring and sent
+    nothing but Healthchecks' /start. Set aside, a fresh outbox, and the run goes on."""
+    repo, _ = small_repo(tmp_path, restic_password, backups=1)
+    with HttpSink() as hc:
+        cfg = config(
+            tmp_path,
+            counting_proxy,
+            rclone_bucket,
+            notify=f'healthchecks = {{ home = "{hc.url}/{HC_UUID}" }}\n',
+        )
+        outbox = tmp_path / "state" / "outbox.sqlite"
+        outbox.parent.mkdir(parents=True, exist_ok=True)
+        outbox.write_bytes(b"not a database\n" * 100)
+        result = upload(cfg, repo)
+        assert result.returncode == 0, result.stderr
+        assert result.summary["verification"]["verified"] is True
+        assert "outbox.sqlite" in result.stderr and "set aside" in result.stderr, result.stderr
+        assert [r.path for r in hc.wait_for(2)] == [f"/{HC_UUID}/start", f"/{HC_UUID}"]
+    kept = [p for p in outbox.parent.iterdir() if p.name.startswith("outbox.sqlite.unusable")]
+    assert [p.read_bytes() for p in kept] == [b"not a database\n" * 100]
+    restic_check(
+        s3_repo_url(counting_proxy.endpoint, rclone_bucket, PREFIX),
+        restic_password,
+        env=counting_proxy.endpoint.env(),
+        read_data=False,
+    )
