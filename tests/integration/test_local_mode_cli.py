@@ -682,6 +682,31 @@ def test_check_stale_with_an_empty_run_store_is_not_silent(
     assert "Traceback" not in result.stderr
 
 
+def test_check_stale_says_when_backrests_config_cannot_be_used(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str
+) -> None:
+    """A Backrest config that exists but cannot be read (half-written, bad JSON) silently
+    turned a monthly window into 26 h (a daily false alarm) and dropped Backrest's
+    repositories from the check: cron mail must say why."""
+    config = local_config(tmp_path, rclone_server, rclone_bucket)
+    broken = tmp_path / "backrest.json"
+    broken.write_text('{"repos": [')
+    result = run_agent(
+        ["status", "--check-stale", "--config", str(config)],
+        env={"BACKREST_CONFIG": str(broken)},
+    )
+    assert str(broken) in result.stderr and "not valid JSON" in result.stderr, result.stderr
+    assert "max_age" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+    absent = run_agent(
+        ["status", "--check-stale", "--config", str(config)],
+        env={"BACKREST_CONFIG": str(tmp_path / "absent.json")},
+    )
+    assert absent.returncode == 0, absent.stderr
+    assert "absent.json" not in absent.stderr, "no Backrest on this host is not an error"
+
+
 # -- 6. the staleness window follows Backrest's check schedule -----------------------------------
 
 
