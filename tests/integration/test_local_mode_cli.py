@@ -315,6 +315,36 @@ def test_every_command_records_under_backrests_guid(
     mirror_check(rclone_server, rclone_bucket, restic_password)
 
 
+def test_a_path_that_is_not_backrests_repository_is_not_recorded_under_its_guid(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    """`upload --repo OTHER --repo-id home` where Backrest's `home` is another repository:
+    the other one was mirrored into home's (empty) prefix, recorded and verified under
+    home's guid, and identities.json learned that OTHER's config is home's."""
+    repo = small_restic_repo(tmp_path / "a", restic_password)
+    other = small_restic_repo(tmp_path / "b", restic_password, seed=2)
+    guid = restic_repo_id(repo, restic_password)
+    backrest = write_backrest_config(
+        tmp_path / "backrest.json", [{"id": REPO_ID, "uri": f"local:{repo}", "guid": guid}]
+    )
+    env = {"BACKREST_CONFIG": str(backrest)}
+    config = str(local_config(tmp_path, rclone_server, rclone_bucket))
+    wrong = run_agent(
+        ["upload", "--repo", str(other), "--repo-id", REPO_ID, "--config", config], env=env
+    )
+    assert wrong.returncode == 2, wrong.stdout + wrong.stderr
+    assert str(other) in wrong.stderr and str(repo) in wrong.stderr, wrong.stderr
+    assert not list(rclone_server.bucket_path(rclone_bucket).rglob("config")), "it mirrored"
+    identities = tmp_path / "state" / "identities.json"
+    assert not identities.exists() or guid not in identities.read_text()
+
+    right = run_agent(
+        ["upload", "--repo", str(repo), "--repo-id", REPO_ID, "--config", config], env=env
+    )
+    assert right.returncode == 0, right.stderr
+    assert [r["repo_key"] for r in status_rows(Path(config), env)] == [guid]
+
+
 def test_without_backrests_config_the_guid_learned_from_the_hook_is_used(
     tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
 ) -> None:
