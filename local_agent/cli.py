@@ -7,6 +7,7 @@ repository integrity · 4 destination · 5 safety guard · 6 deadline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -264,12 +265,24 @@ def cmd_upload(args: argparse.Namespace) -> int:
         repo = resolve_repo(args, loaded.config.state.path(), learn=not args.dry_run)
     except ConfigError as exc:
         if not args.dry_run:
+            from local_agent.identity import resolve_identity
             from local_agent.upload import report_failure
 
+            guid = args.repo_guid
+            if guid is None and args.repo_id:
+                # Recorded under the guid like every other run of this id: a row keyed by the
+                # bare id would be a phantom repository for `status --check-stale`.
+                with contextlib.suppress(RelayError):
+                    guid = resolve_identity(
+                        loaded.config.state.path(),
+                        repo_id=args.repo_id,
+                        repo_guid=None,
+                        learn=False,
+                    ).guid
             report_failure(
                 loaded.config,
                 repo_id=args.repo_id,
-                repo_guid=args.repo_guid,
+                repo_guid=guid,
                 repo_path=args.repo,
                 trigger=args.trigger,
                 kind=exc.kind,

@@ -39,6 +39,10 @@ class StopSignal:
     def remaining(self) -> float | None:
         return None if self._deadline is None else self._deadline - time.monotonic()
 
+    def expire_now(self) -> None:
+        """Act as if the deadline had come (SIGTERM): work stops and saves its progress."""
+        self._deadline = time.monotonic()
+
     def stop(self, reason: str) -> None:
         with self._lock:
             if self._reason is None:

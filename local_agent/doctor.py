@@ -168,9 +168,11 @@ def run_doctor(args: argparse.Namespace) -> int:
     )
     targets.append(("manifest prefix", manifest_backend, manifest_prefix))
     body = b"backrest-relay doctor probe\n"
+    # Local mode reads every new object back; elsewhere only `verify` needs to read.
+    read_required = config.events.publisher == "local"
     try:
         for label, target, prefix in targets:
-            _probe(doctor, config.upload.delete, label, target, prefix, body)
+            _probe(doctor, config.upload.delete, label, target, prefix, body, read_required)
     finally:
         manifest_backend.close()
 
@@ -189,9 +191,15 @@ def run_doctor(args: argparse.Namespace) -> int:
 
 
 def _probe(
-    doctor: Doctor, delete_enabled: bool, label: str, backend: Any, prefix: str, body: bytes
+    doctor: Doctor,
+    delete_enabled: bool,
+    label: str,
+    backend: Any,
+    prefix: str,
+    body: bytes,
+    read_required: bool = True,
 ) -> None:
-    """PUT then DELETE a probe object under `prefix`; both outcomes are recorded."""
+    """PUT, GET back, then DELETE a probe object under `prefix`; each outcome is recorded."""
     probe_key = f".backrest-relay-doctor-{secrets.token_hex(6)}"
     where = f"{prefix}/" if prefix else "the bucket root"
 
@@ -209,6 +217,7 @@ def _probe(
 
     if not doctor.attempt(f"write permission ({label})", write_check):
         return
+    _read_probe(doctor, read_required, label, backend, probe_key, where, body)
     try:
         backend.delete(probe_key)
         doctor.record(
@@ -270,6 +279,28 @@ def _object_lock_check(doctor: Doctor, config: Any, backend: Any) -> None:
             f"destination.object_lock is set but bucket {backend.bucket} does not have "
             f"Object Lock enabled ({said}): uploads would be refused. {ENABLE_OBJECT_LOCK}",
         )
+
+
+def _read_probe(
+    doctor: Doctor, required: bool, label: str, backend: Any, key: str, where: str, body: bytes
+) -> None:
+    """GET the probe back: a key without `readFiles` can upload but never verify."""
+    from local_agent.backend import describe_error
+
+    name = f"read permission ({label})"
+    try:
+        got = backend.client.get_object(
+            Bucket=backend.destination.bucket, Key=backend.destination.key(key)
+        )
+        data = got["Body"].read()
+    except Exception as exc:
+        why = "local verification reads every new object back" if required else "needed by verify"
+        doctor.record(name, False if required else None, f"{describe_error(exc)} ({why})")
+        return
+    if data != body:
+        doctor.record(name, False, f"the probe read back under {where} differs from what was sent")
+        return
+    doctor.record(name, True, f"can read back under {where}")
 
 
 def _exit(doctor: Doctor) -> int:

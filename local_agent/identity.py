@@ -80,14 +80,30 @@ class IdentityBook:
             tmp.unlink(missing_ok=True)
 
 
-def _backrest_entries() -> list[tuple[str, str | None]]:
-    """(id, guid) of every repository in Backrest's config, or [] when it is not readable."""
+def _backrest_entries() -> list[tuple[str, str | None, str]]:
+    """(id, guid, uri) of every repository in Backrest's config, or [] when not readable."""
     from local_agent.backrest import backrest_config_path, load_backrest_repos
 
     try:
-        return [(r.id, r.guid) for r in load_backrest_repos(backrest_config_path())]
+        return [(r.id, r.guid, r.uri) for r in load_backrest_repos(backrest_config_path())]
     except ConfigError:
         return []
+
+
+def _check_same_repository(repo_path: Path | None, repo_id: str, uri: str, digest: str) -> None:
+    """Refuse `--repo PATH --repo-id ID` when Backrest's ID is another repository on this
+    machine: its guid would be recorded (and its prefix filled) for the wrong one."""
+    from local_agent.backrest import repo_path_from_uri
+
+    try:
+        theirs = config_digest(repo_path_from_uri(uri))
+    except ConfigError:
+        return  # a remote or unexpandable URI: nothing here to compare with
+    if theirs is not None and theirs != digest:
+        raise ConfigError(
+            f"--repo {repo_path} is not the repository Backrest calls {repo_id!r} "
+            f"({uri}): their config files differ; pass Backrest's path, or another --repo-id"
+        )
 
 
 def _valid_id(value: str | None) -> str | None:
@@ -121,8 +137,10 @@ def resolve_identity(
     digest = config_digest(repo_path)
     guid = repo_guid
     if guid is None and repo_id:
-        for entry_id, entry_guid in _backrest_entries():
+        for entry_id, entry_guid, entry_uri in _backrest_entries():
             if entry_id == repo_id and entry_guid:
+                if digest:
+                    _check_same_repository(repo_path, repo_id, entry_uri, digest)
                 guid = entry_guid
                 break
     if guid is None and repo_id:
@@ -132,7 +150,7 @@ def resolve_identity(
     if guid is not None:
         guid = validate_repo_guid(guid)
     if repo_id is None and guid is not None:
-        found = next((i for i, g in _backrest_entries() if g == guid), None)
+        found = next((i for i, g, _ in _backrest_entries() if g == guid), None)
         repo_id = _valid_id(found or known.get(f"guid:{guid}"))
     if learn and guid:
         entries = {f"guid:{guid}": repo_id} if repo_id else {}

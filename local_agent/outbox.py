@@ -11,13 +11,14 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.contracts.events import EventDetail, parse_detail
-from cloud.integrations.sqlite_file import UnusableFile, open_sqlite
+from cloud.integrations.sqlite_file import UnusableFile, open_sqlite, set_aside
 from local_agent.errors import ConfigError
 from local_agent.publishers import Publisher, PublishError
 
@@ -64,10 +65,23 @@ class Outbox:
         except OSError as exc:
             raise ConfigError(f"outbox {path}: unusable ({exc})") from None
         try:
-            self._db = open_sqlite(path, what="outbox", init=lambda db: db.executescript(_SCHEMA))
+            self._db = self._open(path)
         except UnusableFile as exc:
-            raise ConfigError(str(exc)) from None
+            if not exc.damaged:
+                raise ConfigError(str(exc)) from None
+            # A damaged outbox must not stop every later run (and its alerts): its unsent
+            # events are lost either way, so set it aside and start an empty one.
+            try:
+                aside = set_aside(path)
+                self._db = self._open(path)
+            except (OSError, UnusableFile):
+                raise ConfigError(str(exc)) from None
+            log.warning("%s; set aside as %s (events it held are not sent)", exc, aside.name)
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        return open_sqlite(path, what="outbox", init=lambda db: db.executescript(_SCHEMA))
 
     def close(self) -> None:
         self._db.close()

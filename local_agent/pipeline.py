@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,11 +60,27 @@ class LocalPipeline:
         self.passes: dict[str, CheckpointedVerification] = {}
 
     def runs(self) -> SqliteRunStore:
-        from cloud.integrations.runstore_sqlite import SqliteRunStore
+        """The run store; a corrupt one is set aside and a fresh one started, because a
+        hook run that dies on its own history would never alert again."""
+        from cloud.integrations.runstore_sqlite import RunStoreCorrupt, SqliteRunStore
 
         with self._lock:
             if self._runs is None:
-                self._runs = SqliteRunStore(run_store_path(self.state_dir))
+                path = run_store_path(self.state_dir)
+                try:
+                    self._runs = SqliteRunStore(path)
+                except RunStoreCorrupt as exc:
+                    aside = path.with_name(f"{path.name}.unusable-{int(time.time())}")
+                    path.rename(aside)
+                    for suffix in ("-wal", "-shm"):
+                        path.with_name(path.name + suffix).unlink(missing_ok=True)
+                    log.warning(
+                        "%s; set aside as %s, starting a fresh history (checkpoints and "
+                        "alert state are lost: the next pass may read new objects again)",
+                        exc,
+                        aside.name,
+                    )
+                    self._runs = SqliteRunStore(path)
             return self._runs
 
     def __call__(self, event: EventDetail) -> None:

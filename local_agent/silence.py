@@ -54,10 +54,16 @@ def expected_repos(config: RelayConfig) -> list[RepoRef]:
     from local_agent.backrest import backrest_config_path, load_backrest_repos
     from local_agent.identity import resolve_identity
 
+    path = backrest_config_path()
     try:
-        listed = [r for r in load_backrest_repos(backrest_config_path()) if r.mirrored]
-    except ConfigError:
+        listed = [r for r in load_backrest_repos(path) if r.mirrored]
+    except ConfigError as exc:
         listed = []
+        if path.exists():  # no Backrest on this host is fine; a broken config is not
+            sys.stderr.write(
+                f"backrest-relay: warning: {exc}; its repositories are not checked and "
+                "their staleness window falls back to notify.max_age\n"
+            )
     refs = [RepoRef(id=r.id, guid=r.guid) for r in listed]
     for name in config.notify.healthchecks:
         if any(name in (ref.id, ref.guid) for ref in refs):

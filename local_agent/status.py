@@ -136,7 +136,11 @@ def run_status(
         if html == "-":
             sys.stdout.write(render_report(runs))  # the page is the output: no table
         else:
-            sys.stderr.write(f"wrote {write_report(runs, Path(html))}\n")
+            try:
+                written = write_report(runs, Path(html))
+            except OSError as exc:
+                raise ConfigError(f"--html {html}: cannot write it ({exc.strerror})") from None
+            sys.stderr.write(f"wrote {written}\n")
     if html == "-":
         pass
     elif as_json:

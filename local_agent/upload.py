@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from cloud.contracts.events import (
@@ -84,6 +87,7 @@ def run_upload(
     state_dir = config.state.path()
     stop = StopSignal(upload.deadline_seconds)
     hard_stop = start_hard_stop(upload.deadline_seconds)
+    restore_sigterm = _stop_on_sigterm(stop)
     identity = repo_guid or str(repo_path.resolve())
     state_path = state_dir / state_file_name(destination, identity)
     # One upload per destination prefix at a time, whatever identity the caller gave the
@@ -140,6 +144,7 @@ def run_upload(
         )
     except BaseException:
         hard_stop.cancel()  # an in-process caller must not be killed later by the timer
+        restore_sigterm()
         raise
     finally:
         lock.release()
@@ -150,7 +155,27 @@ def run_upload(
     finally:
         # Local verification runs inside the same deadline as the upload.
         hard_stop.cancel()
+        restore_sigterm()
     return summary
+
+
+def _stop_on_sigterm(stop: StopSignal) -> Callable[[], None]:
+    """SIGTERM (Backrest, its container or the sidecar stopping) ends the run as its
+    deadline would: uploads and the read-back stop, and what was proven is checkpointed
+    (exit 6) instead of being lost with the process. Returns what restores the handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.expire_now()
+        start_hard_stop(0, grace=30)  # a request hanging now must not keep the process
+
+    previous = signal.signal(signal.SIGTERM, handler)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def _bind_pipeline(

@@ -89,6 +89,10 @@ class RunStoreError(Exception):
     """The run-store file cannot be used (corrupt, unreadable, or from a newer version)."""
 
 
+class RunStoreCorrupt(RunStoreError):
+    """The file is not a usable SQLite database (a newer version's file is not this)."""
+
+
 def _run_from_row(row: tuple[Any, ...]) -> RunRecord:
     (repo_key, run_id, kind, status, started, finished, repo_id, host, mirror_run_id, detail) = row
     return RunRecord(
@@ -124,7 +128,9 @@ class SqliteRunStore:
                 init=self._init_schema_in_transaction,
             )
         except UnusableFile as exc:
-            raise RunStoreError(str(exc)) from None
+            # Locked, read-only or unopenable is not damage: only a damaged file may be
+            # set aside (local_agent.pipeline), never one another process is using.
+            raise (RunStoreCorrupt if exc.damaged else RunStoreError)(str(exc)) from None
 
     def _init_schema_in_transaction(self, db: sqlite3.Connection) -> None:
         with transaction(db, immediate=True):

@@ -11,6 +11,7 @@ by threads; callers guard it with their own lock.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,21 @@ BUSY_TIMEOUT_SECONDS = 30
 
 class UnusableFile(Exception):
     """The file cannot be opened or is not a database this release can use; the message
-    names the file and says what to do."""
+    names the file and says what to do. `damaged`: the file itself is broken (not merely
+    locked, read-only or unopenable), so setting it aside loses nothing more."""
+
+    def __init__(self, message: str, *, damaged: bool = False) -> None:
+        super().__init__(message)
+        self.damaged = damaged
+
+
+def set_aside(path: Path) -> Path:
+    """Move a damaged database (and its WAL files) out of the way; returns the new name."""
+    aside = path.with_name(f"{path.name}.unusable-{int(time.time())}")
+    path.rename(aside)
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    return aside
 
 
 def open_sqlite(
@@ -56,7 +71,10 @@ def open_sqlite(
         if db is not None:
             db.close()
         message = f"{what} {path}: unusable ({exc})" + (f"; {hint}" if hint else "")
-        raise UnusableFile(message) from None
+        damaged = isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+            exc, sqlite3.OperationalError  # locked, read-only, cannot open: not damage
+        )
+        raise UnusableFile(message, damaged=damaged) from None
     except BaseException:
         if db is not None:
             db.close()

@@ -209,8 +209,12 @@ def _compose(event: EventDetail, severity: Severity) -> _Message:
             else "Backrest's repository check failed; nothing was mirrored."
         )
     elif isinstance(event, MirrorStale):
-        age = _duration(event.age_seconds) if event.age_seconds is not None else "never verified"
-        msg = _Message(subject=f"⏰ {repo}: no verified off-site copy for {age}")
+        age = (
+            f"for {_duration(event.age_seconds)}"
+            if event.age_seconds is not None
+            else "yet (never verified)"
+        )
+        msg = _Message(subject=f"⏰ {repo}: no verified off-site copy {age}")
         last = (
             event.last_verified_at.strftime("%Y-%m-%d %H:%M UTC")
             if event.last_verified_at

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from local_agent import progress as progress_module
-from testbed.agent import agent_config_in, agent_env, run_agent, upload_args
+from testbed.agent import agent_config_in, agent_env, run_agent, upload_args, write_agent_config
 from testbed.repos import (
     make_restic_repo,
     restic_backup,
@@ -120,6 +120,11 @@ def test_status_is_a_table_when_piped_and_json_only_with_json(
     assert not html.stdout.lstrip().startswith("{")
     to_stdout = run_agent(["status", "--html", "-", "--config", str(config)])
     assert to_stdout.stdout.lstrip().lower().startswith("<!doctype html"), to_stdout.stdout[:200]
+
+    nowhere = tmp_path / "no-such-dir" / "status.html"
+    refused = run_agent(["status", "--html", str(nowhere), "--config", str(config)])
+    assert refused.returncode == 2, refused.stderr
+    assert str(nowhere) in refused.stderr and "unexpected" not in refused.stderr, refused.stderr
 
 
 def test_global_flags_are_accepted_before_or_after_the_subcommand(
@@ -322,6 +327,36 @@ def hook_ran_without_backrest_config(
     return repo, guid, env, config
 
 
+def test_a_path_that_is_not_backrests_repository_is_not_recorded_under_its_guid(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    """`upload --repo OTHER --repo-id home` where Backrest's `home` is another repository:
+    the other one was mirrored into home's (empty) prefix, recorded and verified under
+    home's guid, and identities.json learned that OTHER's config is home's."""
+    repo = small_restic_repo(tmp_path / "a", restic_password)
+    other = small_restic_repo(tmp_path / "b", restic_password, seed=2)
+    guid = restic_repo_id(repo, restic_password)
+    backrest = write_backrest_config(
+        tmp_path / "backrest.json", [{"id": REPO_ID, "uri": f"local:{repo}", "guid": guid}]
+    )
+    env = {"BACKREST_CONFIG": str(backrest)}
+    config = str(local_config(tmp_path, rclone_server, rclone_bucket))
+    wrong = run_agent(
+        ["upload", "--repo", str(other), "--repo-id", REPO_ID, "--config", config], env=env
+    )
+    assert wrong.returncode == 2, wrong.stdout + wrong.stderr
+    assert str(other) in wrong.stderr and str(repo) in wrong.stderr, wrong.stderr
+    assert not list(rclone_server.bucket_path(rclone_bucket).rglob("config")), "it mirrored"
+    identities = tmp_path / "state" / "identities.json"
+    assert not identities.exists() or guid not in identities.read_text()
+
+    right = run_agent(
+        ["upload", "--repo", str(repo), "--repo-id", REPO_ID, "--config", config], env=env
+    )
+    assert right.returncode == 0, right.stderr
+    assert [r["repo_key"] for r in status_rows(Path(config), env)] == [guid]
+
+
 def test_without_backrests_config_the_guid_learned_from_the_hook_is_used(
     tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
 ) -> None:
@@ -453,6 +488,48 @@ def test_one_key_limited_to_the_repository_prefix_covers_everything_the_agent_wr
         assert "[FAIL] delete permission (repository prefix)" in no_delete.stdout
         assert "[FAIL] delete permission (manifest prefix)" in no_delete.stdout
     mirror_check(rclone_server, rclone_bucket, restic_password)
+
+
+def deny_reads(inner: Any) -> Any:
+    """A B2 key without `readFiles`: listing and writing work, GetObject is AccessDenied."""
+
+    def hook(info: RequestInfo) -> Fault | None:
+        if info.method == "GET" and info.key is not None:
+            return Fault.s3_error(403, "AccessDenied", "no readFiles")
+        result: Fault | None = inner(info)
+        return result
+
+    return hook
+
+
+def test_doctor_fails_a_key_that_cannot_read_back_in_local_mode(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
+) -> None:
+    """Local mode reads every new object back: a key without `readFiles` makes every run
+    "could not verify", so doctor must not call it "everything looks right"."""
+    repo = small_restic_repo(tmp_path, restic_password)
+    env = {"BACKREST_CONFIG": str(tmp_path / "not-here.json")}
+    fault = deny_reads(prefix_restricted(f"restic/{REPO_ID}"))
+    with S3Proxy(rclone_server.endpoint, fault=fault) as proxy:
+        config = write_agent_config(
+            tmp_path / "relay.toml",
+            proxy.endpoint,
+            rclone_bucket,
+            state_dir=tmp_path / "state",
+            events={"publisher": "local"},
+        )
+        doctor = run_agent(doctor_args(repo, config), env=env)
+        assert doctor.returncode == 4, doctor.stdout + doctor.stderr
+        assert "[FAIL] read permission (repository prefix)" in doctor.stdout, doctor.stdout
+        assert "[FAIL] read permission (manifest prefix)" in doctor.stdout, doctor.stdout
+        assert "everything looks right" not in doctor.stdout
+
+        proxy.fault = prefix_restricted(f"restic/{REPO_ID}")
+        fine = run_agent(doctor_args(repo, config), env=env)
+        assert fine.returncode == 0, fine.stdout + fine.stderr
+        assert "[ok  ] read permission (manifest prefix)" in fine.stdout, fine.stdout
+    remote = rclone_server.bucket_path(rclone_bucket)
+    assert not [p for p in remote.rglob("*") if "doctor" in p.name], "probe objects left behind"
 
 
 # -- 5. the local silence alarm ------------------------------------------------------------------
@@ -612,6 +689,31 @@ def test_check_stale_with_an_empty_run_store_is_not_silent(
     assert result.returncode == 3, result.stdout + result.stderr
     assert f"no run recorded for {REPO_ID}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_check_stale_says_when_backrests_config_cannot_be_used(
+    tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str
+) -> None:
+    """A Backrest config that exists but cannot be read (half-written, bad JSON) silently
+    turned a monthly window into 26 h (a daily false alarm) and dropped Backrest's
+    repositories from the check: cron mail must say why."""
+    config = local_config(tmp_path, rclone_server, rclone_bucket)
+    broken = tmp_path / "backrest.json"
+    broken.write_text('{"repos": [')
+    result = run_agent(
+        ["status", "--check-stale", "--config", str(config)],
+        env={"BACKREST_CONFIG": str(broken)},
+    )
+    assert str(broken) in result.stderr and "not valid JSON" in result.stderr, result.stderr
+    assert "max_age" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+    absent = run_agent(
+        ["status", "--check-stale", "--config", str(config)],
+        env={"BACKREST_CONFIG": str(tmp_path / "absent.json")},
+    )
+    assert absent.returncode == 0, absent.stderr
+    assert "absent.json" not in absent.stderr, "no Backrest on this host is not an error"
 
 
 # -- 6. the staleness window follows Backrest's check schedule -----------------------------------

@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import time
 from pathlib import Path
 
-from testbed.agent import AgentResult, agent_config_in, run_agent, upload_args
+from testbed.agent import (
+    AgentResult,
+    agent_config_in,
+    run_agent,
+    start_agent,
+    upload_args,
+)
 from testbed.repos import (
     corrupt,
     make_restic_repo,
@@ -168,6 +175,53 @@ def test_verification_respects_the_deadline_and_resumes_where_it_stopped(
     )
 
 
+def test_a_terminated_verification_keeps_what_it_proved(
+    tmp_path: Path, counting_proxy: S3Proxy, rclone_bucket: str, restic_password: str
+) -> None:
+    """SIGTERM (Backrest or its container stopping, the sidecar shutting down) mid-way
+    through the read-back: the run stops like at its deadline (exit 6), and the next run
+    does not read again what this one had already proven."""
+    repo, _ = small_repo(tmp_path, restic_password, backups=5)
+
+    def slow_reads(info: RequestInfo) -> Fault | None:
+        if info.operation == "GetObject" and (info.key or "").startswith(f"{PREFIX}/"):
+            time.sleep(1.0)
+        return None
+
+    counting_proxy.fault = slow_reads
+    cfg = config(tmp_path, counting_proxy, rclone_bucket, concurrency=1, deadline="5m")
+    args = ["upload", "--repo", str(repo), "--repo-id", "home", "--repo-guid", GUID]
+    proc = start_agent([*args, "--config", str(cfg), "--json"])
+    try:
+        deadline = time.monotonic() + 120
+        while len([k for k in gets(counting_proxy) if k.startswith(f"{PREFIX}/")]) < 3:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the verification never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 6, err
+    summary = json.loads(out)
+    assert summary["verification"]["unproven_objects"] > 0, summary
+    read_first = {k for k in gets(counting_proxy) if k.startswith(f"{PREFIX}/")}
+
+    counting_proxy.fault = None
+    counting_proxy.reset()
+    second = upload(cfg, repo)
+    assert second.returncode == 0, second.stderr
+    assert second.summary["verification"]["complete"] is True
+    read_second = {k for k in gets(counting_proxy) if k.startswith(f"{PREFIX}/")}
+    assert read_second, "the rest was not proven"
+    assert len(read_first & read_second) <= 1, "the second run re-read what the first proved"
+    restic_check_mirror(
+        counting_proxy.endpoint, rclone_bucket, PREFIX, restic_password, read_data=False
+    )
+
+
 def test_an_event_that_cannot_be_verified_does_not_silence_later_failures(
     tmp_path: Path, counting_proxy: S3Proxy, rclone_bucket: str, restic_password: str
 ) -> None:
@@ -241,3 +295,67 @@ def test_healthchecks_hears_every_verified_run_whatever_the_chat_policy(
             assert start.query["rid"] == [result.summary["run_id"]]
             assert done.query["rid"] == [result.summary["run_id"]]
         assert chat.requests == [], "on_recovery: a normal success stays quiet in chat"
+
+
+def test_a_corrupt_run_store_is_set_aside_and_the_run_still_reports(
+    tmp_path: Path, counting_proxy: S3Proxy, rclone_bucket: str, restic_password: str
+) -> None:
+    """runs.sqlite damaged (disk full, a bad copy): the hook run used to die with exit 1 and
+    send nothing but Healthchecks' /start — every later run too. The history is only
+    history: it is set aside, a fresh one started, and the run mirrors, verifies and
+    notifies as usual."""
+    repo, _ = small_repo(tmp_path, restic_password, backups=1)
+    with HttpSink() as chat, HttpSink() as hc:
+        cfg = config(
+            tmp_path,
+            counting_proxy,
+            rclone_bucket,
+            notify=(
+                f'urls = ["json://127.0.0.1:{chat.port}/hook"]\n'
+                'success = "always"\n'
+                f'healthchecks = {{ home = "{hc.url}/{HC_UUID}" }}\n'
+            ),
+        )
+        runs = tmp_path / "state" / "runs.sqlite"
+        runs.parent.mkdir(parents=True, exist_ok=True)
+        runs.write_bytes(b"not a database\n" * 100)
+        result = upload(cfg, repo)
+        assert result.returncode == 0, result.stderr
+        assert result.summary["verification"]["verified"] is True
+        assert "runs.sqlite" in result.stderr and "set aside" in result.stderr, result.stderr
+        [message] = chat.wait_for(1)
+        assert "verified" in message.json()["title"]
+        assert [r.path for r in hc.wait_for(2)] == [f"/{HC_UUID}/start", f"/{HC_UUID}"]
+    kept = [p for p in runs.parent.iterdir() if p.name.startswith("runs.sqlite.unusable")]
+    assert [p.read_bytes() for p in kept] == [b"not a database\n" * 100]
+    status = run_agent(["status", "--json", "--config", str(cfg)])
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["repositories"][0]["last_verified_at"]
+
+
+def test_a_corrupt_outbox_is_set_aside_and_the_run_still_reports(
+    tmp_path: Path, counting_proxy: S3Proxy, rclone_bucket: str, restic_password: str
+) -> None:
+    """outbox.sqlite damaged: every hook run refused (exit 2) before mirroring and sent
+    nothing but Healthchecks' /start. Set aside, a fresh outbox, and the run goes on."""
+    repo, _ = small_repo(tmp_path, restic_password, backups=1)
+    with HttpSink() as hc:
+        cfg = config(
+            tmp_path,
+            counting_proxy,
+            rclone_bucket,
+            notify=f'healthchecks = {{ home = "{hc.url}/{HC_UUID}" }}\n',
+        )
+        outbox = tmp_path / "state" / "outbox.sqlite"
+        outbox.parent.mkdir(parents=True, exist_ok=True)
+        outbox.write_bytes(b"not a database\n" * 100)
+        result = upload(cfg, repo)
+        assert result.returncode == 0, result.stderr
+        assert result.summary["verification"]["verified"] is True
+        assert "outbox.sqlite" in result.stderr and "set aside" in result.stderr, result.stderr
+        assert [r.path for r in hc.wait_for(2)] == [f"/{HC_UUID}/start", f"/{HC_UUID}"]
+    kept = [p for p in outbox.parent.iterdir() if p.name.startswith("outbox.sqlite.unusable")]
+    assert [p.read_bytes() for p in kept] == [b"not a database\n" * 100]
+    restic_check_mirror(
+        counting_proxy.endpoint, rclone_bucket, PREFIX, restic_password, read_data=False
+    )

@@ -168,4 +168,6 @@ def test_watchdog_ignores_fresh_repositories_and_counts_never_verified_from_firs
     assert run_watchdog(runs, now=T0 + timedelta(hours=2)) == []
     [stale] = run_watchdog(runs, now=T0 + timedelta(hours=30))
     assert stale.last_verified_at is None and stale.age_seconds is None
-    assert "never verified" in render(stale, "stale").subject
+    subject = render(stale, "stale").subject
+    assert "never verified" in subject
+    assert "copy for never" not in subject, subject  # not "no verified copy for never verified"
