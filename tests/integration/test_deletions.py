@@ -477,3 +477,34 @@ def test_marks_survive_reconcile_and_go_when_delete_is_turned_off(
     assert on_again["deleted_files"] == 0
     assert on_again["next_deletion_due"] == "2026-03-16T00:00:00Z"  # starts afresh
     mirror.check()
+
+
+def test_dry_run_after_a_lost_state_store_shows_the_deletions_the_run_makes(
+    rotating: Rotating,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    tmp_path: Path,
+    clean_env: None,
+) -> None:
+    """An operator who lost the state store (new host, wiped cache) dry-runs first to see
+    what the next run would delete: the plan, read from the same listing, must say what
+    the run then does — not "nothing" because the old store is gone."""
+    mirror = make_mirror(
+        tmp_path, rclone_server, rclone_bucket, rotating.password, delete_after="0"
+    )
+    assert mirror.upload_at(rotating.path, T0)["exit_code"] == 0
+    before = mirror.objects()
+    rotating.forget_prune(keep_last=2)
+    gone = before - rotating.files()
+    shutil.rmtree(tmp_path / "state")
+
+    plan = mirror.upload_at(rotating.path, T0 + DAY, dry_run=True)
+    assert plan["exit_code"] == 0, plan["error"]
+    assert plan["plan"]["delete"] == len(gone)
+    assert plan["plan"]["delete_guard"] == "ok"
+    assert mirror.objects() == before  # a dry run changes nothing
+
+    real = mirror.upload_at(rotating.path, T0 + DAY)
+    assert real["exit_code"] == 0, real["error"]
+    assert real["deleted_files"] == plan["plan"]["delete"]
+    mirror.check()
