@@ -316,3 +316,28 @@ def test_unreadable_pack_is_named_with_exit_3(
     assert result.returncode == 3, result.stderr
     assert victim.relative_to(repo.root).as_posix() in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_config_that_is_not_a_file_is_refused_without_hanging(
+    kind: str, rclone_server: RcloneS3Server, rclone_bucket: str, tmp_path: Path
+) -> None:
+    """A FIFO (or a link to an endless device) where `config` belongs: opening it blocks
+    or never ends, and Backrest gives a hook no timeout — so nothing may read it before the
+    repository check refuses it (exit 3) and nothing was sent."""
+    repo = make_fake_restic_repo(tmp_path / "repo", packs=2, pack_size=1000)
+    config_file = repo.root / "config"
+    config_file.unlink()
+    if kind == "fifo":
+        os.mkfifo(config_file)
+    else:
+        config_file.symlink_to("/dev/zero")
+    config = write_agent_config(
+        tmp_path / "relay.toml", rclone_server.endpoint, rclone_bucket, state_dir=tmp_path / "s"
+    )
+    args = ["upload", "--repo", str(repo.root), "--repo-id", REPO_ID, "--config", str(config)]
+    result = run_agent([*args, "--json"], timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert "config" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert remote_files(rclone_server.bucket_path(rclone_bucket), PREFIX) == {}
