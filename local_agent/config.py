@@ -208,7 +208,14 @@ class UploadConfig(_Section):
     @field_validator("delete_after")
     @classmethod
     def _delete_after(cls, value: str) -> str:
-        if parse_duration(value) > MAX_DELETE_AFTER_SECONDS:
+        seconds = parse_duration(value)
+        if seconds and re.fullmatch(r"\s*[\d.]+\s*", value):
+            # Elsewhere a plain number is seconds; here "7" almost surely means a week,
+            # and read as seconds it would silently remove the safety window.
+            raise ValueError(
+                f'{value.strip()!r} has no unit: write e.g. 7d, 36h or 90m ("0" deletes at once)'
+            )
+        if seconds > MAX_DELETE_AFTER_SECONDS:
             raise ValueError("must be at most 366d")
         return value
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from local_agent.errors import ConfigError
 log = logging.getLogger(__name__)
 
 IDENTITIES_FILE = "identities.json"
+# restic's `config` is a few hundred bytes.
+CONFIG_DIGEST_LIMIT = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,16 @@ def config_digest(repo_path: Path | None) -> str | None:
     """SHA-256 of the repository's `config` file (readable without the password)."""
     if repo_path is None:
         return None
+    path = repo_path / "config"
     try:
-        return hashlib.sha256((repo_path / "config").read_bytes()).hexdigest()
+        # Only a regular file of a config's size is read: opening a FIFO blocks, a link to
+        # /dev/zero never ends, and this runs before the run's deadline is armed. Anything
+        # else is refused by the repository check that follows (exit 3).
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > CONFIG_DIGEST_LIMIT:
+            return None
+        with path.open("rb") as fh:
+            return hashlib.sha256(fh.read(CONFIG_DIGEST_LIMIT)).hexdigest()
     except OSError:
         return None
 

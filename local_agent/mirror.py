@@ -201,6 +201,7 @@ class MirrorRun:
         self._strays_lock = threading.Lock()
         self._first_error: RelayError | None = None
         self._unreadable: list[str] = []
+        self._remote_only: list[RemoteObject] = []  # from this run's listing, if any
 
     # -- entry point ----------------------------------------------------------------------
 
@@ -304,6 +305,9 @@ class MirrorRun:
             if not self.options.dry_run:
                 self.state.forget_all()
                 self.state.put_many(adopt)
+            # What the store now holds (a dry run left it as it was): the deletion
+            # candidates come from this, so a dry run plans the deletions the run makes.
+            self._remote_only = adopt
             known = {o.key: o.size for o in adopt}
         work: dict[Kind, list[_Work]] = {kind: [] for kind in UPLOAD_ORDER}
         for key, file in scan.files.items():
@@ -387,7 +391,8 @@ class MirrorRun:
         gone: list[RemoteObject] = []
         remote_snapshots = 0
         remote_data_bytes = 0
-        for obj in self.state.iter_objects():
+        objects = self.state.iter_objects() if listing is None else iter(self._remote_only)
+        for obj in objects:
             kind = kind_of_key(obj.key)
             if listing is None:
                 remote_snapshots += kind is Kind.SNAPSHOTS and obj.key not in marks

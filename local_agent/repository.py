@@ -159,7 +159,9 @@ class _Scanner:
         known = self.known_sizes
         data = Kind.DATA
         for sub in _entries(self.scan.root / "data"):
-            if not (_HEX2.fullmatch(sub.name) and sub.is_dir(follow_symlinks=False)):
+            # A data/XX folder linked to another disk is followed, as restic follows it:
+            # skipping it would leave the mirror without packs the index names.
+            if not (_HEX2.fullmatch(sub.name) and sub.is_dir()):
                 self.scan.skipped.append(Skipped(f"data/{sub.name}", "not a data subfolder"))
                 continue
             folder = f"data/{sub.name}/"

@@ -477,3 +477,66 @@ def test_marks_survive_reconcile_and_go_when_delete_is_turned_off(
     assert on_again["deleted_files"] == 0
     assert on_again["next_deletion_due"] == "2026-03-16T00:00:00Z"  # starts afresh
     mirror.check()
+
+
+def test_dry_run_after_a_lost_state_store_shows_the_deletions_the_run_makes(
+    rotating: Rotating,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    tmp_path: Path,
+    clean_env: None,
+) -> None:
+    """An operator who lost the state store (new host, wiped cache) dry-runs first to see
+    what the next run would delete: the plan, read from the same listing, must say what
+    the run then does — not "nothing" because the old store is gone."""
+    mirror = make_mirror(
+        tmp_path, rclone_server, rclone_bucket, rotating.password, delete_after="0"
+    )
+    assert mirror.upload_at(rotating.path, T0)["exit_code"] == 0
+    before = mirror.objects()
+    rotating.forget_prune(keep_last=2)
+    gone = before - rotating.files()
+    shutil.rmtree(tmp_path / "state")
+
+    plan = mirror.upload_at(rotating.path, T0 + DAY, dry_run=True)
+    assert plan["exit_code"] == 0, plan["error"]
+    assert plan["plan"]["delete"] == len(gone)
+    assert plan["plan"]["delete_guard"] == "ok"
+    assert mirror.objects() == before  # a dry run changes nothing
+
+    real = mirror.upload_at(rotating.path, T0 + DAY)
+    assert real["exit_code"] == 0, real["error"]
+    assert real["deleted_files"] == plan["plan"]["delete"]
+    mirror.check()
+
+
+def test_reconcile_after_restoring_the_host_with_its_state_store_repairs_the_mirror(
+    rotating: Rotating,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    tmp_path: Path,
+    clean_env: None,
+) -> None:
+    """A host restored from a VM snapshot brings back an old repository *and* an old state
+    store, which still lists objects a later run deleted from the mirror. A plain run
+    trusts it (and sends no request for what it believes is there: docs/mirror.md says so
+    and names the cure); `--reconcile` once after the restore makes the mirror whole."""
+    mirror = make_mirror(
+        tmp_path, rclone_server, rclone_bucket, rotating.password, delete_after="0"
+    )
+    assert mirror.upload_at(rotating.path, T0)["exit_code"] == 0
+    shutil.copytree(rotating.path, tmp_path / "repo.vm")
+    shutil.copytree(tmp_path / "state", tmp_path / "state.vm")
+    rotating.forget_prune(keep_last=2)
+    assert mirror.upload_at(rotating.path, T0 + DAY)["deleted_files"] > 0
+
+    # The VM snapshot is restored: repository and state store roll back together.
+    for name in ("repo", "state"):
+        shutil.rmtree(tmp_path / name)
+        shutil.copytree(tmp_path / f"{name}.vm", tmp_path / name)
+    rotating.backup(0)  # dedups against packs the mirror no longer holds
+    repaired = mirror.upload_at(rotating.path, T0 + 2 * DAY, reconcile=True)
+    assert repaired["exit_code"] == 0, repaired["error"]
+    assert repaired["uploaded_files"] > 0
+    mirror.check(read_data=True)
+    assert mirror.snapshots() == 5

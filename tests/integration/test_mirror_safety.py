@@ -164,6 +164,42 @@ def biggest_pack(repo: Path, exclude: set[str] = frozenset()) -> Path:  # type: 
     return max(packs, key=lambda p: p.stat().st_size)
 
 
+def test_symlinked_data_subfolder_is_followed_as_restic_follows_it(
+    restic_bin: str,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+    restic_password: str,
+    tmp_path: Path,
+) -> None:
+    """A `data/XX` folder moved to another disk and linked back: restic reads through the
+    link (`restic check --read-data` passes, so the hook fires), so the mirror must hold its
+    packs too — not skip them and report a mirror restic rejects as done."""
+    endpoint = rclone_server.endpoint
+    repo = tmp_path / "repo"
+    small_repo(repo, tmp_path / "src", restic_password, seed=7)
+    sub = next(p for p in sorted((repo / "data").iterdir()) if any(p.iterdir()))
+    moved = tmp_path / "other-disk" / sub.name
+    moved.parent.mkdir()
+    shutil.move(sub, moved)
+    sub.symlink_to(moved, target_is_directory=True)
+    restic_check(str(repo), restic_password, read_data=True)
+
+    result = upload(config_for(tmp_path, endpoint, rclone_bucket), repo)
+    assert result.returncode == 0, result.stderr
+    assert result.summary["skipped"] == []
+    local = {
+        (Path(d) / f).relative_to(repo).as_posix()
+        for d, _, files in os.walk(repo, followlinks=True)
+        for f in files
+    }
+    assert {f"{PREFIX}/{k}" for k in local} == set(
+        remote_keys(endpoint, rclone_bucket, PREFIX + "/")
+    )
+    restic_check(
+        mirror_url(endpoint, rclone_bucket), restic_password, env=endpoint.env(), read_data=True
+    )
+
+
 # -- 1. identity is checked against the bucket, always -------------------------------------
 
 

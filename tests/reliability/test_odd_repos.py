@@ -1,7 +1,7 @@
 """4c. Bad input: repositories holding things restic never wrote.
 
 Each seeded trial drops a random handful of oddities into a restic-format repository —
-symbolic links (to files, dangling, a data subfolder), zero-byte files, unknown files and
+symbolic links (to files, dangling, a data subfolder — followed), zero-byte files, unknown files and
 folders, names that are not 64 hex characters (upper case, too short, too long, a newline
 in them, bytes that are not UTF-8), temporary and dot files, a FIFO, a folder where a file
 belongs, a pack in the wrong data subfolder, junk under ``locks/``, a top-level folder that
@@ -86,7 +86,7 @@ def symlinked_data_subfolder(repo: FakeRepo, rng: random.Random, outside: Path, 
     name = rng.choice(empty)
     shutil.rmtree(repo.root / "data" / name)
     (repo.root / "data" / name).symlink_to(sub, target_is_directory=True)
-    exp.skipped[f"data/{name}"] = "not a data subfolder"
+    # Followed, as restic follows it (its target is empty: nothing to mirror).
     return "symlinked data subfolder"
 
 
@@ -317,3 +317,28 @@ def test_unreadable_pack_is_named_with_exit_3(
     assert result.returncode == 3, result.stderr
     assert victim.relative_to(repo.root).as_posix() in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_config_that_is_not_a_file_is_refused_without_hanging(
+    kind: str, rclone_server: RcloneS3Server, rclone_bucket: str, tmp_path: Path
+) -> None:
+    """A FIFO (or a link to an endless device) where `config` belongs: opening it blocks
+    or never ends, and Backrest gives a hook no timeout — so nothing may read it before the
+    repository check refuses it (exit 3) and nothing was sent."""
+    repo = make_fake_restic_repo(tmp_path / "repo", packs=2, pack_size=1000)
+    config_file = repo.root / "config"
+    config_file.unlink()
+    if kind == "fifo":
+        os.mkfifo(config_file)
+    else:
+        config_file.symlink_to("/dev/zero")
+    config = write_agent_config(
+        tmp_path / "relay.toml", rclone_server.endpoint, rclone_bucket, state_dir=tmp_path / "s"
+    )
+    args = ["upload", "--repo", str(repo.root), "--repo-id", REPO_ID, "--config", str(config)]
+    result = run_agent([*args, "--json"], timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert "config" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert remote_files(rclone_server.bucket_path(rclone_bucket), PREFIX) == {}

@@ -900,3 +900,12 @@ def test_object_lock_from_the_environment_is_json(tmp_path: Path) -> None:
     assert var in err.message
     err = config_error(tmp_path, MINIMAL_S3, **{var: '{"mode": "compliance", "days": "14"}'})
     assert "destination.object_lock.days" in err.message
+
+
+@pytest.mark.parametrize("value", ["7", "30", "1.5", " 7 "])
+def test_delete_after_without_a_unit_is_refused(tmp_path: Path, value: str) -> None:
+    """A plain number is seconds elsewhere, but `delete_after = "7"` almost surely means a
+    week: read as 7 seconds it would silently shrink the safety window to nothing."""
+    err = config_error(tmp_path, MINIMAL_S3 + f'[upload]\ndelete_after = "{value}"\n')
+    assert "upload.delete_after" in err.message
+    assert "unit" in err.message
