@@ -607,7 +607,8 @@ def test_objects_of_a_deadline_stopped_run_are_marked_uploaded_in_the_next_manif
     repo = tmp_path / "repo"
     source = tmp_path / "src"
     small_repo(repo, source, restic_password, seed=13, big=30_000_000)
-    slow = config_for(tmp_path, endpoint, rclone_bucket, bandwidth_limit="10MiB/s", deadline="2s")
+    # 30 MB at 4 MiB/s needs ~7 s: a 4 s deadline stops it half-way even on a loaded machine.
+    slow = config_for(tmp_path, endpoint, rclone_bucket, bandwidth_limit="4MiB/s", deadline="4s")
     stopped = upload(slow, repo)
     assert stopped.returncode == 6, stopped.stderr
     first = set(remote_keys(endpoint, rclone_bucket, PREFIX))
