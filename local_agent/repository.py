@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
-from local_agent.errors import RepositoryError
+from local_agent.errors import GuardError, RepositoryError
 
 HASH_CHUNK = 1024 * 1024
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -204,7 +204,8 @@ def _name(entry: os.DirEntry[str]) -> str:
 
 
 def ensure_repository(root: Path) -> None:
-    """Refuse anything that is not recognisably a restic repository (exit 3).
+    """Refuse anything that is not recognisably a restic repository (exit 3; an empty
+    directory, the mount point of an unmounted disk, exit 5).
 
     Cheap enough to run before anything else is touched, so a missing or unmounted
     repository leaves no state behind.
@@ -213,6 +214,12 @@ def ensure_repository(root: Path) -> None:
         raise RepositoryError(f"repository {root} does not exist (is the disk or NAS mounted?)")
     if not root.is_dir():
         raise RepositoryError(f"repository {root} is not a directory")
+    if not any(root.iterdir()):
+        # The contract's "empty/unmounted source": a guard's refusal (exit 5), not damage.
+        raise GuardError(
+            f"repository {root} is an empty directory — is the disk or NAS mounted? "
+            "Nothing was changed"
+        )
     missing = [
         name
         for name, ok in (

@@ -283,7 +283,8 @@ def test_unmounted_or_foreign_source_is_refused_and_nothing_deleted(
         (source / "photos").mkdir()
         (source / "notes.txt").write_text("hello")
     result = upload(config, source)
-    assert result.returncode == 3, result.stderr
+    # The contract: an empty (unmounted) source is a guard's refusal; not a repository is 3.
+    assert result.returncode == (5 if kind == "empty" else 3), result.stderr
     assert "mounted" in result.stderr
     assert remote_keys(rclone_server.endpoint, rclone_bucket) == before
 

@@ -192,7 +192,7 @@ def test_upload_empty_directory_is_refused_as_unmounted(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     mount, code = upload_empty_mount(tmp_path)
-    assert code == 3
+    assert code == 5  # the contract: an empty/unmounted source is refused by a guard
     err = capsys.readouterr().err
     assert "mounted" in err
     assert str(mount) in err
@@ -203,14 +203,14 @@ def test_upload_empty_directory_json_summary(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _mount, code = upload_empty_mount(tmp_path, "--json")
-    assert code == 3
+    assert code == 5
     captured = capsys.readouterr()
     lines = [line for line in captured.out.splitlines() if line.strip()]
     assert len(lines) == 1, captured.out  # exactly one JSON document on stdout
     summary = json.loads(lines[0])
     assert summary["status"] == "failed"
-    assert summary["exit_code"] == 3
-    assert summary["error"]["kind"] == "local-integrity"
+    assert summary["exit_code"] == 5
+    assert summary["error"]["kind"] == "guard"
     assert "mounted" in summary["error"]["message"]
     assert summary["requests"] == 0
     assert summary["uploaded_files"] == 0
@@ -224,7 +224,7 @@ def test_upload_dry_run_on_empty_directory_is_also_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _mount, code = upload_empty_mount(tmp_path, "--dry-run")
-    assert code == 3
+    assert code == 5
     assert "mounted" in capsys.readouterr().err
     assert not (tmp_path / "state").exists()  # a dry run writes no state and takes no lock
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from local_agent.errors import ExitCode, RepositoryError
+from local_agent.errors import ExitCode, GuardError, RepositoryError
 from local_agent.repository import (
     DELETE_ORDER,
     UPLOAD_ORDER,
@@ -283,13 +283,14 @@ def test_refuses_a_file(tmp_path: Path) -> None:
 
 
 def test_refuses_empty_directory_like_an_unmounted_nas(tmp_path: Path) -> None:
+    """The contract's "empty/unmounted source": a guard's refusal (exit 5), not damage."""
     root = tmp_path / "mnt"
     root.mkdir()
-    err = _refused(root)
-    assert "not a restic repository" in err.message
-    assert "mounted" in err.message
-    for part in ("config", "keys/", "data/"):
-        assert part in err.message
+    with pytest.raises(GuardError) as info:
+        scan_repository(root)
+    assert info.value.exit_code == ExitCode.GUARD == 5
+    assert str(root) in info.value.message
+    assert "mounted" in info.value.message
 
 
 @pytest.mark.parametrize("missing", ["config", "keys", "data"])
