@@ -72,7 +72,8 @@ def open_sqlite(
             db.close()
         message = f"{what} {path}: unusable ({exc})" + (f"; {hint}" if hint else "")
         damaged = isinstance(exc, sqlite3.DatabaseError) and not isinstance(
-            exc, sqlite3.OperationalError  # locked, read-only, cannot open: not damage
+            exc,
+            sqlite3.OperationalError,  # locked, read-only, cannot open: not damage
         )
         raise UnusableFile(message, damaged=damaged) from None
     except BaseException:
