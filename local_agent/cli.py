@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cloud.integrations.redact import REDACTOR, RedactingFormatter
 from local_agent import __version__
 from local_agent.errors import ConfigError, ExitCode, RelayError
 from local_agent.identity import resolve_identity
-from local_agent.redact import REDACTOR, RedactingFormatter
 
 log = logging.getLogger("backrest_relay")
 

@@ -1,8 +1,8 @@
-"""Local mode: the cloud side's work, done on the backup host after each upload.
+"""Local mode's wiring: the cloud side's use cases (`cloud.app`), run on the backup host.
 
 With `events.publisher = "local"` every event the agent emits is recorded, a completed
-mirror is verified in-process with the same `cloud.logic` code the Lambda runs, and the
-runs land in a SQLite run store under the state directory.
+mirror is verified in-process with the same code the Lambda runs, and the runs land in a
+SQLite run store under the state directory.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cloud.app.notify import NotifyOutcome, notify
 from cloud.contracts.events import EventDetail, MirrorCompleted, MirrorFailed
-from cloud.logic.notify import NotifyOutcome, notify_event
 from cloud.logic.ports import ChannelError, NotificationChannel
 from cloud.logic.verification import (
     CheckpointedVerification,
@@ -23,7 +23,13 @@ from cloud.logic.verification import (
 )
 from cloud.logic.verify import VerifyOptions
 from local_agent.progress import Progress
-from local_agent.publishers import EventLog
+from local_agent.publishers import (
+    EventBridgePublisher,
+    EventLog,
+    LocalPublisher,
+    NullPublisher,
+    Publisher,
+)
 from local_agent.units import format_size
 
 if TYPE_CHECKING:
@@ -37,6 +43,31 @@ def run_store_path(state_dir: Path) -> Path:
     return state_dir / "runs.sqlite"
 
 
+def open_run_store(state_dir: Path) -> SqliteRunStore:
+    """The local run store (`status`, `verify` and the pipeline share it)."""
+    from cloud.integrations.runstore_sqlite import SqliteRunStore
+
+    return SqliteRunStore(run_store_path(state_dir))
+
+
+def event_log(state_dir: Path) -> EventLog:
+    """The append-only record of every event local mode handled."""
+    return EventLog(state_dir / "events.jsonl")
+
+
+def channels_for_repo(
+    config: RelayConfig, repo_id: str | None, repo_guid: str | None
+) -> list[NotificationChannel]:
+    """`notify.urls` (Apprise) and the repository's Healthchecks URL."""
+    from cloud.integrations.channels import build_channels
+
+    notify = config.notify
+    return build_channels(
+        apprise_urls=[url.get_secret_value() for url in notify.urls],
+        healthchecks_url=notify.healthchecks_url(repo_id, repo_guid),
+    )
+
+
 class LocalPipeline:
     def __init__(
         self,
@@ -47,7 +78,7 @@ class LocalPipeline:
     ) -> None:
         self.config = config
         self.state_dir = state_dir
-        self.event_log = EventLog(state_dir / "events.jsonl")
+        self.event_log = event_log(state_dir)
         self.results: list[EventDetail] = []
         self.notifications: list[NotifyOutcome] = []
         self.extra_channels = list(extra_channels)
@@ -59,11 +90,9 @@ class LocalPipeline:
         self.passes: dict[str, CheckpointedVerification] = {}
 
     def runs(self) -> SqliteRunStore:
-        from cloud.integrations.runstore_sqlite import SqliteRunStore
-
         with self._lock:
             if self._runs is None:
-                self._runs = SqliteRunStore(run_store_path(self.state_dir))
+                self._runs = open_run_store(self.state_dir)
             return self._runs
 
     def __call__(self, event: EventDetail) -> None:
@@ -87,16 +116,7 @@ class LocalPipeline:
 
     def channels(self, repo_id: str | None, repo_guid: str | None) -> list[NotificationChannel]:
         """`notify.urls` (Apprise), the repository's Healthchecks URL, and any extras."""
-        from cloud.integrations.channels import AppriseChannel, HealthchecksChannel
-
-        notify = self.config.notify
-        channels: list[NotificationChannel] = [
-            AppriseChannel(url.get_secret_value()) for url in notify.urls
-        ]
-        ping = notify.healthchecks_url(repo_id, repo_guid)
-        if ping:
-            channels.append(HealthchecksChannel(ping))
-        return channels + self.extra_channels
+        return channels_for_repo(self.config, repo_id, repo_guid) + self.extra_channels
 
     def run_started(self, run_id: str, repo_id: str | None, repo_guid: str | None) -> None:
         """Healthchecks `/start` for the run (best effort: a failed ping is only logged)."""
@@ -115,7 +135,7 @@ class LocalPipeline:
         channels = self.channels(event.repo.id, event.repo.guid)
         if not channels:
             return
-        outcome = notify_event(
+        outcome = notify(
             event, runs=self.runs(), channels=channels, policy=self.config.notify.success
         )
         self.notifications.append(outcome)
@@ -174,3 +194,15 @@ class LocalPipeline:
         else:
             log.info("verify: %s pass done", plan.reason)
         return checked
+
+
+def make_publisher(config: RelayConfig, state_dir: Path) -> Publisher:
+    """The publisher `events.publisher` names; `local` runs this pipeline in-process."""
+    events = config.events
+    if events.publisher == "eventbridge":
+        return EventBridgePublisher(
+            events.event_bus, region=events.region, endpoint_url=events.endpoint_url
+        )
+    if events.publisher == "local":
+        return LocalPublisher(LocalPipeline(config, state_dir))
+    return NullPublisher()

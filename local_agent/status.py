@@ -15,10 +15,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from cloud.integrations.redact import REDACTOR
 from cloud.logic.ports import RepoStatus
 from cloud.logic.watchdog import assess
 from local_agent.errors import ConfigError, ExitCode
-from local_agent.redact import REDACTOR
 from local_agent.units import plural
 
 if TYPE_CHECKING:
@@ -112,11 +112,10 @@ def run_status(
     forget: str | None = None,
     now: datetime | None = None,
 ) -> int:
-    from local_agent.pipeline import LocalPipeline
+    from local_agent.pipeline import open_run_store
 
     now = now or datetime.now(UTC)
-    pipeline = LocalPipeline(config, config.state.path())
-    runs = pipeline.runs()
+    runs = open_run_store(config.state.path())
     if forget is not None:
         key, removed = forget_repo(runs, forget)
         sys.stdout.write(f"forgot repository {key}: {plural(removed, 'run')} removed\n")
@@ -126,7 +125,7 @@ def run_status(
     if check_stale:
         from local_agent.silence import check_silence
 
-        silence = check_silence(config, pipeline, now=now, max_age_for=max_age_for)
+        silence = check_silence(config, runs, now=now, max_age_for=max_age_for)
     rows = [repo_summary(s, now, max_age_for(s)) for s in runs.repos()]
     if html:
         from pathlib import Path

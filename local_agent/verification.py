@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 from cloud.contracts.events import ManifestRef, MirrorVerified, RepoRef
 from cloud.contracts.ids import is_run_id
 from cloud.contracts.manifest import manifest_key
+from cloud.integrations.redact import REDACTOR
 from cloud.logic.ports import ObjectStoreError
 from cloud.logic.verification import record_verification, verification_event
 from cloud.logic.verify import MirrorVerifier, VerifyOptions, problems_report_key
 from local_agent.errors import ConfigError, DestinationError, ExitCode
-from local_agent.redact import REDACTOR
 from local_agent.units import format_duration, format_size, parse_size
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def run_verify(
 ) -> int:
     from cloud.integrations.s3 import make_s3_client
     from cloud.integrations.s3_store import S3ObjectStore
-    from local_agent.pipeline import LocalPipeline
+    from local_agent.pipeline import open_run_store
 
     if not repo_id and not repo_guid:
         raise ConfigError("verify needs --repo-id or --repo-guid")
@@ -115,7 +115,7 @@ def run_verify(
     prefix = config.manifest_prefix_for(repo_id=repo_id, repo_guid=repo_guid)
     client = make_s3_client(config.destination.access(), max_pool_connections=16)
     store = S3ObjectStore(client, destination.bucket)
-    runs = LocalPipeline(config, config.state.path()).runs()
+    runs = open_run_store(config.state.path())
     repo = RepoRef(id=repo_id, guid=repo_guid)
     started = datetime.now(UTC)
     try:

@@ -108,6 +108,7 @@ from aws_lambda_powertools.utilities.idempotency.persistence.datarecord import D
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import ValidationError
 
+from cloud.app import notify
 from cloud.contracts.events import (
     EventDetail,
     MirrorFailed,
@@ -134,7 +135,6 @@ from cloud.integrations.channels import (
     HealthchecksChannel,
     SnsChannel,
     channel_key,
-    deliver,
 )
 from cloud.integrations.secrets import (
     DEFAULT_MAX_AGE,
@@ -142,13 +142,7 @@ from cloud.integrations.secrets import (
     NotifyTargets,
     load_notify_targets,
 )
-from cloud.logic.notify import (
-    Decision,
-    SuccessPolicy,
-    decide_delivery,
-    previous_outcome,
-    render,
-)
+from cloud.logic.notify import Decision, SuccessPolicy, render
 from cloud.logic.ports import ChannelError, Notification, NotificationChannel, RunStore
 from cloud.logic.verification import mirror_run_record
 
@@ -461,7 +455,9 @@ class Notifier:
         previous: str | None = None,
     ) -> str:
         configured = self.deps.channels(repo)
-        channels = [_OnceChannel(c, self.send_once) for c in configured if audience.wants(c)]
+        channels = [
+            _OnceChannel(c, self.send_once) for c in notify.channels_for(audience, configured)
+        ]
         if not channels:
             if audience.people or not configured:
                 raise NoChannelsError("no notification channel is configured")
@@ -473,7 +469,7 @@ class Notifier:
             )
             metrics.add_metric(name="NotificationsSkipped", unit=MetricUnit.Count, value=1)
             return "skipped"
-        report = deliver(notification, channels, logger=_DeliveryLog())
+        report = notify.send(notification, channels, logger=_DeliveryLog())
         statuses = []
         sent = replayed = 0
         for outcome, channel in zip(report.outcomes, channels, strict=True):
@@ -512,8 +508,8 @@ class Notifier:
     def _decide(self, event: EventDetail) -> dict[str, Any]:
         """`decide_delivery`, the rule local mode uses too: people per the success policy,
         heartbeat channels (Healthchecks) on every verified run."""
-        previous = previous_outcome(self.deps.runs, event.repo.key, event.run_id)
-        decision = decide_delivery(event, self.deps.policy, previous)
+        verdict = notify.decide(event, self.deps.runs, self.deps.policy)
+        decision, previous = verdict.decision, verdict.previous
         if decision.severity is None:
             return {"severity": None, "previous": previous}
         notification = render(event, decision.severity)

@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from cloud.app import watchdog
+from cloud.app.notify import notify
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import (
     ErrorInfo,
@@ -22,15 +24,23 @@ from cloud.contracts.events import (
 )
 from cloud.contracts.ids import new_run_id
 from cloud.integrations.runstore_memory import InMemoryRunStore
-from cloud.logic.notify import decide, notify_event, render
+from cloud.logic.notify import decide, render
 from cloud.logic.ports import ChannelError, Notification
 from cloud.logic.verification import mirror_run_record, record_verification
-from cloud.logic.watchdog import run_watchdog
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 DEST = Destination(provider="b2", endpoint_url="https://s3.x", bucket="offsite", prefix="r/home")
 REPO = RepoRef(id="home", guid="ab" * 32, path="/srv/restic")
 MANIFEST = ManifestRef(key="m/1.jsonl.gz", sha256="0" * 64, objects=10, created_by_run="m1")
+
+
+def run_watchdog(runs: InMemoryRunStore, *, now: datetime) -> list[MirrorStale]:
+    """A watchdog pass whose every alert is published: plan, record, commit."""
+    watch = watchdog.plan(runs, now=now)
+    watchdog.record(runs, watch)
+    for alert in watch.alerts:
+        watchdog.commit(runs, alert)
+    return watch.events
 
 
 def verified(at: datetime, ok: bool = True) -> MirrorVerified | MirrorVerificationFailed:
@@ -124,9 +134,9 @@ def test_one_failing_channel_does_not_stop_the_others() -> None:
     good, bad = Recorder("good"), Recorder("bad", fail=True)
     event = failed(T0)
     runs.record(mirror_run_record(event))
-    outcome = notify_event(event, runs=runs, channels=[bad, good])
+    outcome = notify(event, runs=runs, channels=[bad, good])
     assert len(good.sent) == 1
-    assert [(r.channel, r.ok) for r in outcome.results] == [("bad", False), ("good", True)]
+    assert [(r.name, r.ok) for r in outcome.results] == [("bad", False), ("good", True)]
 
 
 def record_and_notify(
@@ -134,7 +144,7 @@ def record_and_notify(
 ) -> None:
     if isinstance(event, MirrorVerified | MirrorVerificationFailed):
         record_verification(runs, event)
-    notify_event(event, runs=runs, channels=[channel], policy=policy)  # type: ignore[arg-type]
+    notify(event, runs=runs, channels=[channel], policy=policy)  # type: ignore[arg-type]
 
 
 def test_watchdog_alerts_once_per_day_and_the_next_verified_run_recovers() -> None:
@@ -147,7 +157,7 @@ def test_watchdog_alerts_once_per_day_and_the_next_verified_run_recovers() -> No
     [stale] = run_watchdog(runs, now=later)
     assert isinstance(stale, MirrorStale)
     assert stale.age_seconds == pytest.approx(27 * 3600)
-    notify_event(stale, runs=runs, channels=[channel])
+    notify(stale, runs=runs, channels=[channel])
     assert [n.severity for n in channel.sent] == ["stale"]
     assert "27.0 h" in channel.sent[0].subject
 

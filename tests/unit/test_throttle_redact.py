@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from local_agent.redact import MASK, REDACTOR, RedactingFormatter, Redactor
+from cloud.integrations.redact import MASK, REDACTOR, RedactingFormatter, Redactor
 from local_agent.throttle import Throttle, ThrottledReader
 
 RATE = 1024 * 1024  # 1 MiB/s: a quarter-second burst is 256 KiB
