@@ -1,11 +1,11 @@
 """The watchdog Lambda (hourly schedule): a `Mirror Stale` for every repository without a
 recent verified copy, because no hook can report that backups stopped arriving.
-Publish first, then mark (`cloud.app.watchdog`). Settings: docs/verification.md."""
+Publish first, then mark (`cloud.app.watchdog`). Settings and failures: docs/lambda.md.
+"""
 
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -17,7 +17,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from cloud.app import watchdog
 from cloud.contracts.events import MirrorStale
-from cloud.handlers.common import METRICS_NAMESPACE, env_int, require_env, service_name
+from cloud.handlers.common import METRICS_NAMESPACE, Lazy, env_int, require_env, service_name
 from cloud.integrations.eventbus import EventBridgeBus, EventBus
 from cloud.logic.ports import RunStore
 from cloud.logic.watchdog import DEFAULT_MAX_AGE, DEFAULT_REPEAT
@@ -150,23 +150,10 @@ def check(deps: Dependencies, now: datetime | None = None) -> WatchdogResult:
     return result
 
 
-_lock = threading.Lock()
-_deps: Dependencies | None = None
-
-
-def set_dependencies(deps: Dependencies | None) -> None:
-    """Replace the container's dependencies (tests); None rebuilds them from the env."""
-    global _deps
-    with _lock:
-        _deps = deps
-
-
-def get_dependencies() -> Dependencies:
-    global _deps
-    with _lock:
-        if _deps is None:
-            _deps = dependencies_from_env()
-        return _deps
+_deps: Lazy[Dependencies] = Lazy(lambda: dependencies_from_env())
+get_dependencies = _deps.get
+set_dependencies = _deps.set
+"""`set_dependencies(None)` rebuilds them from the environment on next use (tests)."""
 
 
 @logger.inject_lambda_context(clear_state=True)

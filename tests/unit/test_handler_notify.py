@@ -49,6 +49,7 @@ from cloud.contracts.events import (
 from cloud.contracts.ids import new_run_id
 from cloud.handlers import notify as notify_handler
 from cloud.handlers.common import ConfigError
+from cloud.integrations.channels.targets import NotifyChannels
 from cloud.integrations.runstore_memory import InMemoryRunStore
 from cloud.integrations.secrets import (
     NotifySecretError,
@@ -673,7 +674,7 @@ def test_channels_follow_the_secret_per_repository() -> None:
         return Recorder(url)
 
     sns = Recorder("sns")
-    source = notify_handler.NotifyChannels(
+    source = NotifyChannels(
         topic_arn="arn:aws:sns:us-east-1:123456789012:alerts",
         secret_id="notify",
         load=lambda sid: parse_notify_secret(sid, secret),
@@ -707,7 +708,7 @@ def test_unreadable_secret_still_sends_to_sns_and_fails_as_a_channel() -> None:
         raise NotifySecretError(f"notify secret {sid!r} could not be read: AccessDenied")
 
     sns = Recorder("sns")
-    source = notify_handler.NotifyChannels(
+    source = NotifyChannels(
         topic_arn="arn:aws:sns:us-east-1:123456789012:alerts",
         secret_id="arn:notify",
         load=broken,
