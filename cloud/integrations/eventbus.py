@@ -128,20 +128,3 @@ class EventBridgeBus:
             f"EventBridge refused {len(pending)} event(s) on {self.bus_name!r} after "
             f"{self.attempts} attempts: {'; '.join(errors)}"
         )
-
-
-class RecordingEventBus:
-    """An in-memory bus for unit tests: keeps what was published, in order."""
-
-    def __init__(self) -> None:
-        self.events: list[EventDetail] = []
-        self.fail_next: int = 0
-
-    def publish(self, *events: EventDetail) -> None:
-        if self.fail_next > 0:
-            self.fail_next -= 1
-            raise EventPublishError("injected failure")
-        self.events.extend(events)
-
-    def detail_types(self) -> list[str]:
-        return [event.DETAIL_TYPE.value for event in self.events]

@@ -65,13 +65,13 @@ from cloud.contracts.events import (
 from cloud.handlers import notify as notify_handler
 from cloud.handlers import verify as verify_handler
 from cloud.handlers import watchdog as watchdog_handler
-from cloud.integrations.eventbus import RecordingEventBus
-from cloud.integrations.object_store_memory import InMemoryObjectStore
-from cloud.integrations.runstore_memory import InMemoryRunStore
 from cloud.logic.ports import Notification
 from cloud.logic.verify import VerifyOptions
 from tests.reliability.common import SEED, SOAK, Ledger, count
 from tests.reliability.lambdas import Context, envelope, event_body, sqs_record, write_mirror
+from tests.support.doubles.event_bus import RecordingEventBus
+from tests.support.doubles.object_store import InMemoryObjectStore
+from tests.support.doubles.runstore import InMemoryRunStore
 
 REGION = "us-east-1"
 TABLE = "reliability-idempotency"

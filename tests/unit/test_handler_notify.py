@@ -50,7 +50,6 @@ from cloud.contracts.ids import new_run_id
 from cloud.handlers import notify as notify_handler
 from cloud.handlers.common import ConfigError
 from cloud.integrations.channels.targets import NotifyChannels
-from cloud.integrations.runstore_memory import InMemoryRunStore
 from cloud.integrations.secrets import (
     NotifySecretError,
     NotifyTargets,
@@ -60,6 +59,7 @@ from cloud.integrations.secrets import (
 from cloud.logic.notify import SuccessPolicy
 from cloud.logic.ports import ChannelError, Notification, NotificationChannel
 from cloud.logic.verification import record_verification
+from tests.support.doubles.runstore import InMemoryRunStore
 
 REGION = "us-east-1"
 IDEMPOTENCY_TABLE = "backrest-relay-idempotency"

@@ -47,13 +47,14 @@ from cloud.contracts.ids import new_run_id
 from cloud.contracts.manifest import ManifestHeader, manifest_key
 from cloud.handlers import verify as verify_handler
 from cloud.handlers.common import Bucket, ConfigError, SecretDestinations, endpoint_mismatch
-from cloud.integrations.eventbus import EventBridgeBus, EventPublishError, RecordingEventBus
-from cloud.integrations.object_store_memory import InMemoryObjectStore
-from cloud.integrations.runstore_memory import InMemoryRunStore
+from cloud.integrations.eventbus import EventBridgeBus, EventPublishError
 from cloud.integrations.s3 import S3Access
 from cloud.integrations.secrets import DestinationSecretError, load_destination_access
 from cloud.logic.ports import ListedObject, ObjectStoreError
 from cloud.logic.verify import VerifyOptions
+from tests.support.doubles.event_bus import RecordingEventBus
+from tests.support.doubles.object_store import InMemoryObjectStore
+from tests.support.doubles.runstore import InMemoryRunStore
 
 REGION = "us-east-1"
 IDEMPOTENCY_TABLE = "backrest-relay-idempotency"

@@ -40,10 +40,10 @@ from cloud.contracts.ids import new_run_id
 from cloud.handlers import notify as notify_handler
 from cloud.handlers import watchdog as watchdog_handler
 from cloud.handlers.common import ConfigError
-from cloud.integrations.eventbus import RecordingEventBus
-from cloud.integrations.runstore_memory import InMemoryRunStore
 from cloud.logic.ports import Notification, RunRecord
 from cloud.logic.verification import record_verification
+from tests.support.doubles.event_bus import RecordingEventBus
+from tests.support.doubles.runstore import InMemoryRunStore
 
 REGION = "us-east-1"
 GUID = "ab" * 32

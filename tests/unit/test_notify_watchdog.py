@@ -23,10 +23,10 @@ from cloud.contracts.events import (
     VerificationStats,
 )
 from cloud.contracts.ids import new_run_id
-from cloud.integrations.runstore_memory import InMemoryRunStore
 from cloud.logic.notify import decide, render
 from cloud.logic.ports import ChannelError, Notification
 from cloud.logic.verification import mirror_run_record, record_verification
+from tests.support.doubles.runstore import InMemoryRunStore
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 DEST = Destination(provider="b2", endpoint_url="https://s3.x", bucket="offsite", prefix="r/home")
