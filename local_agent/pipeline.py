@@ -14,13 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cloud.app.notify import NotifyOutcome, notify
+from cloud.app.verify import CheckpointedVerification, verify_checkpointed
 from cloud.contracts.events import EventDetail, MirrorCompleted, MirrorFailed
 from cloud.logic.ports import ChannelError, NotificationChannel
-from cloud.logic.verification import (
-    CheckpointedVerification,
-    mirror_run_record,
-    verify_checkpointed,
-)
+from cloud.logic.verification import mirror_run_record
 from cloud.logic.verify import VerifyOptions
 from local_agent.progress import Progress
 from local_agent.publishers import (
@@ -145,7 +142,7 @@ class LocalPipeline:
             )
 
     def _verify(self, event: MirrorCompleted) -> CheckpointedVerification:
-        """One checkpointed pass (`cloud.logic.verification.verify_checkpointed`).
+        """One checkpointed pass (`cloud.app.verify.verify_checkpointed`).
 
         Never raises for the bucket: a destination that cannot be read yields a "could not
         verify" result, so this event leaves the outbox and later ones are announced.

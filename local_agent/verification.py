@@ -1,7 +1,7 @@
 """`backrest-relay verify`: the verifier, run from any machine with read access.
 
 Finds the newest manifest of the repository in the bucket (or the one of `--run`), runs
-the same `cloud.logic` verification the Lambda runs, records it in the local run store,
+the same verification the Lambda runs (`cloud.app.verify`), records it in the local run store,
 and prints a readable report. Exit 0 verified · 3 problems found · 4 destination
 unreachable.
 """
@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from cloud.app.verify import verify_manifest
 from cloud.contracts.events import ManifestRef, MirrorVerified, RepoRef
 from cloud.contracts.ids import is_run_id
 from cloud.contracts.manifest import manifest_key
 from cloud.integrations.redact import REDACTOR
 from cloud.logic.ports import ObjectStoreError
-from cloud.logic.verification import record_verification, verification_event
-from cloud.logic.verify import MirrorVerifier, VerifyOptions, problems_report_key
+from cloud.logic.verify import VerifyOptions
 from local_agent.errors import ConfigError, DestinationError, ExitCode
 from local_agent.units import format_duration, format_size, parse_size
 
@@ -100,7 +100,7 @@ def run_verify(
     as_json: bool,
 ) -> int:
     from cloud.integrations.s3 import make_s3_client
-    from cloud.integrations.s3_store import S3ObjectStore
+    from cloud.integrations.s3_store import S3ObjectStore, S3ReportSink
     from local_agent.pipeline import open_run_store
 
     if not repo_id and not repo_guid:
@@ -137,30 +137,20 @@ def run_verify(
             concurrency=config.upload.concurrency,
         )
         expected = recorded.sha256 if recorded is not None and recorded.key == key else None
-        outcome = MirrorVerifier(store, destination, options).verify(key, expected)
+        result = verify_manifest(
+            key,
+            expected_sha256=expected,
+            repo=repo,
+            destination=destination,
+            store=store,
+            runs=runs,
+            reports=S3ReportSink(client, destination.bucket),
+            options=options,
+            started_at=started,
+            run_id=run_id,
+        )
     except ObjectStoreError as exc:
         raise DestinationError(f"cannot read the mirror: {exc}") from None
-    header = outcome.header
-    result = verification_event(
-        outcome,
-        repo=repo,
-        destination=destination,
-        mirror_run_id=header.run_id if header else (run_id or "unknown"),
-        manifest=ManifestRef(
-            key=key,
-            sha256=outcome.manifest_sha256 or "0" * 64,
-            objects=header.objects if header else 0,
-            created_by_run=header.run_id if header else (run_id or "unknown"),
-        ),
-        started_at=started,
-        trigger="verify command",
-        report_key=problems_report_key(key) if outcome.report else None,
-    )
-    if outcome.report:
-        from cloud.integrations.s3_store import S3ReportSink
-
-        S3ReportSink(client, destination.bucket).put(problems_report_key(key), outcome.report)
-    record_verification(runs, result)
     verified = isinstance(result, MirrorVerified)
     if as_json:
         sys.stdout.write(REDACTOR(result.model_dump_json()) + "\n")

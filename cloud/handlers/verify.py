@@ -23,6 +23,7 @@ from aws_lambda_powertools.utilities.idempotency.persistence.base import BasePer
 from aws_lambda_powertools.utilities.idempotency.persistence.datarecord import DataRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from cloud.app.verify import verify_mirror
 from cloud.contracts.events import (
     EventDetail,
     MirrorCompleted,
@@ -43,7 +44,7 @@ from cloud.handlers.common import (
 )
 from cloud.integrations.eventbus import EventBridgeBus, EventBus
 from cloud.logic.ports import ObjectStoreError, RunStore
-from cloud.logic.verification import VerificationResult, verify_completed_mirror
+from cloud.logic.verification import VerificationResult
 from cloud.logic.verify import VerifyOptions
 
 SERVICE = service_name("backrest-relay-verifier")
@@ -159,7 +160,7 @@ class Verifier:
             manifest=event.manifest.key,
         )
         store, reports = self.deps.destinations(event.destination)
-        result = verify_completed_mirror(
+        result = verify_mirror(
             event,
             store=store,
             runs=self.deps.runs,
