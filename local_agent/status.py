@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from cloud.contracts.events import MirrorFailed, MirrorVerificationFailed
 from cloud.integrations.redact import REDACTOR
 from cloud.logic.ports import RepoStatus
 from cloud.logic.watchdog import assess
@@ -45,11 +46,11 @@ def repo_summary(status: RepoStatus, now: datetime, max_age: timedelta) -> dict[
     last = status.latest_verified
     latest = status.latest_run
     problems: list[dict[str, Any]] = []
-    if latest is not None and latest.status in ("failed", "verification-failed"):
-        detail = latest.detail
-        problems = list(detail.get("problems", []))[:5]
-        if "error" in detail:
-            problems = [{"kind": detail["error"]["kind"], "detail": detail["error"]["message"]}]
+    event = latest.event if latest is not None else None
+    if isinstance(event, MirrorFailed):
+        problems = [{"kind": event.error.kind, "detail": event.error.message}]
+    elif isinstance(event, MirrorVerificationFailed):
+        problems = [p.model_dump(mode="json") for p in event.problems[:5]]
     return {
         "repo_key": status.repo_key,
         "repo_id": status.repo_id,

@@ -54,8 +54,9 @@ def _destination_of(
     status: RepoStatus, fallback: Callable[[RepoStatus], Destination | None]
 ) -> Destination:
     for run in (status.latest_run, status.latest_verified):
-        if run is not None and isinstance(run.detail.get("destination"), dict):
-            return Destination.model_validate(run.detail["destination"])
+        event = run.event if run is not None else None
+        if event is not None:
+            return event.destination
     return fallback(status) or Destination(
         provider="s3", endpoint_url=None, bucket="unknown", prefix=""
     )
