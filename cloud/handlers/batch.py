@@ -5,6 +5,7 @@ counted and reported item by item, so SQS retries only the failed records (then 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -51,14 +52,15 @@ class IdempotentStep:
     def __init__(
         self,
         step: Callable[..., dict[str, Any]],
-        *,
-        data_keyword_argument: str,
-        event_key_jmespath: str,
         key_prefix: str,
+        event_key_jmespath: str,
         persistence: BasePersistenceLayer,
         response_hook: IdempotentHookFunction,
+        *,
         payload_validation_jmespath: str = "",
     ) -> None:
+        """`step` takes its data as its first argument, by keyword; `event_key_jmespath`
+        picks the idempotency key out of that data."""
         self.config = IdempotencyConfig(
             event_key_jmespath=event_key_jmespath,
             payload_validation_jmespath=payload_validation_jmespath,
@@ -68,7 +70,7 @@ class IdempotentStep:
         )
         self.call: Callable[..., dict[str, Any]] = idempotent_function(
             step,
-            data_keyword_argument=data_keyword_argument,
+            data_keyword_argument=next(iter(inspect.signature(step).parameters)),
             persistence_store=persistence,
             config=self.config,
             key_prefix=key_prefix,

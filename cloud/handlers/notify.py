@@ -177,21 +177,13 @@ class Notifier:
     def __init__(self, deps: Dependencies) -> None:
         self.deps = deps
         self.decide_once = IdempotentStep(
-            self._decide,
-            data_keyword_argument="event",
-            event_key_jmespath="run_id",
-            key_prefix="backrest-relay.notify-decision",
-            persistence=deps.persistence(),
-            response_hook=self._already_decided,
-        )
+            self._decide, "backrest-relay.notify-decision", "run_id", deps.persistence(),
+            self._already_decided,
+        )  # fmt: skip
         self.send_once = IdempotentStep(
-            self._send,
-            data_keyword_argument="delivery",
-            event_key_jmespath="key",
-            key_prefix="backrest-relay.notify-channel",
-            persistence=deps.persistence(),
-            response_hook=self._already_sent,
-        )
+            self._send, "backrest-relay.notify-channel", "key", deps.persistence(),
+            self._already_sent,
+        )  # fmt: skip
         self.steps = (self.decide_once, self.send_once)
 
     def handle(self, detail: EventDetail) -> str:

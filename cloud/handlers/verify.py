@@ -120,24 +120,16 @@ class Verifier:
     def __init__(self, deps: Dependencies) -> None:
         self.deps = deps
         self.verify_once = IdempotentStep(
-            self._verify,
-            data_keyword_argument="event",
-            event_key_jmespath="run_id",
+            self._verify, "backrest-relay.verify-mirror", "run_id", deps.persistence(),
+            self._already_verified,
             # A redelivery is the same event; the same run id announcing another manifest
             # is an agent bug, and fails (→ DLQ) instead of passing as a duplicate.
             payload_validation_jmespath="manifest",
-            key_prefix="backrest-relay.verify-mirror",
-            persistence=deps.persistence(),
-            response_hook=self._already_verified,
-        )
+        )  # fmt: skip
         self.publish_once = IdempotentStep(
-            self._publish,
-            data_keyword_argument="result",
-            event_key_jmespath="detail.run_id",
-            key_prefix="backrest-relay.publish-result",
-            persistence=deps.persistence(),
-            response_hook=self._already_published,
-        )
+            self._publish, "backrest-relay.publish-result", "detail.run_id", deps.persistence(),
+            self._already_published,
+        )  # fmt: skip
         self.steps = (self.verify_once, self.publish_once)
 
     def handle(self, detail: EventDetail) -> str:

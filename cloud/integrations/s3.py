@@ -10,7 +10,7 @@ them, and integrity comes from the `Content-MD5` the caller sends.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypedDict, Unpack
 
 from cloud.contracts.destination import Provider, b2_endpoint
 
@@ -43,6 +43,15 @@ class S3Access:
 def flexible_checksums_allowed(provider: Provider) -> bool:
     """Only AWS is known to accept the flexible-checksum headers of boto3 >= 1.36."""
     return provider == "aws"
+
+
+class ClientOptions(TypedDict, total=False):
+    """What a caller may tune of `client_config` (defaults there)."""
+
+    max_pool_connections: int
+    connect_timeout: float
+    read_timeout: float
+    max_attempts: int
 
 
 def client_config(
@@ -88,13 +97,7 @@ def make_s3_session(access: S3Access) -> Session:
 
 
 def make_s3_client(
-    access: S3Access,
-    *,
-    max_pool_connections: int = 10,
-    connect_timeout: float = 10,
-    read_timeout: float = 120,
-    max_attempts: int = 8,
-    session: Session | None = None,
+    access: S3Access, *, session: Session | None = None, **options: Unpack[ClientOptions]
 ) -> S3Client:
     """An S3 client for `access`; credentials fall back to the standard AWS chain.
 
@@ -105,11 +108,5 @@ def make_s3_client(
     return session.client(
         "s3",
         endpoint_url=access.resolved_endpoint(),
-        config=client_config(
-            access.provider,
-            max_pool_connections=max_pool_connections,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            max_attempts=max_attempts,
-        ),
+        config=client_config(access.provider, **options),
     )

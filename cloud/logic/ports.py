@@ -14,14 +14,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
-from cloud.contracts.events import (
-    EventDetail,
-    MirrorCompleted,
-    MirrorFailed,
-    MirrorStale,
-    MirrorVerificationFailed,
-    MirrorVerified,
-)
+from cloud.contracts import events
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +95,7 @@ class RunRecord:
     detail: dict[str, Any] = field(default_factory=dict)
 
     @cached_property
-    def event(self) -> EventDetail | None:
+    def event(self) -> events.EventDetail | None:
         """The run's event as its contract model, by the run's status; None when the stored
         detail is not one (written by another schema version, or free-form)."""
         try:
@@ -111,12 +104,12 @@ class RunRecord:
             return None
 
 
-_EVENT_OF_STATUS: dict[str, type[EventDetail]] = {
-    "completed": MirrorCompleted,
-    "failed": MirrorFailed,
-    "verified": MirrorVerified,
-    "verification-failed": MirrorVerificationFailed,
-    "stale": MirrorStale,
+_EVENT_OF_STATUS: dict[str, type[events.EventDetail]] = {
+    "completed": events.MirrorCompleted,
+    "failed": events.MirrorFailed,
+    "verified": events.MirrorVerified,
+    "verification-failed": events.MirrorVerificationFailed,
+    "stale": events.MirrorStale,
 }
 
 

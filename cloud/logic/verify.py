@@ -339,7 +339,7 @@ class MirrorVerifier:
                 self.store, self.destination, self.options, problems, stats, carried
             )
             try:
-                self._merge(entries, problems, stats, deep)
+                self._merge(entries, deep)
             except _Unordered:
                 # Start again with a keyed listing (memory grows with N, correctness first).
                 # Carried keys are asked in key order, so an unordered pass reads them all.
@@ -354,7 +354,7 @@ class MirrorVerifier:
                 deep = self._pass = _DeepChecker(
                     self.store, self.destination, self.options, problems, stats, unordered_carry
                 )
-                self._keyed(entries, problems, stats, deep)
+                self._keyed(entries, deep)
             finally:
                 deep.close()
         except (OSError, EOFError, ValueError) as exc:
@@ -378,13 +378,9 @@ class MirrorVerifier:
                 continue
             yield ListedObject(relative, item.size, item.etag)
 
-    def _merge(
-        self,
-        entries: Iterator[ManifestEntry],
-        problems: _Problems,
-        stats: dict[str, int],
-        deep: _DeepChecker,
-    ) -> None:
+    def _merge(self, entries: Iterator[ManifestEntry], deep: _DeepChecker) -> None:
+        """Every manifest entry against the listing (`deep` holds the problems and stats)."""
+        problems, stats = deep.problems, deep.stats
         listing = _ordered(self._listing())
         current = next(listing, None)
         last_entry = ""
@@ -398,38 +394,41 @@ class MirrorVerifier:
             while current is not None and current.key < entry.key:
                 self._extra(current, problems, stats)
                 current = next(listing, None)
-            stats["compared"] += 1
-            if current is not None and current.key == entry.key:
-                stats["listed"] += 1
-                self._check(entry, current, problems, deep)
+            found = current if current is not None and current.key == entry.key else None
+            self._match(entry, found, problems, stats, deep)
+            if found is not None:
                 current = next(listing, None)
-            else:
-                problems.add(entry.key, "missing", "in the manifest but not in the bucket")
         while current is not None:
             self._extra(current, problems, stats)
             current = next(listing, None)
 
-    def _keyed(
-        self,
-        entries: Iterator[ManifestEntry],
-        problems: _Problems,
-        stats: dict[str, int],
-        deep: _DeepChecker,
-    ) -> None:
+    def _keyed(self, entries: Iterator[ManifestEntry], deep: _DeepChecker) -> None:
+        """Every manifest entry against the listing (`deep` holds the problems and stats)."""
+        problems, stats = deep.problems, deep.stats
         remote = {item.key: item for item in self._listing()}
         for entry in entries:
             if deep.should_stop():
                 self._stop(entry, entries, deep)
                 return
-            stats["compared"] += 1
-            item = remote.pop(entry.key, None)
-            if item is None:
-                problems.add(entry.key, "missing", "in the manifest but not in the bucket")
-                continue
-            stats["listed"] += 1
-            self._check(entry, item, problems, deep)
+            self._match(entry, remote.pop(entry.key, None), problems, stats, deep)
         for item in remote.values():
             self._extra(item, problems, stats)
+
+    def _match(
+        self,
+        entry: ManifestEntry,
+        item: ListedObject | None,
+        problems: _Problems,
+        stats: dict[str, int],
+        deep: _DeepChecker,
+    ) -> None:
+        """One manifest entry against the listed object of the same key (None: missing)."""
+        stats["compared"] += 1
+        if item is None:
+            problems.add(entry.key, "missing", "in the manifest but not in the bucket")
+            return
+        stats["listed"] += 1
+        self._check(entry, item, problems, deep)
 
     def _stop(
         self, entry: ManifestEntry, rest: Iterator[ManifestEntry], deep: _DeepChecker

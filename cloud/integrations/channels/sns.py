@@ -8,6 +8,7 @@ import threading
 import unicodedata
 from typing import TYPE_CHECKING
 
+from cloud.integrations.aws import service_config
 from cloud.logic.delivery import target_key
 from cloud.logic.ports import ChannelError, Notification
 from cloud.logic.text import truncate_utf8
@@ -86,17 +87,11 @@ class SnsChannel:
         with self._lock:
             if self._client is None:
                 import boto3
-                from botocore.config import Config
 
                 self._client = boto3.client(
                     "sns",
                     region_name=self._region,
-                    config=Config(
-                        retries={"mode": "standard", "max_attempts": 3},
-                        connect_timeout=5,
-                        read_timeout=10,
-                        user_agent_extra="backrest-relay",
-                    ),
+                    config=service_config(max_attempts=3, read_timeout=10),
                 )
             return self._client
 
