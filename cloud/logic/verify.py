@@ -1,18 +1,7 @@
-"""Proving an off-site copy: is every object the manifest names there, whole and intact?
-
-restic names every file by the SHA-256 of its bytes, so the mirror can be proved near the
-data and without the repository password:
-
-1. the manifest is fetched and its SHA-256 checked against the event that announced it;
-2. the prefix is listed once (⌈N/1000⌉ requests, no per-object HEAD) and merged, in key
-   order, with the manifest: missing objects, wrong sizes and, for single-part objects,
-   ETags that are not the MD5 the agent uploaded are problems; extra objects are warnings;
-3. a deep check downloads and hashes every object uploaded by that run (within a byte
-   budget) plus a rotating slice of older ones, so every object is re-read at least once
-   every `rotation_runs` verifications.
-
-Everything streams: the manifest from a temporary file, the listing page by page, deep
-checks through a bounded pool. Memory stays flat in the number of objects.
+"""Proving an off-site copy without the repository password (restic names every file by the
+SHA-256 of its bytes): one listing merged with the manifest, then a budgeted deep check.
+Everything streams, so memory stays flat in the number of objects. Steps:
+docs/verification.md ("What is checked").
 """
 
 from __future__ import annotations
