@@ -240,17 +240,18 @@ def test_handlers_leak_no_secret(
     from cloud.handlers import notify as notify_handler
     from cloud.handlers import verify as verify_handler
     from cloud.integrations.runstore_dynamodb import create_table
-    from tests.reliability.lambdas import Context, event_body, sqs_event, write_mirror
+    from tests.support.lambdas import (
+        FakeLambdaContext,
+        create_idempotency_table,
+        event_body,
+        sqs_batch,
+        write_mirror,
+    )
 
     region = "us-east-1"
     dynamodb = boto3.client("dynamodb", region_name=region)
     create_table(dynamodb, "runs")
-    dynamodb.create_table(
-        TableName="idempotency",
-        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    create_idempotency_table(dynamodb, "idempotency")
     events = boto3.client("events", region_name=region)
     sqs = boto3.client("sqs", region_name=region)
     events.create_event_bus(Name="relay")
@@ -329,14 +330,18 @@ def test_handlers_leak_no_secret(
                 }
             )
             bodies = [event_body(e) for e in (good, damaged, gone)]
-            response = verify_handler.handler(sqs_event([*bodies, "{not json"]), Context())
+            response = verify_handler.handler(
+                sqs_batch([*bodies, "{not json"]), FakeLambdaContext(remaining_ms=300_000)
+            )
             places.append(("verify response", json.dumps(response)))
             assert [f["itemIdentifier"] for f in response["batchItemFailures"]] == ["m-2", "m-3"]
             results = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
             published = [m["Body"] for m in results]
             assert len(published) == 2
             places += [(f"published event {i}", body) for i, body in enumerate(published)]
-            response = notify_handler.handler(sqs_event(published), Context())
+            response = notify_handler.handler(
+                sqs_batch(published), FakeLambdaContext(remaining_ms=300_000)
+            )
             places.append(("notify response", json.dumps(response)))
             assert len(chat.wait_for(2)) == 2 and len(healthchecks.wait_for(2)) == 2
             places += [(f"notification {i}", r.body) for i, r in enumerate(chat.requests)]
