@@ -16,29 +16,21 @@ os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import boto3
 import pytest
 from aws_lambda_powertools.utilities.idempotency import DynamoDBPersistenceLayer
 
-from cloud.contracts.destination import Destination
 from cloud.contracts.events import (
     DetailType,
-    ErrorInfo,
     EventDetail,
-    ManifestRef,
     MirrorCompleted,
     MirrorFailed,
-    MirrorStale,
     MirrorStats,
-    MirrorVerificationFailed,
-    MirrorVerified,
-    Problem,
     RepoRef,
     Source,
-    VerificationStats,
 )
 from cloud.contracts.ids import new_run_id
 from cloud.handlers import notify as notify_handler
@@ -53,7 +45,9 @@ from cloud.integrations.secrets import (
 from cloud.logic.notify import SuccessPolicy
 from cloud.logic.ports import ChannelError, Notification, NotificationChannel
 from cloud.logic.verification import record_verification
+from tests.support import events
 from tests.support.doubles.runstore import InMemoryRunStore
+from tests.support.events import DEST, GUID, MANIFEST, REPO, T0, stale, verification
 from tests.support.lambdas import (
     FakeLambdaContext,
     eventbridge_event,
@@ -67,13 +61,14 @@ from tests.support.lambdas import (
 
 REGION = "us-east-1"
 IDEMPOTENCY_TABLE = "backrest-relay-idempotency"
-GUID = "ab" * 32
-T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
-DEST = Destination(provider="b2", endpoint_url="https://s3.x", bucket="offsite", prefix="r/home")
-REPO = RepoRef(id="home", guid=GUID, path="/srv/restic/home")
-MANIFEST = ManifestRef(key="m/1.jsonl.gz", sha256="0" * 64, objects=10, created_by_run="m1")
 HC_UUID = "5f2d0b9e-8c61-4c43-a2a5-0f8f3cbd3c2a"
 APPRISE_TOKEN = "TFakeSlackToken" + secrets.token_hex(4)  # made per run, never a literal
+
+
+def mirror_failed(at: datetime = T0, repo: RepoRef = REPO) -> MirrorFailed:
+    return events.mirror_failed(
+        at, repo=repo, stats=MirrorStats(uploaded_files=3, uploaded_bytes=3000)
+    )
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -83,54 +78,6 @@ def logs_on_pytest_stdout() -> Iterator[None]:
 
 
 # -- events ----------------------------------------------------------------------------------
-
-
-def verification(at: datetime, ok: bool = True) -> MirrorVerified | MirrorVerificationFailed:
-    model = MirrorVerified if ok else MirrorVerificationFailed
-    problems = [] if ok else [Problem(key="data/ab/abcd", kind="hash", detail="bad bytes")]
-    return model(
-        run_id=new_run_id(),
-        repo=REPO,
-        host="lambda:verifier",
-        trigger="Mirror Completed m1",
-        destination=DEST,
-        started_at=at,
-        finished_at=at,
-        mirror_run_id="m1",
-        manifest=MANIFEST,
-        stats=VerificationStats(compared=10, deep_checked=3, bytes_read=3000),
-        problems=problems,
-        problems_total=len(problems),
-    )
-
-
-def mirror_failed(at: datetime = T0, repo: RepoRef = REPO) -> MirrorFailed:
-    return MirrorFailed(
-        run_id=new_run_id(),
-        repo=repo,
-        host="nas",
-        trigger="CONDITION_CHECK_SUCCESS",
-        destination=DEST,
-        started_at=at,
-        finished_at=at,
-        error=ErrorInfo(kind="destination", message="upload of data/ab/x: SlowDown (HTTP 503)"),
-        stats=MirrorStats(uploaded_files=3, uploaded_bytes=3000),
-    )
-
-
-def stale(at: datetime) -> MirrorStale:
-    return MirrorStale(
-        run_id=new_run_id(),
-        repo=REPO,
-        host="lambda:watchdog",
-        trigger="watchdog",
-        destination=DEST,
-        started_at=at,
-        finished_at=at,
-        last_verified_at=at - timedelta(hours=27),
-        age_seconds=27 * 3600,
-        max_age_seconds=26 * 3600,
-    )
 
 
 def invoke(event: dict[str, Any], context: FakeLambdaContext | None = None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import boto3
@@ -25,23 +25,20 @@ import pytest
 from aws_lambda_powertools.utilities.idempotency import DynamoDBPersistenceLayer
 from moto import mock_aws
 
-from cloud.contracts.destination import Destination
 from cloud.contracts.events import (
     EventDetail,
-    ManifestRef,
     MirrorStale,
-    MirrorVerified,
     RepoRef,
-    VerificationStats,
 )
-from cloud.contracts.ids import new_run_id
 from cloud.handlers import notify as notify_handler
 from cloud.handlers import watchdog as watchdog_handler
 from cloud.handlers.common import ConfigError
 from cloud.logic.ports import Notification, RunRecord
 from cloud.logic.verification import record_verification
+from tests.support import events
 from tests.support.doubles.event_bus import RecordingEventBus
 from tests.support.doubles.runstore import InMemoryRunStore
+from tests.support.events import GUID, T0
 from tests.support.lambdas import (
     FakeLambdaContext,
     create_idempotency_table,
@@ -50,32 +47,17 @@ from tests.support.lambdas import (
 )
 
 REGION = "us-east-1"
-GUID = "ab" * 32
 OTHER = "cd" * 32
-T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
-DEST = Destination(provider="b2", endpoint_url="https://s3.x", bucket="offsite", prefix="r/home")
-MANIFEST = ManifestRef(key="m/1.jsonl.gz", sha256="0" * 64, objects=10, created_by_run="m1")
+
+
+def verified(at: datetime, guid: str = GUID, repo_id: str = "home") -> EventDetail:
+    return events.verification(at, repo=RepoRef(id=repo_id, guid=guid))
 
 
 @pytest.fixture(autouse=True, scope="module")
 def logs_on_pytest_stdout() -> Iterator[None]:
     with logs_to_current_stdout(notify_handler.logger, watchdog_handler.logger):
         yield
-
-
-def verified(at: datetime, guid: str = GUID, repo_id: str = "home") -> MirrorVerified:
-    return MirrorVerified(
-        run_id=new_run_id(),
-        repo=RepoRef(id=repo_id, guid=guid),
-        host="lambda:verifier",
-        trigger="Mirror Completed m1",
-        destination=DEST,
-        started_at=at,
-        finished_at=at,
-        mirror_run_id="m1",
-        manifest=MANIFEST,
-        stats=VerificationStats(compared=10, deep_checked=3, bytes_read=3000),
-    )
 
 
 SCHEDULED_EVENT = {

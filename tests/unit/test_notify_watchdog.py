@@ -3,35 +3,44 @@ with a controlled clock."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
 from cloud.app import watchdog
 from cloud.app.notify import notify
-from cloud.contracts.destination import Destination
 from cloud.contracts.events import (
     ErrorInfo,
     EventDetail,
-    ManifestRef,
     MirrorFailed,
     MirrorStale,
     MirrorVerificationFailed,
     MirrorVerified,
-    Problem,
     RepoRef,
-    VerificationStats,
 )
-from cloud.contracts.ids import new_run_id
 from cloud.logic.notify import decide, render
 from cloud.logic.ports import ChannelError, Notification
 from cloud.logic.verification import mirror_run_record, record_verification
+from tests.support import events
 from tests.support.doubles.runstore import InMemoryRunStore
+from tests.support.events import T0
 
-T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
-DEST = Destination(provider="b2", endpoint_url="https://s3.x", bucket="offsite", prefix="r/home")
 REPO = RepoRef(id="home", guid="ab" * 32, path="/srv/restic")
-MANIFEST = ManifestRef(key="m/1.jsonl.gz", sha256="0" * 64, objects=10, created_by_run="m1")
+
+
+def verified(at: datetime, ok: bool = True) -> MirrorVerified | MirrorVerificationFailed:
+    return events.verification(
+        at,
+        ok,
+        repo=REPO,
+        host="nas",
+        trigger="Mirror Completed x",
+        new_snapshots=["1234567890abcdef" * 4],
+    )
+
+
+def failed(at: datetime) -> MirrorFailed:
+    return events.mirror_failed(at, repo=REPO)
 
 
 def run_watchdog(runs: InMemoryRunStore, *, now: datetime) -> list[MirrorStale]:
@@ -41,39 +50,6 @@ def run_watchdog(runs: InMemoryRunStore, *, now: datetime) -> list[MirrorStale]:
     for alert in watch.alerts:
         watchdog.commit(runs, alert)
     return watch.events
-
-
-def verified(at: datetime, ok: bool = True) -> MirrorVerified | MirrorVerificationFailed:
-    model = MirrorVerified if ok else MirrorVerificationFailed
-    problems = [] if ok else [Problem(key="data/ab/abcd", kind="hash", detail="bad bytes")]
-    return model(
-        run_id=new_run_id(),
-        repo=REPO,
-        host="nas",
-        trigger="Mirror Completed x",
-        destination=DEST,
-        started_at=at,
-        finished_at=at,
-        mirror_run_id="m1",
-        manifest=MANIFEST,
-        stats=VerificationStats(compared=10, deep_checked=3, bytes_read=3000),
-        problems=problems,
-        problems_total=len(problems),
-        new_snapshots=["1234567890abcdef" * 4],
-    )
-
-
-def failed(at: datetime) -> MirrorFailed:
-    return MirrorFailed(
-        run_id=new_run_id(),
-        repo=REPO,
-        host="nas",
-        trigger="CONDITION_CHECK_SUCCESS",
-        destination=DEST,
-        started_at=at,
-        finished_at=at,
-        error=ErrorInfo(kind="destination", message="upload of data/ab/x: SlowDown (HTTP 503)"),
-    )
 
 
 class Recorder:
