@@ -12,7 +12,7 @@ import logging
 import random
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -25,6 +25,7 @@ from moto import mock_aws
 
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import EventDetail, ManifestRef, MirrorCompleted, MirrorStats, RepoRef
+from cloud.contracts.ids import new_run_id
 from cloud.contracts.manifest import ManifestHeader, manifest_key
 
 REGION = "us-east-1"
@@ -322,17 +323,28 @@ class Queues:
 
 
 def write_mirror(
-    put: Callable[[str, bytes], object], destination: Destination, *, seed: int, objects: int = 6
+    put: Callable[[str, bytes], object],
+    destination: Destination,
+    *,
+    seed: int,
+    objects: int = 6,
+    guid: str | None = None,
+    index: bool = False,
+    new_snapshots: Sequence[str] = (),
 ) -> tuple[MirrorCompleted, list[str]]:
-    """A restic-like mirror and its manifest, written through `put(key, bytes)`; returns
-    the `Mirror Completed` event announcing it and the objects' full keys."""
+    """A restic-like mirror (config, data packs, optionally an index, a snapshot) and its
+    manifest, written through `put(key, bytes)`; returns the `Mirror Completed` event
+    announcing it and the objects' full keys."""
     rng = random.Random(seed)
-    run_id = str(uuid.uuid4())
+    run_id = new_run_id()
     files: list[tuple[str, bytes]] = [("config", rng.randbytes(155))]
     for _ in range(objects):
         data = rng.randbytes(rng.randint(10, 4000))
         sha = hashlib.sha256(data).hexdigest()
         files.append((f"data/{sha[:2]}/{sha}", data))
+    if index:
+        index_file = rng.randbytes(300)
+        files.append((f"index/{hashlib.sha256(index_file).hexdigest()}", index_file))
     snapshot = rng.randbytes(200)
     files.append((f"snapshots/{hashlib.sha256(snapshot).hexdigest()}", snapshot))
     files.sort()
@@ -351,7 +363,7 @@ def write_mirror(
     now = datetime.now(UTC)
     header = ManifestHeader(
         run_id=run_id,
-        repo_guid=None,
+        repo_guid=guid,
         repo_id="home",
         bucket=destination.bucket,
         prefix=destination.prefix,
@@ -359,15 +371,15 @@ def write_mirror(
         objects=len(files),
     )
     body = gzip.compress(("\n".join([header.model_dump_json(), *lines]) + "\n").encode(), mtime=0)
-    mkey = manifest_key(".backrest-relay/home/manifests", run_id)
+    mkey = manifest_key(f".backrest-relay/{guid or 'home'}/manifests", run_id)
     put(mkey, body)
     event = MirrorCompleted(
         run_id=run_id,
-        repo=RepoRef(id="home", path="/srv/restic/home"),
+        repo=RepoRef(id="home", guid=guid, path="/srv/restic/home"),
         host="nas",
         trigger="CONDITION_CHECK_SUCCESS",
         destination=destination,
-        started_at=now - timedelta(minutes=2),
+        started_at=now - timedelta(minutes=5),
         finished_at=now - timedelta(minutes=1),
         stats=MirrorStats(files=len(files), uploaded_files=len(files)),
         manifest=ManifestRef(
@@ -376,5 +388,7 @@ def write_mirror(
             objects=len(files),
             created_by_run=run_id,
         ),
+        new_snapshots=list(new_snapshots),
+        new_snapshots_total=len(new_snapshots),
     )
     return event, keys

@@ -11,14 +11,10 @@ import os
 
 os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
 
-import gzip
-import hashlib
 import json
-import random
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import boto3
@@ -30,17 +26,13 @@ from cloud.contracts.events import (
     DetailType,
     ErrorInfo,
     EventDetail,
-    ManifestRef,
     MirrorCompleted,
     MirrorFailed,
-    MirrorStats,
     MirrorVerificationFailed,
     MirrorVerified,
-    RepoRef,
     Source,
 )
 from cloud.contracts.ids import new_run_id
-from cloud.contracts.manifest import ManifestHeader, manifest_key
 from cloud.handlers import verify as verify_handler
 from cloud.handlers.common import Bucket, ConfigError, SecretDestinations, endpoint_mismatch
 from cloud.integrations.eventbus import EventBridgeBus, EventPublishError
@@ -48,6 +40,7 @@ from cloud.integrations.s3 import S3Access
 from cloud.integrations.secrets import DestinationSecretError, load_destination_access
 from cloud.logic.ports import ListedObject, ObjectStoreError
 from cloud.logic.verify import VerifyOptions
+from tests.support import lambdas
 from tests.support.doubles.event_bus import RecordingEventBus
 from tests.support.doubles.object_store import InMemoryObjectStore
 from tests.support.doubles.runstore import InMemoryRunStore
@@ -118,69 +111,16 @@ class Buckets:
 def write_mirror(
     put: Any, destination: Destination, *, seed: int, objects: int = 8
 ) -> tuple[MirrorCompleted, list[str]]:
-    """Objects of a restic-like repository plus a manifest, through `put(key, bytes)`;
-    returns the Mirror Completed event that announces them and the object keys."""
-    rng = random.Random(seed)
-    run_id = new_run_id()
-    files: list[tuple[str, bytes]] = [("config", rng.randbytes(155))]
-    for _ in range(objects):
-        data = rng.randbytes(rng.randint(10, 4000))
-        sha = hashlib.sha256(data).hexdigest()
-        files.append((f"data/{sha[:2]}/{sha}", data))
-    index = rng.randbytes(300)
-    files.append((f"index/{hashlib.sha256(index).hexdigest()}", index))
-    snap = rng.randbytes(200)
-    files.append((f"snapshots/{hashlib.sha256(snap).hexdigest()}", snap))
-    files.sort()
-    keys = []
-    lines = []
-    for key, data in files:
-        full = destination.key(key)
-        put(full, data)
-        keys.append(full)
-        lines.append(
-            json.dumps(
-                {
-                    "key": key,
-                    "size": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                    "md5": hashlib.md5(data, usedforsecurity=False).hexdigest(),
-                    "uploaded": True,
-                }
-            )
-        )
-    now = datetime.now(UTC)
-    header = ManifestHeader(
-        run_id=run_id,
-        repo_guid=GUID,
-        repo_id="home",
-        bucket=destination.bucket,
-        prefix=destination.prefix,
-        created_at=now,
-        objects=len(files),
-    )
-    body = gzip.compress(("\n".join([header.model_dump_json(), *lines]) + "\n").encode(), mtime=0)
-    mkey = manifest_key(f".backrest-relay/{GUID}/manifests", run_id)
-    put(mkey, body)
-    event = MirrorCompleted(
-        run_id=run_id,
-        repo=RepoRef(id="home", guid=GUID, path="/srv/restic/home"),
-        host="nas",
-        trigger="CONDITION_CHECK_SUCCESS",
-        destination=destination,
-        started_at=now - timedelta(minutes=5),
-        finished_at=now - timedelta(minutes=1),
-        stats=MirrorStats(files=len(files), uploaded_files=len(files)),
-        manifest=ManifestRef(
-            key=mkey,
-            sha256=hashlib.sha256(body).hexdigest(),
-            objects=len(files),
-            created_by_run=run_id,
-        ),
+    """A mirror of repository GUID with an index and one new snapshot."""
+    return lambdas.write_mirror(
+        put,
+        destination,
+        seed=seed,
+        objects=objects,
+        guid=GUID,
+        index=True,
         new_snapshots=["1234abcd"],
-        new_snapshots_total=1,
     )
-    return event, keys
 
 
 def invoke(event: dict[str, Any]) -> dict[str, Any]:
