@@ -35,11 +35,10 @@ from pathlib import Path
 
 import boto3
 import pytest
-from aws_lambda_powertools.utilities import parameters
-from moto import mock_aws
 
 from tests.reliability.common import Ledger, leaks
 from tests.support.agent import AgentResult, run_agent, write_agent_config
+from tests.support.lambdas import aws  # noqa: F401 (the moto account fixture)
 from tests.support.repos import add_packs, make_fake_restic_repo
 from tests.support.s3servers import RcloneS3Server, S3Endpoint, unique_bucket_name
 from tests.support.sinks import HttpSink, closed_port
@@ -215,27 +214,9 @@ def test_no_command_leaks_a_secret(
 # -- the Lambda handlers -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-        "POWERTOOLS_LOG_LEVEL": "DEBUG",
-    }.items():
-        monkeypatch.setenv(name, value)
-    with mock_aws():
-        parameters.clear_caches()  # type: ignore[no-untyped-call]
-        yield
-    parameters.clear_caches()  # type: ignore[no-untyped-call]
-
-
-def test_handlers_leak_no_secret(
-    aws: None, monkeypatch: pytest.MonkeyPatch, ledger: Ledger
-) -> None:
+@pytest.mark.usefixtures("aws")
+def test_handlers_leak_no_secret(monkeypatch: pytest.MonkeyPatch, ledger: Ledger) -> None:
+    monkeypatch.setenv("POWERTOOLS_LOG_LEVEL", "DEBUG")
     from cloud.contracts.destination import Destination
     from cloud.handlers import notify as notify_handler
     from cloud.handlers import verify as verify_handler

@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import random
 import sys
 import uuid
@@ -200,7 +201,7 @@ def read_output(capsys: pytest.CaptureFixture[str]) -> Output:
 @pytest.fixture
 def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A moto account with fake credentials; nothing can reach a real one."""
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
+    for name in [n for n in os.environ if n.startswith("AWS_ENDPOINT_URL")] + ["AWS_PROFILE"]:
         monkeypatch.delenv(name, raising=False)
     for name, value in {
         "AWS_ACCESS_KEY_ID": "testing",
