@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from cloud.contracts.destination import Destination
+from cloud.logic.ports import ListedObject
 from local_agent import __version__
 from local_agent.errors import ConfigError, DestinationError, RelayError
 from local_agent.sigv4 import md5_header
@@ -33,23 +34,6 @@ log = logging.getLogger(__name__)
 
 # Answers of S3 to a request signed for the wrong region.
 WRONG_REGION = frozenset({"PermanentRedirect", "AuthorizationHeaderMalformed", "301"})
-
-
-@dataclass(frozen=True, slots=True)
-class Listed:
-    key: str  # repository-relative
-    size: int
-    etag: str
-
-    @property
-    def multipart(self) -> bool:
-        return "-" in self.etag
-
-    @property
-    def parts(self) -> int:
-        """The part count a multipart ETag (`…-N`) states; 0 if it states none."""
-        tail = self.etag.rsplit("-", 1)[-1]
-        return int(tail) if self.multipart and tail.isdigit() else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +282,7 @@ class Backend:
             f"delete of {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=full)
         )
 
-    def list(self, prefix: str = "") -> Iterator[Listed]:
+    def list(self, prefix: str = "") -> Iterator[ListedObject]:
         """Every object under the destination prefix (+ `prefix`), 1000 per request."""
         base = self.destination.key(prefix) if prefix else self.destination.key("")
         token: str | None = None
@@ -313,7 +297,7 @@ class Backend:
             for item in page.get("Contents", []):
                 relative = self.destination.relative(item["Key"])
                 if relative:
-                    yield Listed(relative, int(item["Size"]), _etag(item.get("ETag", "")))
+                    yield ListedObject(relative, int(item["Size"]), _etag(item.get("ETag", "")))
             if not page.get("IsTruncated"):
                 return
             token = page.get("NextContinuationToken")

@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cloud.integrations.redact import REDACTOR, RedactingFormatter
 from local_agent import __version__
 from local_agent.cli_common import register_secrets, resolve_repo
 from local_agent.errors import ConfigError, ExitCode, RelayError
 from local_agent.identity import resolve_identity
-from local_agent.redact import REDACTOR, RedactingFormatter
 
 log = logging.getLogger("backrest_relay")
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cloud.integrations.redact import REDACTOR
 from local_agent.errors import ConfigError
 from local_agent.identity import resolve_identity
-from local_agent.redact import REDACTOR
 
 __all__ = ["ResolvedRepo", "register_secrets", "resolve_repo"]
 

@@ -633,3 +633,15 @@ def _describe_validation_error(
         # Never echo the offending value: it may be a secret.
         lines.append(f"{loc}: {message} ({origin})")
     return "config: " + "; ".join(lines)
+
+
+def lock_check(config: RelayConfig) -> dict[str, Any]:
+    """VerifyOptions for the lock check: what `[destination] object_lock` promises."""
+    lock = config.destination.object_lock
+    return {} if lock is None else {"lock_days": lock.days, "lock_min_days": lock.min_days}
+
+
+def report_lock(config: RelayConfig) -> dict[str, Any]:
+    """The Object Lock a verification report carries: the destination's, if configured."""
+    lock = config.destination.object_lock
+    return {} if lock is None else {"lock_mode": lock.mode.upper(), "lock_days": lock.days}

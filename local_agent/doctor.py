@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from cloud.integrations.redact import REDACTOR
 from local_agent.errors import ExitCode, RelayError
-from local_agent.redact import REDACTOR
 
 CLOCK_WARN_SECONDS = 60
 CLOCK_FAIL_SECONDS = 15 * 60  # S3 refuses signatures more than 15 minutes off

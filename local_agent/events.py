@@ -21,8 +21,8 @@ from cloud.contracts.events import (
     RepoRef,
 )
 from cloud.contracts.ids import new_run_id
+from cloud.integrations.redact import REDACTOR
 from local_agent.mirror import MirrorSummary
-from local_agent.redact import REDACTOR
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,14 @@ from __future__ import annotations
 import html
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
+from cloud.contracts.events import (
+    MirrorCompleted,
+    MirrorFailed,
+    MirrorVerificationFailed,
+    MirrorVerified,
+    VerificationStats,
+)
 from cloud.logic.ports import RepoStatus, RunRecord, RunStore
 from cloud.logic.text import format_size
 
@@ -22,11 +28,9 @@ def _points(runs: list[RunRecord]) -> list[tuple[datetime, int, int]]:
     """(finished_at, mirror bytes, uploaded bytes) of every completed mirror run, oldest first."""
     out = []
     for run in sorted(runs, key=lambda r: r.run_id):
-        stats = run.detail.get("stats") if run.kind == "mirror" else None
-        if isinstance(stats, dict):
-            out.append(
-                (run.finished_at, int(stats.get("bytes", 0)), int(stats.get("uploaded_bytes", 0)))
-            )
+        event = run.event if run.kind == "mirror" else None
+        if isinstance(event, MirrorCompleted):
+            out.append((run.finished_at, event.stats.bytes, event.stats.uploaded_bytes))
     return out
 
 
@@ -92,21 +96,19 @@ def _evidence(status: RepoStatus, now: datetime) -> str:
     last = status.latest_verified
     if last is None:
         return "<p class='bad'>No verified off-site copy yet.</p>"
-    detail: dict[str, Any] = last.detail
-    stats = detail.get("stats", {})
+    event = last.event
+    result = event if isinstance(event, MirrorVerified | MirrorVerificationFailed) else None
+    stats = result.stats if result is not None else VerificationStats()
     age = now - last.finished_at
     rows = [
         (
             "Verified at",
             f"{last.finished_at:%Y-%m-%d %H:%M UTC} ({age.total_seconds() / 3600:.1f} h ago)",
         ),
-        ("Manifest", str(detail.get("manifest", {}).get("key", "?"))),
-        ("Objects in manifest", str(detail.get("manifest", {}).get("objects", "?"))),
-        ("Listed and compared", f"{stats.get('listed', 0)} / {stats.get('compared', 0)}"),
-        (
-            "Read back and hashed",
-            f"{stats.get('deep_checked', 0)} objects, {format_size(stats.get('bytes_read', 0))}",
-        ),
+        ("Manifest", result.manifest.key if result is not None else "?"),
+        ("Objects in manifest", str(result.manifest.objects) if result is not None else "?"),
+        ("Listed and compared", f"{stats.listed} / {stats.compared}"),
+        ("Read back and hashed", f"{stats.deep_checked} objects, {format_size(stats.bytes_read)}"),
         ("Verification run", last.run_id),
     ]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
@@ -117,12 +119,12 @@ def _problems(status: RepoStatus) -> str:
     latest = status.latest_run
     if latest is None or latest.status not in ("failed", "verification-failed", "stale"):
         return ""
-    detail = latest.detail
+    event = latest.event
     items: list[str] = []
-    if "error" in detail:
-        items.append(f"{detail['error'].get('kind')}: {detail['error'].get('message')}")
-    for problem in detail.get("problems", [])[:20]:
-        items.append(f"{problem.get('kind')}: {problem.get('key')} — {problem.get('detail')}")
+    if isinstance(event, MirrorFailed):
+        items.append(f"{event.error.kind}: {event.error.message}")
+    if isinstance(event, MirrorVerificationFailed):
+        items.extend(f"{p.kind}: {p.key} — {p.detail}" for p in event.problems[:20])
     if latest.status == "stale":
         items.append("no verified copy within the allowed age")
     lis = "".join(f"<li><code>{html.escape(i)}</code></li>" for i in items)

@@ -24,7 +24,8 @@ from pydantic import ConfigDict
 
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import ErrorKind, MirrorStats
-from local_agent.backend import Backend, Listed
+from cloud.logic.ports import ListedObject
+from local_agent.backend import Backend
 from local_agent.deadline import StopRequested, StopSignal
 from local_agent.errors import (
     DeadlineError,
@@ -169,7 +170,7 @@ def _iso(epoch: float) -> str:
 @dataclass(slots=True)
 class _Work:
     file: RepoFile
-    listed: Listed | None = None  # the object a listing found under the same key
+    listed: ListedObject | None = None  # the object a listing found under the same key
 
 
 class MirrorRun:
@@ -269,7 +270,7 @@ class MirrorRun:
 
     # -- planning -------------------------------------------------------------------------
 
-    def _listing(self) -> dict[str, Listed]:
+    def _listing(self) -> dict[str, ListedObject]:
         """One paginated listing of the prefix: ⌈N/1000⌉ requests, only on first run,
         after lost state, or with --reconcile."""
         log.info("reading the destination listing once (%s)", self.options.destination.describe())
@@ -282,7 +283,7 @@ class MirrorRun:
     def _plan(
         self,
         scan: RepositoryScan,
-        listing: dict[str, Listed] | None,
+        listing: dict[str, ListedObject] | None,
         known: dict[str, int] | None,
     ) -> dict[Kind, list[_Work]]:
         if known is None:
@@ -325,7 +326,7 @@ class MirrorRun:
             items.sort(key=lambda w: (-w.file.size, w.file.key))
         return work
 
-    def _check_config(self, scan: RepositoryScan, listing: dict[str, Listed] | None) -> None:
+    def _check_config(self, scan: RepositoryScan, listing: dict[str, ListedObject] | None) -> None:
         """Refuse to mix two repositories under one prefix: `config` never changes.
 
         The bucket is the judge, not the state store: when the store holds no record of
@@ -380,7 +381,7 @@ class MirrorRun:
             self.state.delete_meta(SNAPSHOT_BASELINE)
 
     def _deletion_candidates(
-        self, scan: RepositoryScan, listing: dict[str, Listed] | None
+        self, scan: RepositoryScan, listing: dict[str, ListedObject] | None
     ) -> _Deletions:
         """Remote objects gone locally, read before this run uploads anything: what is at
         the destination then is the guard's fall-back baseline."""
@@ -649,7 +650,7 @@ class MirrorRun:
         if self.progress:
             self.progress.advance(files=1)
 
-    def _proven(self, file: RepoFile, digest: Digest, listed: Listed) -> bool:
+    def _proven(self, file: RepoFile, digest: Digest, listed: ListedObject) -> bool:
         """Whether a listed object holds exactly the local bytes, so it can be adopted.
 
         Single-part: its ETag is the MD5 of its bytes. Multipart (`…-N`): the ETag the local

@@ -1,30 +1,32 @@
-"""Local mode: the cloud side's work, done on the backup host after each upload.
+"""Local mode's wiring: the cloud side's use cases (`cloud.app`), run on the backup host.
 
 With `events.publisher = "local"` every event the agent emits is recorded, a completed
-mirror is verified in-process with the same `cloud.logic` code the Lambda runs, and the
-runs land in a SQLite run store under the state directory.
+mirror is verified in-process with the same code the Lambda runs, and the runs land in a
+SQLite run store under the state directory.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cloud.app.notify import NotifyOutcome, notify
+from cloud.app.verify import CheckpointedVerification, verify_checkpointed
 from cloud.contracts.events import EventDetail, MirrorCompleted, MirrorFailed
-from cloud.logic.notify import NotifyOutcome, notify_event
 from cloud.logic.ports import ChannelError, NotificationChannel
-from cloud.logic.verification import (
-    CheckpointedVerification,
-    mirror_run_record,
-    verify_checkpointed,
-)
+from cloud.logic.verification import mirror_run_record
 from cloud.logic.verify import VerifyOptions
 from local_agent.progress import Progress
-from local_agent.publishers import EventLog
+from local_agent.publishers import (
+    EventBridgePublisher,
+    EventLog,
+    LocalPublisher,
+    NullPublisher,
+    Publisher,
+)
 from local_agent.units import format_size
 
 if TYPE_CHECKING:
@@ -38,6 +40,48 @@ def run_store_path(state_dir: Path) -> Path:
     return state_dir / "runs.sqlite"
 
 
+def open_run_store(state_dir: Path, *, set_aside_damaged: bool = False) -> SqliteRunStore:
+    """The local run store (`status`, `verify` and the pipeline share it).
+
+    `set_aside_damaged` (the hook's pipeline): a damaged file is moved aside and a fresh one
+    started, because a hook run that dies on its own history would never alert again."""
+    from cloud.integrations.runstore_sqlite import RunStoreCorrupt, SqliteRunStore
+    from cloud.integrations.sqlite_file import set_aside
+
+    path = run_store_path(state_dir)
+    try:
+        return SqliteRunStore(path)
+    except RunStoreCorrupt as exc:
+        if not set_aside_damaged:
+            raise
+        aside = set_aside(path)
+        log.warning(
+            "%s; set aside as %s, starting a fresh history (checkpoints and alert state are "
+            "lost: the next pass may read new objects again)",
+            exc,
+            aside.name,
+        )
+        return SqliteRunStore(path)
+
+
+def event_log(state_dir: Path) -> EventLog:
+    """The append-only record of every event local mode handled."""
+    return EventLog(state_dir / "events.jsonl")
+
+
+def channels_for_repo(
+    config: RelayConfig, repo_id: str | None, repo_guid: str | None
+) -> list[NotificationChannel]:
+    """`notify.urls` (Apprise) and the repository's Healthchecks URL."""
+    from cloud.integrations.channels import build_channels
+
+    notify = config.notify
+    return build_channels(
+        apprise_urls=[url.get_secret_value() for url in notify.urls],
+        healthchecks_url=notify.healthchecks_url(repo_id, repo_guid),
+    )
+
+
 class LocalPipeline:
     def __init__(
         self,
@@ -48,7 +92,7 @@ class LocalPipeline:
     ) -> None:
         self.config = config
         self.state_dir = state_dir
-        self.event_log = EventLog(state_dir / "events.jsonl")
+        self.event_log = event_log(state_dir)
         self.results: list[EventDetail] = []
         self.notifications: list[NotifyOutcome] = []
         self.extra_channels = list(extra_channels)
@@ -60,27 +104,9 @@ class LocalPipeline:
         self.passes: dict[str, CheckpointedVerification] = {}
 
     def runs(self) -> SqliteRunStore:
-        """The run store; a corrupt one is set aside and a fresh one started, because a
-        hook run that dies on its own history would never alert again."""
-        from cloud.integrations.runstore_sqlite import RunStoreCorrupt, SqliteRunStore
-
         with self._lock:
             if self._runs is None:
-                path = run_store_path(self.state_dir)
-                try:
-                    self._runs = SqliteRunStore(path)
-                except RunStoreCorrupt as exc:
-                    aside = path.with_name(f"{path.name}.unusable-{int(time.time())}")
-                    path.rename(aside)
-                    for suffix in ("-wal", "-shm"):
-                        path.with_name(path.name + suffix).unlink(missing_ok=True)
-                    log.warning(
-                        "%s; set aside as %s, starting a fresh history (checkpoints and "
-                        "alert state are lost: the next pass may read new objects again)",
-                        exc,
-                        aside.name,
-                    )
-                    self._runs = SqliteRunStore(path)
+                self._runs = open_run_store(self.state_dir, set_aside_damaged=True)
             return self._runs
 
     def __call__(self, event: EventDetail) -> None:
@@ -104,16 +130,7 @@ class LocalPipeline:
 
     def channels(self, repo_id: str | None, repo_guid: str | None) -> list[NotificationChannel]:
         """`notify.urls` (Apprise), the repository's Healthchecks URL, and any extras."""
-        from cloud.integrations.channels import AppriseChannel, HealthchecksChannel
-
-        notify = self.config.notify
-        channels: list[NotificationChannel] = [
-            AppriseChannel(url.get_secret_value()) for url in notify.urls
-        ]
-        ping = notify.healthchecks_url(repo_id, repo_guid)
-        if ping:
-            channels.append(HealthchecksChannel(ping))
-        return channels + self.extra_channels
+        return channels_for_repo(self.config, repo_id, repo_guid) + self.extra_channels
 
     def run_started(self, run_id: str, repo_id: str | None, repo_guid: str | None) -> None:
         """Healthchecks `/start` for the run (best effort: a failed ping is only logged)."""
@@ -132,7 +149,7 @@ class LocalPipeline:
         channels = self.channels(event.repo.id, event.repo.guid)
         if not channels:
             return
-        outcome = notify_event(
+        outcome = notify(
             event, runs=self.runs(), channels=channels, policy=self.config.notify.success
         )
         self.notifications.append(outcome)
@@ -142,14 +159,14 @@ class LocalPipeline:
             )
 
     def _verify(self, event: MirrorCompleted) -> CheckpointedVerification:
-        """One checkpointed pass (`cloud.logic.verification.verify_checkpointed`).
+        """One checkpointed pass (`cloud.app.verify.verify_checkpointed`).
 
         Never raises for the bucket: a destination that cannot be read yields a "could not
         verify" result, so this event leaves the outbox and later ones are announced.
         """
         from cloud.integrations.s3 import make_s3_client
         from cloud.integrations.s3_store import S3ObjectStore, S3ReportSink
-        from local_agent.verification import lock_check, report_lock
+        from local_agent.config import lock_check, report_lock
 
         client = make_s3_client(self.config.destination.access())
         bucket = event.destination.bucket
@@ -193,3 +210,15 @@ class LocalPipeline:
         else:
             log.info("verify: %s pass done", plan.reason)
         return checked
+
+
+def make_publisher(config: RelayConfig, state_dir: Path) -> Publisher:
+    """The publisher `events.publisher` names; `local` runs this pipeline in-process."""
+    events = config.events
+    if events.publisher == "eventbridge":
+        return EventBridgePublisher(
+            events.event_bus, region=events.region, endpoint_url=events.endpoint_url
+        )
+    if events.publisher == "local":
+        return LocalPublisher(LocalPipeline(config, state_dir))
+    return NullPublisher()

@@ -4,7 +4,7 @@
   (credential chain, region, `AWS_ENDPOINT_URL_EVENTBRIDGE`) unless `events.region` /
   `events.endpoint_url` say otherwise. These are AWS credentials, never the bucket's.
 - `local`: hands the event to the in-process pipeline on this host (verification and
-  the run store; see `local_agent.pipeline`).
+  the run store; `local_agent.pipeline`, which also picks the publisher).
 - `none`: drops it.
 """
 
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 from cloud.contracts.events import EventDetail
 
 if TYPE_CHECKING:
-    from local_agent.config import RelayConfig
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +94,3 @@ class EventLog:
                 fh.write(json.dumps(line, sort_keys=True) + "\n")
         except OSError as exc:
             raise PublishError(f"local event log {self.path}: {exc.strerror}") from None
-
-
-def make_publisher(config: RelayConfig, state_dir: Path) -> Publisher:
-    events = config.events
-    if events.publisher == "eventbridge":
-        return EventBridgePublisher(
-            events.event_bus, region=events.region, endpoint_url=events.endpoint_url
-        )
-    if events.publisher == "local":
-        from local_agent.pipeline import LocalPipeline
-
-        return LocalPublisher(LocalPipeline(config, state_dir))
-    return NullPublisher()

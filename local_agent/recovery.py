@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from cloud.contracts.destination import Destination
 from cloud.contracts.manifest import ManifestEntry, ManifestHeader
+from cloud.integrations.redact import REDACTOR
 from cloud.logic.ports import ListedObject, ObjectStore, Retention, RetentionSource, RunStore
 from cloud.logic.verify import (
     IGNORED_FOLDERS,
@@ -41,7 +42,6 @@ from cloud.logic.verify import (
 )
 from local_agent.backend import Backend, ObjectVersion
 from local_agent.errors import ConfigError, ExitCode, RelayError
-from local_agent.redact import REDACTOR
 from local_agent.repository import DELETE_ORDER, UPLOAD_ORDER, Kind, kind_of_key
 from local_agent.units import parse_duration
 
@@ -488,7 +488,7 @@ def run_recover(
 
 def lock_verify_options(config: RelayConfig) -> VerifyOptions:
     """The verifier's lock check as `verify` runs it (copies carry a fresh lock)."""
-    from local_agent.verification import lock_check
+    from local_agent.config import lock_check
 
     return VerifyOptions(**lock_check(config))
 

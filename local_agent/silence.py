@@ -1,16 +1,7 @@
-"""Local mode's alarm for silence: `status --check-stale`, run hourly by a timer or cron.
-
-The same rule as the cloud watchdog (`cloud.logic.watchdog.run_watchdog`, not a second
-copy): a repository whose newest verified copy is older than its allowed age gets one ⏰
-`Mirror Stale`, repeated every 24 h while it stays stale, sent through the configured
-channels (`notify.urls`, the repository's Healthchecks URL → `/fail`). The next verified
-run sends the recovery message through the normal notification policy.
-
-"Knows no run" is an alarm too: a repository that Backrest's config lists with a
-backrest-relay hook, or that `notify.healthchecks` names, but that this run store has never
-seen — its hook never ran, or the timer runs as another user or with another state
-directory. Before this, an empty run store meant exit 0: the alarm was silent exactly when
-it was most needed.
+"""Local mode's alarm for silence (`status --check-stale`, hourly from a timer): the cloud
+watchdog's use case (`cloud.app.watchdog`) with the local channels. A repository Backrest
+lists but this run store never saw is an alarm too: its hook never ran, or the timer runs
+with another state directory.
 """
 
 from __future__ import annotations
@@ -22,18 +13,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+from cloud.app import watchdog
+from cloud.app.notify import notify
 from cloud.contracts.events import MirrorStale, RepoRef
-from cloud.logic.notify import notify_event
-from cloud.logic.watchdog import DEFAULT_REPEAT, run_watchdog
+from cloud.integrations.redact import REDACTOR
+from cloud.logic.watchdog import DEFAULT_REPEAT
 from local_agent.errors import ConfigError, RelayError
-from local_agent.redact import REDACTOR
+from local_agent.pipeline import channels_for_repo, event_log
 from local_agent.units import format_duration, plural
 
 if TYPE_CHECKING:
     from cloud.contracts.destination import Destination
+    from cloud.integrations.runstore_sqlite import SqliteRunStore
     from cloud.logic.ports import RepoStatus
     from local_agent.config import RelayConfig
-    from local_agent.pipeline import LocalPipeline
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +83,13 @@ def _unknown(refs: list[RepoRef], statuses: list[RepoStatus]) -> list[RepoRef]:
 
 def check_silence(
     config: RelayConfig,
-    pipeline: LocalPipeline,
+    runs: SqliteRunStore,
     *,
     now: datetime,
     max_age_for: Callable[[RepoStatus], timedelta],
     repeat_every: timedelta = DEFAULT_REPEAT,
 ) -> SilenceReport:
     """One watchdog pass over the local run store; alerts sent, never-seen repositories named."""
-    runs = pipeline.runs()
     statuses = list(runs.repos())
     never_seen = _unknown(expected_repos(config), statuses)
 
@@ -108,7 +100,7 @@ def check_silence(
         except RelayError:
             return None
 
-    alerts = run_watchdog(
+    watch = watchdog.plan(
         runs,
         now=now,
         max_age_for=max_age_for,
@@ -116,14 +108,17 @@ def check_silence(
         expected=never_seen,
         destination_for=destination_for,
     )
-    for event in alerts:
-        pipeline.event_log(event)
-        channels = pipeline.channels(event.repo.id, event.repo.guid)
-        outcome = notify_event(event, runs=runs, channels=channels, policy=config.notify.success)
+    watchdog.record(runs, watch)
+    log_event = event_log(config.state.path())
+    for alert in watch.alerts:
+        event = alert.event
+        log_event(event)
+        channels = channels_for_repo(config, event.repo.id, event.repo.guid)
+        outcome = notify(event, runs=runs, channels=channels, policy=config.notify.success)
         sent = len(outcome.results) - outcome.failed
-        if channels and sent == 0:
-            # Nobody heard it: forget that it was sent, so the next pass tries again.
-            runs.mark_stale_alerted(event.repo.key, None)
+        if not channels or sent:
+            # Heard (or nobody to tell): remembered; unheard, the next pass tries again.
+            watchdog.commit(runs, alert)
         label = event.repo.id or event.repo.key[:16]
         age = (
             f"no verified off-site copy for {format_duration(event.age_seconds)}"
@@ -146,7 +141,7 @@ def check_silence(
     for ref in never_seen:
         sys.stderr.write(
             f"backrest-relay: no run recorded for {ref.id or ref.key} in "
-            f"{pipeline.runs().path}: has its hook run yet, and do the hook and this check "
+            f"{runs.path}: has its hook run yet, and do the hook and this check "
             "run as the same user with the same --config (state directory)?\n"
         )
-    return SilenceReport(alerts=alerts, never_seen=never_seen)
+    return SilenceReport(alerts=watch.events, never_seen=never_seen)

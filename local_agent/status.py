@@ -15,10 +15,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from cloud.contracts.events import MirrorFailed, MirrorVerificationFailed
+from cloud.integrations.redact import REDACTOR
 from cloud.logic.ports import RepoStatus
 from cloud.logic.watchdog import assess
 from local_agent.errors import ConfigError, ExitCode
-from local_agent.redact import REDACTOR
 from local_agent.units import plural
 
 if TYPE_CHECKING:
@@ -45,11 +46,11 @@ def repo_summary(status: RepoStatus, now: datetime, max_age: timedelta) -> dict[
     last = status.latest_verified
     latest = status.latest_run
     problems: list[dict[str, Any]] = []
-    if latest is not None and latest.status in ("failed", "verification-failed"):
-        detail = latest.detail
-        problems = list(detail.get("problems", []))[:5]
-        if "error" in detail:
-            problems = [{"kind": detail["error"]["kind"], "detail": detail["error"]["message"]}]
+    event = latest.event if latest is not None else None
+    if isinstance(event, MirrorFailed):
+        problems = [{"kind": event.error.kind, "detail": event.error.message}]
+    elif isinstance(event, MirrorVerificationFailed):
+        problems = [p.model_dump(mode="json") for p in event.problems[:5]]
     return {
         "repo_key": status.repo_key,
         "repo_id": status.repo_id,
@@ -112,11 +113,10 @@ def run_status(
     forget: str | None = None,
     now: datetime | None = None,
 ) -> int:
-    from local_agent.pipeline import LocalPipeline
+    from local_agent.pipeline import open_run_store
 
     now = now or datetime.now(UTC)
-    pipeline = LocalPipeline(config, config.state.path())
-    runs = pipeline.runs()
+    runs = open_run_store(config.state.path())
     if forget is not None:
         key, removed = forget_repo(runs, forget)
         sys.stdout.write(f"forgot repository {key}: {plural(removed, 'run')} removed\n")
@@ -126,7 +126,7 @@ def run_status(
     if check_stale:
         from local_agent.silence import check_silence
 
-        silence = check_silence(config, pipeline, now=now, max_age_for=max_age_for)
+        silence = check_silence(config, runs, now=now, max_age_for=max_age_for)
     rows = [repo_summary(s, now, max_age_for(s)) for s in runs.repos()]
     if html:
         from pathlib import Path

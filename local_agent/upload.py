@@ -34,8 +34,9 @@ from local_agent.events import RunContext, completed_event, failed_event
 from local_agent.manifest import ManifestWriter
 from local_agent.mirror import MirrorOptions, MirrorRun, MirrorSummary
 from local_agent.outbox import FlushResult, Outbox
+from local_agent.pipeline import make_publisher
 from local_agent.progress import Progress
-from local_agent.publishers import Publisher, make_publisher
+from local_agent.publishers import Publisher
 from local_agent.repository import ensure_repository
 from local_agent.runlock import RunLock
 from local_agent.state import LAST_MANIFEST as LAST_MANIFEST  # re-exported

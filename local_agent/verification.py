@@ -1,7 +1,7 @@
 """`backrest-relay verify`: the verifier, run from any machine with read access.
 
 Finds the newest manifest of the repository in the bucket (or the one of `--run`), runs
-the same `cloud.logic` verification the Lambda runs, records it in the local run store,
+the same verification the Lambda runs (`cloud.app.verify`), records it in the local run store,
 and prints a readable report. Exit 0 verified · 3 problems found · 4 destination
 unreachable.
 """
@@ -14,14 +14,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from cloud.app.verify import verify_manifest
 from cloud.contracts.events import ManifestRef, MirrorVerified, RepoRef
 from cloud.contracts.ids import is_run_id
 from cloud.contracts.manifest import manifest_key
+from cloud.integrations.redact import REDACTOR
 from cloud.logic.ports import ObjectStoreError
-from cloud.logic.verification import record_verification, verification_event
-from cloud.logic.verify import MirrorVerifier, VerifyOptions, problems_report_key
+from cloud.logic.verify import VerifyOptions
+from local_agent.config import lock_check, report_lock
 from local_agent.errors import ConfigError, DestinationError, ExitCode
-from local_agent.redact import REDACTOR
 from local_agent.units import format_duration, format_size, parse_size
 
 if TYPE_CHECKING:
@@ -74,8 +75,7 @@ def recorded_manifest(
     Lets a manual verify detect a manifest altered or deleted in the bucket; elsewhere
     (another machine, no guid) the newest manifest in the bucket is taken as found.
     """
-    from local_agent.state import StateStore, state_file_name
-    from local_agent.upload import LAST_MANIFEST
+    from local_agent.state import LAST_MANIFEST, StateStore, state_file_name
 
     if not repo_guid:
         return None
@@ -90,18 +90,6 @@ def recorded_manifest(
     return ManifestRef.model_validate_json(raw) if raw else None
 
 
-def lock_check(config: RelayConfig) -> dict[str, Any]:
-    """VerifyOptions for the lock check: what `[destination] object_lock` promises."""
-    lock = config.destination.object_lock
-    return {} if lock is None else {"lock_days": lock.days, "lock_min_days": lock.min_days}
-
-
-def report_lock(config: RelayConfig) -> dict[str, Any]:
-    """The Object Lock a verification report carries: the destination's, if configured."""
-    lock = config.destination.object_lock
-    return {} if lock is None else {"lock_mode": lock.mode.upper(), "lock_days": lock.days}
-
-
 def run_verify(
     config: RelayConfig,
     *,
@@ -112,8 +100,8 @@ def run_verify(
     as_json: bool,
 ) -> int:
     from cloud.integrations.s3 import make_s3_client
-    from cloud.integrations.s3_store import S3ObjectStore
-    from local_agent.pipeline import LocalPipeline
+    from cloud.integrations.s3_store import S3ObjectStore, S3ReportSink
+    from local_agent.pipeline import open_run_store
 
     if not repo_id and not repo_guid:
         raise ConfigError("verify needs --repo-id or --repo-guid")
@@ -127,7 +115,7 @@ def run_verify(
     prefix = config.manifest_prefix_for(repo_id=repo_id, repo_guid=repo_guid)
     client = make_s3_client(config.destination.access(), max_pool_connections=16)
     store = S3ObjectStore(client, destination.bucket)
-    runs = LocalPipeline(config, config.state.path()).runs()
+    runs = open_run_store(config.state.path())
     repo = RepoRef(id=repo_id, guid=repo_guid)
     started = datetime.now(UTC)
     try:
@@ -150,32 +138,20 @@ def run_verify(
             **lock_check(config),
         )
         expected = recorded.sha256 if recorded is not None and recorded.key == key else None
-        outcome = MirrorVerifier(store, destination, options).verify(key, expected)
+        result = verify_manifest(
+            key,
+            expected_sha256=expected,
+            repo=repo,
+            destination=destination,
+            store=store,
+            runs=runs,
+            reports=S3ReportSink(client, destination.bucket, **report_lock(config)),
+            options=options,
+            started_at=started,
+            run_id=run_id,
+        )
     except ObjectStoreError as exc:
         raise DestinationError(f"cannot read the mirror: {exc}") from None
-    header = outcome.header
-    result = verification_event(
-        outcome,
-        repo=repo,
-        destination=destination,
-        mirror_run_id=header.run_id if header else (run_id or "unknown"),
-        manifest=ManifestRef(
-            key=key,
-            sha256=outcome.manifest_sha256 or "0" * 64,
-            objects=header.objects if header else 0,
-            created_by_run=header.run_id if header else (run_id or "unknown"),
-        ),
-        started_at=started,
-        trigger="verify command",
-        report_key=problems_report_key(key) if outcome.report else None,
-    )
-    if outcome.report:
-        from cloud.integrations.s3_store import S3ReportSink
-
-        S3ReportSink(client, destination.bucket, **report_lock(config)).put(
-            problems_report_key(key), outcome.report
-        )
-    record_verification(runs, result)
     verified = isinstance(result, MirrorVerified)
     if as_json:
         sys.stdout.write(REDACTOR(result.model_dump_json()) + "\n")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from aws_lambda_powertools.utilities.parser.models import EventBridgeModel, SqsRecordModel
 from pydantic import Json, ValidationError
@@ -27,11 +27,32 @@ if TYPE_CHECKING:
     from types_boto3_s3 import S3Client
 
 METRICS_NAMESPACE = "BackrestRelay"
+T = TypeVar("T")
 
 Bucket = tuple[ObjectStore, ReportSink | None]
 """A destination bucket as verification needs it: a read view and where reports go."""
 
 DestinationOpener = Callable[[Destination], Bucket]
+
+
+class Lazy(Generic[T]):
+    """A per-container object built on first use: a cold start that fails on configuration
+    fails the invocation, loudly, instead of the import. Tests `set` their own."""
+
+    def __init__(self, build: Callable[[], T]) -> None:
+        self._build = build
+        self._lock = threading.Lock()
+        self._value: T | None = None
+
+    def set(self, value: T | None) -> None:
+        with self._lock:
+            self._value = value
+
+    def get(self) -> T:
+        with self._lock:
+            if self._value is None:
+                self._value = self._build()
+            return self._value
 
 
 class ConfigError(RuntimeError):

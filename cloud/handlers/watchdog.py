@@ -1,42 +1,12 @@
-"""The watchdog Lambda: a schedule (hourly) → this function.
-
-No hook can report that backups stopped arriving. Every hour the watchdog reads the run
-store and, for each repository whose latest verified run is older than ``MAX_AGE_HOURS``
-(a repository never verified counts from its latest run), publishes one `Mirror Stale`
-(source ``backrest-relay.watchdog``) to the event bus, repeated every 24 h while it stays
-stale (`cloud.logic.watchdog.run_watchdog`). The notifier turns it into the alert; the
-next verified run clears the alert, and the notifier sends the recovery message.
-
-Publish first, then remember. `run_watchdog` records the stale run and marks the
-repository alerted before it returns the events. Here the marks are held back (the run
-store is wrapped) and applied per repository only after its event was accepted by
-EventBridge, so an alert that was not published is retried at the next run instead of
-being suppressed for 24 h — also when the pass dies half-way. What remains:
-
-* publishing fails → the function raises after trying every repository (the Lambda's
-  Errors alarm fires); the repositories published are marked, the others are not and are
-  alerted again next hour (their recorded stale run stays: harmless, it only says the
-  repository was stale then);
-* publishing succeeds but the mark cannot be written → raises too; that repository may be
-  alerted twice (at least once beats never).
-
-Metrics (namespace ``BackrestRelay``): ``StaleRepositories`` (repositories due for a stale
-alert in this run, 0 included), ``StalePublishFailures`` (alerts not published or not
-marked).
-
-Configuration (environment):
-
-``RUNS_TABLE``              DynamoDB run store table (`cloud.integrations.runstore_dynamodb`)
-``EVENT_BUS_NAME``          where `Mirror Stale` is published
-``MAX_AGE_HOURS``           allowed age of the newest verified copy (default 26, minimum 1)
-``POWERTOOLS_SERVICE_NAME`` optional, default ``backrest-relay-watchdog``
+"""The watchdog Lambda (hourly schedule): a `Mirror Stale` for every repository without a
+recent verified copy, because no hook can report that backups stopped arriving.
+Publish first, then mark (`cloud.app.watchdog`). Settings and failures: docs/lambda.md.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -45,11 +15,12 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from cloud.app import watchdog
 from cloud.contracts.events import MirrorStale
-from cloud.handlers.common import METRICS_NAMESPACE, env_int, require_env, service_name
+from cloud.handlers.common import METRICS_NAMESPACE, Lazy, env_int, require_env, service_name
 from cloud.integrations.eventbus import EventBridgeBus, EventBus
-from cloud.logic.ports import RepoStatus, RunRecord, RunStore
-from cloud.logic.watchdog import DEFAULT_MAX_AGE, DEFAULT_REPEAT, run_watchdog
+from cloud.logic.ports import RunStore
+from cloud.logic.watchdog import DEFAULT_MAX_AGE, DEFAULT_REPEAT
 
 SERVICE = service_name("backrest-relay-watchdog")
 DEFAULT_MAX_AGE_HOURS = int(DEFAULT_MAX_AGE.total_seconds() // 3600)
@@ -97,51 +68,6 @@ def dependencies_from_env() -> Dependencies:
 # -- publish first, then mark --------------------------------------------------------------
 
 
-class _HeldMarks:
-    """The run store as `run_watchdog` sees it, except that marking a repository alerted
-    is held back until `release(repo_key)` (clearing a mark goes through at once)."""
-
-    def __init__(self, runs: RunStore) -> None:
-        self._runs = runs
-        self.held: dict[str, datetime] = {}
-
-    def release(self, repo_key: str) -> None:
-        at = self.held.pop(repo_key, None)
-        if at is not None:
-            self._runs.mark_stale_alerted(repo_key, at)
-
-    def mark_stale_alerted(self, repo_key: str, at: datetime | None) -> None:
-        if at is None:
-            self.held.pop(repo_key, None)
-            self._runs.mark_stale_alerted(repo_key, None)
-        else:
-            self.held[repo_key] = at
-
-    def record(self, run: RunRecord) -> None:
-        self._runs.record(run)
-
-    def get(self, repo_key: str, run_id: str) -> RunRecord | None:
-        return self._runs.get(repo_key, run_id)
-
-    def runs(self, repo_key: str, limit: int = 50) -> list[RunRecord]:
-        return self._runs.runs(repo_key, limit)
-
-    def latest_verified(self, repo_key: str) -> RunRecord | None:
-        return self._runs.latest_verified(repo_key)
-
-    def verification_count(self, repo_key: str) -> int:
-        return self._runs.verification_count(repo_key)
-
-    def repos(self) -> Iterator[RepoStatus]:
-        return self._runs.repos()
-
-    def load_checkpoint(self, repo_key: str, name: str) -> dict[str, Any] | None:
-        return self._runs.load_checkpoint(repo_key, name)
-
-    def save_checkpoint(self, repo_key: str, name: str, data: dict[str, Any]) -> None:
-        self._runs.save_checkpoint(repo_key, name, data)
-
-
 @dataclass
 class WatchdogResult:
     checked_at: datetime
@@ -157,8 +83,9 @@ class WatchdogResult:
 
 
 def _publish_then_mark(
-    events: EventBus, runs: _HeldMarks, event: MirrorStale, result: WatchdogResult
+    events: EventBus, runs: RunStore, alert: watchdog.StaleAlert, result: WatchdogResult
 ) -> None:
+    event = alert.event
     repo_key = event.repo.key
     try:
         events.publish(event)
@@ -182,7 +109,7 @@ def _publish_then_mark(
         ),
     )
     try:
-        runs.release(repo_key)
+        watchdog.commit(runs, alert)
     except Exception as exc:
         result.failed.append((event, f"published, not marked: {type(exc).__name__}"))
         logger.exception("Mirror Stale published but not marked: may be sent again")
@@ -197,18 +124,20 @@ def check(deps: Dependencies, now: datetime | None = None) -> WatchdogResult:
     Every alert is tried even when one fails; raises `StaleAlertError` at the end if any
     alert could not be published or remembered."""
     now = now or deps.clock()
-    runs = _HeldMarks(deps.runs)
-    stale = run_watchdog(
-        runs,
+    watch = watchdog.plan(
+        deps.runs,
         now=now,
         max_age_for=lambda _status: deps.max_age,
         repeat_every=deps.repeat_every,
         host=deps.host,
     )
+    watchdog.record(deps.runs, watch)
+    stale = watch.alerts
     result = WatchdogResult(checked_at=now)
-    for event in stale:
+    for alert in stale:
+        event = alert.event
         with logger.append_context_keys(stale_run_id=event.run_id, repo=event.repo.id):
-            _publish_then_mark(deps.events, runs, event, result)
+            _publish_then_mark(deps.events, deps.runs, alert, result)
     metrics.add_metric(name="StaleRepositories", unit=MetricUnit.Count, value=len(stale))
     if result.failed:
         metrics.add_metric(
@@ -221,23 +150,10 @@ def check(deps: Dependencies, now: datetime | None = None) -> WatchdogResult:
     return result
 
 
-_lock = threading.Lock()
-_deps: Dependencies | None = None
-
-
-def set_dependencies(deps: Dependencies | None) -> None:
-    """Replace the container's dependencies (tests); None rebuilds them from the env."""
-    global _deps
-    with _lock:
-        _deps = deps
-
-
-def get_dependencies() -> Dependencies:
-    global _deps
-    with _lock:
-        if _deps is None:
-            _deps = dependencies_from_env()
-        return _deps
+_deps: Lazy[Dependencies] = Lazy(lambda: dependencies_from_env())
+get_dependencies = _deps.get
+set_dependencies = _deps.set
+"""`set_dependencies(None)` rebuilds them from the environment on next use (tests)."""
 
 
 @logger.inject_lambda_context(clear_state=True)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cloud.contracts.events import EventDetail, put_events_entry
+from cloud.integrations.aws import service_config
 
 if TYPE_CHECKING:
     from types_boto3_events import EventBridgeClient
@@ -59,18 +60,12 @@ class EventBridgeBus:
         with self._lock:
             if self._client is None:
                 import boto3
-                from botocore.config import Config
 
                 session = boto3.session.Session(region_name=self.region)
                 self._client = session.client(
                     "events",
                     endpoint_url=self.endpoint_url,
-                    config=Config(
-                        retries={"mode": "standard", "max_attempts": 5},
-                        connect_timeout=5,
-                        read_timeout=15,
-                        user_agent_extra="backrest-relay",
-                    ),
+                    config=service_config(max_attempts=5, read_timeout=15),
                 )
             return self._client
 
@@ -128,20 +123,3 @@ class EventBridgeBus:
             f"EventBridge refused {len(pending)} event(s) on {self.bus_name!r} after "
             f"{self.attempts} attempts: {'; '.join(errors)}"
         )
-
-
-class RecordingEventBus:
-    """An in-memory bus for unit tests: keeps what was published, in order."""
-
-    def __init__(self) -> None:
-        self.events: list[EventDetail] = []
-        self.fail_next: int = 0
-
-    def publish(self, *events: EventDetail) -> None:
-        if self.fail_next > 0:
-            self.fail_next -= 1
-            raise EventPublishError("injected failure")
-        self.events.extend(events)
-
-    def detail_types(self) -> list[str]:
-        return [event.DETAIL_TYPE.value for event in self.events]

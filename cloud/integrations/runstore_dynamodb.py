@@ -1,36 +1,5 @@
-"""The run store of cloud mode: one DynamoDB table, single-table design.
-
-Item layout (all keys strings; `pk` HASH, `sk` RANGE, on-demand billing):
-
-``pk = "REPO#<repo_key>", sk = "RUN#<run_id>"``
-    One run. Attributes: ``repo_key, run_id, kind, status, started_at, finished_at`` (ISO-8601
-    UTC text), optional ``repo_id, host, mirror_run_id``, ``detail`` (the event detail as a
-    JSON string) and ``ttl`` (epoch seconds, `RUN_TTL` after ``finished_at``). The table's TTL
-    must be enabled on attribute ``ttl`` (the SAM template does; `create_table` does too), so
-    run history ages out instead of growing forever. Run ids are UUIDv7, so the sort key
-    orders a repository's runs by time and "newest first" is a reverse Query. (``TTL`` is a
-    DynamoDB reserved word: expressions must name the attribute through ``#ttl``.)
-``pk = "REPO#<repo_key>", sk = "LATEST#VERIFIED"``
-    A copy of the newest run with kind ``verification`` and status ``verified`` (same
-    attributes, no ``ttl``: the watchdog must still see a verified copy from long ago, which is
-    exactly when it has to raise the alarm).
-``pk = "REPO#<repo_key>", sk = "CHECKPOINT#<name>"``
-    The verification checkpoint of one destination (`cloud.logic.checkpoint`): attribute
-    ``value``, a JSON string. Replaced whole on every save.
-``pk = "REPO#<repo_key>", sk = "META"``
-    ``repo_key``, ``repo_id``, ``verifications`` (number of distinct verification runs ever
-    recorded; drives the rotating deep-check slice), ``latest_run_id``, and
-    ``stale_alerted_at`` (ISO-8601 UTC, absent when not alerted).
-
-Delivery from SQS is at-least-once, so `record` must be idempotent and order-insensitive:
-
-* the RUN# put (condition ``attribute_not_exists(sk)``) and the META counter bump go in one
-  transaction, so a duplicate never counts twice and a crash cannot store the run yet lose
-  the count;
-* the pointers (``LATEST#VERIFIED`` and META's ``latest_run_id``/``repo_id``) move only
-  forward (condition ``... < :new`` on the run id), so a run delivered late never replaces a
-  newer one. They are written after the transaction; a duplicate delivery re-applies them
-  from the stored run, which repairs a crash between the two steps.
+"""The run store of cloud mode: one DynamoDB table, single-table design; idempotent and
+order-insensitive because SQS delivers at least once. Item layout and why: docs/lambda.md.
 """
 
 from __future__ import annotations

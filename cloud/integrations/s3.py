@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack
 
 from cloud.contracts.destination import Provider, b2_endpoint
 
@@ -45,6 +45,15 @@ class S3Access:
 def flexible_checksums_allowed(provider: Provider) -> bool:
     """Only AWS is known to accept the flexible-checksum headers of boto3 >= 1.36."""
     return provider == "aws"
+
+
+class ClientOptions(TypedDict, total=False):
+    """What a caller may tune of `client_config` (defaults there)."""
+
+    max_pool_connections: int
+    connect_timeout: float
+    read_timeout: float
+    max_attempts: int
 
 
 def client_config(
@@ -90,13 +99,7 @@ def make_s3_session(access: S3Access) -> Session:
 
 
 def make_s3_client(
-    access: S3Access,
-    *,
-    max_pool_connections: int = 10,
-    connect_timeout: float = 10,
-    read_timeout: float = 120,
-    max_attempts: int = 8,
-    session: Session | None = None,
+    access: S3Access, *, session: Session | None = None, **options: Unpack[ClientOptions]
 ) -> S3Client:
     """An S3 client for `access`; credentials fall back to the standard AWS chain.
 
@@ -107,13 +110,7 @@ def make_s3_client(
     client = session.client(
         "s3",
         endpoint_url=access.resolved_endpoint(),
-        config=client_config(
-            access.provider,
-            max_pool_connections=max_pool_connections,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            max_attempts=max_attempts,
-        ),
+        config=client_config(access.provider, **options),
     )
     events = client.meta.events
     events.register("before-call.s3.CopyObject", _lock_copy_md5)

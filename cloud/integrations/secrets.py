@@ -1,23 +1,7 @@
-"""Secrets of the cloud functions, from AWS Secrets Manager through powertools Parameters:
-the verifier's destination read credentials and the notifier's notification targets.
-
-The verifier never takes bucket credentials from plain environment variables: the function
-is configured with the secret's ARN (or name) only. The secret is a JSON object::
-
-    {"provider": "b2", "endpoint_url": "https://s3.us-west-004.backblazeb2.com",
-     "region": "us-west-004", "access_key_id": "...", "secret_access_key": "..."}
-
-`provider` is required; the rest is optional (`aws` with no keys uses the function's own
-role). The bucket and prefix are not in the secret: they come from each event's
-destination. Values are cached per container (`max_age`, default 300 s), so a rotated key
-is picked up within minutes without a cold start.
-
-The notifier's secret (`load_notify_targets`) holds its Apprise URLs and per-repository
-Healthchecks ping URLs, JSON ``{"apprise_urls": [...], "healthchecks": {"<repo>": "<url>"}}``.
-
-Nothing here may put a value of a secret into an exception, a log line or a repr: errors
-name the secret id and the offending *field*, never its content.
-"""
+"""The cloud functions' secrets (AWS Secrets Manager through powertools Parameters, cached
+per container so a rotated key is picked up within minutes): the verifier's destination
+read credentials and the notifier's targets. Errors name the secret id and the offending
+field, never a value. Shapes: docs/lambda.md and infra/README.md."""
 
 from __future__ import annotations
 
@@ -96,17 +80,18 @@ def parse_destination_secret(secret_id: str, value: Any) -> S3Access:
     return credentials.access()
 
 
-def load_destination_access(
+def _read_json_secret(
     secret_id: str,
     *,
-    provider: SecretsProvider | None = None,
-    max_age: int = DEFAULT_MAX_AGE,
-    force_fetch: bool = False,
-) -> S3Access:
-    """Fetch (or take from the per-container cache) and validate the destination secret.
-
-    `provider` defaults to powertools' shared Secrets Manager provider (`get_secret`).
-    """
+    what: str,
+    error: type[Exception],
+    provider: SecretsProvider | None,
+    max_age: int,
+    force_fetch: bool,
+) -> Any:
+    """The secret's decoded JSON, through powertools Parameters (`provider` defaults to its
+    shared Secrets Manager provider) and its per-container cache; errors name the secret,
+    never its value."""
     from aws_lambda_powertools.utilities import parameters
     from aws_lambda_powertools.utilities.parameters.exceptions import (
         GetParameterError,
@@ -115,22 +100,33 @@ def load_destination_access(
 
     try:
         if provider is None:
-            value: Any = parameters.get_secret(
+            return parameters.get_secret(
                 secret_id, transform="json", max_age=max_age, force_fetch=force_fetch
             )
-        else:
-            value = provider.get(
-                secret_id, transform="json", max_age=max_age, force_fetch=force_fetch
-            )
+        return provider.get(secret_id, transform="json", max_age=max_age, force_fetch=force_fetch)
     except TransformParameterError:
-        raise DestinationSecretError(
-            f"destination secret {secret_id!r} is not valid JSON"
-        ) from None
+        raise error(f"{what} secret {secret_id!r} is not valid JSON") from None
     except GetParameterError as exc:
         # The SDK's message (e.g. ResourceNotFoundException, AccessDenied) carries no value.
-        raise DestinationSecretError(
-            f"destination secret {secret_id!r} could not be read: {exc}"
-        ) from None
+        raise error(f"{what} secret {secret_id!r} could not be read: {exc}") from None
+
+
+def load_destination_access(
+    secret_id: str,
+    *,
+    provider: SecretsProvider | None = None,
+    max_age: int = DEFAULT_MAX_AGE,
+    force_fetch: bool = False,
+) -> S3Access:
+    """Fetch (or take from the per-container cache) and validate the destination secret."""
+    value = _read_json_secret(
+        secret_id,
+        what="destination",
+        error=DestinationSecretError,
+        provider=provider,
+        max_age=max_age,
+        force_fetch=force_fetch,
+    )
     return parse_destination_secret(secret_id, value)
 
 
@@ -210,25 +206,13 @@ def load_notify_targets(
     max_age: int = DEFAULT_MAX_AGE,
     force_fetch: bool = False,
 ) -> NotifyTargets:
-    """Fetch (or take from the per-container cache) and validate the notify secret, like
-    `load_destination_access`: powertools Parameters, `transform="json"`, cached `max_age`."""
-    from aws_lambda_powertools.utilities import parameters
-    from aws_lambda_powertools.utilities.parameters.exceptions import (
-        GetParameterError,
-        TransformParameterError,
+    """Fetch (or take from the per-container cache) and validate the notify secret."""
+    value = _read_json_secret(
+        secret_id,
+        what="notify",
+        error=NotifySecretError,
+        provider=provider,
+        max_age=max_age,
+        force_fetch=force_fetch,
     )
-
-    try:
-        if provider is None:
-            value: Any = parameters.get_secret(
-                secret_id, transform="json", max_age=max_age, force_fetch=force_fetch
-            )
-        else:
-            value = provider.get(
-                secret_id, transform="json", max_age=max_age, force_fetch=force_fetch
-            )
-    except TransformParameterError:
-        raise NotifySecretError(f"notify secret {secret_id!r} is not valid JSON") from None
-    except GetParameterError as exc:
-        raise NotifySecretError(f"notify secret {secret_id!r} could not be read: {exc}") from None
     return parse_notify_secret(secret_id, value)

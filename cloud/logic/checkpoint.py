@@ -1,23 +1,8 @@
 """What has been proven of a mirror, so nothing is proven twice and nothing is restarted.
 
-A verification pass walks the manifest in key order. Objects the manifest marks as new
-(`uploaded`: sent since the previous manifest) must be read back once; older objects are
-re-read by a rotation, a byte budget at a time, at most once per `every`. The checkpoint
-keeps, per repository and destination:
-
-* `pending`: every manifest whose new objects are not all proven yet, each with the first
-  key not proven (`unproven_from`: every new object below it is proven). A pass stopped
-  by its deadline leaves its manifest here; the next pass continues from that key. A
-  newer manifest does not drop an older pending one: its new objects are carried into the
-  next pass (the newer manifest does not mark them new any more).
-* `manifest_key`/`verified`/`verified_at`: the last manifest a pass ran against and whether
-  its last complete pass found nothing wrong. A run with nothing new that points at that
-  same, proven manifest reads nothing until `every` has passed.
-* `rotation_from`/`rotation_at`: where the rotation continues and when it last ran.
-
 Pure: the plan and the update are functions of the checkpoint, the event and the clock;
-the run store keeps the checkpoint (`RunStore.load_checkpoint/save_checkpoint`) as a
-JSON-able dict, so the Lambda verifier can share the format.
+the run store keeps the checkpoint as a JSON-able dict, so the Lambda can share the format.
+Fields and rules: docs/verification.md ("each object proven once").
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import html
 import logging
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,9 +24,7 @@ from cloud.contracts.events import (
     MirrorVerified,
 )
 from cloud.logic.ports import (
-    ChannelError,
     Notification,
-    NotificationChannel,
     RunStore,
     Severity,
 )
@@ -277,61 +274,3 @@ def render(event: EventDetail, severity: Severity) -> Notification:
         run_id=event.run_id,
         ping_run_id=getattr(event, "mirror_run_id", None) or event.run_id,
     )
-
-
-# -- delivery ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ChannelResult:
-    channel: str
-    ok: bool
-    error: str | None = None
-
-
-@dataclass
-class NotifyOutcome:
-    severity: Severity | None
-    notification: Notification | None = None
-    results: list[ChannelResult] = field(default_factory=list)
-
-    @property
-    def failed(self) -> int:
-        return sum(1 for r in self.results if not r.ok)
-
-
-def deliver(
-    notification: Notification, channels: Iterable[NotificationChannel]
-) -> list[ChannelResult]:
-    """Send to every channel; one failing channel never stops the others."""
-    results = []
-    for channel in channels:
-        try:
-            channel.send(notification)
-            results.append(ChannelResult(channel.name, True))
-        except ChannelError as exc:
-            log.warning("notification via %s failed: %s", channel.name, exc)
-            results.append(ChannelResult(channel.name, False, str(exc)))
-        except Exception as exc:  # a channel's bug must not silence the others
-            log.warning("notification via %s failed: %s", channel.name, type(exc).__name__)
-            results.append(ChannelResult(channel.name, False, type(exc).__name__))
-    return results
-
-
-def notify_event(
-    event: EventDetail,
-    *,
-    runs: RunStore,
-    channels: Sequence[NotificationChannel],
-    policy: SuccessPolicy = "on_recovery",
-) -> NotifyOutcome:
-    """Decide, render and deliver the notification for one result event.
-
-    Call it after the event's run is recorded: the policy looks at the runs before it.
-    """
-    decision = decide_delivery(event, policy, previous_outcome(runs, event.repo.key, event.run_id))
-    audience = [c for c in channels if decision.wants(c)]
-    if decision.severity is None or not audience:
-        return NotifyOutcome(None)
-    notification = render(event, decision.severity)
-    return NotifyOutcome(decision.severity, notification, deliver(notification, audience))

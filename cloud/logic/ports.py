@@ -1,7 +1,7 @@
 """The interfaces `cloud/logic` needs from the outside world.
 
-Logic depends only on these; `cloud/integrations` fills them (boto3, DynamoDB, SQLite),
-and unit tests fill them with in-memory fakes. Nothing here imports an SDK.
+Logic depends only on these (and the contracts); `cloud/integrations` fills them (boto3,
+DynamoDB, SQLite), tests fill them with in-memory doubles. Nothing here imports an SDK.
 """
 
 from __future__ import annotations
@@ -9,12 +9,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import ValidationError
+
+from cloud.contracts import events
 
 
 @dataclass(frozen=True, slots=True)
 class ListedObject:
-    """One object of a listing: the full key, its size and its ETag (quotes stripped)."""
+    """One object of a listing: its key (full, or relative to the prefix listed), its size and
+    its ETag (quotes stripped)."""
 
     key: str
     size: int
@@ -23,6 +29,12 @@ class ListedObject:
     @property
     def multipart(self) -> bool:
         return "-" in self.etag
+
+    @property
+    def parts(self) -> int:
+        """The part count a multipart ETag (`…-N`) states; 0 if it states none."""
+        tail = self.etag.rsplit("-", 1)[-1]
+        return int(tail) if self.multipart and tail.isdigit() else 0
 
 
 class ObjectStoreError(Exception):
@@ -85,7 +97,8 @@ class RunRecord:
     """One run as the run store keeps it.
 
     `repo_key` is the repository's guid (else its Backrest id); `run_id` is a UUIDv7, so
-    runs of one repository sort by time. `detail` is the event detail as JSON-able dict.
+    runs of one repository sort by time. `detail` is the event as stored (a JSON object);
+    readers use `event`, its contract model.
     """
 
     repo_key: str
@@ -98,6 +111,24 @@ class RunRecord:
     host: str | None = None
     mirror_run_id: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def event(self) -> events.EventDetail | None:
+        """The run's event as its contract model, by the run's status; None when the stored
+        detail is not one (written by another schema version, or free-form)."""
+        try:
+            return _EVENT_OF_STATUS[self.status].model_validate(self.detail)
+        except (KeyError, ValidationError):
+            return None
+
+
+_EVENT_OF_STATUS: dict[str, type[events.EventDetail]] = {
+    "completed": events.MirrorCompleted,
+    "failed": events.MirrorFailed,
+    "verified": events.MirrorVerified,
+    "verification-failed": events.MirrorVerificationFailed,
+    "stale": events.MirrorStale,
+}
 
 
 @dataclass(frozen=True)

@@ -15,3 +15,11 @@ def format_size(size: float) -> str:
 def plural(count: int, word: str, many: str | None = None) -> str:
     """`1 file`, `2 files`: user-facing counts read as English, not as a template."""
     return f"{count} {word if count == 1 else (many or word + 's')}"
+
+
+def truncate_utf8(text: str, limit: int, marker: str = "\n[truncated]") -> str:
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    room = limit - len(marker.encode("utf-8"))
+    return data[:room].decode("utf-8", "ignore") + marker

@@ -1,18 +1,7 @@
-"""Proving an off-site copy: is every object the manifest names there, whole and intact?
-
-restic names every file by the SHA-256 of its bytes, so the mirror can be proved near the
-data and without the repository password:
-
-1. the manifest is fetched and its SHA-256 checked against the event that announced it;
-2. the prefix is listed once (⌈N/1000⌉ requests, no per-object HEAD) and merged, in key
-   order, with the manifest: missing objects, wrong sizes and, for single-part objects,
-   ETags that are not the MD5 the agent uploaded are problems; extra objects are warnings;
-3. a deep check downloads and hashes every object uploaded by that run (within a byte
-   budget) plus a rotating slice of older ones, so every object is re-read at least once
-   every `rotation_runs` verifications.
-
-Everything streams: the manifest from a temporary file, the listing page by page, deep
-checks through a bounded pool. Memory stays flat in the number of objects.
+"""Proving an off-site copy without the repository password (restic names every file by the
+SHA-256 of its bytes): one listing merged with the manifest, then a budgeted deep check.
+Everything streams, so memory stays flat in the number of objects. Steps:
+docs/verification.md ("What is checked").
 """
 
 from __future__ import annotations
@@ -357,7 +346,7 @@ class MirrorVerifier:
                 self.store, self.destination, self.options, problems, stats, carried, header
             )
             try:
-                self._merge(entries, problems, stats, deep)
+                self._merge(entries, deep)
             except _Unordered:
                 # Start again with a keyed listing (memory grows with N, correctness first).
                 # Carried keys are asked in key order, so an unordered pass reads them all.
@@ -378,7 +367,7 @@ class MirrorVerifier:
                     unordered_carry,
                     header,
                 )
-                self._keyed(entries, problems, stats, deep)
+                self._keyed(entries, deep)
             finally:
                 deep.close()
         except (OSError, EOFError, ValueError) as exc:
@@ -402,13 +391,9 @@ class MirrorVerifier:
                 continue
             yield ListedObject(relative, item.size, item.etag)
 
-    def _merge(
-        self,
-        entries: Iterator[ManifestEntry],
-        problems: _Problems,
-        stats: dict[str, int],
-        deep: _DeepChecker,
-    ) -> None:
+    def _merge(self, entries: Iterator[ManifestEntry], deep: _DeepChecker) -> None:
+        """Every manifest entry against the listing (`deep` holds the problems and stats)."""
+        problems, stats = deep.problems, deep.stats
         listing = _ordered(self._listing())
         current = next(listing, None)
         last_entry = ""
@@ -422,38 +407,41 @@ class MirrorVerifier:
             while current is not None and current.key < entry.key:
                 self._extra(current, problems, stats)
                 current = next(listing, None)
-            stats["compared"] += 1
-            if current is not None and current.key == entry.key:
-                stats["listed"] += 1
-                self._check(entry, current, problems, deep)
+            found = current if current is not None and current.key == entry.key else None
+            self._match(entry, found, problems, stats, deep)
+            if found is not None:
                 current = next(listing, None)
-            else:
-                problems.add(entry.key, "missing", "in the manifest but not in the bucket")
         while current is not None:
             self._extra(current, problems, stats)
             current = next(listing, None)
 
-    def _keyed(
-        self,
-        entries: Iterator[ManifestEntry],
-        problems: _Problems,
-        stats: dict[str, int],
-        deep: _DeepChecker,
-    ) -> None:
+    def _keyed(self, entries: Iterator[ManifestEntry], deep: _DeepChecker) -> None:
+        """Every manifest entry against the listing (`deep` holds the problems and stats)."""
+        problems, stats = deep.problems, deep.stats
         remote = {item.key: item for item in self._listing()}
         for entry in entries:
             if deep.should_stop():
                 self._stop(entry, entries, deep)
                 return
-            stats["compared"] += 1
-            item = remote.pop(entry.key, None)
-            if item is None:
-                problems.add(entry.key, "missing", "in the manifest but not in the bucket")
-                continue
-            stats["listed"] += 1
-            self._check(entry, item, problems, deep)
+            self._match(entry, remote.pop(entry.key, None), problems, stats, deep)
         for item in remote.values():
             self._extra(item, problems, stats)
+
+    def _match(
+        self,
+        entry: ManifestEntry,
+        item: ListedObject | None,
+        problems: _Problems,
+        stats: dict[str, int],
+        deep: _DeepChecker,
+    ) -> None:
+        """One manifest entry against the listed object of the same key (None: missing)."""
+        stats["compared"] += 1
+        if item is None:
+            problems.add(entry.key, "missing", "in the manifest but not in the bucket")
+            return
+        stats["listed"] += 1
+        self._check(entry, item, problems, deep)
 
     def _stop(
         self, entry: ManifestEntry, rest: Iterator[ManifestEntry], deep: _DeepChecker

@@ -54,14 +54,36 @@ def _destination_of(
     status: RepoStatus, fallback: Callable[[RepoStatus], Destination | None]
 ) -> Destination:
     for run in (status.latest_run, status.latest_verified):
-        if run is not None and isinstance(run.detail.get("destination"), dict):
-            return Destination.model_validate(run.detail["destination"])
+        event = run.event if run is not None else None
+        if event is not None:
+            return event.destination
     return fallback(status) or Destination(
         provider="s3", endpoint_url=None, bucket="unknown", prefix=""
     )
 
 
-def run_watchdog(
+@dataclass(frozen=True)
+class StaleAlert:
+    """One repository due for a `Mirror Stale`: the event and the run that records it."""
+
+    event: MirrorStale
+    record: RunRecord
+
+
+@dataclass(frozen=True)
+class WatchPlan:
+    """What one watchdog pass found: alerts to send, and repositories whose earlier alert
+    is over (they are fresh again)."""
+
+    alerts: list[StaleAlert]
+    recovered: list[str]
+
+    @property
+    def events(self) -> list[MirrorStale]:
+        return [a.event for a in self.alerts]
+
+
+def plan(
     runs: RunStore,
     *,
     now: datetime | None = None,
@@ -70,15 +92,16 @@ def run_watchdog(
     host: str | None = None,
     expected: Iterable[RepoRef] = (),
     destination_for: Callable[[RepoStatus], Destination | None] = lambda _: None,
-) -> list[MirrorStale]:
-    """One watchdog pass: the `Mirror Stale` events to publish (already recorded).
+) -> WatchPlan:
+    """One watchdog pass, read-only: the alerts due now.
 
     `expected` names repositories that should have runs (local mode: Backrest's mirrored
     repositories): one the store has never heard of is stale at once ("never verified") —
     that is the silence of a hook that never ran, or of a run store in another place.
     """
     now = now or datetime.now(UTC)
-    events: list[MirrorStale] = []
+    alerts: list[StaleAlert] = []
+    recovered: list[str] = []
     statuses = list(runs.repos())
     known = {s.repo_key for s in statuses}
     expected_keys: set[str] = set()
@@ -93,7 +116,7 @@ def run_watchdog(
             check = StaleCheck(status.repo_key, status.repo_id, True, None, check.max_age, None)
         if not check.stale:
             if status.stale_alerted_at is not None:
-                runs.mark_stale_alerted(status.repo_key, None)
+                recovered.append(status.repo_key)
             continue
         if status.stale_alerted_at is not None and now - status.stale_alerted_at < repeat_every:
             continue
@@ -111,19 +134,16 @@ def run_watchdog(
             age_seconds=check.age.total_seconds() if check.age is not None else None,
             max_age_seconds=check.max_age.total_seconds(),
         )
-        runs.record(
-            RunRecord(
-                repo_key=status.repo_key,
-                run_id=event.run_id,
-                kind="stale",
-                status="stale",
-                started_at=now,
-                finished_at=now,
-                repo_id=status.repo_id,
-                host=event.host,
-                detail=event.model_dump(mode="json"),
-            )
+        record = RunRecord(
+            repo_key=status.repo_key,
+            run_id=event.run_id,
+            kind="stale",
+            status="stale",
+            started_at=now,
+            finished_at=now,
+            repo_id=status.repo_id,
+            host=event.host,
+            detail=event.model_dump(mode="json"),
         )
-        runs.mark_stale_alerted(status.repo_key, now)
-        events.append(event)
-    return events
+        alerts.append(StaleAlert(event, record))
+    return WatchPlan(alerts, recovered)

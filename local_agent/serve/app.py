@@ -22,9 +22,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from cloud.integrations.redact import REDACTOR
 from local_agent.config import RelayConfig
 from local_agent.errors import ExitCode
-from local_agent.redact import REDACTOR
 from local_agent.serve.runs import ChildLauncher, Launcher, QueueFull, Run, RunQueue
 from local_agent.serve.security import (
     Refused,

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cloud.integrations.redact import REDACTOR
 from local_agent.errors import ExitCode
-from local_agent.redact import REDACTOR
 from local_agent.serve.security import Target, Trigger
 
 log = logging.getLogger(__name__)

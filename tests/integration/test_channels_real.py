@@ -17,7 +17,6 @@ from typing import Any
 
 import boto3
 import pytest
-from moto import mock_aws
 
 from cloud.integrations.channels import (
     AppriseChannel,
@@ -26,6 +25,7 @@ from cloud.integrations.channels import (
     deliver,
 )
 from cloud.logic.ports import ChannelError, Notification, NotificationChannel, Severity
+from tests.support.lambdas import aws  # noqa: F401 (the moto account fixture)
 from tests.support.sinks import HttpSink, SmtpSink, closed_port
 
 RUN_ID = "0190f5b2-3c4d-7e8f-9a0b-1c2d3e4f5a6b"
@@ -269,21 +269,6 @@ def test_healthchecks_connection_refused_retries_once_then_fails() -> None:
 
 
 # -- SNS (moto) ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SNS", "AWS_ENDPOINT_URL_SQS"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    with mock_aws():
-        yield
 
 
 def subscribed_queue(topic_arn: str, region: str = "us-east-1") -> tuple[Any, str]:

@@ -42,6 +42,7 @@ from tests.infra.conftest import load_sam_template
 from tests.integration.test_lambda_notify_moto import CHAT_TOKEN, HC_UUID
 from tests.integration.test_lambda_notify_moto import Cloud as NotifySide
 from tests.integration.test_lambda_verify_moto import Cloud as VerifySide
+from tests.support.lambdas import Queues, create_idempotency_table, moto_clients
 from tests.support.sinks import HttpSink
 
 REGION = "us-east-1"
@@ -75,24 +76,14 @@ def rule_patterns() -> dict[str, Any]:
 @pytest.fixture
 def deployment(moto_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Deployment]:
     url = moto_endpoint.endpoint_url
-    kwargs: dict[str, Any] = {
-        "endpoint_url": url,
-        "region_name": REGION,
-        "aws_access_key_id": "testing",
-        "aws_secret_access_key": "testing",
-    }
+    kwargs = moto_clients(url)
     events = boto3.client("events", **kwargs)
     sqs: Any = boto3.client("sqs", **kwargs)
     sns = boto3.client("sns", **kwargs)
     dynamodb = boto3.client("dynamodb", **kwargs)
     secrets = boto3.client("secretsmanager", **kwargs)
 
-    def queue(name: str, **attributes: str) -> tuple[str, str]:
-        queue_url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
-        arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
-            "Attributes"
-        ]["QueueArn"]
-        return queue_url, arn
+    queue = Queues(sqs).create
 
     def with_dlq(name: str) -> tuple[str, str, str]:
         dlq, dlq_arn = queue(f"{name}-dlq")
@@ -113,12 +104,7 @@ def deployment(moto_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> It
         events.put_targets(Rule=rule, EventBusName=BUS, Targets=[{"Id": "q", "Arn": arn}])
 
     create_table(dynamodb, RUNS_TABLE)
-    dynamodb.create_table(  # shared by both functions (their key prefixes differ)
-        TableName=IDEMPOTENCY_TABLE,
-        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    create_idempotency_table(dynamodb)  # shared by both functions (their key prefixes differ)
     destination_secret = secrets.create_secret(
         Name="backrest-relay/destination",
         SecretString=json.dumps(

@@ -16,10 +16,7 @@ import os
 os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
 
 import json
-import logging
 import secrets
-import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -45,6 +42,13 @@ from cloud.integrations.eventbus import EventBridgeBus
 from cloud.integrations.runstore_dynamodb import DynamoRunStore, create_table
 from cloud.logic.verification import record_verification
 from testbed.s3.endpoint import S3Endpoint
+from tests.support.lambdas import (
+    FakeLambdaContext,
+    Queues,
+    create_idempotency_table,
+    logs_to_current_stdout,
+    moto_clients,
+)
 from tests.support.sinks import HttpRequest, HttpSink, closed_port
 
 REGION = "us-east-1"
@@ -70,46 +74,10 @@ NOTIFY_PATTERN = {
 }
 
 
-class _CurrentStdout:
-    """The powertools loggers bound the stdout they saw at import; follow pytest's."""
-
-    def write(self, text: str) -> int:
-        return sys.stdout.write(text)
-
-    def flush(self) -> None:
-        sys.stdout.flush()
-
-
 @pytest.fixture(autouse=True, scope="module")
-def logs_to_current_stdout() -> Iterator[None]:
-    handlers: list[logging.StreamHandler[Any]] = []
-    for logger in (notify_handler.logger, watchdog_handler.logger):
-        handler = logger.registered_handler
-        assert isinstance(handler, logging.StreamHandler)
-        handlers.append(handler)
-    originals = [handler.setStream(_CurrentStdout()) for handler in handlers]
-    yield
-    for handler, original in zip(handlers, originals, strict=True):
-        handler.setStream(original or sys.__stdout__)
-
-
-@dataclass
-class FakeLambdaContext:
-    function_name: str = "backrest-relay-notify"
-    function_version: str = "$LATEST"
-    memory_limit_in_mb: int = 256
-    invoked_function_arn: str = (
-        "arn:aws:lambda:us-east-1:123456789012:function:backrest-relay-notify"
-    )
-    aws_request_id: str = ""
-    log_group_name: str = "/aws/lambda/backrest-relay-notify"
-    log_stream_name: str = "stream"
-
-    def __post_init__(self) -> None:
-        self.aws_request_id = self.aws_request_id or str(uuid.uuid4())
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 120_000
+def logs_on_pytest_stdout() -> Iterator[None]:
+    with logs_to_current_stdout(notify_handler.logger, watchdog_handler.logger):
+        yield
 
 
 @dataclass
@@ -144,56 +112,21 @@ class Cloud:
 
     def deliver(self, *, max_messages: int = 10) -> dict[str, Any] | None:
         """One poll of Lambda's event source mapping: receive, invoke, delete successes."""
-        messages = self.sqs.receive_message(
-            QueueUrl=self.notify_queue,
-            MaxNumberOfMessages=max_messages,
-            AttributeNames=["All"],
-            WaitTimeSeconds=0,
-        ).get("Messages", [])
-        if not messages:
-            return None
-        records = [
-            {
-                "messageId": m["MessageId"],
-                "receiptHandle": m["ReceiptHandle"],
-                "body": m["Body"],
-                "attributes": m["Attributes"],
-                "messageAttributes": {},
-                "md5OfBody": m["MD5OfBody"],
-                "eventSource": "aws:sqs",
-                "eventSourceARN": self.notify_arn,
-                "awsRegion": REGION,
-            }
-            for m in messages
-        ]
-        response: dict[str, Any] = notify_handler.handler({"Records": records}, FakeLambdaContext())
-        failed = {f["itemIdentifier"] for f in response["batchItemFailures"]}
-        for message in messages:
-            if message["MessageId"] not in failed:
-                self.sqs.delete_message(
-                    QueueUrl=self.notify_queue, ReceiptHandle=message["ReceiptHandle"]
-                )
-        response["delivered"] = [m["MessageId"] for m in messages]
-        return response
+        context = FakeLambdaContext("backrest-relay-notify")
+        return Queues(self.sqs).deliver(
+            notify_handler.handler,
+            self.notify_queue,
+            self.notify_arn,
+            context,
+            max_messages=max_messages,
+        )
 
     def emails(self) -> list[dict[str, Any]]:
         """What the SNS topic sent to its subscribers since the last call."""
-        out: list[dict[str, Any]] = []
-        while True:
-            messages = self.sqs.receive_message(
-                QueueUrl=self.inbox, MaxNumberOfMessages=10, WaitTimeSeconds=0
-            ).get("Messages", [])
-            if not messages:
-                return out
-            for message in messages:
-                out.append(json.loads(message["Body"]))
-                self.sqs.delete_message(QueueUrl=self.inbox, ReceiptHandle=message["ReceiptHandle"])
+        return Queues(self.sqs).drain(self.inbox)
 
     def peek_bodies(self, queue: str) -> list[str]:
-        messages = self.sqs.receive_message(
-            QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=0, VisibilityTimeout=0
-        ).get("Messages", [])
-        return [m["Body"] for m in messages]
+        return Queues(self.sqs).peek_bodies(queue)
 
 
 @pytest.fixture
@@ -213,24 +146,14 @@ def cloud(
     moto_endpoint: S3Endpoint, chat: HttpSink, pings: HttpSink, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Cloud]:
     url = moto_endpoint.endpoint_url
-    kwargs: dict[str, Any] = {
-        "endpoint_url": url,
-        "region_name": REGION,
-        "aws_access_key_id": "testing",
-        "aws_secret_access_key": "testing",
-    }
+    kwargs = moto_clients(url)
     events = boto3.client("events", **kwargs)
     sqs: Any = boto3.client("sqs", **kwargs)
     sns = boto3.client("sns", **kwargs)
     dynamodb = boto3.client("dynamodb", **kwargs)
     secrets = boto3.client("secretsmanager", **kwargs)
 
-    def queue(name: str, **attributes: str) -> tuple[str, str]:
-        queue_url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
-        arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
-            "Attributes"
-        ]["QueueArn"]
-        return queue_url, arn
+    queue = Queues(sqs).create
 
     dlq, dlq_arn = queue("notify-dlq")
     notify_queue, notify_arn = queue(
@@ -245,12 +168,7 @@ def cloud(
     events.put_rule(Name="notify", EventBusName=BUS, EventPattern=json.dumps(NOTIFY_PATTERN))
     events.put_targets(Rule="notify", EventBusName=BUS, Targets=[{"Id": "q", "Arn": notify_arn}])
     create_table(dynamodb, "backrest-relay-runs")
-    dynamodb.create_table(
-        TableName="backrest-relay-idempotency",
-        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    create_idempotency_table(dynamodb)
     secret = secrets.create_secret(Name="backrest-relay/notify", SecretString="{}")
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     for name, value in {

@@ -13,9 +13,6 @@ import os
 os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
 
 import json
-import logging
-import sys
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +27,13 @@ from cloud.integrations.runstore_dynamodb import DynamoRunStore, create_table
 from testbed.agent import run_agent, write_agent_config
 from testbed.repos import make_fake_restic_repo
 from testbed.s3.endpoint import S3Endpoint
+from tests.support.lambdas import (
+    FakeLambdaContext,
+    Queues,
+    create_idempotency_table,
+    logs_to_current_stdout,
+    moto_clients,
+)
 
 REGION = "us-east-1"
 BUS = "backrest-relay"
@@ -38,23 +42,10 @@ PREFIX = "restic/home"
 SECRET_KEY = "moto-accepts-any-key-but-this-one-is-secret"
 
 
-class _CurrentStdout:
-    """The powertools logger bound the stdout it saw at import; follow pytest's instead."""
-
-    def write(self, text: str) -> int:
-        return sys.stdout.write(text)
-
-    def flush(self) -> None:
-        sys.stdout.flush()
-
-
 @pytest.fixture(autouse=True, scope="module")
-def logs_to_current_stdout() -> Iterator[None]:
-    handler = verify_handler.logger.registered_handler
-    assert isinstance(handler, logging.StreamHandler)
-    original = handler.setStream(_CurrentStdout())
-    yield
-    handler.setStream(original or sys.__stdout__)
+def logs_on_pytest_stdout() -> Iterator[None]:
+    with logs_to_current_stdout(verify_handler.logger):
+        yield
 
 
 @dataclass
@@ -71,98 +62,34 @@ class Cloud:
 
     def deliver(self, *, max_messages: int = 10) -> dict[str, Any] | None:
         """One poll of Lambda's event source mapping: receive, invoke, delete successes."""
-        messages = self.sqs.receive_message(
-            QueueUrl=self.verify_queue,
-            MaxNumberOfMessages=max_messages,
-            AttributeNames=["All"],
-            WaitTimeSeconds=0,
-        ).get("Messages", [])
-        if not messages:
-            return None
-        event = {"Records": [self._record(m) for m in messages]}
-        response: dict[str, Any] = verify_handler.handler(event, FakeLambdaContext())
-        failed = {f["itemIdentifier"] for f in response["batchItemFailures"]}
-        for message in messages:
-            if message["MessageId"] not in failed:
-                self.sqs.delete_message(
-                    QueueUrl=self.verify_queue, ReceiptHandle=message["ReceiptHandle"]
-                )
-        response["delivered"] = [m["MessageId"] for m in messages]
-        return response
-
-    def _record(self, message: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "messageId": message["MessageId"],
-            "receiptHandle": message["ReceiptHandle"],
-            "body": message["Body"],
-            "attributes": message["Attributes"],
-            "messageAttributes": {},
-            "md5OfBody": message["MD5OfBody"],
-            "eventSource": "aws:sqs",
-            "eventSourceARN": self.verify_arn,
-            "awsRegion": REGION,
-        }
+        context = FakeLambdaContext("backrest-relay-verify", 1024, remaining_ms=600_000)
+        return Queues(self.sqs).deliver(
+            verify_handler.handler,
+            self.verify_queue,
+            self.verify_arn,
+            context,
+            max_messages=max_messages,
+        )
 
     def drain(self, queue: str) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        while True:
-            messages = self.sqs.receive_message(
-                QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=0
-            ).get("Messages", [])
-            if not messages:
-                return out
-            for message in messages:
-                out.append(json.loads(message["Body"]))
-                self.sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
+        return Queues(self.sqs).drain(queue)
 
     def peek_bodies(self, queue: str) -> list[str]:
-        messages = self.sqs.receive_message(
-            QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=0, VisibilityTimeout=0
-        ).get("Messages", [])
-        return [m["Body"] for m in messages]
+        return Queues(self.sqs).peek_bodies(queue)
 
     def runs(self) -> DynamoRunStore:
         return DynamoRunStore("backrest-relay-runs", client=self.dynamodb)
 
 
-@dataclass
-class FakeLambdaContext:
-    function_name: str = "backrest-relay-verify"
-    function_version: str = "$LATEST"
-    memory_limit_in_mb: int = 1024
-    invoked_function_arn: str = (
-        "arn:aws:lambda:us-east-1:123456789012:function:backrest-relay-verify"
-    )
-    aws_request_id: str = ""
-    log_group_name: str = "/aws/lambda/backrest-relay-verify"
-    log_stream_name: str = "stream"
-
-    def __post_init__(self) -> None:
-        self.aws_request_id = self.aws_request_id or str(uuid.uuid4())
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 600_000
-
-
 @pytest.fixture
 def cloud(moto_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cloud]:
     url = moto_endpoint.endpoint_url
-    kwargs: dict[str, Any] = {
-        "endpoint_url": url,
-        "region_name": REGION,
-        "aws_access_key_id": "testing",
-        "aws_secret_access_key": "testing",
-    }
+    kwargs = moto_clients(url)
     events = boto3.client("events", **kwargs)
     sqs: Any = boto3.client("sqs", **kwargs)
     dynamodb = boto3.client("dynamodb", **kwargs)
 
-    def queue(name: str, **attributes: str) -> tuple[str, str]:
-        queue_url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
-        arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
-            "Attributes"
-        ]["QueueArn"]
-        return queue_url, arn
+    queue = Queues(sqs).create
 
     dlq, dlq_arn = queue("verify-dlq")
     verify_queue, verify_arn = queue(
@@ -183,12 +110,7 @@ def cloud(moto_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterato
         events.put_rule(Name=rule, EventBusName=BUS, EventPattern=json.dumps(pattern))
         events.put_targets(Rule=rule, EventBusName=BUS, Targets=[{"Id": "q", "Arn": arn}])
     create_table(dynamodb, "backrest-relay-runs")
-    dynamodb.create_table(
-        TableName="backrest-relay-idempotency",
-        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    create_idempotency_table(dynamodb)
     secret = boto3.client("secretsmanager", **kwargs).create_secret(
         Name="backrest-relay/destination",
         SecretString=json.dumps(

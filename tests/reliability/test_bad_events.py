@@ -65,13 +65,20 @@ from cloud.contracts.events import (
 from cloud.handlers import notify as notify_handler
 from cloud.handlers import verify as verify_handler
 from cloud.handlers import watchdog as watchdog_handler
-from cloud.integrations.eventbus import RecordingEventBus
-from cloud.integrations.object_store_memory import InMemoryObjectStore
-from cloud.integrations.runstore_memory import InMemoryRunStore
 from cloud.logic.ports import Notification
 from cloud.logic.verify import VerifyOptions
 from tests.reliability.common import SEED, SOAK, Ledger, count
-from tests.reliability.lambdas import Context, envelope, event_body, sqs_record, write_mirror
+from tests.support.doubles.event_bus import RecordingEventBus
+from tests.support.doubles.object_store import InMemoryObjectStore
+from tests.support.doubles.runstore import InMemoryRunStore
+from tests.support.lambdas import (
+    FakeLambdaContext,
+    create_idempotency_table,
+    event_body,
+    eventbridge_event,
+    sqs_record,
+    write_mirror,
+)
 
 REGION = "us-east-1"
 TABLE = "reliability-idempotency"
@@ -142,12 +149,7 @@ def world(monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     with mock_aws():
         parameters.clear_caches()  # type: ignore[no-untyped-call]
         client = boto3.client("dynamodb", region_name=REGION)
-        client.create_table(
-            TableName=TABLE,
-            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
+        create_idempotency_table(client, TABLE)
         world = World(Buckets(), InMemoryRunStore(), RecordingEventBus(), Recorder(), logs)
 
         def persistence() -> DynamoDBPersistenceLayer:
@@ -359,7 +361,7 @@ def bodies(draw: st.DrawFn) -> Body:
             | st.tuples(SHORT, SHORT)
         )
     elif choice == 7:  # the envelope itself damaged
-        env = envelope(source, detail_type, detail)
+        env = eventbridge_event(detail, source=source, detail_type=detail_type)
         victim = draw(st.sampled_from(sorted(env)))
         if draw(st.booleans()):
             del env[victim]
@@ -367,11 +369,11 @@ def bodies(draw: st.DrawFn) -> Body:
             env[victim] = draw(JSON)
         return Body(json.dumps(env), "unknown")
     elif choice == 8:  # cut off mid-way
-        text = json.dumps(envelope(source, detail_type, detail))
+        text = json.dumps(eventbridge_event(detail, source=source, detail_type=detail_type))
         cut = draw(st.integers(0, max(len(text) - 1, 0)))
         return Body(text[:cut], "garbage")
     # choice 9: valid as generated
-    text = json.dumps(envelope(source, detail_type, detail))
+    text = json.dumps(eventbridge_event(detail, source=source, detail_type=detail_type))
     kind = classify(source, detail_type, detail)
     if len(text) > SQS_LIMIT:
         kind = "oversized" if kind == "valid" else kind
@@ -412,7 +414,7 @@ class Tally:
 def run_batch(handler: Any, items: list[Body]) -> tuple[list[str], set[str]]:
     ids = [f"m-{i}-{uuid.uuid4().hex[:8]}" for i in range(len(items))]
     event = {"Records": [sqs_record(b.text, i) for b, i in zip(items, ids, strict=True)]}
-    response = handler(event, Context())
+    response = handler(event, FakeLambdaContext(remaining_ms=300_000))
     assert isinstance(response, dict) and set(response) == {"batchItemFailures"}, response
     failures = response["batchItemFailures"]
     assert isinstance(failures, list)
@@ -475,7 +477,7 @@ def test_notify_handler_and_watchdog_answer_every_input(world: World, ledger: Le
         check_outcomes(items, ids, failed, notified)
         tally.add(items, ids, failed)
         # The watchdog reads what the notifier recorded (fuzzed failures included).
-        result = watchdog_handler.handler(schedule_event, Context())
+        result = watchdog_handler.handler(schedule_event, FakeLambdaContext(remaining_ms=300_000))
         assert isinstance(result, dict) and {"checked_at", "stale", "failed"} <= set(result)
         watchdog_runs += 1
 

@@ -35,14 +35,13 @@ from pathlib import Path
 
 import boto3
 import pytest
-from aws_lambda_powertools.utilities import parameters
-from moto import mock_aws
 
 from testbed.agent import AgentResult, run_agent, write_agent_config
 from testbed.repos import add_packs, make_fake_restic_repo
 from testbed.s3.endpoint import S3Endpoint, unique_bucket_name
 from testbed.s3.rclone import RcloneS3Server
 from tests.reliability.common import Ledger, leaks
+from tests.support.lambdas import aws  # noqa: F401 (the moto account fixture)
 from tests.support.sinks import HttpSink, closed_port
 
 ACCESS_KEY = "AKIARELAYSENTINEL7Q"
@@ -216,42 +215,25 @@ def test_no_command_leaks_a_secret(
 # -- the Lambda handlers -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-        "POWERTOOLS_LOG_LEVEL": "DEBUG",
-    }.items():
-        monkeypatch.setenv(name, value)
-    with mock_aws():
-        parameters.clear_caches()  # type: ignore[no-untyped-call]
-        yield
-    parameters.clear_caches()  # type: ignore[no-untyped-call]
-
-
-def test_handlers_leak_no_secret(
-    aws: None, monkeypatch: pytest.MonkeyPatch, ledger: Ledger
-) -> None:
+@pytest.mark.usefixtures("aws")
+def test_handlers_leak_no_secret(monkeypatch: pytest.MonkeyPatch, ledger: Ledger) -> None:
+    monkeypatch.setenv("POWERTOOLS_LOG_LEVEL", "DEBUG")
     from cloud.contracts.destination import Destination
     from cloud.handlers import notify as notify_handler
     from cloud.handlers import verify as verify_handler
     from cloud.integrations.runstore_dynamodb import create_table
-    from tests.reliability.lambdas import Context, event_body, sqs_event, write_mirror
+    from tests.support.lambdas import (
+        FakeLambdaContext,
+        create_idempotency_table,
+        event_body,
+        sqs_batch,
+        write_mirror,
+    )
 
     region = "us-east-1"
     dynamodb = boto3.client("dynamodb", region_name=region)
     create_table(dynamodb, "runs")
-    dynamodb.create_table(
-        TableName="idempotency",
-        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    create_idempotency_table(dynamodb, "idempotency")
     events = boto3.client("events", region_name=region)
     sqs = boto3.client("sqs", region_name=region)
     events.create_event_bus(Name="relay")
@@ -330,14 +312,18 @@ def test_handlers_leak_no_secret(
                 }
             )
             bodies = [event_body(e) for e in (good, damaged, gone)]
-            response = verify_handler.handler(sqs_event([*bodies, "{not json"]), Context())
+            response = verify_handler.handler(
+                sqs_batch([*bodies, "{not json"]), FakeLambdaContext(remaining_ms=300_000)
+            )
             places.append(("verify response", json.dumps(response)))
             assert [f["itemIdentifier"] for f in response["batchItemFailures"]] == ["m-2", "m-3"]
             results = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
             published = [m["Body"] for m in results]
             assert len(published) == 2
             places += [(f"published event {i}", body) for i, body in enumerate(published)]
-            response = notify_handler.handler(sqs_event(published), Context())
+            response = notify_handler.handler(
+                sqs_batch(published), FakeLambdaContext(remaining_ms=300_000)
+            )
             places.append(("notify response", json.dumps(response)))
             assert len(chat.wait_for(2)) == 2 and len(healthchecks.wait_for(2)) == 2
             places += [(f"notification {i}", r.body) for i, r in enumerate(chat.requests)]

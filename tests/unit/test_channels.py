@@ -15,8 +15,6 @@ from cloud.integrations.channels import (
     AppriseChannel,
     HealthchecksChannel,
     SnsChannel,
-    _LogScrubber,
-    _secret_fragments,
     build_channels,
     channel_key,
     deliver,
@@ -24,6 +22,7 @@ from cloud.integrations.channels import (
     redact_url,
     sns_subject,
 )
+from cloud.integrations.redact import LogScrubber, secret_fragments
 from cloud.logic.ports import ChannelError, Notification, NotificationChannel, Severity
 
 RUN_ID = "0190f5b2-3c4d-7e8f-9a0b-1c2d3e4f5a6b"
@@ -217,9 +216,9 @@ def test_invalid_apprise_url_fails_on_send_without_the_secret(
 # -- secret fragments and the log scrubber ------------------------------------------------------
 
 
-def test_secret_fragments_cover_what_the_name_hides() -> None:
+def testsecret_fragments_cover_what_the_name_hides() -> None:
     url = f"mailto://relay:pa%2Bss-W0rd@smtp.example.com:2525/{HC_UUID}?from=relay@example.com"
-    fragments = _secret_fragments(url, "apprise:mailto://relay:****@smtp.example.com:2525/5...a")
+    fragments = secret_fragments(url, "apprise:mailto://relay:****@smtp.example.com:2525/5...a")
     assert "pa+ss-W0rd" in fragments and "pa%2Bss-W0rd" in fragments
     assert HC_UUID in fragments
     assert "relay@example.com" in fragments  # a query value: not shown, so scrubbed
@@ -228,22 +227,22 @@ def test_secret_fragments_cover_what_the_name_hides() -> None:
 
 
 def test_short_password_is_still_secret() -> None:
-    assert "pw1" in _secret_fragments(
+    assert "pw1" in secret_fragments(
         "mailto://u:pw1@h.example.com", "mailto://u:****@h.example.com"
     )
 
 
 @pytest.fixture
-def scrubbed_logger() -> Iterator[tuple[logging.Logger, _LogScrubber]]:
+def scrubbed_logger() -> Iterator[tuple[logging.Logger, LogScrubber]]:
     logger = logging.getLogger("test.channels.scrubber")
-    scrubber = _LogScrubber()
+    scrubber = LogScrubber()
     logger.addFilter(scrubber)
     yield logger, scrubber
     logger.removeFilter(scrubber)
 
 
 def test_scrubber_redacts_messages_args_and_tracebacks(
-    scrubbed_logger: tuple[logging.Logger, _LogScrubber], caplog: pytest.LogCaptureFixture
+    scrubbed_logger: tuple[logging.Logger, LogScrubber], caplog: pytest.LogCaptureFixture
 ) -> None:
     logger, scrubber = scrubbed_logger
     scrubber.register("k1", frozenset({"TOKEN-ONE-123"}))
@@ -259,7 +258,7 @@ def test_scrubber_redacts_messages_args_and_tracebacks(
 
 
 def test_scrubber_guard_is_temporary_and_registration_idempotent(
-    scrubbed_logger: tuple[logging.Logger, _LogScrubber], caplog: pytest.LogCaptureFixture
+    scrubbed_logger: tuple[logging.Logger, LogScrubber], caplog: pytest.LogCaptureFixture
 ) -> None:
     logger, scrubber = scrubbed_logger
     caplog.set_level(logging.DEBUG, logger=logger.name)

@@ -11,14 +11,14 @@ import json
 import random
 from datetime import UTC, datetime, timedelta
 
+from cloud.app.verify import CheckpointedVerification, verify_checkpointed
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import ManifestRef, MirrorCompleted, MirrorStats, RepoRef
 from cloud.contracts.manifest import ManifestHeader
-from cloud.integrations.object_store_memory import InMemoryObjectStore
-from cloud.integrations.runstore_memory import InMemoryRunStore
 from cloud.logic.checkpoint import VerifyCheckpoint, checkpoint_name
-from cloud.logic.verification import CheckpointedVerification, verify_checkpointed
 from cloud.logic.verify import VerifyOptions
+from tests.support.doubles.object_store import InMemoryObjectStore
+from tests.support.doubles.runstore import InMemoryRunStore
 
 DEST = Destination(provider="s3", endpoint_url=None, bucket="b", prefix="restic/home")
 REPO = RepoRef(id="home", guid="g" * 8)

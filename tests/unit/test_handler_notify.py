@@ -13,43 +13,29 @@ import secrets
 
 os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
 
-import hashlib
 import json
-import logging
-import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import boto3
 import pytest
-from aws_lambda_powertools.utilities import parameters
 from aws_lambda_powertools.utilities.idempotency import DynamoDBPersistenceLayer
-from moto import mock_aws
 
-from cloud.contracts.destination import Destination
 from cloud.contracts.events import (
     DetailType,
-    ErrorInfo,
     EventDetail,
-    ManifestRef,
     MirrorCompleted,
     MirrorFailed,
-    MirrorStale,
     MirrorStats,
-    MirrorVerificationFailed,
-    MirrorVerified,
-    Problem,
     RepoRef,
     Source,
-    VerificationStats,
 )
 from cloud.contracts.ids import new_run_id
 from cloud.handlers import notify as notify_handler
 from cloud.handlers.common import ConfigError
-from cloud.integrations.runstore_memory import InMemoryRunStore
+from cloud.integrations.channels.targets import NotifyChannels
 from cloud.integrations.secrets import (
     NotifySecretError,
     NotifyTargets,
@@ -59,172 +45,46 @@ from cloud.integrations.secrets import (
 from cloud.logic.notify import SuccessPolicy
 from cloud.logic.ports import ChannelError, Notification, NotificationChannel
 from cloud.logic.verification import record_verification
+from tests.support import events
+from tests.support.doubles.runstore import InMemoryRunStore
+from tests.support.events import DEST, GUID, MANIFEST, REPO, T0, stale, verification
+from tests.support.lambdas import (
+    FakeLambdaContext,
+    eventbridge_event,
+    failed_ids,
+    logs_to_current_stdout,
+    read_output,
+    record_for,
+    sqs_event,
+    sqs_record,
+)
 
 REGION = "us-east-1"
 IDEMPOTENCY_TABLE = "backrest-relay-idempotency"
-GUID = "ab" * 32
-T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
-DEST = Destination(provider="b2", endpoint_url="https://s3.x", bucket="offsite", prefix="r/home")
-REPO = RepoRef(id="home", guid=GUID, path="/srv/restic/home")
-MANIFEST = ManifestRef(key="m/1.jsonl.gz", sha256="0" * 64, objects=10, created_by_run="m1")
 HC_UUID = "5f2d0b9e-8c61-4c43-a2a5-0f8f3cbd3c2a"
 APPRISE_TOKEN = "TFakeSlackToken" + secrets.token_hex(4)  # made per run, never a literal
+
+
+def mirror_failed(at: datetime = T0, repo: RepoRef = REPO) -> MirrorFailed:
+    return events.mirror_failed(
+        at, repo=repo, stats=MirrorStats(uploaded_files=3, uploaded_bytes=3000)
+    )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def logs_on_pytest_stdout() -> Iterator[None]:
+    with logs_to_current_stdout(notify_handler.logger):
+        yield
 
 
 # -- events ----------------------------------------------------------------------------------
 
 
-def verification(at: datetime, ok: bool = True) -> MirrorVerified | MirrorVerificationFailed:
-    model = MirrorVerified if ok else MirrorVerificationFailed
-    problems = [] if ok else [Problem(key="data/ab/abcd", kind="hash", detail="bad bytes")]
-    return model(
-        run_id=new_run_id(),
-        repo=REPO,
-        host="lambda:verifier",
-        trigger="Mirror Completed m1",
-        destination=DEST,
-        started_at=at,
-        finished_at=at,
-        mirror_run_id="m1",
-        manifest=MANIFEST,
-        stats=VerificationStats(compared=10, deep_checked=3, bytes_read=3000),
-        problems=problems,
-        problems_total=len(problems),
-    )
-
-
-def mirror_failed(at: datetime = T0, repo: RepoRef = REPO) -> MirrorFailed:
-    return MirrorFailed(
-        run_id=new_run_id(),
-        repo=repo,
-        host="nas",
-        trigger="CONDITION_CHECK_SUCCESS",
-        destination=DEST,
-        started_at=at,
-        finished_at=at,
-        error=ErrorInfo(kind="destination", message="upload of data/ab/x: SlowDown (HTTP 503)"),
-        stats=MirrorStats(uploaded_files=3, uploaded_bytes=3000),
-    )
-
-
-def stale(at: datetime) -> MirrorStale:
-    return MirrorStale(
-        run_id=new_run_id(),
-        repo=REPO,
-        host="lambda:watchdog",
-        trigger="watchdog",
-        destination=DEST,
-        started_at=at,
-        finished_at=at,
-        last_verified_at=at - timedelta(hours=27),
-        age_seconds=27 * 3600,
-        max_age_seconds=26 * 3600,
-    )
-
-
-def eventbridge_event(
-    detail: EventDetail | dict[str, Any],
-    *,
-    source: str | None = None,
-    detail_type: str | None = None,
-) -> dict[str, Any]:
-    if isinstance(detail, EventDetail):
-        source = source or detail.SOURCE.value
-        detail_type = detail_type or detail.DETAIL_TYPE.value
-        detail = json.loads(detail.model_dump_json())
-    return {
-        "version": "0",
-        "id": str(uuid.uuid4()),
-        "detail-type": detail_type,
-        "source": source,
-        "account": "123456789012",
-        "time": "2026-11-01T12:00:00Z",
-        "region": REGION,
-        "resources": [],
-        "detail": detail,
-    }
-
-
-def sqs_record(body: str, message_id: str | None = None) -> dict[str, Any]:
-    return {
-        "messageId": message_id or str(uuid.uuid4()),
-        "receiptHandle": "AQEB" + uuid.uuid4().hex,
-        "body": body,
-        "attributes": {
-            "ApproximateReceiveCount": "1",
-            "SentTimestamp": "1767268800000",
-            "SenderId": "AIDAIENQZJOLO23YVJ4VO",
-            "ApproximateFirstReceiveTimestamp": "1767268800001",
-        },
-        "messageAttributes": {},
-        "md5OfBody": hashlib.md5(body.encode(), usedforsecurity=False).hexdigest(),
-        "eventSource": "aws:sqs",
-        "eventSourceARN": f"arn:aws:sqs:{REGION}:123456789012:backrest-relay-notify",
-        "awsRegion": REGION,
-    }
-
-
-def record_for(detail: EventDetail, message_id: str | None = None) -> dict[str, Any]:
-    return sqs_record(json.dumps(eventbridge_event(detail)), message_id)
-
-
-def sqs_event(*records: dict[str, Any]) -> dict[str, Any]:
-    return {"Records": list(records)}
-
-
-@dataclass
-class FakeLambdaContext:
-    function_name: str = "backrest-relay-notify"
-    function_version: str = "$LATEST"
-    memory_limit_in_mb: int = 256
-    invoked_function_arn: str = (
-        "arn:aws:lambda:us-east-1:123456789012:function:backrest-relay-notify"
-    )
-    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    log_group_name: str = "/aws/lambda/backrest-relay-notify"
-    log_stream_name: str = "2026/11/01/[$LATEST]abc"
-    remaining_ms: int = 120_000
-
-    def get_remaining_time_in_millis(self) -> int:
-        return self.remaining_ms
-
-
 def invoke(event: dict[str, Any], context: FakeLambdaContext | None = None) -> dict[str, Any]:
-    response: dict[str, Any] = notify_handler.handler(event, context or FakeLambdaContext())
+    response: dict[str, Any] = notify_handler.handler(
+        event, context or FakeLambdaContext("backrest-relay-notify")
+    )
     return response
-
-
-def failed_ids(response: dict[str, Any]) -> list[str]:
-    return [f["itemIdentifier"] for f in response["batchItemFailures"]]
-
-
-@dataclass
-class Output:
-    logs: list[dict[str, Any]]
-    metrics: list[dict[str, Any]]
-    raw: str
-
-    def metric_values(self, name: str) -> list[float]:
-        values: list[float] = []
-        for blob in self.metrics:
-            if name in blob:
-                value = blob[name]
-                values.extend(value if isinstance(value, list) else [value])
-        return values
-
-    def lines(self, message: str) -> list[dict[str, Any]]:
-        return [line for line in self.logs if str(line["message"]).startswith(message)]
-
-
-def read_output(capsys: pytest.CaptureFixture[str]) -> Output:
-    raw = capsys.readouterr().out
-    logs: list[dict[str, Any]] = []
-    emf: list[dict[str, Any]] = []
-    for line in raw.splitlines():
-        if line.startswith("{"):
-            blob = json.loads(line)
-            (emf if "_aws" in blob else logs).append(blob)
-    return Output(logs, emf, raw)
 
 
 # -- channels --------------------------------------------------------------------------------
@@ -256,57 +116,6 @@ class Recorder:
 
 
 # -- fixtures --------------------------------------------------------------------------------
-
-
-class _CurrentStdout:
-    """Writes to whatever `sys.stdout` is now: the powertools logger bound the stream it
-    saw at import, and pytest swaps stdout per test phase (capsys)."""
-
-    def write(self, text: str) -> int:
-        return sys.stdout.write(text)
-
-    def flush(self) -> None:
-        sys.stdout.flush()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def logs_to_current_stdout() -> Iterator[None]:
-    handler = notify_handler.logger.registered_handler
-    assert isinstance(handler, logging.StreamHandler)
-    original = handler.setStream(_CurrentStdout())
-    yield
-    handler.setStream(original or sys.__stdout__)
-
-
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """A moto account with fake credentials; nothing can reach a real one."""
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(name, value)
-    with mock_aws():
-        parameters.clear_caches()  # type: ignore[no-untyped-call]
-        yield
-    parameters.clear_caches()  # type: ignore[no-untyped-call]
-
-
-@pytest.fixture
-def idempotency_client(aws: None) -> Any:
-    client = boto3.client("dynamodb", region_name=REGION)
-    client.create_table(
-        TableName=IDEMPOTENCY_TABLE,
-        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-        BillingMode="PAY_PER_REQUEST",
-    )
-    return client
 
 
 @dataclass
@@ -623,7 +432,7 @@ def test_records_are_not_started_when_the_invocation_is_about_to_time_out(
 ) -> None:
     response = invoke(
         sqs_event(record_for(mirror_failed(), "m-1"), record_for(mirror_failed(), "m-2")),
-        FakeLambdaContext(remaining_ms=5_000),
+        FakeLambdaContext("backrest-relay-notify", remaining_ms=5_000),
     )
     assert failed_ids(response) == ["m-1", "m-2"]
     assert world.channels[0].attempts == 0
@@ -673,7 +482,7 @@ def test_channels_follow_the_secret_per_repository() -> None:
         return Recorder(url)
 
     sns = Recorder("sns")
-    source = notify_handler.NotifyChannels(
+    source = NotifyChannels(
         topic_arn="arn:aws:sns:us-east-1:123456789012:alerts",
         secret_id="notify",
         load=lambda sid: parse_notify_secret(sid, secret),
@@ -707,7 +516,7 @@ def test_unreadable_secret_still_sends_to_sns_and_fails_as_a_channel() -> None:
         raise NotifySecretError(f"notify secret {sid!r} could not be read: AccessDenied")
 
     sns = Recorder("sns")
-    source = notify_handler.NotifyChannels(
+    source = NotifyChannels(
         topic_arn="arn:aws:sns:us-east-1:123456789012:alerts",
         secret_id="arn:notify",
         load=broken,

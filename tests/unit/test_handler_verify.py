@@ -11,49 +11,49 @@ import os
 
 os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
 
-import gzip
-import hashlib
 import json
-import logging
-import random
-import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
 from typing import Any
 
 import boto3
 import pytest
-from aws_lambda_powertools.utilities import parameters
 from aws_lambda_powertools.utilities.idempotency import DynamoDBPersistenceLayer
-from moto import mock_aws
 
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import (
     DetailType,
     ErrorInfo,
     EventDetail,
-    ManifestRef,
     MirrorCompleted,
     MirrorFailed,
-    MirrorStats,
     MirrorVerificationFailed,
     MirrorVerified,
-    RepoRef,
     Source,
 )
 from cloud.contracts.ids import new_run_id
-from cloud.contracts.manifest import ManifestHeader, manifest_key
 from cloud.handlers import verify as verify_handler
 from cloud.handlers.common import Bucket, ConfigError, SecretDestinations, endpoint_mismatch
-from cloud.integrations.eventbus import EventBridgeBus, EventPublishError, RecordingEventBus
-from cloud.integrations.object_store_memory import InMemoryObjectStore
-from cloud.integrations.runstore_memory import InMemoryRunStore
+from cloud.integrations.eventbus import EventBridgeBus, EventPublishError
 from cloud.integrations.s3 import S3Access
 from cloud.integrations.secrets import DestinationSecretError, load_destination_access
 from cloud.logic.ports import ListedObject, ObjectStoreError
 from cloud.logic.verify import VerifyOptions
+from tests.support import lambdas
+from tests.support.doubles.event_bus import RecordingEventBus
+from tests.support.doubles.object_store import InMemoryObjectStore
+from tests.support.doubles.runstore import InMemoryRunStore
+from tests.support.lambdas import (
+    FakeLambdaContext,
+    eventbridge_event,
+    failed_ids,
+    logs_to_current_stdout,
+    read_output,
+    record_for,
+    sqs_event,
+    sqs_record,
+)
 
 REGION = "us-east-1"
 IDEMPOTENCY_TABLE = "backrest-relay-idempotency"
@@ -68,23 +68,13 @@ SECRET_KEY = "K004-very-secret-application-key-value"
 ACCESS_KEY = "004a1b2c3d4e5f60000000042"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def logs_on_pytest_stdout() -> Iterator[None]:
+    with logs_to_current_stdout(verify_handler.logger):
+        yield
+
+
 # -- fakes and builders ----------------------------------------------------------------------
-
-
-@dataclass
-class FakeLambdaContext:
-    function_name: str = "backrest-relay-verify"
-    function_version: str = "$LATEST"
-    memory_limit_in_mb: int = 512
-    invoked_function_arn: str = (
-        "arn:aws:lambda:us-east-1:123456789012:function:backrest-relay-verify"
-    )
-    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    log_group_name: str = "/aws/lambda/backrest-relay-verify"
-    log_stream_name: str = "2026/01/01/[$LATEST]abc"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 300_000
 
 
 class UnreachableStore:
@@ -121,215 +111,26 @@ class Buckets:
 def write_mirror(
     put: Any, destination: Destination, *, seed: int, objects: int = 8
 ) -> tuple[MirrorCompleted, list[str]]:
-    """Objects of a restic-like repository plus a manifest, through `put(key, bytes)`;
-    returns the Mirror Completed event that announces them and the object keys."""
-    rng = random.Random(seed)
-    run_id = new_run_id()
-    files: list[tuple[str, bytes]] = [("config", rng.randbytes(155))]
-    for _ in range(objects):
-        data = rng.randbytes(rng.randint(10, 4000))
-        sha = hashlib.sha256(data).hexdigest()
-        files.append((f"data/{sha[:2]}/{sha}", data))
-    index = rng.randbytes(300)
-    files.append((f"index/{hashlib.sha256(index).hexdigest()}", index))
-    snap = rng.randbytes(200)
-    files.append((f"snapshots/{hashlib.sha256(snap).hexdigest()}", snap))
-    files.sort()
-    keys = []
-    lines = []
-    for key, data in files:
-        full = destination.key(key)
-        put(full, data)
-        keys.append(full)
-        lines.append(
-            json.dumps(
-                {
-                    "key": key,
-                    "size": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                    "md5": hashlib.md5(data, usedforsecurity=False).hexdigest(),
-                    "uploaded": True,
-                }
-            )
-        )
-    now = datetime.now(UTC)
-    header = ManifestHeader(
-        run_id=run_id,
-        repo_guid=GUID,
-        repo_id="home",
-        bucket=destination.bucket,
-        prefix=destination.prefix,
-        created_at=now,
-        objects=len(files),
-    )
-    body = gzip.compress(("\n".join([header.model_dump_json(), *lines]) + "\n").encode(), mtime=0)
-    mkey = manifest_key(f".backrest-relay/{GUID}/manifests", run_id)
-    put(mkey, body)
-    event = MirrorCompleted(
-        run_id=run_id,
-        repo=RepoRef(id="home", guid=GUID, path="/srv/restic/home"),
-        host="nas",
-        trigger="CONDITION_CHECK_SUCCESS",
-        destination=destination,
-        started_at=now - timedelta(minutes=5),
-        finished_at=now - timedelta(minutes=1),
-        stats=MirrorStats(files=len(files), uploaded_files=len(files)),
-        manifest=ManifestRef(
-            key=mkey,
-            sha256=hashlib.sha256(body).hexdigest(),
-            objects=len(files),
-            created_by_run=run_id,
-        ),
+    """A mirror of repository GUID with an index and one new snapshot."""
+    return lambdas.write_mirror(
+        put,
+        destination,
+        seed=seed,
+        objects=objects,
+        guid=GUID,
+        index=True,
         new_snapshots=["1234abcd"],
-        new_snapshots_total=1,
     )
-    return event, keys
-
-
-def eventbridge_event(
-    detail: EventDetail | dict[str, Any],
-    *,
-    source: str | None = None,
-    detail_type: str | None = None,
-) -> dict[str, Any]:
-    """The event as an EventBridge rule delivers it to an SQS target."""
-    if isinstance(detail, EventDetail):
-        source = source or detail.SOURCE.value
-        detail_type = detail_type or detail.DETAIL_TYPE.value
-        detail = json.loads(detail.model_dump_json())
-    return {
-        "version": "0",
-        "id": str(uuid.uuid4()),
-        "detail-type": detail_type,
-        "source": source,
-        "account": "123456789012",
-        "time": "2026-01-01T12:00:00Z",
-        "region": REGION,
-        "resources": [],
-        "detail": detail,
-    }
-
-
-def sqs_record(body: str, message_id: str | None = None, receive_count: int = 1) -> dict[str, Any]:
-    return {
-        "messageId": message_id or str(uuid.uuid4()),
-        "receiptHandle": "AQEB" + uuid.uuid4().hex,
-        "body": body,
-        "attributes": {
-            "ApproximateReceiveCount": str(receive_count),
-            "SentTimestamp": "1767268800000",
-            "SenderId": "AIDAIENQZJOLO23YVJ4VO",
-            "ApproximateFirstReceiveTimestamp": "1767268800001",
-        },
-        "messageAttributes": {},
-        "md5OfBody": hashlib.md5(body.encode(), usedforsecurity=False).hexdigest(),
-        "eventSource": "aws:sqs",
-        "eventSourceARN": f"arn:aws:sqs:{REGION}:123456789012:backrest-relay-verify",
-        "awsRegion": REGION,
-    }
-
-
-def sqs_event(*records: dict[str, Any]) -> dict[str, Any]:
-    return {"Records": list(records)}
-
-
-def record_for(detail: EventDetail, message_id: str | None = None) -> dict[str, Any]:
-    return sqs_record(json.dumps(eventbridge_event(detail)), message_id)
 
 
 def invoke(event: dict[str, Any]) -> dict[str, Any]:
-    response: dict[str, Any] = verify_handler.handler(event, FakeLambdaContext())
+    response: dict[str, Any] = verify_handler.handler(
+        event, FakeLambdaContext("backrest-relay-verify")
+    )
     return response
 
 
-def failed_ids(response: dict[str, Any]) -> list[str]:
-    return [f["itemIdentifier"] for f in response["batchItemFailures"]]
-
-
-@dataclass
-class Output:
-    logs: list[dict[str, Any]]
-    metrics: list[dict[str, Any]]
-    raw: str
-
-    def metric_values(self, name: str) -> list[float]:
-        values: list[float] = []
-        for blob in self.metrics:
-            if name in blob:
-                value = blob[name]
-                values.extend(value if isinstance(value, list) else [value])
-        return values
-
-    def messages(self, level: str | None = None) -> list[str]:
-        return [
-            str(line["message"]) for line in self.logs if level is None or line["level"] == level
-        ]
-
-
-def read_output(capsys: pytest.CaptureFixture[str]) -> Output:
-    raw = capsys.readouterr().out
-    logs: list[dict[str, Any]] = []
-    emf: list[dict[str, Any]] = []
-    for line in raw.splitlines():
-        if not line.startswith("{"):
-            continue
-        blob = json.loads(line)
-        (emf if "_aws" in blob else logs).append(blob)
-    return Output(logs, emf, raw)
-
-
 # -- fixtures --------------------------------------------------------------------------------
-
-
-class _CurrentStdout:
-    """Writes to whatever `sys.stdout` is now: the powertools logger bound the stream it
-    saw at import, and pytest swaps stdout per test phase (capsys)."""
-
-    def write(self, text: str) -> int:
-        return sys.stdout.write(text)
-
-    def flush(self) -> None:
-        sys.stdout.flush()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def logs_to_current_stdout() -> Iterator[None]:
-    handler = verify_handler.logger.registered_handler
-    assert isinstance(handler, logging.StreamHandler)
-    original = handler.setStream(_CurrentStdout())
-    yield
-    handler.setStream(original or sys.__stdout__)
-
-
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """A moto account with fake credentials; nothing can reach a real one."""
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(name, value)
-    with mock_aws():
-        parameters.clear_caches()  # type: ignore[no-untyped-call]
-        yield
-    parameters.clear_caches()  # type: ignore[no-untyped-call]
-
-
-@pytest.fixture
-def idempotency_client(aws: None) -> Any:
-    client = boto3.client("dynamodb", region_name=REGION)
-    client.create_table(
-        TableName=IDEMPOTENCY_TABLE,
-        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-        BillingMode="PAY_PER_REQUEST",
-    )
-    return client
 
 
 @dataclass

@@ -14,12 +14,10 @@ os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
 
 import hashlib
 import json
-import logging
-import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import boto3
@@ -27,61 +25,39 @@ import pytest
 from aws_lambda_powertools.utilities.idempotency import DynamoDBPersistenceLayer
 from moto import mock_aws
 
-from cloud.contracts.destination import Destination
 from cloud.contracts.events import (
     EventDetail,
-    ManifestRef,
     MirrorStale,
-    MirrorVerified,
     RepoRef,
-    VerificationStats,
 )
-from cloud.contracts.ids import new_run_id
 from cloud.handlers import notify as notify_handler
 from cloud.handlers import watchdog as watchdog_handler
 from cloud.handlers.common import ConfigError
-from cloud.integrations.eventbus import RecordingEventBus
-from cloud.integrations.runstore_memory import InMemoryRunStore
 from cloud.logic.ports import Notification, RunRecord
 from cloud.logic.verification import record_verification
+from tests.support import events
+from tests.support.doubles.event_bus import RecordingEventBus
+from tests.support.doubles.runstore import InMemoryRunStore
+from tests.support.events import GUID, T0
+from tests.support.lambdas import (
+    FakeLambdaContext,
+    create_idempotency_table,
+    logs_to_current_stdout,
+    read_output,
+)
 
 REGION = "us-east-1"
-GUID = "ab" * 32
 OTHER = "cd" * 32
-T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
-DEST = Destination(provider="b2", endpoint_url="https://s3.x", bucket="offsite", prefix="r/home")
-MANIFEST = ManifestRef(key="m/1.jsonl.gz", sha256="0" * 64, objects=10, created_by_run="m1")
 
 
-def verified(at: datetime, guid: str = GUID, repo_id: str = "home") -> MirrorVerified:
-    return MirrorVerified(
-        run_id=new_run_id(),
-        repo=RepoRef(id=repo_id, guid=guid),
-        host="lambda:verifier",
-        trigger="Mirror Completed m1",
-        destination=DEST,
-        started_at=at,
-        finished_at=at,
-        mirror_run_id="m1",
-        manifest=MANIFEST,
-        stats=VerificationStats(compared=10, deep_checked=3, bytes_read=3000),
-    )
+def verified(at: datetime, guid: str = GUID, repo_id: str = "home") -> EventDetail:
+    return events.verification(at, repo=RepoRef(id=repo_id, guid=guid))
 
 
-@dataclass
-class FakeLambdaContext:
-    function_name: str = "backrest-relay-watchdog"
-    function_version: str = "$LATEST"
-    memory_limit_in_mb: int = 256
-    invoked_function_arn: str = (
-        "arn:aws:lambda:us-east-1:123456789012:function:backrest-relay-watchdog"
-    )
-    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    log_group_name: str = "/aws/lambda/backrest-relay-watchdog"
-    log_stream_name: str = "2026/11/01/[$LATEST]abc"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 120_000
+@pytest.fixture(autouse=True, scope="module")
+def logs_on_pytest_stdout() -> Iterator[None]:
+    with logs_to_current_stdout(notify_handler.logger, watchdog_handler.logger):
+        yield
 
 
 SCHEDULED_EVENT = {
@@ -106,56 +82,6 @@ class Clock:
 
 
 @dataclass
-class Output:
-    logs: list[dict[str, Any]]
-    metrics: list[dict[str, Any]]
-
-    def metric_values(self, name: str) -> list[float]:
-        values: list[float] = []
-        for blob in self.metrics:
-            if name in blob:
-                value = blob[name]
-                values.extend(value if isinstance(value, list) else [value])
-        return values
-
-    def lines(self, message: str) -> list[dict[str, Any]]:
-        return [line for line in self.logs if str(line["message"]).startswith(message)]
-
-
-def read_output(capsys: pytest.CaptureFixture[str]) -> Output:
-    logs: list[dict[str, Any]] = []
-    emf: list[dict[str, Any]] = []
-    for line in capsys.readouterr().out.splitlines():
-        if line.startswith("{"):
-            blob = json.loads(line)
-            (emf if "_aws" in blob else logs).append(blob)
-    return Output(logs, emf)
-
-
-class _CurrentStdout:
-    """The powertools loggers bound the stdout they saw at import; follow pytest's."""
-
-    def write(self, text: str) -> int:
-        return sys.stdout.write(text)
-
-    def flush(self) -> None:
-        sys.stdout.flush()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def logs_to_current_stdout() -> Iterator[None]:
-    handlers: list[logging.StreamHandler[Any]] = []
-    for logger in (notify_handler.logger, watchdog_handler.logger):
-        handler = logger.registered_handler
-        assert isinstance(handler, logging.StreamHandler)
-        handlers.append(handler)
-    originals = [handler.setStream(_CurrentStdout()) for handler in handlers]
-    yield
-    for handler, original in zip(handlers, originals, strict=True):
-        handler.setStream(original or sys.__stdout__)
-
-
-@dataclass
 class World:
     runs: InMemoryRunStore
     bus: RecordingEventBus
@@ -163,7 +89,9 @@ class World:
 
     def run(self, at: datetime) -> dict[str, Any]:
         self.clock.now = at
-        result: dict[str, Any] = watchdog_handler.handler(SCHEDULED_EVENT, FakeLambdaContext())
+        result: dict[str, Any] = watchdog_handler.handler(
+            SCHEDULED_EVENT, FakeLambdaContext("backrest-relay-watchdog")
+        )
         return result
 
     def alerted_at(self, repo_key: str = GUID) -> datetime | None:
@@ -379,12 +307,7 @@ def idempotency(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         monkeypatch.setenv(name, value)
     with mock_aws():
         client = boto3.client("dynamodb", region_name=REGION)
-        client.create_table(
-            TableName="idempotency",
-            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
+        create_idempotency_table(client, "idempotency")
         yield client
 
 
@@ -483,8 +406,10 @@ def test_env_wiring_publishes_to_the_bus(
         deps.clock = Clock(T0 + timedelta(hours=27))
         watchdog_handler.set_dependencies(deps)
         try:
-            watchdog_handler.handler(SCHEDULED_EVENT, FakeLambdaContext())
-            watchdog_handler.handler(SCHEDULED_EVENT, FakeLambdaContext())  # within 24 h
+            watchdog_handler.handler(SCHEDULED_EVENT, FakeLambdaContext("backrest-relay-watchdog"))
+            watchdog_handler.handler(
+                SCHEDULED_EVENT, FakeLambdaContext("backrest-relay-watchdog")
+            )  # within 24 h
         finally:
             watchdog_handler.set_dependencies(None)
             watchdog_handler.metrics.clear_metrics()

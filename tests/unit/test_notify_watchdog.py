@@ -3,67 +3,53 @@ with a controlled clock."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
-from cloud.contracts.destination import Destination
+from cloud.app import watchdog
+from cloud.app.notify import notify
 from cloud.contracts.events import (
     ErrorInfo,
     EventDetail,
-    ManifestRef,
     MirrorFailed,
     MirrorStale,
     MirrorVerificationFailed,
     MirrorVerified,
-    Problem,
     RepoRef,
-    VerificationStats,
 )
-from cloud.contracts.ids import new_run_id
-from cloud.integrations.runstore_memory import InMemoryRunStore
-from cloud.logic.notify import decide, notify_event, render
+from cloud.logic.notify import decide, render
 from cloud.logic.ports import ChannelError, Notification
 from cloud.logic.verification import mirror_run_record, record_verification
-from cloud.logic.watchdog import run_watchdog
+from tests.support import events
+from tests.support.doubles.runstore import InMemoryRunStore
+from tests.support.events import T0
 
-T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
-DEST = Destination(provider="b2", endpoint_url="https://s3.x", bucket="offsite", prefix="r/home")
 REPO = RepoRef(id="home", guid="ab" * 32, path="/srv/restic")
-MANIFEST = ManifestRef(key="m/1.jsonl.gz", sha256="0" * 64, objects=10, created_by_run="m1")
 
 
 def verified(at: datetime, ok: bool = True) -> MirrorVerified | MirrorVerificationFailed:
-    model = MirrorVerified if ok else MirrorVerificationFailed
-    problems = [] if ok else [Problem(key="data/ab/abcd", kind="hash", detail="bad bytes")]
-    return model(
-        run_id=new_run_id(),
+    return events.verification(
+        at,
+        ok,
         repo=REPO,
         host="nas",
         trigger="Mirror Completed x",
-        destination=DEST,
-        started_at=at,
-        finished_at=at,
-        mirror_run_id="m1",
-        manifest=MANIFEST,
-        stats=VerificationStats(compared=10, deep_checked=3, bytes_read=3000),
-        problems=problems,
-        problems_total=len(problems),
         new_snapshots=["1234567890abcdef" * 4],
     )
 
 
 def failed(at: datetime) -> MirrorFailed:
-    return MirrorFailed(
-        run_id=new_run_id(),
-        repo=REPO,
-        host="nas",
-        trigger="CONDITION_CHECK_SUCCESS",
-        destination=DEST,
-        started_at=at,
-        finished_at=at,
-        error=ErrorInfo(kind="destination", message="upload of data/ab/x: SlowDown (HTTP 503)"),
-    )
+    return events.mirror_failed(at, repo=REPO)
+
+
+def run_watchdog(runs: InMemoryRunStore, *, now: datetime) -> list[MirrorStale]:
+    """A watchdog pass whose every alert is published: plan, record, commit."""
+    watch = watchdog.plan(runs, now=now)
+    watchdog.record(runs, watch)
+    for alert in watch.alerts:
+        watchdog.commit(runs, alert)
+    return watch.events
 
 
 class Recorder:
@@ -124,9 +110,9 @@ def test_one_failing_channel_does_not_stop_the_others() -> None:
     good, bad = Recorder("good"), Recorder("bad", fail=True)
     event = failed(T0)
     runs.record(mirror_run_record(event))
-    outcome = notify_event(event, runs=runs, channels=[bad, good])
+    outcome = notify(event, runs=runs, channels=[bad, good])
     assert len(good.sent) == 1
-    assert [(r.channel, r.ok) for r in outcome.results] == [("bad", False), ("good", True)]
+    assert [(r.name, r.ok) for r in outcome.results] == [("bad", False), ("good", True)]
 
 
 def record_and_notify(
@@ -134,7 +120,7 @@ def record_and_notify(
 ) -> None:
     if isinstance(event, MirrorVerified | MirrorVerificationFailed):
         record_verification(runs, event)
-    notify_event(event, runs=runs, channels=[channel], policy=policy)  # type: ignore[arg-type]
+    notify(event, runs=runs, channels=[channel], policy=policy)  # type: ignore[arg-type]
 
 
 def test_watchdog_alerts_once_per_day_and_the_next_verified_run_recovers() -> None:
@@ -147,7 +133,7 @@ def test_watchdog_alerts_once_per_day_and_the_next_verified_run_recovers() -> No
     [stale] = run_watchdog(runs, now=later)
     assert isinstance(stale, MirrorStale)
     assert stale.age_seconds == pytest.approx(27 * 3600)
-    notify_event(stale, runs=runs, channels=[channel])
+    notify(stale, runs=runs, channels=[channel])
     assert [n.severity for n in channel.sent] == ["stale"]
     assert "27.0 h" in channel.sent[0].subject
 

@@ -1,4 +1,5 @@
-"""Secret redaction in the agent's output: the redactor and the logging formatter."""
+"""The one redaction module (`cloud.integrations.redact`): known secrets masked in what the
+agent prints and logs. URL redaction and the library-log scrubber: test_channels.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import sys
 import threading
 
-from local_agent.redact import MASK, REDACTOR, RedactingFormatter, Redactor
+from cloud.integrations.redact import MASK, REDACTOR, RedactingFormatter, Redactor
 
 # -- Redactor ------------------------------------------------------------------------------------
 

@@ -27,9 +27,9 @@ from cloud.integrations.runstore_dynamodb import (
     DynamoRunStore,
     create_table,
 )
-from cloud.integrations.runstore_memory import InMemoryRunStore
 from cloud.integrations.runstore_sqlite import SCHEMA_VERSION, RunStoreError, SqliteRunStore
 from cloud.logic.ports import RunKind, RunRecord, RunStatus, RunStore
+from tests.support.doubles.runstore import InMemoryRunStore
 
 REPO = "a" * 64
 OTHER = "b" * 64

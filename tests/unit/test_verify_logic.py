@@ -15,9 +15,9 @@ import pytest
 
 from cloud.contracts.destination import Destination
 from cloud.contracts.manifest import ManifestHeader
-from cloud.integrations.object_store_memory import InMemoryObjectStore
 from cloud.logic.ports import ListedObject, ObjectStoreError
 from cloud.logic.verify import MirrorVerifier, VerifyOptions, slice_of
+from tests.support.doubles.object_store import InMemoryObjectStore
 
 DEST = Destination(provider="s3", endpoint_url=None, bucket="b", prefix="restic/home")
 MANIFEST = ".backrest-relay/g/manifests/run-1.jsonl.gz"

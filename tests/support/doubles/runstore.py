@@ -1,4 +1,4 @@
-"""An in-memory `RunStore` for unit tests of `cloud.logic`.
+"""An in-memory `RunStore` for tests (kept out of the installed wheel).
 
 It applies the same validation and the same rules (idempotent record, verified-only and
 never-regressing latest pointer, first-record-only counter) as the SQLite and DynamoDB

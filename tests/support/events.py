@@ -1,0 +1,99 @@
+"""Contract events for tests: a verification result, a failed mirror, a stale alert, with
+the defaults most tests share (override what a test is about)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from cloud.contracts.destination import Destination
+from cloud.contracts.events import (
+    ErrorInfo,
+    ManifestRef,
+    MirrorFailed,
+    MirrorStale,
+    MirrorStats,
+    MirrorVerificationFailed,
+    MirrorVerified,
+    Problem,
+    RepoRef,
+    VerificationStats,
+)
+from cloud.contracts.ids import new_run_id
+
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+GUID = "ab" * 32
+DEST = Destination(provider="b2", endpoint_url="https://s3.x", bucket="offsite", prefix="r/home")
+REPO = RepoRef(id="home", guid=GUID, path="/srv/restic/home")
+MANIFEST = ManifestRef(key="m/1.jsonl.gz", sha256="0" * 64, objects=10, created_by_run="m1")
+BAD_BYTES = Problem(key="data/ab/abcd", kind="hash", detail="bad bytes")
+
+
+def verification(
+    at: datetime,
+    ok: bool = True,
+    *,
+    repo: RepoRef = REPO,
+    host: str = "lambda:verifier",
+    trigger: str = "Mirror Completed m1",
+    mirror_run_id: str = "m1",
+    manifest: ManifestRef = MANIFEST,
+    stats: VerificationStats | None = None,
+    new_snapshots: Sequence[str] = (),
+) -> MirrorVerified | MirrorVerificationFailed:
+    """`Mirror Verified`, or with `ok=False` a `Mirror Verification Failed` naming one
+    object with bad bytes."""
+    model = MirrorVerified if ok else MirrorVerificationFailed
+    problems = [] if ok else [BAD_BYTES]
+    return model(
+        run_id=new_run_id(),
+        repo=repo,
+        host=host,
+        trigger=trigger,
+        destination=DEST,
+        started_at=at,
+        finished_at=at,
+        mirror_run_id=mirror_run_id,
+        manifest=manifest,
+        stats=stats or VerificationStats(compared=10, deep_checked=3, bytes_read=3000),
+        problems=problems,
+        problems_total=len(problems),
+        new_snapshots=list(new_snapshots),
+    )
+
+
+def mirror_failed(
+    at: datetime = T0,
+    *,
+    repo: RepoRef = REPO,
+    stats: MirrorStats | None = None,
+    started_at: datetime | None = None,
+) -> MirrorFailed:
+    """The agent's `Mirror Failed` after the destination kept answering SlowDown."""
+    return MirrorFailed(
+        run_id=new_run_id(),
+        repo=repo,
+        host="nas",
+        trigger="CONDITION_CHECK_SUCCESS",
+        destination=DEST,
+        started_at=started_at or at,
+        finished_at=at,
+        error=ErrorInfo(kind="destination", message="upload of data/ab/x: SlowDown (HTTP 503)"),
+        stats=stats,
+    )
+
+
+def stale(at: datetime, *, repo: RepoRef = REPO) -> MirrorStale:
+    """The watchdog's alert: last verified 27 h ago, 26 h allowed."""
+    return MirrorStale(
+        run_id=new_run_id(),
+        repo=repo,
+        host="lambda:watchdog",
+        trigger="watchdog",
+        destination=DEST,
+        started_at=at,
+        finished_at=at,
+        last_verified_at=at - timedelta(hours=27),
+        age_seconds=27 * 3600,
+        max_age_seconds=26 * 3600,
+    )

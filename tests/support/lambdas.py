@@ -1,0 +1,395 @@
+"""Feeding the Lambda handlers the way AWS does, for every handler test: a context,
+EventBridge events inside SQS records, the handlers' JSON output read back, a moto
+account, an SQS queue polled like Lambda's event source mapping, and a mirror (objects
+plus manifest) for the verifier to prove."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import random
+import sys
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities import parameters
+from moto import mock_aws
+
+from cloud.contracts.destination import Destination
+from cloud.contracts.events import EventDetail, ManifestRef, MirrorCompleted, MirrorStats, RepoRef
+from cloud.contracts.ids import new_run_id
+from cloud.contracts.manifest import ManifestHeader, manifest_key
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"
+IDEMPOTENCY_TABLE = "backrest-relay-idempotency"
+
+
+@dataclass
+class FakeLambdaContext:
+    """What Lambda passes as `context` (the parts powertools reads)."""
+
+    function_name: str = "backrest-relay"
+    memory_limit_in_mb: int = 256
+    remaining_ms: int = 120_000
+    function_version: str = "$LATEST"
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    log_stream_name: str = "2026/11/01/[$LATEST]abc"
+
+    @property
+    def invoked_function_arn(self) -> str:
+        return f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{self.function_name}"
+
+    @property
+    def log_group_name(self) -> str:
+        return f"/aws/lambda/{self.function_name}"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms
+
+
+# -- events in SQS records -------------------------------------------------------------------
+
+
+def eventbridge_event(
+    detail: EventDetail | Any,
+    *,
+    source: str | None = None,
+    detail_type: str | None = None,
+) -> dict[str, Any]:
+    """The event as an EventBridge rule delivers it to an SQS target (a contract model, or
+    any detail with an explicit source and detail type)."""
+    if isinstance(detail, EventDetail):
+        source = source or detail.SOURCE.value
+        detail_type = detail_type or detail.DETAIL_TYPE.value
+        detail = json.loads(detail.model_dump_json())
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": detail_type,
+        "source": source,
+        "account": ACCOUNT,
+        "time": "2026-11-01T12:00:00Z",
+        "region": REGION,
+        "resources": [],
+        "detail": detail,
+    }
+
+
+def event_body(event: EventDetail) -> str:
+    """The SQS body carrying `event`."""
+    return json.dumps(eventbridge_event(event))
+
+
+def sqs_record(body: str, message_id: str | None = None, receive_count: int = 1) -> dict[str, Any]:
+    return {
+        "messageId": message_id or str(uuid.uuid4()),
+        "receiptHandle": "AQEB" + uuid.uuid4().hex,
+        "body": body,
+        "attributes": {
+            "ApproximateReceiveCount": str(receive_count),
+            "SentTimestamp": "1767268800000",
+            "SenderId": "AIDAIENQZJOLO23YVJ4VO",
+            "ApproximateFirstReceiveTimestamp": "1767268800001",
+        },
+        "messageAttributes": {},
+        "md5OfBody": hashlib.md5(body.encode(errors="replace"), usedforsecurity=False).hexdigest(),
+        "eventSource": "aws:sqs",
+        "eventSourceARN": f"arn:aws:sqs:{REGION}:{ACCOUNT}:backrest-relay",
+        "awsRegion": REGION,
+    }
+
+
+def record_for(detail: EventDetail, message_id: str | None = None) -> dict[str, Any]:
+    return sqs_record(event_body(detail), message_id)
+
+
+def sqs_event(*records: dict[str, Any]) -> dict[str, Any]:
+    return {"Records": list(records)}
+
+
+def sqs_batch(bodies: list[str], prefix: str = "m") -> dict[str, Any]:
+    """A batch with message ids `m-0`, `m-1`..."""
+    return sqs_event(*(sqs_record(body, f"{prefix}-{i}") for i, body in enumerate(bodies)))
+
+
+def failed_ids(response: dict[str, Any]) -> list[str]:
+    return [f["itemIdentifier"] for f in response["batchItemFailures"]]
+
+
+# -- what the handlers print -----------------------------------------------------------------
+
+
+class _CurrentStdout:
+    """Writes to whatever `sys.stdout` is now: the powertools loggers bound the stream they
+    saw at import, and pytest swaps stdout per test phase (capsys)."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+@contextmanager
+def logs_to_current_stdout(*loggers: Logger) -> Iterator[None]:
+    """Point the handlers' loggers at pytest's stdout while inside."""
+    handlers: list[logging.StreamHandler[Any]] = []
+    for logger in loggers:
+        handler = logger.registered_handler
+        assert isinstance(handler, logging.StreamHandler)
+        handlers.append(handler)
+    originals = [handler.setStream(_CurrentStdout()) for handler in handlers]
+    try:
+        yield
+    finally:
+        for handler, original in zip(handlers, originals, strict=True):
+            handler.setStream(original or sys.__stdout__)
+
+
+@dataclass
+class Output:
+    """The JSON log lines and the EMF metric blobs a handler printed."""
+
+    logs: list[dict[str, Any]]
+    metrics: list[dict[str, Any]]
+    raw: str = ""
+
+    def metric_values(self, name: str) -> list[float]:
+        values: list[float] = []
+        for blob in self.metrics:
+            if name in blob:
+                value = blob[name]
+                values.extend(value if isinstance(value, list) else [value])
+        return values
+
+    def lines(self, message: str) -> list[dict[str, Any]]:
+        return [line for line in self.logs if str(line["message"]).startswith(message)]
+
+    def messages(self, level: str | None = None) -> list[str]:
+        return [
+            str(line["message"]) for line in self.logs if level is None or line["level"] == level
+        ]
+
+
+def parse_output(raw: str) -> Output:
+    logs: list[dict[str, Any]] = []
+    emf: list[dict[str, Any]] = []
+    for line in raw.splitlines():
+        if line.startswith("{"):
+            blob = json.loads(line)
+            (emf if "_aws" in blob else logs).append(blob)
+    return Output(logs, emf, raw)
+
+
+def read_output(capsys: pytest.CaptureFixture[str]) -> Output:
+    return parse_output(capsys.readouterr().out)
+
+
+# -- AWS in moto -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A moto account with fake credentials; nothing can reach a real one."""
+    for name in [n for n in os.environ if n.startswith("AWS_ENDPOINT_URL")] + ["AWS_PROFILE"]:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+    }.items():
+        monkeypatch.setenv(name, value)
+    with mock_aws():
+        parameters.clear_caches()  # type: ignore[no-untyped-call]
+        yield
+    parameters.clear_caches()  # type: ignore[no-untyped-call]
+
+
+def create_idempotency_table(dynamodb: Any, name: str = IDEMPOTENCY_TABLE) -> None:
+    """The powertools idempotency table (partition key `id`)."""
+    dynamodb.create_table(
+        TableName=name,
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+
+
+@pytest.fixture
+def idempotency_client(aws: None) -> Any:
+    """A DynamoDB client on the moto account, with the idempotency table."""
+    import boto3
+
+    client = boto3.client("dynamodb", region_name=REGION)
+    create_idempotency_table(client)
+    return client
+
+
+def moto_clients(endpoint_url: str) -> dict[str, Any]:
+    """boto3 client arguments for moto's server."""
+    return {
+        "endpoint_url": endpoint_url,
+        "region_name": REGION,
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
+    }
+
+
+@dataclass
+class Queues:
+    """SQS on moto, as the functions' event source mappings use it."""
+
+    sqs: Any
+
+    def create(self, name: str, **attributes: str) -> tuple[str, str]:
+        """A queue's URL and ARN."""
+        queue_url = self.sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+        arn = self.sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
+        return queue_url, arn["Attributes"]["QueueArn"]
+
+    def deliver(
+        self,
+        handler: Callable[[dict[str, Any], Any], Any],
+        queue_url: str,
+        queue_arn: str,
+        context: FakeLambdaContext,
+        *,
+        max_messages: int = 10,
+    ) -> dict[str, Any] | None:
+        """One poll of Lambda's event source mapping: receive, invoke, delete successes."""
+        messages = self.sqs.receive_message(
+            QueueUrl=queue_url,
+            MaxNumberOfMessages=max_messages,
+            AttributeNames=["All"],
+            WaitTimeSeconds=0,
+        ).get("Messages", [])
+        if not messages:
+            return None
+        records = [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": m["Attributes"],
+                "messageAttributes": {},
+                "md5OfBody": m["MD5OfBody"],
+                "eventSource": "aws:sqs",
+                "eventSourceARN": queue_arn,
+                "awsRegion": REGION,
+            }
+            for m in messages
+        ]
+        response: dict[str, Any] = handler({"Records": records}, context)
+        failed = set(failed_ids(response))
+        for message in messages:
+            if message["MessageId"] not in failed:
+                self.sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+        response["delivered"] = [m["MessageId"] for m in messages]
+        return response
+
+    def drain(self, queue_url: str) -> list[dict[str, Any]]:
+        """Every message body (JSON) on the queue, removed from it."""
+        out: list[dict[str, Any]] = []
+        while True:
+            messages = self.sqs.receive_message(
+                QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0
+            ).get("Messages", [])
+            if not messages:
+                return out
+            for message in messages:
+                out.append(json.loads(message["Body"]))
+                self.sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+    def peek_bodies(self, queue_url: str) -> list[str]:
+        """The bodies waiting on the queue, left there (visibility 0)."""
+        messages = self.sqs.receive_message(
+            QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0, VisibilityTimeout=0
+        ).get("Messages", [])
+        return [m["Body"] for m in messages]
+
+
+# -- a mirror to verify ----------------------------------------------------------------------
+
+
+def write_mirror(
+    put: Callable[[str, bytes], object],
+    destination: Destination,
+    *,
+    seed: int,
+    objects: int = 6,
+    guid: str | None = None,
+    index: bool = False,
+    new_snapshots: Sequence[str] = (),
+) -> tuple[MirrorCompleted, list[str]]:
+    """A restic-like mirror (config, data packs, optionally an index, a snapshot) and its
+    manifest, written through `put(key, bytes)`; returns the `Mirror Completed` event
+    announcing it and the objects' full keys."""
+    rng = random.Random(seed)
+    run_id = new_run_id()
+    files: list[tuple[str, bytes]] = [("config", rng.randbytes(155))]
+    for _ in range(objects):
+        data = rng.randbytes(rng.randint(10, 4000))
+        sha = hashlib.sha256(data).hexdigest()
+        files.append((f"data/{sha[:2]}/{sha}", data))
+    if index:
+        index_file = rng.randbytes(300)
+        files.append((f"index/{hashlib.sha256(index_file).hexdigest()}", index_file))
+    snapshot = rng.randbytes(200)
+    files.append((f"snapshots/{hashlib.sha256(snapshot).hexdigest()}", snapshot))
+    files.sort()
+    keys, lines = [], []
+    for key, data in files:
+        put(destination.key(key), data)
+        keys.append(destination.key(key))
+        entry = {
+            "key": key,
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "md5": hashlib.md5(data, usedforsecurity=False).hexdigest(),
+            "uploaded": True,
+        }
+        lines.append(json.dumps(entry))
+    now = datetime.now(UTC)
+    header = ManifestHeader(
+        run_id=run_id,
+        repo_guid=guid,
+        repo_id="home",
+        bucket=destination.bucket,
+        prefix=destination.prefix,
+        created_at=now,
+        objects=len(files),
+    )
+    body = gzip.compress(("\n".join([header.model_dump_json(), *lines]) + "\n").encode(), mtime=0)
+    mkey = manifest_key(f".backrest-relay/{guid or 'home'}/manifests", run_id)
+    put(mkey, body)
+    event = MirrorCompleted(
+        run_id=run_id,
+        repo=RepoRef(id="home", guid=guid, path="/srv/restic/home"),
+        host="nas",
+        trigger="CONDITION_CHECK_SUCCESS",
+        destination=destination,
+        started_at=now - timedelta(minutes=5),
+        finished_at=now - timedelta(minutes=1),
+        stats=MirrorStats(files=len(files), uploaded_files=len(files)),
+        manifest=ManifestRef(
+            key=mkey,
+            sha256=hashlib.sha256(body).hexdigest(),
+            objects=len(files),
+            created_by_run=run_id,
+        ),
+        new_snapshots=list(new_snapshots),
+        new_snapshots_total=len(new_snapshots),
+    )
+    return event, keys
