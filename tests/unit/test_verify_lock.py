@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from cloud.integrations.object_store_memory import InMemoryObjectStore
 from cloud.logic.ports import Retention
 from cloud.logic.verify import MirrorVerifier, VerifyOptions
+from tests.support.doubles.object_store import InMemoryObjectStore
 from tests.unit.test_verify_logic import DEST, MANIFEST, build
 
 
