@@ -127,6 +127,7 @@ LAYER_RULES = {
     "cloud.contracts": {"cloud.contracts"},
     "cloud.logic": {"cloud.logic", "cloud.contracts"},
     "cloud.integrations": {"cloud.integrations", "cloud.logic", "cloud.contracts"},
+    "cloud.app": {"cloud.app", "cloud.logic", "cloud.contracts"},
 }
 
 
