@@ -15,13 +15,16 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloud.integrations.redact import REDACTOR, RedactingFormatter
 from local_agent import __version__
 from local_agent.cli_common import register_secrets, resolve_repo
 from local_agent.errors import ConfigError, ExitCode, RelayError
-from local_agent.identity import resolve_identity
+from local_agent.identity import RepoIdentity, resolve_identity
+
+if TYPE_CHECKING:
+    from local_agent.config import LoadedConfig
 
 log = logging.getLogger("backrest_relay")
 
@@ -353,9 +356,10 @@ def print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
 # -- verify --------------------------------------------------------------------------------
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def _load_with_identity(args: argparse.Namespace) -> tuple[LoadedConfig, RepoIdentity]:
+    """Config plus the (id, guid) named by --repo-id/--repo-guid: verify and recover both need
+    the same validation and lookup, in the same order, so they report the same errors."""
     from local_agent.config import load_config, validate_repo_guid, validate_repo_id
-    from local_agent.verification import run_verify
 
     loaded = load_config(args.config)
     register_secrets(loaded.config)
@@ -364,6 +368,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         repo_id=validate_repo_id(args.repo_id) if args.repo_id else None,
         repo_guid=validate_repo_guid(args.repo_guid) if args.repo_guid else None,
     )
+    return loaded, identity
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from local_agent.verification import run_verify
+
+    loaded, identity = _load_with_identity(args)
     return run_verify(
         loaded.config,
         repo_id=identity.repo_id,
@@ -378,16 +389,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from local_agent.config import load_config, validate_repo_guid, validate_repo_id
     from local_agent.recovery import run_recover
 
-    loaded = load_config(args.config)
-    register_secrets(loaded.config)
-    identity = resolve_identity(
-        loaded.config.state.path(),
-        repo_id=validate_repo_id(args.repo_id) if args.repo_id else None,
-        repo_guid=validate_repo_guid(args.repo_guid) if args.repo_guid else None,
-    )
+    loaded, identity = _load_with_identity(args)
     return run_recover(
         loaded.config,
         repo_id=identity.repo_id,
