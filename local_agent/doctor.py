@@ -16,10 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from cloud.integrations.redact import REDACTOR
 from local_agent.errors import ExitCode, RelayError
+
+_T = TypeVar("_T")
 
 CLOCK_WARN_SECONDS = 60
 CLOCK_FAIL_SECONDS = 15 * 60  # S3 refuses signatures more than 15 minutes off
@@ -51,6 +53,22 @@ class Doctor:
         except Exception as exc:
             self.record(name, False, f"{type(exc).__name__}: {exc}")
         return False
+
+    def expand(
+        self,
+        name: str,
+        template: Callable[..., _T],
+        *,
+        repo_id: str | None,
+        repo_guid: str | None,
+    ) -> _T | None:
+        """A config template expanded for this repository, or placeholder ids when none was
+        named (doctor runs without one); None after recording why it failed."""
+        try:
+            return template(repo_id=repo_id or "doctor", repo_guid=repo_guid or "0" * 64)
+        except RelayError as exc:
+            self.record(name, False, exc.message)
+            return None
 
 
 def run_doctor(args: argparse.Namespace) -> int:
@@ -95,12 +113,10 @@ def run_doctor(args: argparse.Namespace) -> int:
         note = schedule_note(repo_id)
         if note is not None:
             doctor.record("check schedule", note[0], note[1])
-    try:
-        destination = config.destination_for(
-            repo_id=repo_id or "doctor", repo_guid=repo_guid or "0" * 64
-        )
-    except RelayError as exc:
-        doctor.record("destination", False, exc.message)
+    destination = doctor.expand(
+        "destination", config.destination_for, repo_id=repo_id, repo_guid=repo_guid
+    )
+    if destination is None:
         return _exit(doctor)
 
     state_dir = config.state.path()
@@ -152,12 +168,10 @@ def run_doctor(args: argparse.Namespace) -> int:
     # Every prefix the agent writes under, each proven with a real PUT (and DELETE) of a
     # probe object: a B2 key has one name prefix, and a key that covers the repository but
     # not the manifests lets `upload` mirror everything and then fail on the manifest.
-    try:
-        manifest_prefix = config.manifest_prefix_for(
-            repo_id=repo_id or "doctor", repo_guid=repo_guid or "0" * 64
-        )
-    except RelayError as exc:
-        doctor.record("manifest prefix", False, exc.message)
+    manifest_prefix = doctor.expand(
+        "manifest prefix", config.manifest_prefix_for, repo_id=repo_id, repo_guid=repo_guid
+    )
+    if manifest_prefix is None:
         return _exit(doctor)
     targets = [("repository prefix", backend, destination.prefix)]
     manifest_backend = Backend(
