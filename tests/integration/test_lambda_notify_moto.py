@@ -26,9 +26,7 @@ import boto3
 import pytest
 from aws_lambda_powertools.utilities import parameters
 
-from cloud.contracts.destination import Destination
 from cloud.contracts.events import (
-    ErrorInfo,
     ManifestRef,
     MirrorFailed,
     MirrorVerified,
@@ -42,6 +40,7 @@ from cloud.integrations.eventbus import EventBridgeBus
 from cloud.integrations.runstore_dynamodb import DynamoRunStore, create_table
 from cloud.logic.verification import record_verification
 from testbed.s3.endpoint import S3Endpoint
+from tests.support import events
 from tests.support.lambdas import (
     FakeLambdaContext,
     Queues,
@@ -55,7 +54,6 @@ REGION = "us-east-1"
 BUS = "backrest-relay"
 GUID = "ef" * 32
 REPO = RepoRef(id="home", guid=GUID, path="/srv/restic/home")
-DEST = Destination(provider="b2", endpoint_url="https://s3.x", bucket="offsite", prefix="r/home")
 HC_UUID = "5f2d0b9e-8c61-4c43-a2a5-0f8f3cbd3c2a"
 # Token-shaped sentinels made per run: the test proves they never reach a log, and no
 # credential-looking literal is committed.
@@ -234,31 +232,19 @@ def assert_no_secrets(*texts: str) -> None:
 
 def mirror_failed() -> MirrorFailed:
     now = datetime.now(UTC)
-    return MirrorFailed(
-        run_id=new_run_id(),
-        repo=REPO,
-        host="nas",
-        trigger="CONDITION_CHECK_SUCCESS",
-        destination=DEST,
-        started_at=now - timedelta(minutes=3),
-        finished_at=now,
-        error=ErrorInfo(kind="destination", message="upload of data/ab/x: SlowDown (HTTP 503)"),
-    )
+    return events.mirror_failed(now, repo=REPO, started_at=now - timedelta(minutes=3))
 
 
 def verified(at: datetime) -> MirrorVerified:
-    return MirrorVerified(
-        run_id=new_run_id(),
+    event = events.verification(
+        at,
         repo=REPO,
-        host="lambda:verifier",
-        trigger="Mirror Completed m1",
-        destination=DEST,
-        started_at=at,
-        finished_at=at,
         mirror_run_id=new_run_id(),
         manifest=ManifestRef(key="m/1.jsonl.gz", sha256="0" * 64, objects=9, created_by_run="m1"),
         stats=VerificationStats(compared=9, deep_checked=9, bytes_read=9000),
     )
+    assert isinstance(event, MirrorVerified)
+    return event
 
 
 def paths(requests: list[HttpRequest]) -> list[str]:
