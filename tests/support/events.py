@@ -39,6 +39,7 @@ def envelope(
     trigger: str = "CONDITION_CHECK_SUCCESS",
     started_at: datetime | None = None,
     run_id: str | None = None,
+    destination: Destination = DEST,
 ) -> dict[str, Any]:
     """The fields every event detail shares, so a builder states only what its kind adds."""
     return {
@@ -46,7 +47,7 @@ def envelope(
         "repo": repo,
         "host": host,
         "trigger": trigger,
-        "destination": DEST,
+        "destination": destination,
         "started_at": started_at or at,
         "finished_at": at,
     }
@@ -61,10 +62,13 @@ def completed(
     run_id: str | None = None,
     stats: MirrorStats | None = None,
     manifest: ManifestRef = MANIFEST,
+    destination: Destination = DEST,
 ) -> MirrorCompleted:
     """The agent's `Mirror Completed` for one manifest."""
     return MirrorCompleted(
-        **envelope(at, repo=repo, host=host, trigger=trigger, run_id=run_id),
+        **envelope(
+            at, repo=repo, host=host, trigger=trigger, run_id=run_id, destination=destination
+        ),
         stats=stats or MirrorStats(),
         manifest=manifest,
     )
