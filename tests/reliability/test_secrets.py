@@ -224,6 +224,7 @@ def test_handlers_leak_no_secret(monkeypatch: pytest.MonkeyPatch, ledger: Ledger
     from cloud.integrations.runstore_dynamodb import create_table
     from tests.support.lambdas import (
         FakeLambdaContext,
+        bus_to_queue,
         create_idempotency_table,
         event_body,
         sqs_batch,
@@ -236,17 +237,14 @@ def test_handlers_leak_no_secret(monkeypatch: pytest.MonkeyPatch, ledger: Ledger
     create_idempotency_table(dynamodb, "idempotency")
     events = boto3.client("events", region_name=region)
     sqs = boto3.client("sqs", region_name=region)
-    events.create_event_bus(Name="relay")
-    queue = sqs.create_queue(QueueName="results")["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    events.put_rule(
-        Name="all",
-        EventBusName="relay",
-        EventPattern=json.dumps({"source": [{"prefix": "backrest-relay"}]}),
+    queue = bus_to_queue(
+        events,
+        sqs,
+        bus="relay",
+        queue="results",
+        rule="all",
+        pattern={"source": [{"prefix": "backrest-relay"}]},
     )
-    events.put_targets(Rule="all", EventBusName="relay", Targets=[{"Id": "q", "Arn": arn}])
     s3 = boto3.client("s3", region_name=region)
     s3.create_bucket(Bucket="offsite")
     secrets = boto3.client("secretsmanager", region_name=region)

@@ -393,3 +393,18 @@ def write_mirror(
         new_snapshots_total=len(new_snapshots),
     )
     return event, keys
+
+
+def bus_to_queue(
+    events: Any, sqs: Any, *, bus: str, queue: str, rule: str, pattern: dict[str, Any]
+) -> str:
+    """Create the event bus and a rule routing `pattern` to a new SQS queue (what the SAM
+    template wires for the results/notify queues); returns the queue URL."""
+    events.create_event_bus(Name=bus)
+    url: str = sqs.create_queue(QueueName=queue)["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    events.put_rule(Name=rule, EventBusName=bus, EventPattern=json.dumps(pattern))
+    events.put_targets(Rule=rule, EventBusName=bus, Targets=[{"Id": "q", "Arn": arn}])
+    return url

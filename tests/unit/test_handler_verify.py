@@ -46,6 +46,7 @@ from tests.support.doubles.object_store import InMemoryObjectStore
 from tests.support.doubles.runstore import InMemoryRunStore
 from tests.support.lambdas import (
     FakeLambdaContext,
+    bus_to_queue,
     eventbridge_event,
     failed_ids,
     logs_to_current_stdout,
@@ -432,18 +433,13 @@ def deployed(
     create_table(idempotency_client, "backrest-relay-runs")
     events = boto3.client("events", region_name=REGION)
     sqs = boto3.client("sqs", region_name=REGION)
-    events.create_event_bus(Name="backrest-relay")
-    queue = sqs.create_queue(QueueName="results")["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    events.put_rule(
-        Name="results",
-        EventBusName="backrest-relay",
-        EventPattern=json.dumps({"source": [Source.VERIFIER.value]}),
-    )
-    events.put_targets(
-        Rule="results", EventBusName="backrest-relay", Targets=[{"Id": "q", "Arn": arn}]
+    queue = bus_to_queue(
+        events,
+        sqs,
+        bus="backrest-relay",
+        queue="results",
+        rule="results",
+        pattern={"source": [Source.VERIFIER.value]},
     )
     s3 = boto3.client("s3", region_name=REGION)
     s3.create_bucket(Bucket="offsite-aws")

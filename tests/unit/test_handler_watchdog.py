@@ -41,6 +41,7 @@ from tests.support.doubles.runstore import InMemoryRunStore
 from tests.support.events import GUID, T0
 from tests.support.lambdas import (
     FakeLambdaContext,
+    bus_to_queue,
     create_idempotency_table,
     logs_to_current_stdout,
     read_output,
@@ -386,20 +387,13 @@ def test_env_wiring_publishes_to_the_bus(
         record_verification(runs, verified(T0))
         events = boto3.client("events", region_name=REGION)
         sqs = boto3.client("sqs", region_name=REGION)
-        events.create_event_bus(Name="backrest-relay")
-        queue = sqs.create_queue(QueueName="notify")["QueueUrl"]
-        arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"][
-            "QueueArn"
-        ]
-        events.put_rule(
-            Name="stale",
-            EventBusName="backrest-relay",
-            EventPattern=json.dumps(
-                {"source": ["backrest-relay.watchdog"], "detail-type": ["Mirror Stale"]}
-            ),
-        )
-        events.put_targets(
-            Rule="stale", EventBusName="backrest-relay", Targets=[{"Id": "q", "Arn": arn}]
+        queue = bus_to_queue(
+            events,
+            sqs,
+            bus="backrest-relay",
+            queue="notify",
+            rule="stale",
+            pattern={"source": ["backrest-relay.watchdog"], "detail-type": ["Mirror Stale"]},
         )
 
         deps = watchdog_handler.dependencies_from_env()
