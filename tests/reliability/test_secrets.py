@@ -235,15 +235,8 @@ def test_handlers_leak_no_secret(monkeypatch: pytest.MonkeyPatch, ledger: Ledger
     dynamodb = boto3.client("dynamodb", region_name=region)
     create_table(dynamodb, "runs")
     create_idempotency_table(dynamodb, "idempotency")
-    events = boto3.client("events", region_name=region)
-    sqs = boto3.client("sqs", region_name=region)
-    queue = bus_to_queue(
-        events,
-        sqs,
-        bus="relay",
-        queue="results",
-        rule="all",
-        pattern={"source": [{"prefix": "backrest-relay"}]},
+    sqs, queue = bus_to_queue(
+        region, "results", {"source": [{"prefix": "backrest-relay"}]}, bus="relay", rule="all"
     )
     s3 = boto3.client("s3", region_name=region)
     s3.create_bucket(Bucket="offsite")

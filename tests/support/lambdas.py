@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import boto3
 import pytest
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities import parameters
@@ -32,6 +33,7 @@ from cloud.contracts.manifest import ManifestHeader, manifest_key
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
 IDEMPOTENCY_TABLE = "backrest-relay-idempotency"
+BUS = "backrest-relay"
 
 
 @dataclass
@@ -396,15 +398,18 @@ def write_mirror(
 
 
 def bus_to_queue(
-    events: Any, sqs: Any, *, bus: str, queue: str, rule: str, pattern: dict[str, Any]
-) -> str:
+    region: str, queue: str, pattern: dict[str, Any], *, bus: str = BUS, rule: str | None = None
+) -> tuple[Any, str]:
     """Create the event bus and a rule routing `pattern` to a new SQS queue (what the SAM
-    template wires for the results/notify queues); returns the queue URL."""
+    template wires for the results/notify queues); returns the SQS client and queue URL."""
+    events = boto3.client("events", region_name=region)
+    sqs = boto3.client("sqs", region_name=region)
     events.create_event_bus(Name=bus)
     url: str = sqs.create_queue(QueueName=queue)["QueueUrl"]
     arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
         "QueueArn"
     ]
+    rule = rule or queue
     events.put_rule(Name=rule, EventBusName=bus, EventPattern=json.dumps(pattern))
     events.put_targets(Rule=rule, EventBusName=bus, Targets=[{"Id": "q", "Arn": arn}])
-    return url
+    return sqs, url

@@ -431,16 +431,7 @@ def deployed(
     from cloud.integrations.runstore_dynamodb import create_table
 
     create_table(idempotency_client, "backrest-relay-runs")
-    events = boto3.client("events", region_name=REGION)
-    sqs = boto3.client("sqs", region_name=REGION)
-    queue = bus_to_queue(
-        events,
-        sqs,
-        bus="backrest-relay",
-        queue="results",
-        rule="results",
-        pattern={"source": [Source.VERIFIER.value]},
-    )
+    sqs, queue = bus_to_queue(REGION, "results", {"source": [Source.VERIFIER.value]})
     s3 = boto3.client("s3", region_name=REGION)
     s3.create_bucket(Bucket="offsite-aws")
     secret = boto3.client("secretsmanager", region_name=REGION).create_secret(

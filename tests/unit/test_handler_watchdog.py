@@ -385,16 +385,8 @@ def test_env_wiring_publishes_to_the_bus(
         create_table(dynamodb, "backrest-relay-runs")
         runs = DynamoRunStore("backrest-relay-runs", client=dynamodb)
         record_verification(runs, verified(T0))
-        events = boto3.client("events", region_name=REGION)
-        sqs = boto3.client("sqs", region_name=REGION)
-        queue = bus_to_queue(
-            events,
-            sqs,
-            bus="backrest-relay",
-            queue="notify",
-            rule="stale",
-            pattern={"source": ["backrest-relay.watchdog"], "detail-type": ["Mirror Stale"]},
-        )
+        stale_only = {"source": ["backrest-relay.watchdog"], "detail-type": ["Mirror Stale"]}
+        sqs, queue = bus_to_queue(REGION, "notify", stale_only, rule="stale")
 
         deps = watchdog_handler.dependencies_from_env()
         deps.clock = Clock(T0 + timedelta(hours=27))
