@@ -45,6 +45,7 @@ from tests.support.lambdas import (
     FakeLambdaContext,
     Queues,
     create_idempotency_table,
+    fake_aws_env,
     logs_to_current_stdout,
     moto_clients,
 )
@@ -168,25 +169,23 @@ def cloud(
     create_table(dynamodb, "backrest-relay-runs")
     create_idempotency_table(dynamodb)
     secret = secrets.create_secret(Name="backrest-relay/notify", SecretString="{}")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    for name, value in {
-        # The functions' own AWS access (DynamoDB, SNS, Secrets Manager, EventBridge) → moto.
-        "AWS_ENDPOINT_URL": url,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_REGION": REGION,
-        "AWS_LAMBDA_FUNCTION_NAME": "backrest-relay-notify",
-        "RUNS_TABLE": "backrest-relay-runs",
-        "IDEMPOTENCY_TABLE": "backrest-relay-idempotency",
-        "TOPIC_ARN": topic,
-        "NOTIFY_SECRET_ARN": secret["ARN"],
-        "SUCCESS_POLICY": "on_recovery",
-        "EVENT_BUS_NAME": BUS,
-        "MAX_AGE_HOURS": "26",
-        "POWERTOOLS_LOG_LEVEL": "DEBUG",
-    }.items():
-        monkeypatch.setenv(name, value)
+    # The functions' own AWS access (DynamoDB, SNS, Secrets Manager, EventBridge) → moto.
+    fake_aws_env(
+        monkeypatch,
+        REGION,
+        drop=("AWS_PROFILE",),
+        AWS_ENDPOINT_URL=url,
+        AWS_REGION=REGION,
+        AWS_LAMBDA_FUNCTION_NAME="backrest-relay-notify",
+        RUNS_TABLE="backrest-relay-runs",
+        IDEMPOTENCY_TABLE="backrest-relay-idempotency",
+        TOPIC_ARN=topic,
+        NOTIFY_SECRET_ARN=secret["ARN"],
+        SUCCESS_POLICY="on_recovery",
+        EVENT_BUS_NAME=BUS,
+        MAX_AGE_HOURS="26",
+        POWERTOOLS_LOG_LEVEL="DEBUG",
+    )
     notify_handler.logger.setLevel("DEBUG")
     parameters.clear_caches()  # type: ignore[no-untyped-call]
     notify_handler.set_dependencies(None)

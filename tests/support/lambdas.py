@@ -200,19 +200,40 @@ def read_output(capsys: pytest.CaptureFixture[str]) -> Output:
 # -- AWS in moto -----------------------------------------------------------------------------
 
 
+def agent_aws_env(region: str = REGION) -> dict[str, str]:
+    """The AWS chain an agent subprocess's EventBridge client uses (never the bucket's keys)."""
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": region,
+    }
+
+
+def fake_aws_env(
+    monkeypatch: pytest.MonkeyPatch,
+    region: str = REGION,
+    *,
+    drop: Sequence[str] = ("AWS_PROFILE", "AWS_ENDPOINT_URL"),
+    **settings: str,
+) -> None:
+    """Fake credentials and region, plus a test's own settings, with `drop` unset, so
+    nothing a test runs can reach a real account."""
+    for name in drop:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**agent_aws_env(region), **settings}.items():
+        monkeypatch.setenv(name, value)
+
+
 @pytest.fixture
 def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A moto account with fake credentials; nothing can reach a real one."""
-    for name in [n for n in os.environ if n.startswith("AWS_ENDPOINT_URL")] + ["AWS_PROFILE"]:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(name, value)
+    endpoints = [n for n in os.environ if n.startswith("AWS_ENDPOINT_URL")]
+    fake_aws_env(
+        monkeypatch,
+        drop=(*endpoints, "AWS_PROFILE"),
+        AWS_SESSION_TOKEN="testing",
+        AWS_REGION=REGION,
+    )
     with mock_aws():
         parameters.clear_caches()  # type: ignore[no-untyped-call]
         yield
