@@ -56,21 +56,14 @@ def envelope(
 def completed(
     at: datetime = T0,
     *,
-    repo: RepoRef = REPO,
-    host: str = "nas",
-    trigger: str = "CONDITION_CHECK_SUCCESS",
-    run_id: str | None = None,
     stats: MirrorStats | None = None,
     manifest: ManifestRef = MANIFEST,
-    destination: Destination = DEST,
+    **header: Any,
 ) -> MirrorCompleted:
-    """The agent's `Mirror Completed` for one manifest."""
+    """The agent's `Mirror Completed` for one manifest; `header` overrides the envelope's
+    fields (repo, host, trigger, run_id, destination)."""
     return MirrorCompleted(
-        **envelope(
-            at, repo=repo, host=host, trigger=trigger, run_id=run_id, destination=destination
-        ),
-        stats=stats or MirrorStats(),
-        manifest=manifest,
+        **envelope(at, **header), stats=stats or MirrorStats(), manifest=manifest
     )
 
 
