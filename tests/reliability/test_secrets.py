@@ -224,6 +224,7 @@ def test_handlers_leak_no_secret(monkeypatch: pytest.MonkeyPatch, ledger: Ledger
     from cloud.integrations.runstore_dynamodb import create_table
     from tests.support.lambdas import (
         FakeLambdaContext,
+        aws_destination_secret,
         bus_to_queue,
         create_idempotency_table,
         event_body,
@@ -241,16 +242,8 @@ def test_handlers_leak_no_secret(monkeypatch: pytest.MonkeyPatch, ledger: Ledger
     s3 = boto3.client("s3", region_name=region)
     s3.create_bucket(Bucket="offsite")
     secrets = boto3.client("secretsmanager", region_name=region)
-    destination_secret = secrets.create_secret(
-        Name="relay/destination",
-        SecretString=json.dumps(
-            {
-                "provider": "aws",
-                "region": region,
-                "access_key_id": ACCESS_KEY,
-                "secret_access_key": SECRET_KEY,
-            }
-        ),
+    destination_secret = aws_destination_secret(
+        secrets, "relay/destination", region, ACCESS_KEY, SECRET_KEY
     )
     logs = io.StringIO()
     handlers = [verify_handler.logger.registered_handler, notify_handler.logger.registered_handler]

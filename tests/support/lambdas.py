@@ -434,3 +434,13 @@ def bus_to_queue(
     events.put_rule(Name=rule, EventBusName=bus, EventPattern=json.dumps(pattern))
     events.put_targets(Rule=rule, EventBusName=bus, Targets=[{"Id": "q", "Arn": arn}])
     return sqs, url
+
+
+def aws_destination_secret(
+    secrets: Any, name: str, region: str, access_key_id: str, secret_access_key: str
+) -> dict[str, Any]:
+    """Create the verifier's destination secret for AWS S3 itself (provider `aws`)."""
+    fields = {"provider": "aws", "region": region, "access_key_id": access_key_id}
+    fields["secret_access_key"] = secret_access_key
+    response: dict[str, Any] = secrets.create_secret(Name=name, SecretString=json.dumps(fields))
+    return response

@@ -46,6 +46,7 @@ from tests.support.doubles.object_store import InMemoryObjectStore
 from tests.support.doubles.runstore import InMemoryRunStore
 from tests.support.lambdas import (
     FakeLambdaContext,
+    aws_destination_secret,
     bus_to_queue,
     eventbridge_event,
     failed_ids,
@@ -434,16 +435,9 @@ def deployed(
     sqs, queue = bus_to_queue(REGION, "results", {"source": [Source.VERIFIER.value]})
     s3 = boto3.client("s3", region_name=REGION)
     s3.create_bucket(Bucket="offsite-aws")
-    secret = boto3.client("secretsmanager", region_name=REGION).create_secret(
-        Name="backrest-relay/destination",
-        SecretString=json.dumps(
-            {
-                "provider": "aws",
-                "region": REGION,
-                "access_key_id": ACCESS_KEY,
-                "secret_access_key": SECRET_KEY,
-            }
-        ),
+    secrets = boto3.client("secretsmanager", region_name=REGION)
+    secret = aws_destination_secret(
+        secrets, "backrest-relay/destination", REGION, ACCESS_KEY, SECRET_KEY
     )
     env = {
         "RUNS_TABLE": "backrest-relay-runs",
