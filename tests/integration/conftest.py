@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,13 @@ def restic_repo(built_restic_repo: BuiltRepo, tmp_path: Path) -> BuiltRepo:
     return dataclasses.replace(
         built_restic_repo, path=copy, snapshots=list(built_restic_repo.snapshots)
     )
+
+
+@pytest.fixture
+def clean_env() -> Iterator[None]:
+    """In-process runs read the environment: keep the host's settings out."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith(("BACKREST_RELAY_", "AWS_"))}
+    for name in saved:
+        del os.environ[name]
+    yield
+    os.environ.update(saved)

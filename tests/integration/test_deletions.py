@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -145,16 +144,6 @@ def make_mirror(
         upload={"delete": True, **upload},
     )
     return Mirror(server, bucket, config, password)
-
-
-@pytest.fixture
-def clean_env() -> Iterator[None]:
-    """In-process runs read the environment: keep the host's settings out."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith(("BACKREST_RELAY_", "AWS_"))}
-    for name in saved:
-        del os.environ[name]
-    yield
-    os.environ.update(saved)
 
 
 def test_forget_prune_on_a_small_repository_needs_no_human(

@@ -42,7 +42,13 @@ from tests.infra.conftest import load_sam_template
 from tests.integration.test_lambda_notify_moto import CHAT_TOKEN, HC_UUID
 from tests.integration.test_lambda_notify_moto import Cloud as NotifySide
 from tests.integration.test_lambda_verify_moto import Cloud as VerifySide
-from tests.support.lambdas import Queues, create_idempotency_table, moto_clients
+from tests.support.lambdas import (
+    Queues,
+    agent_aws_env,
+    create_idempotency_table,
+    fake_aws_env,
+    moto_clients,
+)
 from tests.support.sinks import HttpSink
 
 REGION = "us-east-1"
@@ -119,24 +125,22 @@ def deployment(moto_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> It
     )
     notify_secret = secrets.create_secret(Name="backrest-relay/notify", SecretString="{}")
 
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    for name, value in {
-        # Both functions' own AWS access → moto; then each one's configuration.
-        "AWS_ENDPOINT_URL": url,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_REGION": REGION,
-        "AWS_LAMBDA_FUNCTION_NAME": "backrest-relay-verify",  # only the verifier reads it
-        "RUNS_TABLE": RUNS_TABLE,
-        "IDEMPOTENCY_TABLE": IDEMPOTENCY_TABLE,
-        "EVENT_BUS_NAME": BUS,
-        "DESTINATION_SECRET_ARN": destination_secret["ARN"],
-        "TOPIC_ARN": topic,
-        "NOTIFY_SECRET_ARN": notify_secret["ARN"],
-        "SUCCESS_POLICY": "always",
-    }.items():
-        monkeypatch.setenv(name, value)
+    # Both functions' own AWS access → moto; then each one's configuration.
+    fake_aws_env(
+        monkeypatch,
+        REGION,
+        drop=("AWS_PROFILE",),
+        AWS_ENDPOINT_URL=url,
+        AWS_REGION=REGION,
+        AWS_LAMBDA_FUNCTION_NAME="backrest-relay-verify",  # only the verifier reads it
+        RUNS_TABLE=RUNS_TABLE,
+        IDEMPOTENCY_TABLE=IDEMPOTENCY_TABLE,
+        EVENT_BUS_NAME=BUS,
+        DESTINATION_SECRET_ARN=destination_secret["ARN"],
+        TOPIC_ARN=topic,
+        NOTIFY_SECRET_ARN=notify_secret["ARN"],
+        SUCCESS_POLICY="always",
+    )
     parameters.clear_caches()  # type: ignore[no-untyped-call]
     verify_handler.set_dependencies(None)
     notify_handler.set_dependencies(None)
@@ -191,11 +195,7 @@ def mirror(repo: FakeRepo, config: Path) -> dict[str, Any]:
             str(config),
             "--json",
         ],
-        env={  # the AWS chain its EventBridge client uses (never the bucket's keys)
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": REGION,
-        },
+        env=agent_aws_env(REGION),
     )
     assert result.returncode == 0, result.stderr
     return result.summary

@@ -26,9 +26,7 @@ import boto3
 import pytest
 from aws_lambda_powertools.utilities import parameters
 
-from cloud.contracts.destination import Destination
 from cloud.contracts.events import (
-    ErrorInfo,
     ManifestRef,
     MirrorFailed,
     MirrorVerified,
@@ -42,10 +40,12 @@ from cloud.integrations.eventbus import EventBridgeBus
 from cloud.integrations.runstore_dynamodb import DynamoRunStore, create_table
 from cloud.logic.verification import record_verification
 from testbed.s3.endpoint import S3Endpoint
+from tests.support import events
 from tests.support.lambdas import (
     FakeLambdaContext,
     Queues,
     create_idempotency_table,
+    fake_aws_env,
     logs_to_current_stdout,
     moto_clients,
 )
@@ -55,7 +55,6 @@ REGION = "us-east-1"
 BUS = "backrest-relay"
 GUID = "ef" * 32
 REPO = RepoRef(id="home", guid=GUID, path="/srv/restic/home")
-DEST = Destination(provider="b2", endpoint_url="https://s3.x", bucket="offsite", prefix="r/home")
 HC_UUID = "5f2d0b9e-8c61-4c43-a2a5-0f8f3cbd3c2a"
 # Token-shaped sentinels made per run: the test proves they never reach a log, and no
 # credential-looking literal is committed.
@@ -170,25 +169,23 @@ def cloud(
     create_table(dynamodb, "backrest-relay-runs")
     create_idempotency_table(dynamodb)
     secret = secrets.create_secret(Name="backrest-relay/notify", SecretString="{}")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    for name, value in {
-        # The functions' own AWS access (DynamoDB, SNS, Secrets Manager, EventBridge) → moto.
-        "AWS_ENDPOINT_URL": url,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_REGION": REGION,
-        "AWS_LAMBDA_FUNCTION_NAME": "backrest-relay-notify",
-        "RUNS_TABLE": "backrest-relay-runs",
-        "IDEMPOTENCY_TABLE": "backrest-relay-idempotency",
-        "TOPIC_ARN": topic,
-        "NOTIFY_SECRET_ARN": secret["ARN"],
-        "SUCCESS_POLICY": "on_recovery",
-        "EVENT_BUS_NAME": BUS,
-        "MAX_AGE_HOURS": "26",
-        "POWERTOOLS_LOG_LEVEL": "DEBUG",
-    }.items():
-        monkeypatch.setenv(name, value)
+    # The functions' own AWS access (DynamoDB, SNS, Secrets Manager, EventBridge) → moto.
+    fake_aws_env(
+        monkeypatch,
+        REGION,
+        drop=("AWS_PROFILE",),
+        AWS_ENDPOINT_URL=url,
+        AWS_REGION=REGION,
+        AWS_LAMBDA_FUNCTION_NAME="backrest-relay-notify",
+        RUNS_TABLE="backrest-relay-runs",
+        IDEMPOTENCY_TABLE="backrest-relay-idempotency",
+        TOPIC_ARN=topic,
+        NOTIFY_SECRET_ARN=secret["ARN"],
+        SUCCESS_POLICY="on_recovery",
+        EVENT_BUS_NAME=BUS,
+        MAX_AGE_HOURS="26",
+        POWERTOOLS_LOG_LEVEL="DEBUG",
+    )
     notify_handler.logger.setLevel("DEBUG")
     parameters.clear_caches()  # type: ignore[no-untyped-call]
     notify_handler.set_dependencies(None)
@@ -234,31 +231,19 @@ def assert_no_secrets(*texts: str) -> None:
 
 def mirror_failed() -> MirrorFailed:
     now = datetime.now(UTC)
-    return MirrorFailed(
-        run_id=new_run_id(),
-        repo=REPO,
-        host="nas",
-        trigger="CONDITION_CHECK_SUCCESS",
-        destination=DEST,
-        started_at=now - timedelta(minutes=3),
-        finished_at=now,
-        error=ErrorInfo(kind="destination", message="upload of data/ab/x: SlowDown (HTTP 503)"),
-    )
+    return events.mirror_failed(now, repo=REPO, started_at=now - timedelta(minutes=3))
 
 
 def verified(at: datetime) -> MirrorVerified:
-    return MirrorVerified(
-        run_id=new_run_id(),
+    event = events.verification(
+        at,
         repo=REPO,
-        host="lambda:verifier",
-        trigger="Mirror Completed m1",
-        destination=DEST,
-        started_at=at,
-        finished_at=at,
         mirror_run_id=new_run_id(),
         manifest=ManifestRef(key="m/1.jsonl.gz", sha256="0" * 64, objects=9, created_by_run="m1"),
         stats=VerificationStats(compared=9, deep_checked=9, bytes_read=9000),
     )
+    assert isinstance(event, MirrorVerified)
+    return event
 
 
 def paths(requests: list[HttpRequest]) -> list[str]:

@@ -30,7 +30,9 @@ from testbed.s3.endpoint import S3Endpoint
 from tests.support.lambdas import (
     FakeLambdaContext,
     Queues,
+    agent_aws_env,
     create_idempotency_table,
+    fake_aws_env,
     logs_to_current_stdout,
     moto_clients,
 )
@@ -123,22 +125,19 @@ def cloud(moto_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterato
             }
         ),
     )
-    for name in ("AWS_PROFILE",):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {
-        # The function's own AWS access (DynamoDB, EventBridge, Secrets Manager) → moto.
-        "AWS_ENDPOINT_URL": url,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_REGION": REGION,
-        "AWS_LAMBDA_FUNCTION_NAME": "backrest-relay-verify",
-        "RUNS_TABLE": "backrest-relay-runs",
-        "IDEMPOTENCY_TABLE": "backrest-relay-idempotency",
-        "EVENT_BUS_NAME": BUS,
-        "DESTINATION_SECRET_ARN": secret["ARN"],
-    }.items():
-        monkeypatch.setenv(name, value)
+    # The function's own AWS access (DynamoDB, EventBridge, Secrets Manager) → moto.
+    fake_aws_env(
+        monkeypatch,
+        REGION,
+        drop=("AWS_PROFILE",),
+        AWS_ENDPOINT_URL=url,
+        AWS_REGION=REGION,
+        AWS_LAMBDA_FUNCTION_NAME="backrest-relay-verify",
+        RUNS_TABLE="backrest-relay-runs",
+        IDEMPOTENCY_TABLE="backrest-relay-idempotency",
+        EVENT_BUS_NAME=BUS,
+        DESTINATION_SECRET_ARN=secret["ARN"],
+    )
     parameters.clear_caches()  # type: ignore[no-untyped-call]
     verify_handler.set_dependencies(None)
     yield Cloud(moto_endpoint, sqs, dynamodb, verify_queue, verify_arn, dlq, results_queue)
@@ -177,11 +176,7 @@ def upload(tmp_path: Path, cloud: Cloud, bucket: str, *, seed: int = 1) -> dict[
             str(config),
             "--json",
         ],
-        env={
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": REGION,
-        },
+        env=agent_aws_env(REGION),
     )
     assert result.returncode == 0, result.stderr
     return result.summary

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -251,6 +251,16 @@ def write_backrest_config(path: Path, repos: list[dict[str, Any]]) -> Path:
     return path
 
 
+def backrest_knows(tmp_path: Path, repo: Path, password: str) -> tuple[str, dict[str, str]]:
+    """Backrest's config naming `repo` as `home` under its guid: that guid, and the
+    environment that points the agent at the config."""
+    guid = restic_repo_id(repo, password)
+    backrest = write_backrest_config(
+        tmp_path / "backrest.json", [{"id": REPO_ID, "uri": f"local:{repo}", "guid": guid}]
+    )
+    return guid, {"BACKREST_CONFIG": str(backrest)}
+
+
 def hook_args(repo: str, guid: str) -> list[str]:
     """What Backrest's success hook passes."""
     return ["upload", "--repo", repo, "--repo-id", REPO_ID, "--repo-guid", guid]
@@ -271,11 +281,7 @@ def test_every_command_records_under_backrests_guid(
     tmp_path: Path, rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str
 ) -> None:
     repo = small_restic_repo(tmp_path, restic_password)
-    guid = restic_repo_id(repo, restic_password)
-    backrest = write_backrest_config(
-        tmp_path / "backrest.json", [{"id": REPO_ID, "uri": f"local:{repo}", "guid": guid}]
-    )
-    env = {"BACKREST_CONFIG": str(backrest)}
+    guid, env = backrest_knows(tmp_path, repo, restic_password)
     config = str(local_config(tmp_path, rclone_server, rclone_bucket))
 
     hook = run_agent(
@@ -335,11 +341,7 @@ def test_a_path_that_is_not_backrests_repository_is_not_recorded_under_its_guid(
     home's guid, and identities.json learned that OTHER's config is home's."""
     repo = small_restic_repo(tmp_path / "a", restic_password)
     other = small_restic_repo(tmp_path / "b", restic_password, seed=2)
-    guid = restic_repo_id(repo, restic_password)
-    backrest = write_backrest_config(
-        tmp_path / "backrest.json", [{"id": REPO_ID, "uri": f"local:{repo}", "guid": guid}]
-    )
-    env = {"BACKREST_CONFIG": str(backrest)}
+    guid, env = backrest_knows(tmp_path, repo, restic_password)
     config = str(local_config(tmp_path, rclone_server, rclone_bucket))
     wrong = run_agent(
         ["upload", "--repo", str(other), "--repo-id", REPO_ID, "--config", config], env=env
@@ -425,14 +427,21 @@ def doctor_args(repo: Path, config: Path) -> list[str]:
     return ["doctor", "--repo", str(repo), "--repo-id", REPO_ID, "--config", str(config)]
 
 
-def deny_deletes(inner: Any) -> Any:
+def deny(inner: Any, refused: Callable[[RequestInfo], bool], capability: str) -> Any:
+    """A B2 key without one capability: what `refused` picks is AccessDenied, the rest goes
+    on to `inner`."""
+
     def hook(info: RequestInfo) -> Fault | None:
-        if info.method == "DELETE":
-            return Fault.s3_error(403, "AccessDenied", "no deleteFiles")
+        if refused(info):
+            return Fault.s3_error(403, "AccessDenied", f"no {capability}")
         result: Fault | None = inner(info)
         return result
 
     return hook
+
+
+def deny_deletes(inner: Any) -> Any:
+    return deny(inner, lambda info: info.method == "DELETE", "deleteFiles")
 
 
 def test_one_key_limited_to_the_repository_prefix_covers_everything_the_agent_writes(
@@ -492,14 +501,7 @@ def test_one_key_limited_to_the_repository_prefix_covers_everything_the_agent_wr
 
 def deny_reads(inner: Any) -> Any:
     """A B2 key without `readFiles`: listing and writing work, GetObject is AccessDenied."""
-
-    def hook(info: RequestInfo) -> Fault | None:
-        if info.method == "GET" and info.key is not None:
-            return Fault.s3_error(403, "AccessDenied", "no readFiles")
-        result: Fault | None = inner(info)
-        return result
-
-    return hook
+    return deny(inner, lambda info: info.method == "GET" and info.key is not None, "readFiles")
 
 
 def test_doctor_fails_a_key_that_cannot_read_back_in_local_mode(

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,16 +26,6 @@ from tests.support.s3servers import S3Endpoint, S3Proxy
 DAYS = 30
 DAY = 86400.0
 LOCK = f'object_lock = {{ mode = "governance", days = {DAYS} }}'
-
-
-@pytest.fixture
-def clean_env() -> Iterator[None]:
-    """In-process runs read the environment: keep the host's settings out."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith(("BACKREST_RELAY_", "AWS_"))}
-    for name in saved:
-        del os.environ[name]
-    yield
-    os.environ.update(saved)
 
 
 def locked_bucket(endpoint: S3Endpoint, name: str = "offsite", *, lock: bool = True) -> str:

@@ -9,24 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from cloud.contracts.destination import Destination
 from cloud.contracts.events import (
     ManifestRef,
-    MirrorCompleted,
     MirrorStats,
-    MirrorVerified,
     RepoRef,
     VerificationStats,
 )
-from cloud.contracts.ids import new_run_id
 from cloud.integrations.runstore_sqlite import SqliteRunStore
 from cloud.logic.verification import mirror_run_record, record_verification
 from local_agent.html_report import render_report
 from testbed.agent import run_agent, write_agent_config
 from testbed.s3.endpoint import S3Endpoint
+from tests.support import events
 from tests.support.tools import require_tool
 
-DEST = Destination(provider="b2", endpoint_url="https://s3.x", bucket="offsite", prefix="r/home")
 REPO = RepoRef(id="home", guid="ab" * 32, path="/srv/restic")
 
 
@@ -37,14 +33,9 @@ def fill(store: SqliteRunStore, days: int = 5) -> None:
         at = start + timedelta(days=day)
         uploaded = 50_000_000 * (day + 1)
         size += uploaded
-        mirror = MirrorCompleted(
-            run_id=new_run_id(),
+        mirror = events.completed(
+            at,
             repo=REPO,
-            host="nas",
-            trigger="CONDITION_CHECK_SUCCESS",
-            destination=DEST,
-            started_at=at,
-            finished_at=at,
             stats=MirrorStats(files=1000 + day, bytes=size, uploaded_bytes=uploaded),
             manifest=ManifestRef(
                 key=f"m/{day}.jsonl.gz", sha256="0" * 64, objects=1000, created_by_run="x"
@@ -53,14 +44,11 @@ def fill(store: SqliteRunStore, days: int = 5) -> None:
         store.record(mirror_run_record(mirror))
         record_verification(
             store,
-            MirrorVerified(
-                run_id=new_run_id(),
+            events.verification(
+                at,
                 repo=REPO,
                 host="nas",
                 trigger="t",
-                destination=DEST,
-                started_at=at,
-                finished_at=at,
                 mirror_run_id=mirror.run_id,
                 manifest=mirror.manifest,
                 stats=VerificationStats(

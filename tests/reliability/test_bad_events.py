@@ -76,6 +76,7 @@ from tests.support.lambdas import (
     create_idempotency_table,
     event_body,
     eventbridge_event,
+    fake_aws_env,
     sqs_record,
     write_mirror,
 )
@@ -130,15 +131,7 @@ class World:
 
 @pytest.fixture
 def world(monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(name, value)
+    fake_aws_env(monkeypatch, REGION, AWS_REGION=REGION)
     logs = io.StringIO()
     handlers = [m.logger.registered_handler for m in (verify_handler, notify_handler)]
     handlers.append(watchdog_handler.logger.registered_handler)

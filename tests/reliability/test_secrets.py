@@ -224,6 +224,8 @@ def test_handlers_leak_no_secret(monkeypatch: pytest.MonkeyPatch, ledger: Ledger
     from cloud.integrations.runstore_dynamodb import create_table
     from tests.support.lambdas import (
         FakeLambdaContext,
+        aws_destination_secret,
+        bus_to_queue,
         create_idempotency_table,
         event_body,
         sqs_batch,
@@ -234,32 +236,14 @@ def test_handlers_leak_no_secret(monkeypatch: pytest.MonkeyPatch, ledger: Ledger
     dynamodb = boto3.client("dynamodb", region_name=region)
     create_table(dynamodb, "runs")
     create_idempotency_table(dynamodb, "idempotency")
-    events = boto3.client("events", region_name=region)
-    sqs = boto3.client("sqs", region_name=region)
-    events.create_event_bus(Name="relay")
-    queue = sqs.create_queue(QueueName="results")["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    events.put_rule(
-        Name="all",
-        EventBusName="relay",
-        EventPattern=json.dumps({"source": [{"prefix": "backrest-relay"}]}),
+    sqs, queue = bus_to_queue(
+        region, "results", {"source": [{"prefix": "backrest-relay"}]}, bus="relay", rule="all"
     )
-    events.put_targets(Rule="all", EventBusName="relay", Targets=[{"Id": "q", "Arn": arn}])
     s3 = boto3.client("s3", region_name=region)
     s3.create_bucket(Bucket="offsite")
     secrets = boto3.client("secretsmanager", region_name=region)
-    destination_secret = secrets.create_secret(
-        Name="relay/destination",
-        SecretString=json.dumps(
-            {
-                "provider": "aws",
-                "region": region,
-                "access_key_id": ACCESS_KEY,
-                "secret_access_key": SECRET_KEY,
-            }
-        ),
+    destination_secret = aws_destination_secret(
+        secrets, "relay/destination", region, ACCESS_KEY, SECRET_KEY
     )
     logs = io.StringIO()
     handlers = [verify_handler.logger.registered_handler, notify_handler.logger.registered_handler]

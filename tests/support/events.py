@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import (
     ErrorInfo,
     ManifestRef,
+    MirrorCompleted,
     MirrorFailed,
     MirrorStale,
     MirrorStats,
@@ -29,6 +31,42 @@ MANIFEST = ManifestRef(key="m/1.jsonl.gz", sha256="0" * 64, objects=10, created_
 BAD_BYTES = Problem(key="data/ab/abcd", kind="hash", detail="bad bytes")
 
 
+def envelope(
+    at: datetime,
+    *,
+    repo: RepoRef = REPO,
+    host: str = "nas",
+    trigger: str = "CONDITION_CHECK_SUCCESS",
+    started_at: datetime | None = None,
+    run_id: str | None = None,
+    destination: Destination = DEST,
+) -> dict[str, Any]:
+    """The fields every event detail shares, so a builder states only what its kind adds."""
+    return {
+        "run_id": run_id or new_run_id(),
+        "repo": repo,
+        "host": host,
+        "trigger": trigger,
+        "destination": destination,
+        "started_at": started_at or at,
+        "finished_at": at,
+    }
+
+
+def completed(
+    at: datetime = T0,
+    *,
+    stats: MirrorStats | None = None,
+    manifest: ManifestRef = MANIFEST,
+    **header: Any,
+) -> MirrorCompleted:
+    """The agent's `Mirror Completed` for one manifest; `header` overrides the envelope's
+    fields (repo, host, trigger, run_id, destination)."""
+    return MirrorCompleted(
+        **envelope(at, **header), stats=stats or MirrorStats(), manifest=manifest
+    )
+
+
 def verification(
     at: datetime,
     ok: bool = True,
@@ -46,13 +84,7 @@ def verification(
     model = MirrorVerified if ok else MirrorVerificationFailed
     problems = [] if ok else [BAD_BYTES]
     return model(
-        run_id=new_run_id(),
-        repo=repo,
-        host=host,
-        trigger=trigger,
-        destination=DEST,
-        started_at=at,
-        finished_at=at,
+        **envelope(at, repo=repo, host=host, trigger=trigger),
         mirror_run_id=mirror_run_id,
         manifest=manifest,
         stats=stats or VerificationStats(compared=10, deep_checked=3, bytes_read=3000),
@@ -71,13 +103,7 @@ def mirror_failed(
 ) -> MirrorFailed:
     """The agent's `Mirror Failed` after the destination kept answering SlowDown."""
     return MirrorFailed(
-        run_id=new_run_id(),
-        repo=repo,
-        host="nas",
-        trigger="CONDITION_CHECK_SUCCESS",
-        destination=DEST,
-        started_at=started_at or at,
-        finished_at=at,
+        **envelope(at, repo=repo, started_at=started_at),
         error=ErrorInfo(kind="destination", message="upload of data/ab/x: SlowDown (HTTP 503)"),
         stats=stats,
     )
@@ -86,13 +112,7 @@ def mirror_failed(
 def stale(at: datetime, *, repo: RepoRef = REPO) -> MirrorStale:
     """The watchdog's alert: last verified 27 h ago, 26 h allowed."""
     return MirrorStale(
-        run_id=new_run_id(),
-        repo=repo,
-        host="lambda:watchdog",
-        trigger="watchdog",
-        destination=DEST,
-        started_at=at,
-        finished_at=at,
+        **envelope(at, repo=repo, host="lambda:watchdog", trigger="watchdog"),
         last_verified_at=at - timedelta(hours=27),
         age_seconds=27 * 3600,
         max_age_seconds=26 * 3600,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import boto3
 import pytest
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities import parameters
@@ -32,6 +33,7 @@ from cloud.contracts.manifest import ManifestHeader, manifest_key
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
 IDEMPOTENCY_TABLE = "backrest-relay-idempotency"
+BUS = "backrest-relay"
 
 
 @dataclass
@@ -198,19 +200,40 @@ def read_output(capsys: pytest.CaptureFixture[str]) -> Output:
 # -- AWS in moto -----------------------------------------------------------------------------
 
 
+def agent_aws_env(region: str = REGION) -> dict[str, str]:
+    """The AWS chain an agent subprocess's EventBridge client uses (never the bucket's keys)."""
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": region,
+    }
+
+
+def fake_aws_env(
+    monkeypatch: pytest.MonkeyPatch,
+    region: str = REGION,
+    *,
+    drop: Sequence[str] = ("AWS_PROFILE", "AWS_ENDPOINT_URL"),
+    **settings: str,
+) -> None:
+    """Fake credentials and region, plus a test's own settings, with `drop` unset, so
+    nothing a test runs can reach a real account."""
+    for name in drop:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**agent_aws_env(region), **settings}.items():
+        monkeypatch.setenv(name, value)
+
+
 @pytest.fixture
 def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A moto account with fake credentials; nothing can reach a real one."""
-    for name in [n for n in os.environ if n.startswith("AWS_ENDPOINT_URL")] + ["AWS_PROFILE"]:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(name, value)
+    endpoints = [n for n in os.environ if n.startswith("AWS_ENDPOINT_URL")]
+    fake_aws_env(
+        monkeypatch,
+        drop=(*endpoints, "AWS_PROFILE"),
+        AWS_SESSION_TOKEN="testing",
+        AWS_REGION=REGION,
+    )
     with mock_aws():
         parameters.clear_caches()  # type: ignore[no-untyped-call]
         yield
@@ -393,3 +416,31 @@ def write_mirror(
         new_snapshots_total=len(new_snapshots),
     )
     return event, keys
+
+
+def bus_to_queue(
+    region: str, queue: str, pattern: dict[str, Any], *, bus: str = BUS, rule: str | None = None
+) -> tuple[Any, str]:
+    """Create the event bus and a rule routing `pattern` to a new SQS queue (what the SAM
+    template wires for the results/notify queues); returns the SQS client and queue URL."""
+    events = boto3.client("events", region_name=region)
+    sqs = boto3.client("sqs", region_name=region)
+    events.create_event_bus(Name=bus)
+    url: str = sqs.create_queue(QueueName=queue)["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    rule = rule or queue
+    events.put_rule(Name=rule, EventBusName=bus, EventPattern=json.dumps(pattern))
+    events.put_targets(Rule=rule, EventBusName=bus, Targets=[{"Id": "q", "Arn": arn}])
+    return sqs, url
+
+
+def aws_destination_secret(
+    secrets: Any, name: str, region: str, access_key_id: str, secret_access_key: str
+) -> dict[str, Any]:
+    """Create the verifier's destination secret for AWS S3 itself (provider `aws`)."""
+    fields = {"provider": "aws", "region": region, "access_key_id": access_key_id}
+    fields["secret_access_key"] = secret_access_key
+    response: dict[str, Any] = secrets.create_secret(Name=name, SecretString=json.dumps(fields))
+    return response

@@ -13,10 +13,11 @@ from datetime import UTC, datetime, timedelta
 
 from cloud.app.verify import CheckpointedVerification, verify_checkpointed
 from cloud.contracts.destination import Destination
-from cloud.contracts.events import ManifestRef, MirrorCompleted, MirrorStats, RepoRef
+from cloud.contracts.events import ManifestRef, MirrorCompleted, RepoRef
 from cloud.contracts.manifest import ManifestHeader
 from cloud.logic.checkpoint import VerifyCheckpoint, checkpoint_name
 from cloud.logic.verify import VerifyOptions
+from tests.support import events
 from tests.support.doubles.object_store import InMemoryObjectStore
 from tests.support.doubles.runstore import InMemoryRunStore
 
@@ -73,16 +74,14 @@ class Mirror:
         )
 
     def event(self, manifest: ManifestRef) -> MirrorCompleted:
-        return MirrorCompleted(
-            run_id=f"{manifest.created_by_run}-{self.rng.random()}",
+        return events.completed(
+            T0,
             repo=REPO,
             host="h",
             trigger="t",
-            destination=DEST,
-            started_at=T0,
-            finished_at=T0,
-            stats=MirrorStats(),
+            run_id=f"{manifest.created_by_run}-{self.rng.random()}",
             manifest=manifest,
+            destination=DEST,
         )
 
     def verify(

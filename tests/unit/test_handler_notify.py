@@ -26,13 +26,11 @@ from aws_lambda_powertools.utilities.idempotency import DynamoDBPersistenceLayer
 from cloud.contracts.events import (
     DetailType,
     EventDetail,
-    MirrorCompleted,
     MirrorFailed,
     MirrorStats,
     RepoRef,
     Source,
 )
-from cloud.contracts.ids import new_run_id
 from cloud.handlers import notify as notify_handler
 from cloud.handlers.common import ConfigError
 from cloud.integrations.channels.targets import NotifyChannels
@@ -47,7 +45,7 @@ from cloud.logic.ports import ChannelError, Notification, NotificationChannel
 from cloud.logic.verification import record_verification
 from tests.support import events
 from tests.support.doubles.runstore import InMemoryRunStore
-from tests.support.events import DEST, GUID, MANIFEST, REPO, T0, stale, verification
+from tests.support.events import GUID, REPO, T0, stale, verification
 from tests.support.lambdas import (
     FakeLambdaContext,
     eventbridge_event,
@@ -400,17 +398,7 @@ def test_malformed_messages_fail_only_themselves(
 def test_other_event_kinds_are_logged_counted_and_acknowledged(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    completed = MirrorCompleted(
-        run_id=new_run_id(),
-        repo=REPO,
-        host="nas",
-        trigger="CONDITION_CHECK_SUCCESS",
-        destination=DEST,
-        started_at=T0,
-        finished_at=T0,
-        stats=MirrorStats(),
-        manifest=MANIFEST,
-    )
+    completed = events.completed(T0)
     foreign = sqs_record(
         json.dumps(eventbridge_event({"state": "on"}, source="aws.ec2", detail_type="EC2 State")),
         "m-foreign",

@@ -46,6 +46,8 @@ from tests.support.doubles.object_store import InMemoryObjectStore
 from tests.support.doubles.runstore import InMemoryRunStore
 from tests.support.lambdas import (
     FakeLambdaContext,
+    aws_destination_secret,
+    bus_to_queue,
     eventbridge_event,
     failed_ids,
     logs_to_current_stdout,
@@ -430,33 +432,12 @@ def deployed(
     from cloud.integrations.runstore_dynamodb import create_table
 
     create_table(idempotency_client, "backrest-relay-runs")
-    events = boto3.client("events", region_name=REGION)
-    sqs = boto3.client("sqs", region_name=REGION)
-    events.create_event_bus(Name="backrest-relay")
-    queue = sqs.create_queue(QueueName="results")["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    events.put_rule(
-        Name="results",
-        EventBusName="backrest-relay",
-        EventPattern=json.dumps({"source": [Source.VERIFIER.value]}),
-    )
-    events.put_targets(
-        Rule="results", EventBusName="backrest-relay", Targets=[{"Id": "q", "Arn": arn}]
-    )
+    sqs, queue = bus_to_queue(REGION, "results", {"source": [Source.VERIFIER.value]})
     s3 = boto3.client("s3", region_name=REGION)
     s3.create_bucket(Bucket="offsite-aws")
-    secret = boto3.client("secretsmanager", region_name=REGION).create_secret(
-        Name="backrest-relay/destination",
-        SecretString=json.dumps(
-            {
-                "provider": "aws",
-                "region": REGION,
-                "access_key_id": ACCESS_KEY,
-                "secret_access_key": SECRET_KEY,
-            }
-        ),
+    secrets = boto3.client("secretsmanager", region_name=REGION)
+    secret = aws_destination_secret(
+        secrets, "backrest-relay/destination", REGION, ACCESS_KEY, SECRET_KEY
     )
     env = {
         "RUNS_TABLE": "backrest-relay-runs",

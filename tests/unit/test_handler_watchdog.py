@@ -41,7 +41,9 @@ from tests.support.doubles.runstore import InMemoryRunStore
 from tests.support.events import GUID, T0
 from tests.support.lambdas import (
     FakeLambdaContext,
+    bus_to_queue,
     create_idempotency_table,
+    fake_aws_env,
     logs_to_current_stdout,
     read_output,
 )
@@ -297,14 +299,7 @@ def notify(event: EventDetail) -> dict[str, Any]:
 
 @pytest.fixture
 def idempotency(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(name, value)
+    fake_aws_env(monkeypatch, REGION)
     with mock_aws():
         client = boto3.client("dynamodb", region_name=REGION)
         create_idempotency_table(client, "idempotency")
@@ -367,40 +362,21 @@ def test_env_wiring_publishes_to_the_bus(
 ) -> None:
     from cloud.integrations.runstore_dynamodb import DynamoRunStore, create_table
 
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "RUNS_TABLE": "backrest-relay-runs",
-        "EVENT_BUS_NAME": "backrest-relay",
-        "MAX_AGE_HOURS": "26",
-        "AWS_LAMBDA_FUNCTION_NAME": "backrest-relay-watchdog",
-    }.items():
-        monkeypatch.setenv(name, value)
+    fake_aws_env(
+        monkeypatch,
+        REGION,
+        RUNS_TABLE="backrest-relay-runs",
+        EVENT_BUS_NAME="backrest-relay",
+        MAX_AGE_HOURS="26",
+        AWS_LAMBDA_FUNCTION_NAME="backrest-relay-watchdog",
+    )
     with mock_aws():
         dynamodb = boto3.client("dynamodb", region_name=REGION)
         create_table(dynamodb, "backrest-relay-runs")
         runs = DynamoRunStore("backrest-relay-runs", client=dynamodb)
         record_verification(runs, verified(T0))
-        events = boto3.client("events", region_name=REGION)
-        sqs = boto3.client("sqs", region_name=REGION)
-        events.create_event_bus(Name="backrest-relay")
-        queue = sqs.create_queue(QueueName="notify")["QueueUrl"]
-        arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"][
-            "QueueArn"
-        ]
-        events.put_rule(
-            Name="stale",
-            EventBusName="backrest-relay",
-            EventPattern=json.dumps(
-                {"source": ["backrest-relay.watchdog"], "detail-type": ["Mirror Stale"]}
-            ),
-        )
-        events.put_targets(
-            Rule="stale", EventBusName="backrest-relay", Targets=[{"Id": "q", "Arn": arn}]
-        )
+        stale_only = {"source": ["backrest-relay.watchdog"], "detail-type": ["Mirror Stale"]}
+        sqs, queue = bus_to_queue(REGION, "notify", stale_only, rule="stale")
 
         deps = watchdog_handler.dependencies_from_env()
         deps.clock = Clock(T0 + timedelta(hours=27))

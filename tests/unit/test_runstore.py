@@ -30,6 +30,7 @@ from cloud.integrations.runstore_dynamodb import (
 from cloud.integrations.runstore_sqlite import SCHEMA_VERSION, RunStoreError, SqliteRunStore
 from cloud.logic.ports import RunKind, RunRecord, RunStatus, RunStore
 from tests.support.doubles.runstore import InMemoryRunStore
+from tests.support.lambdas import fake_aws_env
 
 REPO = "a" * 64
 OTHER = "b" * 64
@@ -44,16 +45,13 @@ def dynamo_client() -> Iterator[Any]:
     Fake credentials and region so nothing here can reach a real account.
     """
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_DYNAMODB"):
-            mp.delenv(name, raising=False)
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_SESSION_TOKEN": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_REGION": "us-east-1",
-        }.items():
-            mp.setenv(name, value)
+        fake_aws_env(
+            mp,
+            "us-east-1",
+            drop=("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_DYNAMODB"),
+            AWS_SESSION_TOKEN="testing",
+            AWS_REGION="us-east-1",
+        )
         with mock_aws():
             yield boto3.client("dynamodb", region_name="us-east-1")
 
