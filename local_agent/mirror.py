@@ -311,14 +311,16 @@ class MirrorRun:
             self._remote_only = adopt
             known = {o.key: o.size for o in adopt}
         work: dict[Kind, list[_Work]] = {kind: [] for kind in UPLOAD_ORDER}
+        present = 0  # counted here, stored once: the counters are a pydantic model
         for key, file in scan.files.items():
             if known.get(key) == file.size:
-                self.summary.stats.already_present += 1
+                present += 1
                 continue
             listed = listing.get(key) if listing is not None else None
             work[file.kind].append(
                 _Work(file, listed if listed and listed.size == file.size else None)
             )
+        self.summary.stats.already_present += present
         for items in work.values():
             # Biggest first: the phase then ends on small files, not on one thread still
             # sending a pack while the others wait at the phase boundary. (Keys break ties,
