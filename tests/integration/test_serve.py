@@ -151,6 +151,7 @@ def test_http_hook_fails_when_the_run_fails_and_later_lines_still_run(
 ) -> None:
     missing = tmp_path / "not-a-repo"
     missing.mkdir()
+    (missing / "notes.txt").write_text("not a restic repository\n")  # exit 3, not empty (5)
     config = service_config(tmp_path, rclone_server.endpoint, rclone_bucket, {"home": missing})
     path_dir = curl_only_path(tmp_path)
     with RelayService(config) as service:
