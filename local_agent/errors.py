@@ -24,46 +24,39 @@ class ExitCode(IntEnum):
 
 
 class RelayError(Exception):
-    """Base of every error the CLI turns into a message and an exit code."""
+    """Base of every error the CLI turns into a message and an exit code.
+
+    A subclass names its exit code and event kind in its class line, the one place that
+    binds an error to the command contract (docs/cli.md)."""
 
     exit_code: ExitCode = ExitCode.UNEXPECTED
     kind: ErrorKind = "unexpected"
+
+    def __init_subclass__(cls, *, exit_code: ExitCode, kind: ErrorKind) -> None:
+        super().__init_subclass__()
+        cls.exit_code = exit_code
+        cls.kind = kind
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
 
-class ConfigError(RelayError):
+class ConfigError(RelayError, exit_code=ExitCode.USAGE, kind="config"):
     """Bad command line, config file, environment override or Backrest config."""
 
-    exit_code = ExitCode.USAGE
-    kind = "config"
 
-
-class RepositoryError(RelayError):
+class RepositoryError(RelayError, exit_code=ExitCode.LOCAL_INTEGRITY, kind="local-integrity"):
     """The local repository is missing, not a restic repository, or corrupt."""
 
-    exit_code = ExitCode.LOCAL_INTEGRITY
-    kind = "local-integrity"
 
-
-class DestinationError(RelayError):
+class DestinationError(RelayError, exit_code=ExitCode.DESTINATION, kind="destination"):
     """The bucket could not be reached or refused a request after retries."""
 
-    exit_code = ExitCode.DESTINATION
-    kind = "destination"
 
-
-class GuardError(RelayError):
+class GuardError(RelayError, exit_code=ExitCode.GUARD, kind="guard"):
     """A safety guard refused the run: nothing was deleted or overwritten."""
 
-    exit_code = ExitCode.GUARD
-    kind = "guard"
 
-
-class DeadlineError(RelayError):
+class DeadlineError(RelayError, exit_code=ExitCode.DEADLINE, kind="deadline"):
     """The run's deadline passed; the mirror is consistent and the next run resumes."""
-
-    exit_code = ExitCode.DEADLINE
-    kind = "deadline"
