@@ -13,6 +13,7 @@ import hashlib
 import io
 import logging
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -61,27 +62,19 @@ def part_size_candidates(size: int, parts: int, configured: int) -> list[int]:
     return out
 
 
+@dataclass(eq=False)
 class ObjectUploader:
-    def __init__(
-        self,
-        backend: Backend,
-        state: StateStore,
-        *,
-        multipart_threshold: int,
-        part_size: int,
-        throttle: Throttle | None,
-        stop: StopSignal,
-        run_id: str | None = None,
-        on_bytes: Callable[[int], None] = lambda _: None,
-    ) -> None:
-        self.run_id = run_id
-        self.backend = backend
-        self.state = state
-        self.multipart_threshold = multipart_threshold
-        self.part_size = part_size
-        self.throttle = throttle
-        self.stop = stop
-        self.on_bytes = on_bytes
+    """Puts files at the destination for one mirror run, throttled and stoppable."""
+
+    backend: Backend
+    state: StateStore
+    _: KW_ONLY
+    multipart_threshold: int
+    part_size: int
+    throttle: Throttle | None
+    stop: StopSignal
+    run_id: str | None = None
+    on_bytes: Callable[[int], None] = lambda _: None
 
     def upload(
         self, file: RepoFile, path: Path, digest: Digest, data: bytes | None
