@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from cloud.contracts.destination import Destination
@@ -34,12 +35,36 @@ log = logging.getLogger(__name__)
 
 # Answers of S3 to a request signed for the wrong region.
 WRONG_REGION = frozenset({"PermanentRedirect", "AuthorizationHeaderMalformed", "301"})
+# Answers for an object, or an unfinished multipart upload, that is not there.
+NO_OBJECT = frozenset({"404", "NoSuchKey", "NotFound"})
+NO_UPLOAD = frozenset({"NoSuchUpload", "404", "NotFound"})
 
 
 @dataclass(frozen=True, slots=True)
 class ListedUpload:
     key: str  # full object key
     upload_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Listing:
+    """A paginated S3 listing: its operation, and for each marker the field of a page that
+    says where the next page starts and the request parameter that carries it. The first
+    marker says whether there is a next page at all."""
+
+    operation: str
+    markers: tuple[tuple[str, str], ...]
+
+
+OBJECTS = _Listing("list_objects_v2", (("NextContinuationToken", "ContinuationToken"),))
+UPLOADS = _Listing(
+    "list_multipart_uploads",
+    (("NextKeyMarker", "KeyMarker"), ("NextUploadIdMarker", "UploadIdMarker")),
+)
+VERSIONS = _Listing(
+    "list_object_versions",
+    (("NextKeyMarker", "KeyMarker"), ("NextVersionIdMarker", "VersionIdMarker")),
+)
 
 
 def _etag(value: str) -> str:
@@ -177,6 +202,41 @@ class Backend:
                 raise self._translate(what, exc) from exc
             raise
 
+    def _call_unless(self, what: str, fn: Callable[[], T], absent: frozenset[str]) -> T | None:
+        """`_call`, but None where S3 answers one of the `absent` codes (no such object)."""
+        try:
+            return self._call(what, fn)
+        except DestinationError as exc:
+            if error_code(exc.__cause__) in absent:
+                return None
+            raise
+
+    def _pages(
+        self,
+        what: str,
+        listing: _Listing,
+        params: dict[str, Any],
+        *,
+        absent: frozenset[str] = frozenset(),
+    ) -> Iterator[Any]:
+        """Every page of `listing`; none after an `absent` answer. A truncated page that
+        names no next page ends the listing too (rather than asking for the first again)."""
+
+        def fetch(after: dict[str, Any]) -> Any:
+            return getattr(self.client, listing.operation)(**params, **after)
+
+        after: dict[str, Any] = {}
+        while True:
+            page = self._call_unless(what, partial(fetch, after), absent)
+            if page is None:
+                return
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            after = {param: page[field] for field, param in listing.markers if page.get(field)}
+            if listing.markers[0][1] not in after:
+                return
+
     def _translate(self, what: str, exc: Exception) -> RelayError:
         from botocore.exceptions import NoCredentialsError, PartialCredentialsError
 
@@ -285,22 +345,12 @@ class Backend:
     def list(self, prefix: str = "") -> Iterator[ListedObject]:
         """Every object under the destination prefix (+ `prefix`), 1000 per request."""
         base = self.destination.key(prefix) if prefix else self.destination.key("")
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base, "MaxKeys": 1000}
-            if token:
-                kwargs["ContinuationToken"] = token
-            page = self._call(
-                f"listing of {self.destination.describe()}",
-                lambda kw=kwargs: self.client.list_objects_v2(**kw),  # type: ignore[misc]
-            )
+        params = {"Bucket": self.bucket, "Prefix": base, "MaxKeys": 1000}
+        for page in self._pages(f"listing of {self.destination.describe()}", OBJECTS, params):
             for item in page.get("Contents", []):
                 relative = self.destination.relative(item["Key"])
                 if relative:
                     yield ListedObject(relative, int(item["Size"]), _etag(item.get("ETag", "")))
-            if not page.get("IsTruncated"):
-                return
-            token = page.get("NextContinuationToken")
 
     # -- multipart ------------------------------------------------------------------------
 
@@ -341,16 +391,15 @@ class Backend:
         parts: dict[int, tuple[str, int]] = {}
         marker = 0
         while True:
-            try:
-                page = self.client.list_parts(
-                    Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumberMarker=marker
-                )
-            except Exception as exc:
-                if error_code(exc) in ("NoSuchUpload", "404", "NotFound"):
-                    return None
-                if _is_sdk_error(exc):
-                    raise self._translate(f"listing parts of {key}", exc) from exc
-                raise
+            page = self._call_unless(
+                f"listing parts of {key}",
+                lambda m=marker: self.client.list_parts(  # type: ignore[misc]
+                    Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumberMarker=m
+                ),
+                NO_UPLOAD,
+            )
+            if page is None:
+                return None
             for part in page.get("Parts", []):
                 parts[int(part["PartNumber"])] = (_etag(part["ETag"]), int(part["Size"]))
             if not page.get("IsTruncated"):
@@ -362,15 +411,12 @@ class Backend:
     def head_size(self, key: str) -> int | None:
         """Size of a repository object, None if it does not exist."""
         full = self.destination.key(key)
-        try:
-            resp = self.client.head_object(Bucket=self.bucket, Key=full)
-        except Exception as exc:
-            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
-                return None
-            if _is_sdk_error(exc):
-                raise self._translate(f"checking {key}", exc) from exc
-            raise
-        return int(resp["ContentLength"])
+        resp = self._call_unless(
+            f"checking {key}",
+            lambda: self.client.head_object(Bucket=self.bucket, Key=full),
+            NO_OBJECT,
+        )
+        return None if resp is None else int(resp["ContentLength"])
 
     def read(self, key: str, *, limit: int) -> bytes | None:
         """The bytes of a small repository object (at most `limit`); None if it does not
@@ -380,7 +426,7 @@ class Backend:
             resp = self.client.get_object(Bucket=self.bucket, Key=full, Range=f"bytes=0-{limit}")
         except Exception as exc:
             code = error_code(exc)
-            if code in ("404", "NoSuchKey", "NotFound"):
+            if code in NO_OBJECT:
                 return None
             if code in ("InvalidRange", "416"):
                 return b""  # an empty object has no byte 0
@@ -402,22 +448,18 @@ class Backend:
         import hashlib
 
         full = self.destination.key(key)
-        digest = hashlib.sha256()
-        try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=full)
-            body = resp["Body"]
+
+        def read_back() -> str:
+            digest = hashlib.sha256()
+            body = self.client.get_object(Bucket=self.bucket, Key=full)["Body"]
             try:
                 for chunk in body.iter_chunks(1024 * 1024):
                     digest.update(chunk)
             finally:
                 body.close()
-        except Exception as exc:
-            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
-                return None
-            if _is_sdk_error(exc):
-                raise self._translate(f"reading back {key}", exc) from exc
-            raise
-        return digest.hexdigest()
+            return digest.hexdigest()
+
+        return self._call_unless(f"reading back {key}", read_back, NO_OBJECT)
 
     def complete_multipart(self, key: str, upload_id: str, etags: dict[int, str]) -> str:
         full = self.destination.key(key)
@@ -441,42 +483,25 @@ class Backend:
         return _etag(resp.get("ETag", ""))
 
     def abort_multipart(self, full_key: str, upload_id: str) -> None:
-        try:
-            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=upload_id)
-        except Exception as exc:
-            if error_code(exc) in ("NoSuchUpload", "404", "NotFound"):
-                return
-            if _is_sdk_error(exc):
-                raise self._translate(f"abort of multipart upload of {full_key}", exc) from exc
-            raise
+        self._call_unless(
+            f"abort of multipart upload of {full_key}",
+            lambda: self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=full_key, UploadId=upload_id
+            ),
+            NO_UPLOAD,
+        )
 
     def list_multipart_uploads(self) -> Iterator[ListedUpload]:
-        base = self.destination.key("")
-        key_marker = ""
-        id_marker = ""
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base}
-            if key_marker:
-                kwargs["KeyMarker"] = key_marker
-                kwargs["UploadIdMarker"] = id_marker
-            try:
-                page = self.client.list_multipart_uploads(**kwargs)
-            except Exception as exc:
-                # rclone's S3 server answers NoSuchUpload when there are none.
-                if error_code(exc) == "NoSuchUpload":
-                    return
-                if _is_sdk_error(exc):
-                    what = f"listing unfinished uploads in {self.destination.describe()}"
-                    raise self._translate(what, exc) from exc
-                raise
+        pages = self._pages(
+            f"listing unfinished uploads in {self.destination.describe()}",
+            UPLOADS,
+            {"Bucket": self.bucket, "Prefix": self.destination.key("")},
+            # rclone's S3 server answers NoSuchUpload when there are none.
+            absent=frozenset({"NoSuchUpload"}),
+        )
+        for page in pages:
             for upload in page.get("Uploads", []):
                 yield ListedUpload(upload["Key"], upload["UploadId"])
-            if not page.get("IsTruncated"):
-                return
-            key_marker = page.get("NextKeyMarker", "")
-            id_marker = page.get("NextUploadIdMarker", "")
-            if not key_marker:
-                return
 
     # -- Object Lock ----------------------------------------------------------------------
 
@@ -526,18 +551,12 @@ class Backend:
     def list_versions(self, full_prefix: str) -> Iterator[ObjectVersion]:
         """Every version and delete marker under an absolute key prefix, 1000 per request
         (ListObjectVersions: B2 bills it as a list call; only `recover` uses it)."""
-        key_marker = ""
-        version_marker = ""
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full_prefix}
-            if key_marker:
-                kwargs["KeyMarker"] = key_marker
-                if version_marker:
-                    kwargs["VersionIdMarker"] = version_marker
-            page = self._call(
-                f"listing the versions under {self.bucket}/{full_prefix}",
-                lambda kw=kwargs: self.client.list_object_versions(**kw),  # type: ignore[misc]
-            )
+        pages = self._pages(
+            f"listing the versions under {self.bucket}/{full_prefix}",
+            VERSIONS,
+            {"Bucket": self.bucket, "Prefix": full_prefix},
+        )
+        for page in pages:
             for item in page.get("Versions", []):
                 yield ObjectVersion(
                     key=item["Key"],
@@ -558,12 +577,6 @@ class Backend:
                     latest=bool(marker.get("IsLatest")),
                     delete_marker=True,
                 )
-            if not page.get("IsTruncated"):
-                return
-            key_marker = page.get("NextKeyMarker", "")
-            version_marker = page.get("NextVersionIdMarker", "")
-            if not key_marker:
-                return
 
     def read_version(self, full_key: str, version_id: str) -> Iterator[bytes]:
         """The bytes of one version of an object, streamed."""
