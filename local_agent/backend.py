@@ -25,6 +25,7 @@ from local_agent.sigv4 import md5_header
 if TYPE_CHECKING:
     from boto3.session import Session
     from types_boto3_s3 import S3Client
+    from types_boto3_s3.type_defs import CompletedPartTypeDef
 
     from cloud.integrations.s3 import S3Access
     from local_agent.object_writer import ObjectWriter
@@ -69,6 +70,18 @@ VERSIONS = _Listing(
 
 def _etag(value: str) -> str:
     return value.strip('"')
+
+
+def _sent(body: bytes | BinaryIO, size: int, md5_hex: str) -> dict[str, Any]:
+    """A body as every upload request sends it: with its length and its MD5, which the
+    bucket checks (B2 accepts no other per-request checksum)."""
+    return {"Body": body, "ContentLength": size, "ContentMD5": md5_header(md5_hex)}
+
+
+def _written(lock: ObjectLock | None) -> dict[str, Any]:
+    """What every object the agent creates carries: its content type and any retention."""
+    locked = lock.params() if lock is not None else {}
+    return {"ContentType": "application/octet-stream", **locked}
 
 
 def describe_error(exc: BaseException) -> str:
@@ -321,13 +334,7 @@ class Backend:
         resp = self._call(
             f"upload of {what or full}",
             lambda: self.client.put_object(
-                Bucket=self.bucket,
-                Key=full,
-                Body=body,
-                ContentLength=size,
-                ContentMD5=md5_header(md5_hex),
-                ContentType="application/octet-stream",
-                **(lock.params() if lock is not None else {}),
+                Bucket=self.bucket, Key=full, **_sent(body, size, md5_hex), **_written(lock)
             ),
         )
         if lock is not None and resp.get("VersionId"):
@@ -354,15 +361,16 @@ class Backend:
 
     # -- multipart ------------------------------------------------------------------------
 
+    def _upload(self, full: str, upload_id: str) -> dict[str, Any]:
+        """How S3 names one unfinished multipart upload (parts, listing, completion, abort)."""
+        return {"Bucket": self.bucket, "Key": full, "UploadId": upload_id}
+
     def create_multipart(self, key: str) -> str:
         full = self.destination.key(key)
         resp = self._call(
             f"start of multipart upload of {key}",
             lambda: self.client.create_multipart_upload(
-                Bucket=self.bucket,
-                Key=full,
-                ContentType="application/octet-stream",
-                **(self.lock.params() if self.lock is not None else {}),
+                Bucket=self.bucket, Key=full, **_written(self.lock)
             ),
         )
         return resp["UploadId"]
@@ -374,13 +382,7 @@ class Backend:
         resp = self._call(
             f"upload of part {number} of {key}",
             lambda: self.client.upload_part(
-                Bucket=self.bucket,
-                Key=full,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=body,
-                ContentLength=size,
-                ContentMD5=md5_header(md5),
+                **self._upload(full, upload_id), PartNumber=number, **_sent(body, size, md5)
             ),
         )
         return _etag(resp["ETag"])
@@ -394,7 +396,7 @@ class Backend:
             page = self._call_unless(
                 f"listing parts of {key}",
                 lambda m=marker: self.client.list_parts(  # type: ignore[misc]
-                    Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumberMarker=m
+                    **self._upload(full, upload_id), PartNumberMarker=m
                 ),
                 NO_UPLOAD,
             )
@@ -463,14 +465,13 @@ class Backend:
 
     def complete_multipart(self, key: str, upload_id: str, etags: dict[int, str]) -> str:
         full = self.destination.key(key)
-        parts = [{"PartNumber": n, "ETag": f'"{etags[n]}"'} for n in sorted(etags)]
+        parts: list[CompletedPartTypeDef] = [
+            {"PartNumber": n, "ETag": f'"{etags[n]}"'} for n in sorted(etags)
+        ]
         resp = self._call(
             f"completion of multipart upload of {key}",
             lambda: self.client.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=full,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+                **self._upload(full, upload_id), MultipartUpload={"Parts": parts}
             ),
         )
         if self.lock is not None:
@@ -485,9 +486,7 @@ class Backend:
     def abort_multipart(self, full_key: str, upload_id: str) -> None:
         self._call_unless(
             f"abort of multipart upload of {full_key}",
-            lambda: self.client.abort_multipart_upload(
-                Bucket=self.bucket, Key=full_key, UploadId=upload_id
-            ),
+            lambda: self.client.abort_multipart_upload(**self._upload(full_key, upload_id)),
             NO_UPLOAD,
         )
 
