@@ -309,13 +309,15 @@ class Backend:
         lock = self.lock if locked else None
         writer = self._object_writer()
         if writer is not None:
-            start = None if isinstance(body, bytes) else body.tell()
+            from local_agent.object_writer import Payload
+
+            payload = Payload.of(body, size, md5_hex, sha256_hex)
             extra = lock.headers() if lock is not None else None
             heard = (lambda v: self._note_version(full, v)) if lock is not None else None
             try:
                 return self._call(
                     f"upload of {what or full}",
-                    lambda: writer.put(full, body, size, md5_hex, sha256_hex, extra, heard),
+                    lambda: writer.put(full, payload, extra, heard),
                 )
             except DestinationError as exc:
                 if error_code(exc.__cause__) not in WRONG_REGION:
@@ -329,8 +331,7 @@ class Backend:
                     exc.message,
                 )
                 self._writer = None
-                if start is not None:
-                    body.seek(start)  # type: ignore[union-attr]
+                payload.rewind()
         resp = self._call(
             f"upload of {what or full}",
             lambda: self.client.put_object(

@@ -17,6 +17,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from html import unescape
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from urllib.parse import urlsplit
@@ -73,6 +74,29 @@ class CredentialSource(Protocol):
     """botocore's Credentials/RefreshableCredentials: refreshed on read when they expire."""
 
     def get_frozen_credentials(self) -> FrozenCredentials: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """One object's bytes as a PUT sends them: the body, its size and its digests.
+
+    A file body is sent from where it stood when the payload was made; `rewind` goes back
+    there for another attempt (a retry, or boto3 after this writer gave up)."""
+
+    body: bytes | BinaryIO
+    size: int
+    md5_hex: str
+    sha256_hex: str
+    start: int  # where a file body stood (unused for bytes)
+
+    @classmethod
+    def of(cls, body: bytes | BinaryIO, size: int, md5_hex: str, sha256_hex: str) -> Payload:
+        start = 0 if isinstance(body, bytes | bytearray | memoryview) else body.tell()
+        return cls(body, size, md5_hex, sha256_hex, start)
+
+    def rewind(self) -> None:
+        if not isinstance(self.body, bytes | bytearray | memoryview):
+            self.body.seek(self.start)
 
 
 def backoff(attempt: int) -> float:
@@ -177,33 +201,28 @@ class ObjectWriter:
     def put(
         self,
         key: str,
-        body: bytes | BinaryIO,
-        size: int,
-        md5_hex: str,
-        sha256_hex: str,
+        payload: Payload,
         extra_headers: Mapping[str, str] | None = None,
         on_version: Callable[[str], None] | None = None,
     ) -> str:
-        """Store `body` (exactly `size` bytes) under the absolute object `key`; its ETag.
+        """Store `payload` under the absolute object `key`; its ETag.
 
         `extra_headers` (Object Lock's mode and retain-until date) are sent and signed;
         `on_version` hears the version id a versioned bucket gave the object."""
         path = f"{self._path_prefix}/{s3_path(key)}"
         headers = {
             "host": self._host_header,
-            "content-length": str(size),
-            "content-md5": md5_header(md5_hex),
+            "content-length": str(payload.size),
+            "content-md5": md5_header(payload.md5_hex),
             "content-type": "application/octet-stream",
             **(extra_headers or {}),
         }
-        start = None if isinstance(body, bytes | bytearray | memoryview) else body.tell()
         attempt = 0
         while True:
             attempt += 1
-            if start is not None:
-                body.seek(start)  # type: ignore[union-attr]
+            payload.rewind()
             signed = self._signer.sign(
-                "PUT", path, headers, sha256_hex, self._signing_credentials()
+                "PUT", path, headers, payload.sha256_hex, self._signing_credentials()
             )
             head = "".join(
                 [
@@ -214,7 +233,7 @@ class ObjectWriter:
                 ]
             ).encode("utf-8")
             try:
-                status, reason, etag, data, version = self._exchange(key, head, body, size)
+                status, reason, etag, data, version = self._exchange(key, head, payload)
             except _NetworkError as exc:
                 if attempt >= self._max_attempts or not exc.retryable:
                     raise exc.as_botocore(self._url_base + path) from exc.cause
@@ -239,7 +258,7 @@ class ObjectWriter:
             raise ClientError(response, "PutObject")
 
     def _exchange(
-        self, key: str, head: bytes, body: bytes | BinaryIO, size: int
+        self, key: str, head: bytes, payload: Payload
     ) -> tuple[int, str, str | None, bytes, str | None]:
         conn = self._connection()
         if conn.idle_but_readable():
@@ -251,7 +270,7 @@ class ObjectWriter:
                 raise _NetworkError(exc, connecting=True) from None
         self._on_request()
         try:
-            response = conn.exchange(head, body, size)
+            response = conn.exchange(head, payload.body, payload.size)
         except OSError as exc:
             conn.close()
             raise _NetworkError(exc, connecting=False) from None
