@@ -26,6 +26,7 @@ from cloud.contracts.destination import Destination
 from cloud.contracts.events import ErrorKind, MirrorStats
 from cloud.logic.ports import ListedObject
 from local_agent.backend import Backend
+from local_agent.config import UploadConfig
 from local_agent.deadline import StopRequested, StopSignal
 from local_agent.errors import (
     DeadlineError,
@@ -67,13 +68,7 @@ CONFIG_READ_LIMIT = 1024 * 1024
 class MirrorOptions:
     repo_path: Path
     destination: Destination
-    concurrency: int = 8
-    delete: bool = False
-    max_delete_percent: float = 10
-    delete_after: float = 7 * 86400  # seconds an object must stay gone locally first
-    multipart_threshold: int = 64 * 1024**2
-    part_size: int = 16 * 1024**2
-    bandwidth_limit: int | None = None
+    upload: UploadConfig  # `[upload]`: concurrency, deletion, part sizes, bandwidth
     dry_run: bool = False
     reconcile: bool = False
     run_id: str | None = None
@@ -241,8 +236,8 @@ class MirrorRun:
 
         listing = self._listing() if reconcile else None
         work = self._plan(scan, listing, known)
-        deletions = self._deletion_candidates(scan, listing) if options.delete else None
-        if not options.delete and not options.dry_run:
+        deletions = self._deletion_candidates(scan, listing) if options.upload.delete else None
+        if not options.upload.delete and not options.dry_run:
             self._forget_deletion_history()
         if options.dry_run:
             self._report_plan(work, deletions)
@@ -435,7 +430,7 @@ class MirrorRun:
             "delete": 0,
         }
         if deletions is not None:
-            delay = self.options.delete_after
+            delay = self.options.upload.delete_after_seconds
             pending = deletions.pending(delay)
             plan["delete"] = len(deletions.due(delay))
             plan["delete_pending"] = len(pending)
@@ -502,15 +497,16 @@ class MirrorRun:
             log.info("aborted the unfinished upload of %s (gone locally)", pending.key)
 
     def _upload(self, work: dict[Kind, list[_Work]]) -> None:
-        options = self.options
+        settings = self.options.upload
+        bandwidth = settings.bandwidth_bytes_per_second
         uploader = ObjectUploader(
             self.backend,
             self.state,
-            multipart_threshold=options.multipart_threshold,
-            part_size=options.part_size,
-            throttle=Throttle(options.bandwidth_limit) if options.bandwidth_limit else None,
+            multipart_threshold=settings.multipart_threshold_bytes,
+            part_size=settings.part_size_bytes,
+            throttle=Throttle(bandwidth) if bandwidth else None,
             stop=self.stop,
-            run_id=options.run_id,
+            run_id=self.options.run_id,
             on_bytes=lambda n: self.progress.advance(size=n) if self.progress else None,
         )
         if self.progress:
@@ -584,7 +580,7 @@ class MirrorRun:
 
         threads = [
             threading.Thread(target=worker, name=f"upload-{i}", daemon=True)
-            for i in range(self.options.concurrency)
+            for i in range(self.options.upload.concurrency)
         ]
         for thread in threads:
             thread.start()
@@ -599,8 +595,8 @@ class MirrorRun:
                 path,
                 keep_below=min(
                     KEEP_IN_MEMORY_BELOW,
-                    KEEP_IN_MEMORY_BUDGET // self.options.concurrency,
-                    self.options.multipart_threshold,
+                    KEEP_IN_MEMORY_BUDGET // self.options.upload.concurrency,
+                    self.options.upload.multipart_threshold_bytes,
                 ),
             )
         except RepositoryError as exc:
@@ -665,7 +661,9 @@ class MirrorRun:
                 return True
         else:
             path = self.options.repo_path / file.key
-            candidates = part_size_candidates(file.size, listed.parts, self.options.part_size)
+            candidates = part_size_candidates(
+                file.size, listed.parts, self.options.upload.part_size_bytes
+            )
             if candidates and listed.etag in multipart_etags(path, candidates).values():
                 return True
             if self.backend.sha256_of(file.key) == digest.sha256:
@@ -682,7 +680,7 @@ class MirrorRun:
     def _delete_guard(self, d: _Deletions) -> None:
         """Refuse (exit 5, nothing deleted) what a mistake or an attack looks like, per
         kind; a normal `forget --prune` passes. The rules are in docs/mirror.md."""
-        limit = self.options.max_delete_percent
+        limit = self.options.upload.max_delete_percent
         hint = (
             "nothing was deleted. If the local repository really lost them, allow it for one "
             "run with BACKREST_RELAY_UPLOAD__MAX_DELETE_PERCENT=100 (deletion still waits "
@@ -747,7 +745,7 @@ class MirrorRun:
         if d.new:
             self.state.mark_gone([o.key for o in d.new], d.now)
         self._set_baseline(d)
-        delay = self.options.delete_after
+        delay = self.options.upload.delete_after_seconds
         due = d.due(delay)
         self._note_pending(d.pending(delay))
         if self.summary.pending_deletions:
