@@ -24,7 +24,9 @@ from local_agent.errors import ConfigError, ExitCode, RelayError
 from local_agent.identity import RepoIdentity, resolve_identity
 
 if TYPE_CHECKING:
-    from local_agent.config import LoadedConfig
+    from collections.abc import Callable
+
+    from local_agent.config import RelayConfig
 
 log = logging.getLogger("backrest_relay")
 
@@ -217,55 +219,46 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "upload":
-        return cmd_upload(args)
-    if args.command == "hook-snippet":
-        return cmd_hook_snippet(args)
-    if args.command == "report-failure":
-        return cmd_report_failure(args)
-    if args.command == "verify":
-        return cmd_verify(args)
-    if args.command == "status":
-        from local_agent.config import load_config
-        from local_agent.status import run_status
+    command = COMMANDS.get(args.command)
+    if command is None:
+        raise ConfigError(f"unknown command {args.command}")
+    return command(args)
 
-        loaded = load_config(args.config)
-        register_secrets(loaded.config)
-        return run_status(
-            loaded.config,
-            as_json=args.json,
-            check_stale=args.check_stale,
-            html=args.html,
-            forget=args.forget,
-        )
-    if args.command == "recover":
-        return cmd_recover(args)
-    if args.command == "doctor":
-        from local_agent.doctor import run_doctor
 
-        return run_doctor(args)
-    if args.command == "schedule":
-        return cmd_schedule(args)
-    if args.command == "serve":
-        return cmd_serve(args)
-    if args.command == "demo":
-        from local_agent.demo import run_demo
+def _load(args: argparse.Namespace) -> RelayConfig:
+    """The config named by --config, its secrets known to the redactor before anything
+    can print them."""
+    from local_agent.config import load_config
 
-        return run_demo(keep=args.keep, notify=args.notify)
-    raise ConfigError(f"unknown command {args.command}")
+    config = load_config(args.config).config
+    register_secrets(config)
+    return config
+
+
+def _identity(
+    args: argparse.Namespace, config: RelayConfig, *, repo_path: Path | None = None
+) -> RepoIdentity:
+    """The (id, guid) named by --repo-id/--repo-guid, completed from what this host learned:
+    the commands that take them check them the same way, in the same order."""
+    from local_agent.config import validate_repo_guid, validate_repo_id
+
+    return resolve_identity(
+        config.state.path(),
+        repo_id=validate_repo_id(args.repo_id) if args.repo_id else None,
+        repo_guid=validate_repo_guid(args.repo_guid) if args.repo_guid else None,
+        repo_path=repo_path,
+    )
 
 
 # -- upload -------------------------------------------------------------------------------
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    from local_agent.config import load_config
     from local_agent.upload import run_upload
 
-    loaded = load_config(args.config)
-    register_secrets(loaded.config)
+    config = _load(args)
     try:
-        repo = resolve_repo(args, loaded.config.state.path(), learn=not args.dry_run)
+        repo = resolve_repo(args, config.state.path(), learn=not args.dry_run)
     except ConfigError as exc:
         if not args.dry_run:
             from local_agent.identity import resolve_identity
@@ -277,13 +270,13 @@ def cmd_upload(args: argparse.Namespace) -> int:
                 # bare id would be a phantom repository for `status --check-stale`.
                 with contextlib.suppress(RelayError):
                     guid = resolve_identity(
-                        loaded.config.state.path(),
+                        config.state.path(),
                         repo_id=args.repo_id,
                         repo_guid=None,
                         learn=False,
                     ).guid
             report_failure(
-                loaded.config,
+                config,
                 repo_id=args.repo_id,
                 repo_guid=guid,
                 repo_path=args.repo,
@@ -293,10 +286,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
             )
         raise
     summary = run_upload(
-        loaded.config,
-        repo_path=repo.path,
-        repo_id=repo.repo_id,
-        repo_guid=repo.guid,
+        config,
+        repo,
         trigger=args.trigger,
         dry_run=args.dry_run,
         reconcile=args.reconcile,
@@ -356,32 +347,38 @@ def print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
 # -- verify --------------------------------------------------------------------------------
 
 
-def _load_with_identity(args: argparse.Namespace) -> tuple[LoadedConfig, RepoIdentity]:
-    """Config plus the (id, guid) named by --repo-id/--repo-guid: verify and recover both need
-    the same validation and lookup, in the same order, so they report the same errors."""
-    from local_agent.config import load_config, validate_repo_guid, validate_repo_id
-
-    loaded = load_config(args.config)
-    register_secrets(loaded.config)
-    identity = resolve_identity(
-        loaded.config.state.path(),
-        repo_id=validate_repo_id(args.repo_id) if args.repo_id else None,
-        repo_guid=validate_repo_guid(args.repo_guid) if args.repo_guid else None,
-    )
-    return loaded, identity
+def _load_with_identity(args: argparse.Namespace) -> tuple[RelayConfig, RepoIdentity]:
+    """Config plus the (id, guid) named by --repo-id/--repo-guid (verify, recover)."""
+    config = _load(args)
+    return config, _identity(args, config)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from local_agent.verification import run_verify
 
-    loaded, identity = _load_with_identity(args)
+    config, identity = _load_with_identity(args)
     return run_verify(
-        loaded.config,
-        repo_id=identity.repo_id,
-        repo_guid=identity.guid,
+        config,
+        identity,
         run_id=args.run,
         deep=args.deep,
         as_json=args.json,
+    )
+
+
+# -- status --------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from local_agent.status import run_status
+
+    config = _load(args)
+    return run_status(
+        config,
+        as_json=args.json,
+        check_stale=args.check_stale,
+        html=args.html,
+        forget=args.forget,
     )
 
 
@@ -391,11 +388,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_recover(args: argparse.Namespace) -> int:
     from local_agent.recovery import run_recover
 
-    loaded, identity = _load_with_identity(args)
+    config, identity = _load_with_identity(args)
     return run_recover(
-        loaded.config,
-        repo_id=identity.repo_id,
-        repo_guid=identity.guid,
+        config,
+        identity,
         as_of=args.as_of,
         manifest=args.manifest,
         into=args.into,
@@ -408,13 +404,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_report_failure(args: argparse.Namespace) -> int:
-    from local_agent.config import load_config, validate_repo_guid, validate_repo_id
     from local_agent.upload import report_failure
 
-    loaded = load_config(args.config)
-    register_secrets(loaded.config)
-    repo_id = validate_repo_id(args.repo_id) if args.repo_id else None
-    guid = validate_repo_guid(args.repo_guid) if args.repo_guid else None
+    config = _load(args)
     path: Path | None = None
     if args.repo:
         from local_agent.backrest import repo_path_from_uri
@@ -423,15 +415,13 @@ def cmd_report_failure(args: argparse.Namespace) -> int:
             path = repo_path_from_uri(args.repo)
         except ConfigError:
             path = None  # still report the failed check; the path only helps find the guid
-    identity = resolve_identity(
-        loaded.config.state.path(), repo_id=repo_id, repo_guid=guid, repo_path=path
-    )
+    identity = _identity(args, config, repo_path=path)
     repo_id, guid = identity.repo_id, identity.guid
     if not repo_id and not guid:
         raise ConfigError("report-failure needs --repo-id or --repo-guid")
     message = args.error.strip() or f"Backrest reported {args.trigger} without an error text"
     result = report_failure(
-        loaded.config,
+        config,
         repo_id=repo_id,
         repo_guid=guid,
         repo_path=args.repo,
@@ -506,7 +496,7 @@ def _http_hook_snippet(args: argparse.Namespace, repo_id: str) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Parse, check, and hand over to local_agent.serve.app (needs the serve extra)."""
-    from local_agent.config import find_config_path, load_config
+    from local_agent.config import find_config_path
 
     try:
         from local_agent.serve.app import serve
@@ -514,8 +504,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from local_agent.serve import SERVE_EXTRA_HINT
 
         raise ConfigError(f"{SERVE_EXTRA_HINT} ({exc.name or exc} is missing)") from None
-    loaded = load_config(args.config)
-    register_secrets(loaded.config)
+    config = _load(args)
     if args.listen:
         from pydantic import ValidationError
 
@@ -525,15 +514,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ServeConfig(listen=args.listen)
         except ValidationError:
             raise ConfigError(f"--listen {args.listen!r}: expected HOST:PORT") from None
-    token = os.environ.get("BACKREST_RELAY_TOKEN") or loaded.config.serve.token.get_secret_value()
+    token = os.environ.get("BACKREST_RELAY_TOKEN") or config.serve.token.get_secret_value()
     if token and len(token) < 16:
         raise ConfigError("serve: the token is shorter than 16 characters; use a long random one")
     REDACTOR.add(token)
     config_path = find_config_path(args.config)
     return serve(
-        loaded.config,
+        config,
         config_path=config_path.resolve() if config_path else None,
-        listen=args.listen or loaded.config.serve.listen,
+        listen=args.listen or config.serve.listen,
         token=token,
     )
 
@@ -553,3 +542,33 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     )
     sys.stdout.write(text)
     return 0
+
+
+# -- doctor, demo --------------------------------------------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from local_agent.doctor import run_doctor
+
+    return run_doctor(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from local_agent.demo import run_demo
+
+    return run_demo(keep=args.keep, notify=args.notify)
+
+
+# Each subcommand of `build_parser`, by name.
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "upload": cmd_upload,
+    "hook-snippet": cmd_hook_snippet,
+    "report-failure": cmd_report_failure,
+    "verify": cmd_verify,
+    "status": cmd_status,
+    "recover": cmd_recover,
+    "doctor": cmd_doctor,
+    "schedule": cmd_schedule,
+    "serve": cmd_serve,
+    "demo": cmd_demo,
+}

@@ -7,22 +7,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cloud.integrations.redact import REDACTOR
 from local_agent.errors import ConfigError
-from local_agent.identity import resolve_identity
+from local_agent.identity import ResolvedRepo, resolve_identity
 
 __all__ = ["ResolvedRepo", "register_secrets", "resolve_repo"]
-
-
-@dataclass(frozen=True)
-class ResolvedRepo:
-    path: Path
-    repo_id: str | None
-    guid: str | None
 
 
 def resolve_repo(

@@ -169,6 +169,7 @@ class EmbeddedEndpoint:
 
 def run_demo(*, keep: bool = False, notify: Sequence[str] = ()) -> int:
     from local_agent.config import RelayConfig
+    from local_agent.identity import ResolvedRepo
     from local_agent.pipeline import LocalPipeline
     from local_agent.publishers import LocalPublisher
     from local_agent.units import format_duration, format_size, plural
@@ -215,9 +216,7 @@ def run_demo(*, keep: bool = False, notify: Sequence[str] = ()) -> int:
                 pipeline = LocalPipeline(config, base / "state", extra_channels=[terminal])
                 summary = run_upload(
                     config,
-                    repo_path=repo,
-                    repo_id=REPO_ID,
-                    repo_guid=guid,
+                    ResolvedRepo(repo, REPO_ID, guid),
                     trigger=label,
                     interactive=sys.stderr.isatty(),
                     publisher=LocalPublisher(pipeline),

@@ -26,6 +26,15 @@ CONFIG_DIGEST_LIMIT = 1024 * 1024
 
 
 @dataclass(frozen=True)
+class ResolvedRepo:
+    """A repository on this host: where it is, and its (id, guid)."""
+
+    path: Path
+    repo_id: str | None
+    guid: str | None
+
+
+@dataclass(frozen=True)
 class RepoIdentity:
     repo_id: str | None
     guid: str | None

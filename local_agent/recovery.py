@@ -47,6 +47,7 @@ from local_agent.units import parse_duration
 
 if TYPE_CHECKING:
     from local_agent.config import RelayConfig
+    from local_agent.identity import RepoIdentity
 
 log = logging.getLogger(__name__)
 
@@ -395,9 +396,8 @@ def _described_prefix(plan: RecoveryPlan) -> str:
 
 def run_recover(
     config: RelayConfig,
+    identity: RepoIdentity,
     *,
-    repo_id: str | None,
-    repo_guid: str | None,
     as_of: str | None,
     manifest: str | None,
     into: str | None,
@@ -413,6 +413,7 @@ def run_recover(
     from cloud.integrations.s3_store import S3ObjectStore
     from local_agent.pipeline import LocalPipeline
 
+    repo_id, repo_guid = identity.repo_id, identity.guid
     if not repo_id and not repo_guid:
         raise ConfigError("recover needs --repo-id or --repo-guid")
     if as_of is not None and manifest is not None:
@@ -430,7 +431,7 @@ def run_recover(
         backend.lock = lock.policy().lock_at(clock())
     runs = LocalPipeline(config, config.state.path()).runs()
     try:
-        states = list_states(backend, manifest_prefix, runs=runs, repo_key=repo_guid or repo_id)
+        states = list_states(backend, manifest_prefix, runs=runs, repo_key=identity.key)
         if moment is None and manifest is None:
             _print_states(states, as_json=as_json)
             return int(ExitCode.OK)

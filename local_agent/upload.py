@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -31,6 +30,7 @@ from local_agent.config import RelayConfig
 from local_agent.deadline import StopSignal, start_hard_stop
 from local_agent.errors import ExitCode, RelayError
 from local_agent.events import RunContext, completed_event, failed_event
+from local_agent.identity import ResolvedRepo
 from local_agent.manifest import ManifestWriter
 from local_agent.mirror import MirrorOptions, MirrorRun, MirrorSummary
 from local_agent.outbox import FlushResult, Outbox
@@ -47,10 +47,8 @@ log = logging.getLogger(__name__)
 
 def run_upload(
     config: RelayConfig,
+    repo: ResolvedRepo,
     *,
-    repo_path: Path,
-    repo_id: str | None,
-    repo_guid: str | None,
     trigger: str = "manual",
     dry_run: bool = False,
     reconcile: bool = False,
@@ -61,6 +59,7 @@ def run_upload(
 ) -> MirrorSummary:
     """One upload run; `clock` decides when deferred deletions fall due (tests pass their
     own)."""
+    repo_path, repo_id, repo_guid = repo.path, repo.repo_id, repo.guid
     destination = config.destination_for(repo_id=repo_id, repo_guid=repo_guid)
     ctx = RunContext(
         repo=RepoRef(id=repo_id, guid=repo_guid, path=str(repo_path)),

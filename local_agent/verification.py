@@ -27,6 +27,7 @@ from local_agent.units import format_duration, format_size, parse_size
 
 if TYPE_CHECKING:
     from local_agent.config import RelayConfig
+    from local_agent.identity import RepoIdentity
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,8 @@ def recorded_manifest(
 
 def run_verify(
     config: RelayConfig,
+    identity: RepoIdentity,
     *,
-    repo_id: str | None,
-    repo_guid: str | None,
     run_id: str | None,
     deep: str | None,
     as_json: bool,
@@ -103,6 +103,7 @@ def run_verify(
     from cloud.integrations.s3_store import S3ObjectStore, S3ReportSink
     from local_agent.pipeline import open_run_store
 
+    repo_id, repo_guid = identity.repo_id, identity.guid
     if not repo_id and not repo_guid:
         raise ConfigError("verify needs --repo-id or --repo-guid")
     if run_id is not None and not is_run_id(run_id):

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from local_agent.config import load_config
+from local_agent.identity import ResolvedRepo
 from local_agent.upload import run_upload
 from testbed.agent import agent_config_in, agent_env, remote_keys, run_agent
 from testbed.repos import (
@@ -123,9 +124,7 @@ class Mirror:
         config = load_config(str(self.config), env=agent_env(env)).config
         summary = run_upload(
             config,
-            repo_path=repo,
-            repo_id="home",
-            repo_guid=None,
+            ResolvedRepo(repo, "home", None),
             dry_run=dry_run,
             reconcile=reconcile,
             show_progress=False,

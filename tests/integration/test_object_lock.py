@@ -18,6 +18,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from local_agent.config import load_config
+from local_agent.identity import ResolvedRepo
 from local_agent.upload import run_upload
 from tests.integration.conftest import BuiltRepo
 from tests.support.agent import agent_env, run_agent, write_agent_config
@@ -160,9 +161,7 @@ def test_retention_is_extended_only_in_the_renewal_window_and_no_op_runs_send_no
             proxy.reset()
             summary = run_upload(
                 config,
-                repo_path=restic_repo.path,
-                repo_id="home",
-                repo_guid=None,
+                ResolvedRepo(restic_repo.path, "home", None),
                 show_progress=False,
                 clock=lambda: now,
             ).as_dict()
