@@ -370,16 +370,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from local_agent.status import run_status
+    from local_agent.status import run_forget, run_status
 
     config = _load(args)
-    return run_status(
-        config,
-        as_json=args.json,
-        check_stale=args.check_stale,
-        html=args.html,
-        forget=args.forget,
-    )
+    if args.forget is not None:
+        return run_forget(config, args.forget)
+    return run_status(config, as_json=args.json, check_stale=args.check_stale, html=args.html)
 
 
 # -- recover -------------------------------------------------------------------------------

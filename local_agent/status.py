@@ -104,23 +104,27 @@ def forget_repo(runs: SqliteRunStore, name: str) -> tuple[str, int]:
     return key, runs.forget(key)
 
 
+def run_forget(config: RelayConfig, name: str) -> int:
+    """`status --forget NAME`: drop a repository's history, say how much went."""
+    from local_agent.pipeline import open_run_store
+
+    key, removed = forget_repo(open_run_store(config.state.path()), name)
+    sys.stdout.write(f"forgot repository {key}: {plural(removed, 'run')} removed\n")
+    return 0
+
+
 def run_status(
     config: RelayConfig,
     *,
     as_json: bool,
     check_stale: bool,
     html: str | None = None,
-    forget: str | None = None,
     now: datetime | None = None,
 ) -> int:
     from local_agent.pipeline import open_run_store
 
     now = now or datetime.now(UTC)
     runs = open_run_store(config.state.path())
-    if forget is not None:
-        key, removed = forget_repo(runs, forget)
-        sys.stdout.write(f"forgot repository {key}: {plural(removed, 'run')} removed\n")
-        return 0
     max_age_for = staleness_window(config)
     silence = None
     if check_stale:

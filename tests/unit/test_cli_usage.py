@@ -6,6 +6,7 @@ before the first request.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from local_agent import __version__
-from local_agent.cli import main
+from local_agent.cli import COMMANDS, build_parser, main
 
 SECRET = "SENTINEL-SECRET-7f3a"
 
@@ -87,6 +88,33 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert out.strip() == f"backrest-relay {__version__}"
+
+
+def test_every_subcommand_has_a_handler_and_every_handler_a_subcommand() -> None:
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subcommands.choices) == set(COMMANDS)
+
+
+def test_status_forget_drops_the_named_repository_and_refuses_an_unknown_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # report-failure records a run locally; no channel is set, no request is made.
+    config = str(write_config(tmp_path))
+    guid = "0123456789abcdef" * 4
+    failure = ["report-failure", "--repo-id", "r1", "--repo-guid", guid, "--error", "boom"]
+    assert main([*failure, "--config", config]) == 0
+    capsys.readouterr()
+
+    assert main(["status", "--forget", "nope", "--config", config]) == 2
+    err = capsys.readouterr().err
+    assert f"status --forget 'nope' is not in the run store (known: r1 ({guid}))" in err
+
+    assert main(["status", "--forget", "r1", "--config", config]) == 0
+    assert capsys.readouterr().out == f"forgot repository {guid}: 1 run removed\n"
+
+    assert main(["status", "--json", "--config", config]) == 0
+    assert json.loads(capsys.readouterr().out) == {"repositories": []}
 
 
 def test_upload_without_any_config_names_what_is_missing(
