@@ -55,9 +55,9 @@ MANIFEST_SUFFIX = ".jsonl.gz"
 REPORT_SUFFIX = ".report.jsonl.gz"
 
 
-# Exit 3, but of kind "destination": the bucket no longer holds what the state needs.
 class RecoveryError(RelayError, exit_code=ExitCode.LOCAL_INTEGRITY, kind="destination"):
-    """The chosen state cannot be rebuilt from what the bucket holds (exit 3)."""
+    """The chosen state cannot be rebuilt from what the bucket holds (exit 3; of kind
+    "destination": the bucket no longer holds what the state needs)."""
 
 
 @dataclass
