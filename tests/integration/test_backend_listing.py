@@ -5,11 +5,11 @@ from __future__ import annotations
 from itertools import islice
 
 from cloud.contracts.destination import Destination
-from cloud.integrations.s3 import S3Access
 from local_agent.backend import Backend
 from testbed.s3.endpoint import S3Endpoint
 from testbed.s3.faults import Fault, FaultSchedule
 from testbed.s3.proxy import S3Proxy
+from tests.integration.test_object_writer import access_for
 
 # A truncated ListObjectsV2 page that does not say where the next page starts.
 TRUNCATED_WITHOUT_TOKEN = (
@@ -24,17 +24,10 @@ TRUNCATED_WITHOUT_TOKEN = (
 
 
 def backend_at(endpoint: S3Endpoint, bucket: str) -> Backend:
-    access = S3Access(
-        provider="s3",
-        endpoint_url=endpoint.endpoint_url,
-        region=endpoint.region,
-        access_key_id=endpoint.access_key,
-        secret_access_key=endpoint.secret_key,
-    )
     destination = Destination(
         provider="s3", endpoint_url=endpoint.endpoint_url, bucket=bucket, prefix="restic/r1"
     )
-    return Backend(access, destination, max_attempts=1)
+    return Backend(access_for(endpoint), destination, max_attempts=1)
 
 
 def test_a_truncated_page_without_a_next_token_ends_the_listing(
