@@ -7,6 +7,7 @@ ETags, Content-MD5), because the upload engine's integration tests rely on it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import http.server
@@ -608,6 +609,128 @@ def test_proxy_bad_gateway_when_upstream_is_down() -> None:
         resp = conn.getresponse()
         assert resp.status == 502 and b"BadGateway" in resp.read()
         conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# A reset mid-body must not let the cut PUT's server-side cleanup outlive the client's retry
+
+
+class _CutCleanupStore:
+    """The part of ``rclone serve s3`` behind a soak failure, with its race made certain.
+
+    rclone's PutObject writes the key in place and removes it when copying the body fails
+    (cmd/serve/s3/backend.go). That cleanup runs whenever rclone notices the cut; if the
+    client hears of the cut first, its retry of the same key can be stored and *then*
+    removed — a 200 followed by a missing object, which no S3 does. Here the cleanup of a cut
+    PUT holds (bounded) until the key has been written again, so any harness that lets the
+    client retry before the server is done with the cut request loses the retry every time.
+    """
+
+    HOLD = 2.0  # seconds a cut PUT's cleanup waits for a newer write of its key
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.cut_puts = 0
+        self._writes: dict[str, int] = {}
+        self._busy = 0
+        self._cond = threading.Condition()
+
+    def begin(self, key: str) -> int:
+        with self._cond:
+            self._busy += 1
+            self.objects[key] = b""  # written in place: truncated at once
+            return self._writes.get(key, 0)
+
+    def cut(self, key: str, generation: int) -> None:
+        with self._cond:
+            self.cut_puts += 1
+            self._cond.wait_for(lambda: self._writes.get(key, 0) > generation, self.HOLD)
+            self.objects.pop(key, None)
+
+    def store(self, key: str, body: bytes) -> None:
+        with self._cond:
+            self.objects[key] = body
+            self._writes[key] = self._writes.get(key, 0) + 1
+            self._cond.notify_all()
+
+    def end(self) -> None:
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify_all()
+
+    def settle(self) -> bool:
+        """Wait until no PUT is being handled (so every cleanup has run)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._busy == 0, 3 * self.HOLD)
+
+
+class _CutCleanupHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    store: _CutCleanupStore  # set on a subclass per test
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _answer(self, status: int, body: bytes = b"") -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_PUT(self) -> None:
+        length = int(self.headers["Content-Length"])
+        generation = self.store.begin(self.path)
+        try:
+            try:
+                body = self.rfile.read(length)
+            except OSError:
+                body = b""
+            if len(body) < length:
+                self.store.cut(self.path, generation)
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self._answer(400, b"IncompleteBody")
+                return
+            self.store.store(self.path, body)
+            self._answer(200)
+        finally:
+            self.store.end()
+
+
+def test_proxy_reset_mid_body_lets_the_server_finish_the_cut_put_before_the_client_retries() -> (
+    None
+):
+    """Cut PUT of K, retry of K answered 200: K must then exist (it does on S3 and B2)."""
+    store = _CutCleanupStore()
+    handler = type("Handler", (_CutCleanupHandler,), {"store": store})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    upstream = S3Endpoint(f"http://127.0.0.1:{server.server_address[1]}", "ak", "sk")
+    body = bytes(range(256)) * 4096  # 1 MiB: the proxy forwards half of it, then cuts
+    try:
+        with S3Proxy(upstream) as proxy:
+            proxy.fault = FaultSchedule(Fault.reset_mid_body(), times=1, method="PUT")
+            cut = _conn(proxy)
+            with pytest.raises((OSError, http.client.HTTPException)):  # the client sees a reset
+                cut.request("PUT", "/b/data/k", body=body)
+                cut.getresponse().read()
+            cut.close()
+            retry = _conn(proxy)  # at once, as a client with a zero backoff would
+            retry.request("PUT", "/b/data/k", body=body)
+            answer = retry.getresponse()
+            answer.read()
+            retry.close()
+            faults = [(r.method, r.fault) for r in proxy.requests]
+        assert answer.status == 200
+        assert store.settle()
+        assert store.cut_puts == 1  # the server did see the cut request
+        assert faults == [("PUT", "reset_mid_body"), ("PUT", None)]
+        assert store.objects.get("/b/data/k") == body, "the retry's 200 was undone by the cut PUT"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # ---------------------------------------------------------------------------------------------
