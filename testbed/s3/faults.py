@@ -20,7 +20,10 @@ class Fault:
     - ``drop``: read the request, forward nothing, close the connection without a response.
     - ``drop_after_forward``: forward and let the upstream finish it, then close the
       connection without relaying the answer (the request took effect, the client can't know).
-    - ``reset_mid_body``: forward the headers and half the body, then reset both connections.
+    - ``reset_mid_body``: forward the headers and half the body, end the request there and
+      wait until the server has finished with it, then reset the client's connection. (rclone
+      deletes the key of a cut PUT whenever it notices; a client told sooner could retry,
+      get a 200 and lose the object to that cleanup, which no S3 does.)
     """
 
     kind: FaultKind
@@ -69,7 +72,7 @@ class Fault:
 
     @classmethod
     def reset_mid_body(cls) -> Fault:
-        """Forward half the request body, then reset both connections."""
+        """Forward half the request body; once the server is done with it, reset the client."""
         return cls("reset_mid_body")
 
 

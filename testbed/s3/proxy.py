@@ -177,6 +177,25 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         conn.close()
 
+    def _finish_cut_upstream(self) -> None:
+        """End a request whose body was cut short and wait until the upstream has dealt with it.
+
+        The upstream sees the body end early (a half-close), then answers or hangs up; only
+        after that may the client learn of the cut. ``rclone serve s3`` removes the key of a
+        PUT whose body copy failed, whenever it notices: a client told first could retry the
+        same key, get a 200, and lose the object to that late cleanup — which no S3 or B2
+        does (a failed PUT leaves no trace). Waiting here puts the cleanup before the retry.
+        """
+        conn = self._upstream
+        if conn is None or conn.sock is None:
+            return
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+            resp = conn.getresponse()  # bounded by upstream_timeout
+            resp.read()
+        except (OSError, http.client.HTTPException):
+            pass  # it hung up instead of answering (finished too), or timed out: give up
+
     def _upstream_conn(self) -> tuple[http.client.HTTPConnection, bool]:
         """A connection to the upstream and whether it is a reused keep-alive one."""
         conn = self._upstream
@@ -379,6 +398,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
                 with contextlib.suppress(_ClientGoneError, OSError, http.client.HTTPException):
                     if self._body != "none":
                         self._exchange(body_limit=half)
+                self._finish_cut_upstream()  # before the client sees the reset
                 record(None)
                 self._close_upstream(reset=True)
                 self._abort_client(reset=True)

@@ -45,7 +45,11 @@ CATEGORIES: dict[str, tuple[str, str, str, str]] = {
     "flaky endpoint": (
         "seeded random 500s, 503 SlowDown, resets mid-body, dropped connections (before and "
         "after the server acted), slow responses, cut-off response bodies and retry-exhausting "
-        "blackouts, between agent/verifier and the S3 server",
+        "blackouts, between agent/verifier and the S3 server. A reset mid-body reaches the "
+        "client only after `rclone serve s3` has finished with the cut request: rclone deletes "
+        "the key of a cut PUT whenever it notices the cut, and doing so after the client's "
+        "successful retry (which no S3 or B2 does) is the likely cause of the one pack an "
+        "earlier soak found missing (tests/unit/test_support_servers.py)",
         "faults injected",
         "runs that ended correctly (exit 0, or exit 4 with a consistent mirror; verify 0, or "
         "4 when unreadable)",

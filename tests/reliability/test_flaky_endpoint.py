@@ -1,7 +1,9 @@
 """2. Flaky endpoint: a seeded random fault schedule between the agent (and the verifier)
 and the S3 server — 500s, 503 SlowDown, connections reset half-way through a request body,
 connections dropped before or after the server acted, slow responses, response bodies cut
-off — plus, in some trials, a blackout long enough to exhaust every retry.
+off — plus, in some trials, a blackout long enough to exhaust every retry. (A reset
+mid-body reaches the agent only after rclone has finished with the cut request: rclone
+deletes the key of a cut PUT, and must not do so after the agent's retry succeeded.)
 
 Each upload ends with exit 0, or with exit 4, one clear error line and a consistent
 partial mirror (no index before all packs, no snapshot before all indexes). After every

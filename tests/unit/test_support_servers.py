@@ -7,10 +7,13 @@ ETags, Content-MD5), because the upload engine's integration tests rely on it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import http.server
 import json
+import os
+import signal
 import threading
 import time
 import zlib
@@ -63,15 +66,6 @@ def error_code(exc: ClientError) -> str:
 
 def http_status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,9 +424,9 @@ def test_proxy_connection_faults(
     counting_proxy.fault = FaultSchedule(Fault.reset_mid_body(), operation="PutObject")
     with pytest.raises(errors):
         _put(s3, rclone_bucket, "reset", data)
-    # rclone writes a PUT body in place and deletes it when the body is cut short, so a
-    # truncated "reset" is visible (on disk and to HEAD) for a few ms: wait for cleanup.
-    assert wait_until(lambda: not (stored / "reset").exists())
+    # rclone writes a PUT body in place and deletes it when the body is cut short; the proxy
+    # resets the client only once rclone is done with the cut request, so nothing is left.
+    assert not (stored / "reset").exists()
 
     counting_proxy.fault = FaultSchedule(Fault.drop_after_forward(), operation="PutObject")
     with pytest.raises(errors):
@@ -446,6 +440,61 @@ def test_proxy_connection_faults(
     ]
     counting_proxy.fault = None
     assert _put(s3, rclone_bucket, "after", data).strip('"') == md5_hex(data)
+
+
+@pytest.mark.real_tools
+def test_proxy_reset_mid_body_keeps_a_retried_object_on_a_starved_rclone(tmp_path: Path) -> None:
+    """The soak's lost pack, on the real server. Under load rclone can get to a cut PUT late
+    (here it is stopped), after the client heard of the reset and its retry of the same key
+    was stored: the cut PUT then removes the key. The client must hear of the reset only once
+    rclone is done with the cut request, so that the retry comes after its cleanup.
+    (Before the fix this lost the object in most rounds; three rounds make a miss unlikely.)"""
+    errors = (ConnectionClosedError, EndpointConnectionError)
+    data = bytes(range(256)) * 200  # 50 KiB: fits in the socket buffers of a stopped server
+    with (
+        RcloneS3Server(tmp_path / "root", rclone=require_tool("rclone")) as server,
+        S3Proxy(server.endpoint) as proxy,
+    ):
+        server.endpoint.client().create_bucket(Bucket="cut-put")
+        s3 = proxy.endpoint.client(attempts=1)
+
+        def cut_then_retry(key: str) -> dict[str, object]:
+            outcome: dict[str, object] = {}
+
+            def send(what: str) -> None:
+                try:
+                    outcome[what] = _put(s3, "cut-put", key, data).strip('"')
+                except errors as exc:
+                    outcome[what] = exc
+
+            proxy.fault = FaultSchedule(Fault.reset_mid_body(), times=1, operation="PutObject")
+            cut = threading.Thread(target=send, args=("cut",), daemon=True)
+            retry = threading.Thread(target=send, args=("retry",), daemon=True)
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                cut.start()
+                cut.join(1.0)  # the old proxy reset the client at once; now it waits for rclone
+                if not cut.is_alive():
+                    retry.start()  # what the agent does on hearing of the reset...
+                    time.sleep(0.3)  # ...reaching the stopped server before it runs the cut PUT
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            cut.join(30)
+            if "retry" not in outcome and not retry.is_alive():
+                retry.start()
+            retry.join(30)
+            return outcome
+
+        outcomes = {key: cut_then_retry(key) for key in ("data/k0", "data/k1", "data/k2")}
+        time.sleep(0.3)  # a late cleanup would have run by now
+        root = server.bucket_path("cut-put")
+        kept = {
+            key: (root / key).is_file() and (root / key).read_bytes() == data for key in outcomes
+        }
+    for key, outcome in outcomes.items():
+        assert isinstance(outcome["cut"], errors), (key, outcome)  # the client saw its PUT cut
+        assert outcome["retry"] == md5_hex(data), (key, outcome)  # the retry was answered 200
+    assert kept == dict.fromkeys(outcomes, True), "retried PUTs answered 200, objects gone"
 
 
 def test_proxy_in_front_of_moto_signs_through(
@@ -608,6 +657,128 @@ def test_proxy_bad_gateway_when_upstream_is_down() -> None:
         resp = conn.getresponse()
         assert resp.status == 502 and b"BadGateway" in resp.read()
         conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# A reset mid-body must not let the cut PUT's server-side cleanup outlive the client's retry
+
+
+class _CutCleanupStore:
+    """The part of ``rclone serve s3`` behind a soak failure, with its race made certain.
+
+    rclone's PutObject writes the key in place and removes it when copying the body fails
+    (cmd/serve/s3/backend.go). That cleanup runs whenever rclone notices the cut; if the
+    client hears of the cut first, its retry of the same key can be stored and *then*
+    removed — a 200 followed by a missing object, which no S3 does. Here the cleanup of a cut
+    PUT holds (bounded) until the key has been written again, so any harness that lets the
+    client retry before the server is done with the cut request loses the retry every time.
+    """
+
+    HOLD = 2.0  # seconds a cut PUT's cleanup waits for a newer write of its key
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.cut_puts = 0
+        self._writes: dict[str, int] = {}
+        self._busy = 0
+        self._cond = threading.Condition()
+
+    def begin(self, key: str) -> int:
+        with self._cond:
+            self._busy += 1
+            self.objects[key] = b""  # written in place: truncated at once
+            return self._writes.get(key, 0)
+
+    def cut(self, key: str, generation: int) -> None:
+        with self._cond:
+            self.cut_puts += 1
+            self._cond.wait_for(lambda: self._writes.get(key, 0) > generation, self.HOLD)
+            self.objects.pop(key, None)
+
+    def store(self, key: str, body: bytes) -> None:
+        with self._cond:
+            self.objects[key] = body
+            self._writes[key] = self._writes.get(key, 0) + 1
+            self._cond.notify_all()
+
+    def end(self) -> None:
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify_all()
+
+    def settle(self) -> bool:
+        """Wait until no PUT is being handled (so every cleanup has run)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._busy == 0, 3 * self.HOLD)
+
+
+class _CutCleanupHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    store: _CutCleanupStore  # set on a subclass per test
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _answer(self, status: int, body: bytes = b"") -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_PUT(self) -> None:
+        length = int(self.headers["Content-Length"])
+        generation = self.store.begin(self.path)
+        try:
+            try:
+                body = self.rfile.read(length)
+            except OSError:
+                body = b""
+            if len(body) < length:
+                self.store.cut(self.path, generation)
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self._answer(400, b"IncompleteBody")
+                return
+            self.store.store(self.path, body)
+            self._answer(200)
+        finally:
+            self.store.end()
+
+
+def test_proxy_reset_mid_body_lets_the_server_finish_the_cut_put_before_the_client_retries() -> (
+    None
+):
+    """Cut PUT of K, retry of K answered 200: K must then exist (it does on S3 and B2)."""
+    store = _CutCleanupStore()
+    handler = type("Handler", (_CutCleanupHandler,), {"store": store})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    upstream = S3Endpoint(f"http://127.0.0.1:{server.server_address[1]}", "ak", "sk")
+    body = bytes(range(256)) * 4096  # 1 MiB: the proxy forwards half of it, then cuts
+    try:
+        with S3Proxy(upstream) as proxy:
+            proxy.fault = FaultSchedule(Fault.reset_mid_body(), times=1, method="PUT")
+            cut = _conn(proxy)
+            with pytest.raises((OSError, http.client.HTTPException)):  # the client sees a reset
+                cut.request("PUT", "/b/data/k", body=body)
+                cut.getresponse().read()
+            cut.close()
+            retry = _conn(proxy)  # at once, as a client with a zero backoff would
+            retry.request("PUT", "/b/data/k", body=body)
+            answer = retry.getresponse()
+            answer.read()
+            retry.close()
+            faults = [(r.method, r.fault) for r in proxy.requests]
+        assert answer.status == 200
+        assert store.settle()
+        assert store.cut_puts == 1  # the server did see the cut request
+        assert faults == [("PUT", "reset_mid_body"), ("PUT", None)]
+        assert store.objects.get("/b/data/k") == body, "the retry's 200 was undone by the cut PUT"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # ---------------------------------------------------------------------------------------------
