@@ -11,13 +11,20 @@ from datetime import UTC, datetime
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import ManifestRef, MirrorCompleted, RepoRef, VerificationStats
 from cloud.logic.checkpoint import (
+    PassResult,
     VerifyCheckpoint,
     VerifyPlan,
     advance,
     checkpoint_name,
     plan_verification,
 )
-from cloud.logic.ports import ObjectStore, ObjectStoreError, ReportSink, RunStore
+from cloud.logic.ports import (
+    ContinuationQueue,
+    ObjectStore,
+    ObjectStoreError,
+    ReportSink,
+    RunStore,
+)
 from cloud.logic.verification import (
     VerificationResult,
     mirror_run_record,
@@ -27,6 +34,7 @@ from cloud.logic.verification import (
 )
 from cloud.logic.verify import (
     MirrorVerifier,
+    PassProgress,
     VerificationOutcome,
     VerifyOptions,
     problems_report_key,
@@ -96,6 +104,8 @@ class CheckpointedVerification:
     unproven_objects: int
     unproven_bytes: int
     stats: VerificationStats | None = None  # of the pass, when one ran
+    # Another chain took the checkpoint over while this pass ran (Lambda): nothing saved.
+    superseded: bool = False
 
     @property
     def complete(self) -> bool:
@@ -113,6 +123,8 @@ def verify_checkpointed(
     rotation_budget: int,
     now: datetime | None = None,
     host: str | None = None,
+    chain: tuple[str, int] | None = None,
+    unreadable_raises: bool = False,
 ) -> CheckpointedVerification:
     """Verify what the event announces, building on what earlier passes proved.
 
@@ -125,7 +137,14 @@ def verify_checkpointed(
       `Mirror Verification Failed` with an `unverifiable` problem naming the reason, and
       the checkpoint stays as it was, so the next run tries again.
 
-    The checkpoint is saved before this returns, whatever the outcome.
+    The checkpoint is saved before this returns, whatever the outcome, and while the pass
+    runs every `options.progress_every_objects` objects / `progress_every_bytes` bytes read
+    (the lowest key still in flight: a killed pass loses at most that chunk of reads).
+
+    `chain` (the Lambda's continuation chain: run id, leg) claims the checkpoint for this
+    pass; when another chain claims it meanwhile, this pass stops and saves nothing more
+    (`superseded`). `unreadable_raises`: an unreadable destination raises ObjectStoreError
+    (the Lambda retries through SQS) instead of giving an `unverifiable` verdict.
     """
     runs.record(mirror_run_record(event))
     repo_key = event.repo.key
@@ -156,6 +175,10 @@ def verify_checkpointed(
         )
         record_verification(runs, result)
         return CheckpointedVerification(plan, before, result, 0, 0)
+    saver = _ProgressSaver(runs, repo_key, name, before, plan, event, now, chain)
+    if chain is not None:
+        saver.claim()
+    user_stop = options.should_stop
     pass_options = replace(
         options,
         resume_from=plan.resume_from,
@@ -163,12 +186,16 @@ def verify_checkpointed(
         rotation_bytes=plan.rotation_bytes,
         rotation_from=plan.rotation_from,
         rotate_uploaded=plan.rotate_uploaded,
+        should_stop=lambda: saver.superseded or (user_stop is not None and user_stop()),
+        on_progress=saver.save,
     )
     try:
         outcome = MirrorVerifier(store, event.destination, pass_options).verify(
             event.manifest.key, event.manifest.sha256
         )
     except ObjectStoreError as exc:
+        if unreadable_raises:
+            raise
         result = unverifiable_event(event, str(exc), started_at=now, host=host)
         record_verification(runs, result)
         checkpoint = before or VerifyCheckpoint()
@@ -183,6 +210,12 @@ def verify_checkpointed(
         manifest_sha256=event.manifest.sha256,
         now=now,  # when the pass began: `every` counts from there
     )
+    if chain is not None:
+        after = replace(after, chain=chain[0], leg=chain[1])
+    if not saver.still_mine():
+        return CheckpointedVerification(
+            plan, after, None, outcome.unproven_objects, outcome.unproven_bytes, superseded=True
+        )
     runs.save_checkpoint(repo_key, name, after.to_dict())
     if not outcome.complete and outcome.problems_total == 0:
         return CheckpointedVerification(
@@ -212,6 +245,136 @@ def verify_checkpointed(
     return CheckpointedVerification(
         plan, after, result, outcome.unproven_objects, outcome.unproven_bytes
     )
+
+
+@dataclass
+class LegOutcome:
+    """What one Lambda invocation (a leg of the chain) did with a verification.
+
+    `result`: the verdict to publish (complete, or a problem found); `continued`: the leg
+    handed on to when this one ran out of time; `ended`: why the chain ends without a
+    verdict (a newer event's verification took the work over)."""
+
+    result: VerificationResult | None = None
+    continued: int | None = None
+    ended: str | None = None
+    checked: CheckpointedVerification | None = None
+
+
+def verify_leg(
+    event: MirrorCompleted,
+    leg: int,
+    *,
+    store: ObjectStore,
+    runs: RunStore,
+    reports: ReportSink | None,
+    continuations: ContinuationQueue,
+    options: VerifyOptions,
+    every_seconds: float,
+    rotation_budget: int,
+    host: str | None = None,
+    now: datetime | None = None,
+) -> LegOutcome:
+    """One leg of the Lambda's checkpointed verification (leg 0: the agent's event).
+
+    The pass stops when `options.should_stop` says so (the invocation's remaining time);
+    its progress is in the checkpoint, the next leg is claimed there and then queued. A
+    leg the checkpoint has moved past (a redelivery) only queues the claimed leg again —
+    the queue's idempotency absorbs the duplicate — so no second chain starts; a leg whose
+    chain another event's verification took over ends (that one carries its work).
+    """
+    name = checkpoint_name(event.destination)
+    current = VerifyCheckpoint.from_dict(runs.load_checkpoint(event.repo.key, name))
+    if current is not None and current.chain == event.run_id and current.leg > leg:
+        continuations.send(event, current.leg)
+        return LegOutcome(continued=current.leg)
+    if leg > 0 and (current is None or current.chain != event.run_id):
+        return LegOutcome(ended="a newer verification of this mirror carries on its work")
+    checked = verify_checkpointed(
+        event,
+        store=store,
+        runs=runs,
+        reports=reports,
+        options=options,
+        every_seconds=every_seconds,
+        rotation_budget=rotation_budget,
+        now=now,
+        host=host,
+        chain=(event.run_id, leg),
+        unreadable_raises=True,
+    )
+    if checked.superseded:
+        return LegOutcome(ended="a newer verification took the work over", checked=checked)
+    if checked.result is not None:
+        return LegOutcome(result=checked.result, checked=checked)
+    following = leg + 1
+    runs.save_checkpoint(
+        event.repo.key,
+        name,
+        replace(checked.checkpoint, chain=event.run_id, leg=following).to_dict(),
+    )
+    continuations.send(event, following)
+    return LegOutcome(continued=following, checked=checked)
+
+
+class _ProgressSaver:
+    """Saves the checkpoint while a pass runs, and keeps a chain's claim on it."""
+
+    def __init__(
+        self,
+        runs: RunStore,
+        repo_key: str,
+        name: str,
+        before: VerifyCheckpoint | None,
+        plan: VerifyPlan,
+        event: MirrorCompleted,
+        now: datetime,
+        chain: tuple[str, int] | None,
+    ) -> None:
+        self.runs, self.repo_key, self.name = runs, repo_key, name
+        self.before, self.plan, self.event, self.now, self.chain = before, plan, event, now, chain
+        self.superseded = False
+
+    def claim(self) -> None:
+        assert self.chain is not None
+        claimed = replace(self.before or VerifyCheckpoint(), chain=self.chain[0], leg=self.chain[1])
+        self.runs.save_checkpoint(self.repo_key, self.name, claimed.to_dict())
+
+    def still_mine(self) -> bool:
+        """False once another chain (or a later leg) has claimed the checkpoint. A load
+        before each save, not a conditional write: two chains may overlap by one chunk."""
+        if self.chain is None or self.superseded:
+            return not self.superseded
+        current = VerifyCheckpoint.from_dict(self.runs.load_checkpoint(self.repo_key, self.name))
+        if current is None or (current.chain, current.leg) != self.chain:
+            self.superseded = True
+        return not self.superseded
+
+    def save(self, progress: PassProgress) -> None:
+        if progress.problems or not self.still_mine():
+            return  # a problem restarts the manifest: the pass's end saves that
+        previous = self.before or VerifyCheckpoint()
+        partial = PassResult(
+            complete=False,
+            problems=False,
+            unproven_from=progress.unproven_from,
+            # Not known until the pass has seen the whole manifest: as of the last pass.
+            unproven_objects=previous.unproven_objects,
+            unproven_bytes=previous.unproven_bytes,
+            rotation_next=progress.rotation_next,
+            rotated=progress.rotated,
+        )
+        after = advance(
+            self.before,
+            self.plan,
+            partial,
+            manifest_key=self.event.manifest.key,
+            manifest_sha256=self.event.manifest.sha256,
+            now=self.now,
+        )
+        if self.chain is not None:
+            after = replace(after, chain=self.chain[0], leg=self.chain[1])
+        self.runs.save_checkpoint(self.repo_key, self.name, after.to_dict())
 
 
 def verify_manifest(

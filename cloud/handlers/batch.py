@@ -99,7 +99,9 @@ class EventBatch:
     help). `retried`: failures SQS is expected to resolve by redelivering, logged as
     warnings with their own message. `quiet`: errors logged without a traceback.
     `counted`: an extra metric per error class. `deadline_reserve_ms`: a record is not
-    started with less time left (it fails at once and SQS retries it).
+    started with less time left (it fails at once and SQS retries it). `pass_record`: the
+    use case's `handle` also gets the SQS record and the Lambda context, by keyword (the
+    verifier reads its continuation leg and its remaining time from them).
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class EventBatch:
         quiet: tuple[type[BaseException], ...] = (),
         counted: Mapping[type[BaseException], str] | None = None,
         deadline_reserve_ms: int | None = None,
+        pass_record: bool = False,
     ) -> None:
         self.logger = logger
         self.metrics = metrics
@@ -125,6 +128,7 @@ class EventBatch:
         self.quiet = quiet
         self.counted = dict(counted or {})
         self.deadline_reserve_ms = deadline_reserve_ms
+        self.pass_record = pass_record
         self.processor = _Processor(
             self,
             event_type=EventType.SQS,
@@ -180,6 +184,9 @@ class EventBatch:
                 )
                 self.metrics.add_metric(name="IgnoredEvents", unit=MetricUnit.Count, value=1)
                 return "ignored"
+            if self.pass_record:
+                handle: Callable[..., str] = self.use_case().handle
+                return handle(detail, record=record, context=lambda_context)
             return self.use_case().handle(detail)
 
     def log_failure(self, record: Any, exc: BaseException) -> None:

@@ -38,6 +38,11 @@ class VerifyCheckpoint:
     rotation_at: datetime | None = None
     unproven_objects: int = 0
     unproven_bytes: int = 0
+    # The Lambda's continuation chain that owns the work under way: the run id of the
+    # `Mirror Completed` it verifies and the leg (invocation) that may run next. Empty in
+    # local mode. A leg of another chain, or an older leg of this one, must not run.
+    chain: str = ""
+    leg: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +59,8 @@ class VerifyCheckpoint:
             "rotation_at": _text(self.rotation_at),
             "unproven_objects": self.unproven_objects,
             "unproven_bytes": self.unproven_bytes,
+            "chain": self.chain,
+            "leg": self.leg,
         }
 
     @classmethod
@@ -74,6 +81,8 @@ class VerifyCheckpoint:
             rotation_at=_time(data.get("rotation_at")),
             unproven_objects=int(data.get("unproven_objects", 0)),
             unproven_bytes=int(data.get("unproven_bytes", 0)),
+            chain=str(data.get("chain", "")),
+            leg=int(data.get("leg", 0)),
         )
 
 

@@ -180,6 +180,15 @@ class RunStore(Protocol):
         ...
 
 
+class ContinuationQueue(Protocol):
+    """Where the Lambda verifier hands a verification it could not finish in one
+    invocation to the next (the verify queue; an in-memory list in tests)."""
+
+    def send(self, event: events.MirrorCompleted, leg: int) -> None:
+        """Queue leg `leg` of the verification of `event`; durable when this returns."""
+        ...
+
+
 Severity = Literal["success", "recovery", "failure", "stale"]
 
 

@@ -45,6 +45,24 @@ DAY = 86400.0
 LOCK_NEW_SLACK = DAY
 
 
+@dataclass(frozen=True)
+class PassProgress:
+    """Where a pass stands, for a checkpoint saved while it runs (`VerifyOptions.on_progress`).
+
+    Reads run concurrently, so "proven through" is the lowest key still in flight: every
+    new object below `unproven_from` has been read and hashed; the rotation's older objects
+    from `rotation_from` up to `rotation_next` likewise. Killing the pass now loses the
+    reads after the last report, nothing before it.
+    """
+
+    unproven_from: str
+    rotation_next: str
+    rotated: bool
+    problems: int
+    deep_checked: int
+    bytes_read: int
+
+
 class VerifyProgress(Protocol):
     """Where a pass reports the reads it plans and finishes (local mode's progress line)."""
 
@@ -70,6 +88,8 @@ class VerifyOptions:
     `should_stop` (the deadline)
     ends the pass early: no new read starts, the reads under way finish, and the outcome
     says from which key the new objects are still unproven.
+    `on_progress` is called (on the calling thread) every `progress_every_objects` objects
+    or `progress_every_bytes` bytes read, so the caller can save a checkpoint mid-pass.
     """
 
     new_bytes_budget: int | None = None
@@ -85,6 +105,9 @@ class VerifyOptions:
     rotate_uploaded: bool = False
     should_stop: Callable[[], bool] | None = None
     progress: VerifyProgress | None = None
+    on_progress: Callable[[PassProgress], None] | None = None
+    progress_every_objects: int = 100
+    progress_every_bytes: int = 1 << 30
     # The prefix the manifest describes, when the mirror was rebuilt elsewhere
     # (`recover --into`); None: the destination's own prefix.
     manifest_prefix: str | None = None
@@ -238,7 +261,9 @@ class MirrorVerifier:
                 header = self._compare(manifest_file, manifest_key, problems, stats, carried)
         list_requests = self.store.list_requests - requests_before
         deep = self._pass
-        complete = self._complete
+        # Reads queued when the deadline came are skipped even if the listing got to the
+        # end: the pass is then not complete (those objects are still unproven).
+        complete = self._complete and (deep is None or deep.unproven_objects == 0)
         rotation_next, rotated = (
             deep.rotation_outcome(complete)
             if deep is not None
@@ -524,6 +549,11 @@ class _DeepChecker:
         self.rotation_next = options.rotation_from
         self.rotation_skipped: str | None = None
         self._lock = threading.Lock()
+        # Reads submitted and not finished yet (key → "new" / "rotation" / "other"), and
+        # the next key the pass will consider: what `on_progress` reports is below both.
+        self._in_flight: dict[str, str] = {}
+        self._next_key = ""
+        self._reported = (0, 0)
         self._slots = threading.BoundedSemaphore(options.concurrency * 2)
         self._pool = ThreadPoolExecutor(max_workers=options.concurrency)
         self._failure: BaseException | None = None
@@ -554,6 +584,40 @@ class _DeepChecker:
     def consider(self, entry: ManifestEntry) -> None:
         if self._failure is not None:
             raise self._failure
+        self._pick(entry)
+        self._next_key = entry.key + "\x00"
+        self._maybe_report()
+
+    def _maybe_report(self) -> None:
+        """Call `on_progress` once a chunk of reads (objects or bytes) has finished."""
+        options = self.options
+        if options.on_progress is None:
+            return
+        with self._lock:
+            done = (self.stats["deep"], self.stats["bytes"])
+            if done[0] - self._reported[0] < max(options.progress_every_objects, 1) and done[
+                1
+            ] - self._reported[1] < max(options.progress_every_bytes, 1):
+                return
+            self._reported = done
+            flying = self._in_flight
+            new_keys = [k for k, kind in flying.items() if kind == "new"]
+            rotation_keys = [k for k, kind in flying.items() if kind == "rotation"]
+            unproven_from = min([*new_keys, self._next_key]) if self._next_key else ""
+            rotation_next = min([*rotation_keys, self.rotation_next])
+            if self.rotation_skipped is not None:
+                rotation_next = min(rotation_next, self.rotation_skipped)
+            progress = PassProgress(
+                unproven_from=min(unproven_from, self.unproven_from),
+                rotation_next=rotation_next,
+                rotated=self.rotation_full and not rotation_keys and self.rotation_skipped is None,
+                problems=self.problems.total,
+                deep_checked=done[0],
+                bytes_read=done[1],
+            )
+        options.on_progress(progress)
+
+    def _pick(self, entry: ManifestEntry) -> None:
         options = self.options
         pick = False
         new = self.is_new(entry)
@@ -593,10 +657,14 @@ class _DeepChecker:
             if options.progress is not None:
                 options.progress.add_work(1, entry.size)
             self._slots.acquire()
+            with self._lock:
+                self._in_flight[entry.key] = "new" if new else "rotation" if rotation else "other"
             future = self._pool.submit(self._read, entry, new, rotation)
-            future.add_done_callback(self._done)
+            future.add_done_callback(lambda done: self._done(done, entry.key))
 
-    def _done(self, future: Future[None]) -> None:
+    def _done(self, future: Future[None], key: str) -> None:
+        with self._lock:
+            self._in_flight.pop(key, None)
         self._slots.release()
         exc = future.exception()
         if exc is not None and self._failure is None:

@@ -96,6 +96,7 @@ ENVIRONMENT = {
     "VerifyFunction": {
         "RUNS_TABLE", "IDEMPOTENCY_TABLE", "EVENT_BUS_NAME", "DESTINATION_SECRET_ARN",
         "VERIFY_NEW_BYTES_BUDGET", "VERIFY_ROTATION_RUNS", "OBJECT_LOCK_DAYS",
+        "VERIFY_QUEUE_URL", "VERIFY_SAFETY_MARGIN_SECONDS",
         "POWERTOOLS_SERVICE_NAME", "POWERTOOLS_METRICS_NAMESPACE",
     },
     "NotifyFunction": {
@@ -231,6 +232,7 @@ def test_function_environment_is_the_handler_contract(transformed: Template) -> 
     verify = props(transformed, "VerifyFunction")["Environment"]["Variables"]
     assert verify["DESTINATION_SECRET_ARN"] == {"Ref": "DestinationSecret"}
     assert verify["VERIFY_ROTATION_RUNS"] == "30"
+    assert verify["VERIFY_QUEUE_URL"] == {"Ref": "VerifyQueue"}
     notify = props(transformed, "NotifyFunction")["Environment"]["Variables"]
     assert notify["NOTIFY_SECRET_ARN"] == {"Ref": "NotifySecret"}
     assert notify["TOPIC_ARN"] == {"Ref": "AlertTopic"}
@@ -342,7 +344,8 @@ def test_each_function_role_holds_only_what_its_function_uses(transformed: Templ
     }
     runs = {"dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query"}
     s3_read = {"s3:ListBucket", "s3:GetObject"}  # only with an AWS S3 destination
-    verify = {"events:PutEvents", "secretsmanager:GetSecretValue", *s3_read}
+    continue_ = {"sqs:SendMessage"}  # the verifier's continuation messages
+    verify = {"events:PutEvents", "secretsmanager:GetSecretValue", *s3_read, *continue_}
     notify = {"sns:Publish", "secretsmanager:GetSecretValue"}
     expected = {
         "VerifyRole": common | consume | idempotency | runs | verify,
@@ -372,6 +375,8 @@ def test_each_function_role_holds_only_what_its_function_uses(transformed: Templ
                 assert resource == {"Fn::GetAtt": ["RunsTable", "Arn"]}
         for resource in resources_for(found, "dynamodb:DeleteItem"):
             assert resource == {"Fn::GetAtt": ["IdempotencyTable", "Arn"]}
+        for resource in resources_for(found, "sqs:SendMessage"):
+            assert resource == {"Fn::GetAtt": ["VerifyQueue", "Arn"]}
     s3_policy = transformed["Resources"]["VerifyAwsS3ReadPolicy"]
     assert s3_policy["Condition"] == "DestinationIsAwsS3"
 

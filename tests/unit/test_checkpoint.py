@@ -9,15 +9,24 @@ import gzip
 import hashlib
 import json
 import random
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-from cloud.app.verify import CheckpointedVerification, verify_checkpointed
+import pytest
+
+from cloud.app.verify import (
+    CheckpointedVerification,
+    LegOutcome,
+    verify_checkpointed,
+    verify_leg,
+)
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import ManifestRef, MirrorCompleted, RepoRef
 from cloud.contracts.manifest import ManifestHeader
 from cloud.logic.checkpoint import VerifyCheckpoint, checkpoint_name
 from cloud.logic.verify import VerifyOptions
 from tests.support import events
+from tests.support.doubles.continuations import RecordingContinuations
 from tests.support.doubles.object_store import InMemoryObjectStore
 from tests.support.doubles.runstore import InMemoryRunStore
 
@@ -177,3 +186,76 @@ def test_a_problem_is_checked_and_announced_again_until_repaired() -> None:
     repaired = mirror.verify(mirror.event(a.manifest), now=T0 + timedelta(hours=3))
     assert repaired.result is not None and repaired.result.problems_total == 0
     assert not repaired.result.stats.reused and repaired.result.stats.deep_checked == 12
+
+
+class _Killed(BaseException):
+    """The process dies under a read (not an error anything may catch)."""
+
+
+def test_a_pass_killed_mid_chunk_loses_at_most_that_chunk() -> None:
+    mirror = Mirror()
+    keys = mirror.add(40)
+    a = mirror.manifest(set(keys))
+    real_read = mirror.store.read
+    budget = [13]
+
+    def dying_read(key: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
+        if "manifests" not in key:
+            if budget[0] <= 0:
+                raise _Killed(key)
+            budget[0] -= 1
+        return real_read(key, chunk_size)
+
+    mirror.store.read = dying_read  # type: ignore[method-assign]
+    options = VerifyOptions(concurrency=1, progress_every_objects=5)
+    with pytest.raises(_Killed):
+        verify_checkpointed(
+            a, store=mirror.store, runs=mirror.runs, reports=None, options=options,
+            every_seconds=86400, rotation_budget=0, now=T0,
+        )  # fmt: skip
+    saved = VerifyCheckpoint.from_dict(mirror.runs.load_checkpoint(REPO.key, checkpoint_name(DEST)))
+    assert saved is not None and saved.pending, "progress saved while the pass ran"
+    read_before = mirror.object_reads()
+    assert len(read_before) == 13
+
+    mirror.store.read = real_read  # type: ignore[method-assign]
+    done = mirror.verify(a)
+    assert done.result is not None and type(done.result).__name__ == "MirrorVerified"
+    reads = mirror.object_reads()
+    assert sorted(set(reads)) == sorted(keys)
+    again = len(reads) - len(keys)
+    assert 0 < again <= 5 + 2, "at most one chunk (and the reads in flight) read again"
+
+
+def test_lambda_legs_hand_on_through_the_continuation_port() -> None:
+    mirror = Mirror()
+    keys = mirror.add(25)
+    a = mirror.manifest(set(keys))
+    queue = RecordingContinuations()
+
+    def leg(n: int) -> LegOutcome:
+        before = len(mirror.store.reads)
+
+        def stop() -> bool:
+            return len(mirror.store.reads) - before >= 8
+
+        return verify_leg(
+            a, n, store=mirror.store, runs=mirror.runs, reports=None, continuations=queue,
+            options=VerifyOptions(concurrency=1, should_stop=stop), every_seconds=86400,
+            rotation_budget=0, now=T0,
+        )  # fmt: skip
+
+    first = leg(0)
+    assert first.result is None and first.continued == 1 and queue.sent == [(a, 1)]
+    # A redelivered leg 0 runs nothing: it only queues the claimed leg again.
+    reads = len(mirror.store.reads)
+    assert leg(0).continued == 1 and len(mirror.store.reads) == reads
+    n, outcome = 1, leg(1)
+    while outcome.continued is not None:
+        n += 1
+        outcome = leg(outcome.continued)
+    assert outcome.result is not None and type(outcome.result).__name__ == "MirrorVerified"
+    assert sorted(mirror.object_reads()) == sorted(keys), "each object read once"
+    # A stale leg after the end: the chain is finished, it ends without reading.
+    late = leg(1)
+    assert (late.result is None and late.continued is not None) or late.ended is not None

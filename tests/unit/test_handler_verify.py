@@ -487,10 +487,13 @@ def test_env_wiring_verifies_a_bucket_with_credentials_from_the_secret(
     options = verify_handler.get_verifier().deps.options
     assert (options.rotation_runs, options.new_bytes_budget) == (7, 1_000_000)
 
-    # Now a tampered object and an unreadable bucket, so errors get logged too.
-    victim = next(k for k in keys if "/data/" in k)
+    # Now a tampered object and an unreadable bucket, so errors get logged too. (A new
+    # mirror run: the same manifest again would read nothing, being proven already.)
+    other, new_keys = write_mirror(
+        lambda k, b: s3.put_object(Bucket="offsite-aws", Key=k, Body=b), destination, seed=6
+    )
+    victim = next(k for k in new_keys if "/data/" in k)
     s3.put_object(Bucket="offsite-aws", Key=victim, Body=b"tampered")
-    other = event.model_copy(update={"run_id": new_run_id()})
     gone = other.model_copy(
         update={
             "run_id": new_run_id(),
