@@ -11,11 +11,13 @@ from datetime import UTC, datetime
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import ManifestRef, MirrorCompleted, RepoRef, VerificationStats
 from cloud.logic.checkpoint import (
+    ManifestCursor,
     PassResult,
     VerifyCheckpoint,
     VerifyPlan,
     advance,
     checkpoint_name,
+    cursor_name,
     plan_verification,
 )
 from cloud.logic.ports import (
@@ -393,6 +395,23 @@ def verify_manifest(
     """Verify the mirror against the manifest `key` (the `verify` command), record it and
     store the problem report; `ObjectStoreError` when the bucket cannot be read."""
     outcome = MirrorVerifier(store, destination, options).verify(key, expected_sha256)
+    return _manifest_result(
+        key, outcome, repo=repo, destination=destination, reports=reports, runs=runs,
+        started_at=started_at, run_id=run_id,
+    )  # fmt: skip
+
+
+def _manifest_result(
+    key: str,
+    outcome: VerificationOutcome,
+    *,
+    repo: RepoRef,
+    destination: Destination,
+    reports: ReportSink,
+    runs: RunStore,
+    started_at: datetime,
+    run_id: str | None,
+) -> VerificationResult:
     header = outcome.header
     result = verification_event(
         outcome,
@@ -413,3 +432,80 @@ def verify_manifest(
         reports.put(problems_report_key(key), outcome.report)
     record_verification(runs, result)
     return result
+
+
+@dataclass
+class ManifestVerification:
+    """One call of the `verify` command: the verdict, or (`result` None) the time limit
+    came first and the progress is saved for the next call."""
+
+    result: VerificationResult | None
+    objects_read: int  # by this call and the earlier ones of the same verification
+    bytes_read: int
+    unread_objects: int  # still to read (new objects, rotation slice, --deep share)
+    unread_bytes: int
+    calls: int
+
+
+def verify_manifest_resumable(
+    key: str,
+    *,
+    expected_sha256: str | None,
+    repo: RepoRef,
+    destination: Destination,
+    store: ObjectStore,
+    runs: RunStore,
+    reports: ReportSink,
+    options: VerifyOptions,
+    deep: str,
+    started_at: datetime,
+    run_id: str | None = None,
+) -> ManifestVerification:
+    """`verify_manifest`, continued from where an earlier call's time limit stopped it.
+
+    The cursor (`ManifestCursor`, in the run store) is used when it is about the same
+    manifest and `deep` spec; a call stopped by `options.should_stop` saves it and returns
+    no verdict; a call that finishes or finds a problem clears it and returns the verdict,
+    with the reads of every call counted in its stats.
+    """
+    name = cursor_name(destination)
+    cursor = ManifestCursor.from_dict(runs.load_checkpoint(repo.key, name))
+    if cursor is None or cursor.manifest_key != key or cursor.deep != deep:
+        cursor = ManifestCursor(
+            manifest_key=key,
+            manifest_sha256=expected_sha256 or "",
+            rotation_index=options.rotation_index,
+            deep=deep,
+            read_from="",
+        )
+    expected = expected_sha256 or cursor.manifest_sha256 or None
+    call_options = replace(
+        options,
+        rotation_index=cursor.rotation_index,
+        read_from=cursor.read_from,
+        resume_from=cursor.read_from,
+    )
+    outcome = MirrorVerifier(store, destination, call_options).verify(key, expected)
+    objects = cursor.objects_read + outcome.stats.deep_checked
+    size = cursor.bytes_read + outcome.stats.bytes_read
+    if not outcome.complete and outcome.problems_total == 0:
+        saved = replace(
+            cursor,
+            manifest_sha256=outcome.manifest_sha256 or cursor.manifest_sha256,
+            read_from=max(cursor.read_from, outcome.read_from),
+            objects_read=objects,
+            bytes_read=size,
+            calls=cursor.calls + 1,
+        )
+        runs.save_checkpoint(repo.key, name, saved.to_dict())
+        return ManifestVerification(
+            None, objects, size, outcome.unread_objects, outcome.unread_bytes, saved.calls
+        )
+    if cursor.calls:
+        runs.save_checkpoint(repo.key, name, {})  # done: the next verify starts afresh
+    outcome.stats = outcome.stats.model_copy(update={"deep_checked": objects, "bytes_read": size})
+    result = _manifest_result(
+        key, outcome, repo=repo, destination=destination, reports=reports, runs=runs,
+        started_at=started_at, run_id=run_id,
+    )  # fmt: skip
+    return ManifestVerification(result, objects, size, 0, 0, cursor.calls + 1)

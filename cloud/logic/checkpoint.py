@@ -208,3 +208,47 @@ def advance(
         unproven_objects=0 if verified else result.unproven_objects,
         unproven_bytes=0 if verified else result.unproven_bytes,
     )
+
+
+@dataclass(frozen=True)
+class ManifestCursor:
+    """How far `backrest-relay verify` got with one manifest when its time limit came.
+
+    Every planned read of a key below `read_from` was done (by `calls` earlier calls, which
+    read `objects_read` objects, `bytes_read` bytes); the next call reads from there with
+    the same rotation slice and `--deep` share, and the verdict covers all the calls.
+    """
+
+    manifest_key: str
+    manifest_sha256: str
+    rotation_index: int
+    deep: str
+    read_from: str
+    objects_read: int = 0
+    bytes_read: int = 0
+    calls: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": CHECKPOINT_VERSION, "kind": "manifest-cursor", **self.__dict__}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ManifestCursor | None:
+        if not data or data.get("version") != CHECKPOINT_VERSION:
+            return None
+        if data.get("kind") != "manifest-cursor":
+            return None
+        return cls(
+            manifest_key=str(data["manifest_key"]),
+            manifest_sha256=str(data["manifest_sha256"]),
+            rotation_index=int(data["rotation_index"]),
+            deep=str(data["deep"]),
+            read_from=str(data["read_from"]),
+            objects_read=int(data.get("objects_read", 0)),
+            bytes_read=int(data.get("bytes_read", 0)),
+            calls=int(data.get("calls", 0)),
+        )
+
+
+def cursor_name(destination: Destination) -> str:
+    """The `verify` command's cursor, beside (not instead of) local mode's checkpoint."""
+    return f"verify-command:{checkpoint_name(destination)}"

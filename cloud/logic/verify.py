@@ -106,6 +106,9 @@ class VerifyOptions:
     should_stop: Callable[[], bool] | None = None
     progress: VerifyProgress | None = None
     on_progress: Callable[[PassProgress], None] | None = None
+    # Every read of a key below this was done by an earlier call of the same verification
+    # (`verify --time-limit`): nothing below it is read again.
+    read_from: str = ""
     progress_every_objects: int = 100
     progress_every_bytes: int = 1 << 30
     # The prefix the manifest describes, when the mirror was rebuilt elsewhere
@@ -133,6 +136,11 @@ class VerificationOutcome:
     unproven_bytes: int = 0
     rotation_next: str = ""
     rotated: bool = False
+    # Stopped early: the first key whose read (of any kind) did not happen, and the reads
+    # (new objects, the rotation slice, `--deep`) still to do from there.
+    read_from: str = PROVEN_ALL
+    unread_objects: int = 0
+    unread_bytes: int = 0
 
     @property
     def verified(self) -> bool:
@@ -292,6 +300,9 @@ class MirrorVerifier:
             unproven_bytes=deep.unproven_bytes if deep is not None else 0,
             rotation_next=rotation_next,
             rotated=rotated,
+            read_from=deep.read_from if deep is not None and not complete else PROVEN_ALL,
+            unread_objects=deep.unread_objects if deep is not None else 0,
+            unread_bytes=deep.unread_bytes if deep is not None else 0,
         )
 
     # -- steps
@@ -544,6 +555,9 @@ class _DeepChecker:
         self.unproven_from = PROVEN_ALL
         self.unproven_objects = 0
         self.unproven_bytes = 0
+        self.read_from = PROVEN_ALL
+        self.unread_objects = 0
+        self.unread_bytes = 0
         self.rotation_used = 0
         self.rotation_full = False
         self.rotation_next = options.rotation_from
@@ -572,8 +586,27 @@ class _DeepChecker:
 
     def leave_unproven(self, entry: ManifestEntry) -> None:
         """The pass ended before this object: count it only if it still needs proving."""
+        with self._lock:
+            self.read_from = min(self.read_from, entry.key)
         if self.is_new(entry):
             self._unproven(entry)
+            self._unread(entry)
+        elif entry.key >= self.options.read_from and self._would_read_older(entry):
+            self._unread(entry)
+
+    def _would_read_older(self, entry: ManifestEntry) -> bool:
+        """Whether the slice rotation or `--deep N%` picks this older object (no budgets)."""
+        options = self.options
+        if options.rotation_bytes is not None:
+            return False
+        return slice_of(entry.key, options.rotation_runs) == (
+            options.rotation_index % max(options.rotation_runs, 1)
+        ) or (options.extra_percent > 0 and _fraction(entry.key) * 100 < options.extra_percent)
+
+    def _unread(self, entry: ManifestEntry) -> None:
+        with self._lock:
+            self.unread_objects += 1
+            self.unread_bytes += entry.size
 
     def _unproven(self, entry: ManifestEntry) -> None:
         with self._lock:
@@ -619,6 +652,8 @@ class _DeepChecker:
 
     def _pick(self, entry: ManifestEntry) -> None:
         options = self.options
+        if entry.key < options.read_from:
+            return  # read by an earlier call of this verification
         pick = False
         new = self.is_new(entry)
         rotation = False
@@ -673,6 +708,9 @@ class _DeepChecker:
     def _read(self, entry: ManifestEntry, new: bool, rotation: bool) -> None:
         if self.options.should_stop is not None and self.options.should_stop():
             # Queued when the deadline came: not read, so not proven.
+            self._unread(entry)
+            with self._lock:
+                self.read_from = min(self.read_from, entry.key)
             if new:
                 self._unproven(entry)
             elif rotation:

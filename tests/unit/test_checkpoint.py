@@ -10,6 +10,7 @@ import hashlib
 import json
 import random
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -17,14 +18,16 @@ import pytest
 from cloud.app.verify import (
     CheckpointedVerification,
     LegOutcome,
+    ManifestVerification,
     verify_checkpointed,
     verify_leg,
+    verify_manifest_resumable,
 )
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import ManifestRef, MirrorCompleted, RepoRef
 from cloud.contracts.manifest import ManifestHeader
 from cloud.logic.checkpoint import VerifyCheckpoint, checkpoint_name
-from cloud.logic.verify import VerifyOptions
+from cloud.logic.verify import VerifyOptions, slice_of
 from tests.support import events
 from tests.support.doubles.continuations import RecordingContinuations
 from tests.support.doubles.object_store import InMemoryObjectStore
@@ -259,3 +262,47 @@ def test_lambda_legs_hand_on_through_the_continuation_port() -> None:
     # A stale leg after the end: the chain is finished, it ends without reading.
     late = leg(1)
     assert (late.result is None and late.continued is not None) or late.ended is not None
+
+
+def test_the_verify_command_continues_where_its_time_limit_stopped_it() -> None:
+    mirror = Mirror()
+    old = mirror.add(30)
+    mirror.manifest(set(old))
+    new = set(mirror.add(20))
+    b = mirror.manifest(new)
+    runs = InMemoryRunStore()
+    # The verify command reads the new objects and one rotation slice of the older ones
+    # (the one of its first call: verifications recorded meanwhile do not move it).
+    options = VerifyOptions(concurrency=1, rotation_runs=3, rotation_index=1)
+    planned = new | {k for k in old if slice_of(k, 3) == 1}
+    calls: list[ManifestVerification] = []
+    for _ in range(20):
+        before = len(mirror.store.reads)
+
+        def stop(before: int = before) -> bool:
+            return len(mirror.store.reads) - before >= 6
+
+        checked = verify_manifest_resumable(
+            b.manifest.key, expected_sha256=b.manifest.sha256, repo=REPO, destination=DEST,
+            store=mirror.store, runs=runs, reports=mirror.store,
+            options=replace(options, should_stop=stop, rotation_index=1 + len(calls)), deep="",
+            started_at=T0,
+        )  # fmt: skip
+        calls.append(checked)
+        if checked.result is not None:
+            break
+        assert checked.unread_objects > 0
+    assert len(calls) > 3 and all(c.result is None for c in calls[:-1])
+    assert calls[0].unread_objects + calls[0].objects_read == len(planned)
+    result = calls[-1].result
+    assert result is not None and type(result).__name__ == "MirrorVerified"
+    reads = mirror.object_reads()
+    assert sorted(reads) == sorted(planned), "each planned object read exactly once"
+    assert result.stats.deep_checked == len(planned)  # counted over every call
+    # Done: the next verify starts afresh (and reads everything planned again).
+    again = verify_manifest_resumable(
+        b.manifest.key, expected_sha256=b.manifest.sha256, repo=REPO, destination=DEST,
+        store=mirror.store, runs=runs, reports=mirror.store, options=options, deep="",
+        started_at=T0,
+    )  # fmt: skip
+    assert again.result is not None and again.objects_read == len(planned)
