@@ -127,6 +127,7 @@ def verify_checkpointed(
     host: str | None = None,
     chain: tuple[str, int] | None = None,
     unreadable_raises: bool = False,
+    rotation_days: float | None = None,
 ) -> CheckpointedVerification:
     """Verify what the event announces, building on what earlier passes proved.
 
@@ -160,6 +161,7 @@ def verify_checkpointed(
         now=now,
         every_seconds=every_seconds,
         rotation_budget=rotation_budget,
+        rotation_days=rotation_days,
     )
 
     if plan.action == "reuse":
@@ -276,6 +278,7 @@ def verify_leg(
     rotation_budget: int,
     host: str | None = None,
     now: datetime | None = None,
+    rotation_days: float | None = None,
 ) -> LegOutcome:
     """One leg of the Lambda's checkpointed verification (leg 0: the agent's event).
 
@@ -304,6 +307,7 @@ def verify_leg(
         host=host,
         chain=(event.run_id, leg),
         unreadable_raises=True,
+        rotation_days=rotation_days,
     )
     if checked.superseded:
         return LegOutcome(ended="a newer verification took the work over", checked=checked)

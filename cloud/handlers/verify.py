@@ -62,6 +62,11 @@ tracer = Tracer(service=SERVICE)
 metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE)
 
 
+DEFAULT_NEW_BYTES_BUDGET = 100 * 1024**3
+"""Bytes of newly uploaded objects one verification reads back (100 GiB; beyond it the
+rotation reads them within `VERIFY_ROTATION_DAYS`). Cost: docs/verification.md, "Sizing"."""
+
+
 @dataclass
 class Dependencies:
     """Everything the verifier touches outside its own code (fakes in unit tests).
@@ -84,6 +89,8 @@ class Dependencies:
     safety_margin_ms: int = 120_000
     every_seconds: float = 86400.0
     rotation_budget: int = 1 << 30
+    # Every object re-read at least once per this many days (None: the budget alone).
+    rotation_days: float | None = 30.0
 
 
 def dependencies_from_env() -> Dependencies:
@@ -98,8 +105,12 @@ def dependencies_from_env() -> Dependencies:
     secret_id = require_env("DESTINATION_SECRET_ARN")
     queue_url = os.environ.get("VERIFY_QUEUE_URL", "").strip()
     options = VerifyOptions(
-        new_bytes_budget=env_int("VERIFY_NEW_BYTES_BUDGET", None),
-        rotation_runs=env_int("VERIFY_ROTATION_RUNS", 30, minimum=1) or 30,
+        # "" (the template's empty parameter) is unlimited; unset is the default budget.
+        new_bytes_budget=(
+            None
+            if os.environ.get("VERIFY_NEW_BYTES_BUDGET") == ""
+            else env_int("VERIFY_NEW_BYTES_BUDGET", DEFAULT_NEW_BYTES_BUDGET)
+        ),
         concurrency=env_int("VERIFY_CONCURRENCY", 8, minimum=1) or 8,
         lock_days=env_int("OBJECT_LOCK_DAYS", None, minimum=1),
         lock_min_days=env_int("OBJECT_LOCK_MIN_DAYS", 1, minimum=0) or 0,
@@ -120,6 +131,7 @@ def dependencies_from_env() -> Dependencies:
         safety_margin_ms=1000 * (env_int("VERIFY_SAFETY_MARGIN_SECONDS", 120) or 0),
         every_seconds=float(env_int("VERIFY_EVERY_SECONDS", 86400) or 0),
         rotation_budget=env_int("VERIFY_ROTATION_BUDGET", 1 << 30) or 0,
+        rotation_days=env_int("VERIFY_ROTATION_DAYS", 30) or None,
     )
 
 
@@ -213,6 +225,7 @@ class Verifier:
             options=replace(self.deps.options, should_stop=self._should_stop),
             every_seconds=self.deps.every_seconds,
             rotation_budget=self.deps.rotation_budget,
+            rotation_days=self.deps.rotation_days,
             host=self.deps.host,
         )
         if outcome.continued is not None:

@@ -7,6 +7,7 @@ Fields and rules: docs/verification.md ("each object proven once").
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
@@ -43,6 +44,9 @@ class VerifyCheckpoint:
     # local mode. A leg of another chain, or an older leg of this one, must not run.
     chain: str = ""
     leg: int = 0
+    # Bytes the mirror's manifest lists, as of the last pass (sizes the rotation slice
+    # when `rotation_days` is set).
+    mirror_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +65,7 @@ class VerifyCheckpoint:
             "unproven_bytes": self.unproven_bytes,
             "chain": self.chain,
             "leg": self.leg,
+            "mirror_bytes": self.mirror_bytes,
         }
 
     @classmethod
@@ -83,6 +88,7 @@ class VerifyCheckpoint:
             unproven_bytes=int(data.get("unproven_bytes", 0)),
             chain=str(data.get("chain", "")),
             leg=int(data.get("leg", 0)),
+            mirror_bytes=int(data.get("mirror_bytes", 0)),
         )
 
 
@@ -130,12 +136,20 @@ def plan_verification(
     now: datetime,
     every_seconds: float,
     rotation_budget: int,
+    rotation_days: float | None = None,
 ) -> VerifyPlan:
+    """What the next pass does (see `VerifyPlan`).
+
+    With `rotation_days`, a rotation slice is at least the share of the mirror that the
+    time since the last slice asks for, so every object is re-read at least once per
+    `rotation_days` (docs/verification.md, "Sizing").
+    """
     cp = checkpoint or VerifyCheckpoint()
-    due = rotation_budget > 0 and (
+    due = (rotation_budget > 0 or bool(rotation_days)) and (
         cp.rotation_at is None or (now - cp.rotation_at).total_seconds() >= every_seconds
     )
-    rotation = rotation_budget if due else 0
+    rotation = max(rotation_budget, rotation_share(cp, now, every_seconds, rotation_days))
+    rotation = rotation if due else 0
     others = tuple(p for p in cp.pending if p.key != manifest_key)
     mine = next((p for p in cp.pending if p.key == manifest_key), None)
     same = cp.manifest_key == manifest_key and (
@@ -155,6 +169,27 @@ def plan_verification(
     return VerifyPlan("verify", "", carried, rotation, cp.rotation_from, "new manifest")
 
 
+def rotation_share(
+    checkpoint: VerifyCheckpoint, now: datetime, every_seconds: float, days: float | None
+) -> int:
+    """Bytes of older objects the next slice must re-read so the walk over the mirror never
+    takes longer than `days` between two reads of an object.
+
+    The cursor walks the mirror in key order at a rate of at least S / P (S: the mirror's
+    bytes, P: the period). An object is re-read at most P + 2 × every after its last read
+    (the slice that reaches it may come up to `every` late, in both walks), so P =
+    days − 2 × every. A slice reads S × (time since the last slice) / P, rounded up.
+    """
+    if not days or checkpoint.mirror_bytes <= 0:
+        return 0
+    period = max(days * 86400.0 - 2 * every_seconds, every_seconds, 1.0)
+    elapsed = every_seconds
+    if checkpoint.rotation_at is not None:
+        elapsed = (now - checkpoint.rotation_at).total_seconds()
+    fraction = min(max(elapsed, 0.0) / period, 1.0)
+    return math.ceil(checkpoint.mirror_bytes * fraction)
+
+
 @dataclass(frozen=True)
 class PassResult:
     """What a pass reports back to the checkpoint (see `VerificationOutcome`)."""
@@ -166,6 +201,7 @@ class PassResult:
     unproven_bytes: int
     rotation_next: str
     rotated: bool
+    mirror_bytes: int = 0  # the manifest's total size, when the pass saw all of it
 
 
 def advance(
@@ -207,6 +243,7 @@ def advance(
         rotation_at=now if plan.rotation_bytes and result.rotated else cp.rotation_at,
         unproven_objects=0 if verified else result.unproven_objects,
         unproven_bytes=0 if verified else result.unproven_bytes,
+        mirror_bytes=result.mirror_bytes or cp.mirror_bytes,
     )
 
 

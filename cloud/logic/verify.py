@@ -141,6 +141,7 @@ class VerificationOutcome:
     read_from: str = PROVEN_ALL
     unread_objects: int = 0
     unread_bytes: int = 0
+    mirror_bytes: int = 0  # the sizes of every object the manifest lists
 
     @property
     def verified(self) -> bool:
@@ -156,6 +157,7 @@ class VerificationOutcome:
             unproven_bytes=self.unproven_bytes,
             rotation_next=self.rotation_next,
             rotated=self.rotated,
+            mirror_bytes=self.mirror_bytes,
         )
 
 
@@ -246,7 +248,10 @@ class MirrorVerifier:
         """
         started = time.monotonic()
         problems = _Problems()
-        stats = {"listed": 0, "compared": 0, "deep": 0, "deep_new": 0, "bytes": 0, "extra": 0}
+        stats = {
+            "listed": 0, "compared": 0, "deep": 0, "deep_new": 0, "bytes": 0, "extra": 0,
+            "mirror_bytes": 0,
+        }  # fmt: skip
         requests_before = self.store.list_requests
         header: ManifestHeader | None = None
         actual_sha: str | None = None
@@ -300,6 +305,7 @@ class MirrorVerifier:
             unproven_bytes=deep.unproven_bytes if deep is not None else 0,
             rotation_next=rotation_next,
             rotated=rotated,
+            mirror_bytes=stats["mirror_bytes"] if header is not None else 0,
             read_from=deep.read_from if deep is not None and not complete else PROVEN_ALL,
             unread_objects=deep.unread_objects if deep is not None else 0,
             unread_bytes=deep.unread_bytes if deep is not None else 0,
@@ -473,6 +479,7 @@ class MirrorVerifier:
     ) -> None:
         """One manifest entry against the listed object of the same key (None: missing)."""
         stats["compared"] += 1
+        stats["mirror_bytes"] += entry.size
         if item is None:
             problems.add(entry.key, "missing", "in the manifest but not in the bucket")
             return
@@ -485,8 +492,10 @@ class MirrorVerifier:
         """The deadline came: count what is left to prove, without listing further."""
         self._complete = False
         deep.leave_unproven(entry)
+        deep.stats["mirror_bytes"] += entry.size
         for later in rest:
             deep.leave_unproven(later)
+            deep.stats["mirror_bytes"] += later.size
 
     def _extra(self, item: ListedObject, problems: _Problems, stats: dict[str, int]) -> None:
         stats["listed"] += 1
@@ -624,7 +633,7 @@ class _DeepChecker:
     def _maybe_report(self) -> None:
         """Call `on_progress` once a chunk of reads (objects or bytes) has finished."""
         options = self.options
-        if options.on_progress is None:
+        if options.on_progress is None or self._failure is not None:
             return
         with self._lock:
             done = (self.stats["deep"], self.stats["bytes"])
@@ -698,10 +707,11 @@ class _DeepChecker:
             future.add_done_callback(lambda done: self._done(done, entry.key))
 
     def _done(self, future: Future[None], key: str) -> None:
-        with self._lock:
-            self._in_flight.pop(key, None)
-        self._slots.release()
         exc = future.exception()
+        with self._lock:
+            if exc is None:  # a failed read stays "in flight": it proved nothing
+                self._in_flight.pop(key, None)
+        self._slots.release()
         if exc is not None and self._failure is None:
             self._failure = exc
 

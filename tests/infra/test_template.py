@@ -95,7 +95,7 @@ FUNCTIONS = {
 ENVIRONMENT = {
     "VerifyFunction": {
         "RUNS_TABLE", "IDEMPOTENCY_TABLE", "EVENT_BUS_NAME", "DESTINATION_SECRET_ARN",
-        "VERIFY_NEW_BYTES_BUDGET", "VERIFY_ROTATION_RUNS", "OBJECT_LOCK_DAYS",
+        "VERIFY_NEW_BYTES_BUDGET", "VERIFY_ROTATION_DAYS", "OBJECT_LOCK_DAYS",
         "VERIFY_QUEUE_URL", "VERIFY_SAFETY_MARGIN_SECONDS",
         "POWERTOOLS_SERVICE_NAME", "POWERTOOLS_METRICS_NAMESPACE",
     },
@@ -231,7 +231,8 @@ def test_function_environment_is_the_handler_contract(transformed: Template) -> 
         assert variables["RUNS_TABLE"] == {"Ref": "RunsTable"}
     verify = props(transformed, "VerifyFunction")["Environment"]["Variables"]
     assert verify["DESTINATION_SECRET_ARN"] == {"Ref": "DestinationSecret"}
-    assert verify["VERIFY_ROTATION_RUNS"] == "30"
+    assert verify["VERIFY_ROTATION_DAYS"] == "30"
+    assert verify["VERIFY_NEW_BYTES_BUDGET"] == {"Ref": "VerifyNewBytesBudget"}
     assert verify["VERIFY_QUEUE_URL"] == {"Ref": "VerifyQueue"}
     notify = props(transformed, "NotifyFunction")["Environment"]["Variables"]
     assert notify["NOTIFY_SECRET_ARN"] == {"Ref": "NotifySecret"}

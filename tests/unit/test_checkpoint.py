@@ -306,3 +306,46 @@ def test_the_verify_command_continues_where_its_time_limit_stopped_it() -> None:
         started_at=T0,
     )  # fmt: skip
     assert again.result is not None and again.objects_read == len(planned)
+
+
+def rotation_gaps(rotation_days: float | None, *, days: int = 45) -> tuple[list[float], Mirror]:
+    """Daily verifications of an unchanging mirror with a tiny byte budget; returns, for
+    every object, the longest time in days between two reads of it (the upload's read
+    first) — or since its last read, at the end."""
+    mirror = Mirror()
+    keys = mirror.add(60)
+    a = mirror.manifest(set(keys))
+    last_read = {k: 0.0 for k in keys}
+    gaps = dict.fromkeys(keys, 0.0)
+    first = verify_checkpointed(
+        a, store=mirror.store, runs=mirror.runs, reports=None,
+        options=VerifyOptions(concurrency=1), every_seconds=86400, rotation_budget=1,
+        now=T0, rotation_days=rotation_days,
+    )  # fmt: skip
+    assert first.result is not None
+    for day in range(1, days + 1):
+        before = len(mirror.store.reads)
+        checked = verify_checkpointed(
+            mirror.event(a.manifest), store=mirror.store, runs=mirror.runs, reports=None,
+            options=VerifyOptions(concurrency=1), every_seconds=86400, rotation_budget=1,
+            now=T0 + timedelta(days=day), rotation_days=rotation_days,
+        )  # fmt: skip
+        assert checked.result is not None
+        for key in mirror.store.reads[before:]:
+            if "manifests" not in key:
+                k = key.removeprefix(DEST.prefix + "/")
+                gaps[k] = max(gaps[k], day - last_read[k])
+                last_read[k] = day
+    return [max(gaps[k], days - last_read[k]) for k in keys], mirror
+
+
+def test_rotation_days_re_reads_every_object_within_that_many_days() -> None:
+    gaps, mirror = rotation_gaps(10)
+    assert max(gaps) <= 10, sorted(gaps)[-5:]
+    # It is a guarantee, not a full re-read every day: about 10/(10 - 2) of the mirror
+    # per 10 days (plus one object per slice for rounding).
+    reads = [k for k in mirror.store.reads if "manifests" not in k]
+    assert len(reads) < 60 + 60 * 45 / 8 + 2 * 45
+    # Without it the byte budget alone (1 byte: one object a day) takes 60 days.
+    gaps_without, _ = rotation_gaps(None)
+    assert max(gaps_without) > 10

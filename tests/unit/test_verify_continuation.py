@@ -173,6 +173,7 @@ def world(idempotency_client: Any) -> Iterator[World]:
             host="lambda:test",
             safety_margin_ms=MARGIN_MS,
             rotation_budget=0,
+            rotation_days=None,  # no rotation: every read here is a new object's
         )
     )
     yield World(clock, store, runs, bus, sqs, queue)
