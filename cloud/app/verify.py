@@ -251,6 +251,10 @@ def verify_checkpointed(
     )
 
 
+class NoProgressError(RuntimeError):
+    """A Lambda leg ran out of time before its first read: continuing would loop."""
+
+
 @dataclass
 class LegOutcome:
     """What one Lambda invocation (a leg of the chain) did with a verification.
@@ -313,6 +317,14 @@ def verify_leg(
         return LegOutcome(ended="a newer verification took the work over", checked=checked)
     if checked.result is not None:
         return LegOutcome(result=checked.result, checked=checked)
+    if checked.stats is not None and checked.stats.deep_checked == 0:
+        raise NoProgressError(
+            f"leg {leg} of the verification of {event.run_id} stopped before reading any "
+            "object: the invocation's time less the safety margin does not cover fetching "
+            "the manifest and listing the mirror (raise the function's timeout or lower "
+            "VERIFY_SAFETY_MARGIN_SECONDS); not continuing, so SQS retries and then moves "
+            "the event to the dead-letter queue"
+        )
     following = leg + 1
     runs.save_checkpoint(
         event.repo.key,

@@ -321,3 +321,17 @@ def test_a_newer_event_takes_over_a_running_chain(world: World) -> None:
     assert all(reads[k] == 1 for k in data_keys), "each data object read once"
     [result] = world.bus.events
     assert isinstance(result, MirrorVerified) and result.mirror_run_id == second.run_id
+
+
+def test_a_leg_that_cannot_read_anything_fails_instead_of_looping(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    event, _ = big_mirror(world, objects=10)
+    deps = verify_handler.get_verifier().deps
+    deps.safety_margin_ms = BUDGET_MS + 1  # the time is up before the first read
+    response = world.invoke(record_for(event, "agent-1"))
+    assert lambdas.failed_ids(response) == ["agent-1"]  # retried, then the DLQ (alarm)
+    assert world.continuations() == [] and world.bus.events == []
+    assert sum(world.store.object_reads().values()) == 0
+    errors = [line for line in lambdas.read_output(capsys).logs if line["level"] == "ERROR"]
+    assert [e["error_type"] for e in errors] == ["NoProgressError"]
