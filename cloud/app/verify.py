@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import ManifestRef, MirrorCompleted, RepoRef, VerificationStats
 from cloud.logic.checkpoint import (
+    PROVEN_ALL,
     ManifestCursor,
     PassResult,
     VerifyCheckpoint,
@@ -504,7 +505,10 @@ def verify_manifest_resumable(
     outcome = MirrorVerifier(store, destination, call_options).verify(key, expected)
     objects = cursor.objects_read + outcome.stats.deep_checked
     size = cursor.bytes_read + outcome.stats.bytes_read
-    if not outcome.complete and outcome.problems_total == 0:
+    # (Complete as far as the checkpoint goes, a pass may still have skipped an older
+    # object's read at the limit: `read_from` says so.)
+    unfinished = not outcome.complete or outcome.read_from != PROVEN_ALL
+    if unfinished and outcome.problems_total == 0:
         saved = replace(
             cursor,
             manifest_sha256=outcome.manifest_sha256 or cursor.manifest_sha256,

@@ -306,7 +306,7 @@ class MirrorVerifier:
             rotation_next=rotation_next,
             rotated=rotated,
             mirror_bytes=stats["mirror_bytes"] if header is not None else 0,
-            read_from=deep.read_from if deep is not None and not complete else PROVEN_ALL,
+            read_from=deep.read_from if deep is not None else PROVEN_ALL,
             unread_objects=deep.unread_objects if deep is not None else 0,
             unread_bytes=deep.unread_bytes if deep is not None else 0,
         )
