@@ -215,8 +215,7 @@ def verify_checkpointed(
         manifest_sha256=event.manifest.sha256,
         now=now,  # when the pass began: `every` counts from there
     )
-    if chain is not None:
-        after = replace(after, chain=chain[0], leg=chain[1])
+    after = saver.owned(after)
     if not saver.still_mine():
         return CheckpointedVerification(
             plan, after, None, outcome.unproven_objects, outcome.unproven_bytes, superseded=True
@@ -243,6 +242,9 @@ def verify_checkpointed(
         update={
             "unproven_objects": outcome.unproven_objects,
             "unproven_bytes": outcome.unproven_bytes,
+            # A Lambda chain's verdict counts the reads of its earlier legs too.
+            "deep_checked": outcome.stats.deep_checked + saver.tally[0],
+            "bytes_read": outcome.stats.bytes_read + saver.tally[1],
         }
     )
     result = _result_for(event, outcome, started_at=now, host=host, report_key=report_key)
@@ -318,7 +320,8 @@ def verify_leg(
         return LegOutcome(ended="a newer verification took the work over", checked=checked)
     if checked.result is not None:
         return LegOutcome(result=checked.result, checked=checked)
-    if checked.stats is not None and checked.stats.deep_checked == 0:
+    stats = checked.stats or VerificationStats()
+    if stats.deep_checked == 0:
         raise NoProgressError(
             f"leg {leg} of the verification of {event.run_id} stopped before reading any "
             "object: the invocation's time less the safety margin does not cover fetching "
@@ -330,7 +333,13 @@ def verify_leg(
     runs.save_checkpoint(
         event.repo.key,
         name,
-        replace(checked.checkpoint, chain=event.run_id, leg=following).to_dict(),
+        replace(
+            checked.checkpoint,
+            chain=event.run_id,
+            leg=following,
+            chain_objects=checked.checkpoint.chain_objects + stats.deep_checked,
+            chain_bytes=checked.checkpoint.chain_bytes + stats.bytes_read,
+        ).to_dict(),
     )
     continuations.send(event, following)
     return LegOutcome(continued=following, checked=checked)
@@ -353,10 +362,24 @@ class _ProgressSaver:
         self.runs, self.repo_key, self.name = runs, repo_key, name
         self.before, self.plan, self.event, self.now, self.chain = before, plan, event, now, chain
         self.superseded = False
+        # What this chain's earlier legs read (a new chain starts from nothing).
+        same_chain = chain is not None and before is not None and before.chain == chain[0]
+        self.tally = (before.chain_objects, before.chain_bytes) if same_chain and before else (0, 0)
+
+    def owned(self, checkpoint: VerifyCheckpoint) -> VerifyCheckpoint:
+        """`checkpoint` marked as this chain's (unchanged outside the Lambda)."""
+        if self.chain is None:
+            return checkpoint
+        return replace(
+            checkpoint,
+            chain=self.chain[0],
+            leg=self.chain[1],
+            chain_objects=self.tally[0],
+            chain_bytes=self.tally[1],
+        )
 
     def claim(self) -> None:
-        assert self.chain is not None
-        claimed = replace(self.before or VerifyCheckpoint(), chain=self.chain[0], leg=self.chain[1])
+        claimed = self.owned(self.before or VerifyCheckpoint())
         self.runs.save_checkpoint(self.repo_key, self.name, claimed.to_dict())
 
     def still_mine(self) -> bool:
@@ -391,9 +414,7 @@ class _ProgressSaver:
             manifest_sha256=self.event.manifest.sha256,
             now=self.now,
         )
-        if self.chain is not None:
-            after = replace(after, chain=self.chain[0], leg=self.chain[1])
-        self.runs.save_checkpoint(self.repo_key, self.name, after.to_dict())
+        self.runs.save_checkpoint(self.repo_key, self.name, self.owned(after).to_dict())
 
 
 def verify_manifest(

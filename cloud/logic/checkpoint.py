@@ -44,6 +44,9 @@ class VerifyCheckpoint:
     # local mode. A leg of another chain, or an older leg of this one, must not run.
     chain: str = ""
     leg: int = 0
+    # What the chain's earlier legs read (objects, bytes): the verdict counts every leg.
+    chain_objects: int = 0
+    chain_bytes: int = 0
     # Bytes the mirror's manifest lists, as of the last pass (sizes the rotation slice
     # when `rotation_days` is set).
     mirror_bytes: int = 0
@@ -65,6 +68,8 @@ class VerifyCheckpoint:
             "unproven_bytes": self.unproven_bytes,
             "chain": self.chain,
             "leg": self.leg,
+            "chain_objects": self.chain_objects,
+            "chain_bytes": self.chain_bytes,
             "mirror_bytes": self.mirror_bytes,
         }
 
@@ -88,6 +93,8 @@ class VerifyCheckpoint:
             unproven_bytes=int(data.get("unproven_bytes", 0)),
             chain=str(data.get("chain", "")),
             leg=int(data.get("leg", 0)),
+            chain_objects=int(data.get("chain_objects", 0)),
+            chain_bytes=int(data.get("chain_bytes", 0)),
             mirror_bytes=int(data.get("mirror_bytes", 0)),
         )
 
