@@ -349,3 +349,31 @@ def test_rotation_days_re_reads_every_object_within_that_many_days() -> None:
     # Without it the byte budget alone (1 byte: one object a day) takes 60 days.
     gaps_without, _ = rotation_gaps(None)
     assert max(gaps_without) > 10
+
+
+def test_a_leg_under_way_stops_when_another_chain_takes_the_checkpoint_over() -> None:
+    mirror = Mirror()
+    keys = mirror.add(40)
+    a = mirror.manifest(set(keys))
+    name = checkpoint_name(DEST)
+    real_read = mirror.store.read
+    reads = [0]
+
+    def read(key: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
+        if "manifests" not in key:
+            reads[0] += 1
+            if reads[0] == 7:  # meanwhile, a newer event's leg 0 claims the checkpoint
+                taken = VerifyCheckpoint(manifest_key="newer", chain="run-b", leg=0)
+                mirror.runs.save_checkpoint(REPO.key, name, taken.to_dict())
+        return real_read(key, chunk_size)
+
+    mirror.store.read = read  # type: ignore[method-assign]
+    checked = verify_checkpointed(
+        a, store=mirror.store, runs=mirror.runs, reports=None,
+        options=VerifyOptions(concurrency=1, progress_every_objects=5), every_seconds=86400,
+        rotation_budget=0, now=T0, chain=("run-a", 0),
+    )  # fmt: skip
+    assert checked.superseded and checked.result is None
+    assert reads[0] <= 10 + 2, "stopped at the next progress save"
+    saved = VerifyCheckpoint.from_dict(mirror.runs.load_checkpoint(REPO.key, name))
+    assert saved is not None and (saved.chain, saved.manifest_key) == ("run-b", "newer")
