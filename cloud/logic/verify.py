@@ -93,6 +93,18 @@ class VerifyOptions:
     # the manifest's time. None: locks are not checked.
     lock_days: float | None = None
     lock_min_days: float = 1.0
+    # One chunk of a fanned-out verification (`cloud.logic.chunks`): only keys
+    # `key_from <= key < key_to` (None: to the end) are listed, compared and read; the
+    # header's object count is then checked by whoever adds the chunks up.
+    key_from: str = ""
+    key_to: str | None = None
+
+    @property
+    def ranged(self) -> bool:
+        return bool(self.key_from) or self.key_to is not None
+
+    def in_range(self, key: str) -> bool:
+        return key >= self.key_from and (self.key_to is None or key < self.key_to)
 
 
 @dataclass
@@ -311,7 +323,9 @@ class MirrorVerifier:
         def entries() -> Iterator[ManifestEntry]:
             for line in stream:
                 if line.strip():
-                    yield ManifestEntry.model_validate_json(line)
+                    entry = ManifestEntry.model_validate_json(line)
+                    if self.options.in_range(entry.key):
+                        yield entry
 
         return header, entries()
 
@@ -375,6 +389,8 @@ class MirrorVerifier:
         written = stats["compared"]
         if not self._complete:
             return header  # stopped early: the rest was counted as unproven, not compared
+        if self.options.ranged:
+            return header  # one chunk: the chunks' counts are added up and checked together
         if written != header.objects:
             problems.add(
                 manifest_key,
@@ -387,6 +403,10 @@ class MirrorVerifier:
         base = self.destination.key("")
         for item in self.store.list(base):
             relative = item.key[len(base) :]
+            if not self.options.in_range(relative):
+                if self.options.key_to is not None and relative >= self.options.key_to:
+                    return  # in key order: nothing further is in range (no more pages)
+                continue
             if relative.startswith(IGNORED_FOLDERS) or not relative:
                 continue
             yield ListedObject(relative, item.size, item.etag)
