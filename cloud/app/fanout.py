@@ -122,6 +122,7 @@ def fan_out(
             event=event.model_dump(mode="json"),
             cuts=tuple(cuts),
             rotation_index=runs.verification_count(event.repo.key),
+            rotation_runs=options.rotation_runs,
             new_bytes_budget=None if budget is None else budget // chunks,
             created_at=(now or datetime.now(UTC)).isoformat(),
         )
@@ -247,6 +248,7 @@ def verify_chunk(
             key_from=chunk.key_from,
             key_to=chunk.key_to,
             rotation_index=job.rotation_index,
+            rotation_runs=job.rotation_runs,
             new_bytes_budget=job.new_bytes_budget,
         )
         outcome = MirrorVerifier(store, event.destination, chunk_options).verify(

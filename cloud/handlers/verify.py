@@ -42,6 +42,7 @@ from cloud.handlers.common import (
     require_env,
     service_name,
 )
+from cloud.handlers.fanout import FanoutDispatch, fanout_from_env
 from cloud.integrations.eventbus import EventBridgeBus, EventBus
 from cloud.logic.ports import ObjectStoreError, RunStore
 from cloud.logic.verification import VerificationResult
@@ -68,6 +69,7 @@ class Dependencies:
     persistence: Callable[[], BasePersistenceLayer]
     options: VerifyOptions = field(default_factory=VerifyOptions)
     host: str | None = None
+    fanout: FanoutDispatch | None = None  # large mirrors: chunks for the chunk function
 
 
 def dependencies_from_env() -> Dependencies:
@@ -97,6 +99,7 @@ def dependencies_from_env() -> Dependencies:
         ),
         options=options,
         host=f"lambda:{os.environ.get('AWS_LAMBDA_FUNCTION_NAME', 'verifier')}",
+        fanout=fanout_from_env(dynamodb),
     )
 
 
@@ -138,9 +141,24 @@ class Verifier:
         """Verify and publish one `Mirror Completed`; returns the result's detail type."""
         assert isinstance(detail, MirrorCompleted)
         tracer.put_annotation(key="mirror_run_id", value=detail.run_id)
+        if self._fanned_out(detail):
+            return "fanned out"
         stored = self.verify_once(event=detail)
         self.publish_once(result=stored)
         return str(stored["detail_type"])
+
+    def _fanned_out(self, event: MirrorCompleted) -> bool:
+        """Above the fan-out threshold: the chunks are queued, and the chunk function
+        publishes the result (`cloud.handlers.fanout`; idempotent on its own)."""
+        if self.deps.fanout is None:
+            return False
+        store, _ = self.deps.destinations(event.destination)
+        plan = self.deps.fanout(event, store=store, runs=self.deps.runs, options=self.deps.options)
+        if plan is None:
+            return False
+        logger.info("fanned out", job_id=plan.job_id, chunks=plan.chunks, sent=plan.sent)
+        metrics.add_metric(name="ChunksQueued", unit=MetricUnit.Count, value=plan.sent)
+        return True
 
     # The idempotent steps. Their inputs are hashed by powertools (pydantic models are
     # dumped to JSON first); their outputs are stored as JSON and replayed on duplicates.

@@ -46,6 +46,7 @@ class FanoutJob:
     event: dict[str, Any]  # the `Mirror Completed` detail
     cuts: tuple[str, ...]  # the chunk boundaries (`cloud.logic.chunks.ranges`)
     rotation_index: int
+    rotation_runs: int  # every chunk draws the same rotation slice
     new_bytes_budget: int | None  # per chunk
     created_at: str
     # State, kept by the store.
@@ -71,6 +72,7 @@ class FanoutJob:
             "event": self.event,
             "cuts": list(self.cuts),
             "rotation_index": self.rotation_index,
+            "rotation_runs": self.rotation_runs,
             "new_bytes_budget": self.new_bytes_budget,
             "created_at": self.created_at,
         }
@@ -86,6 +88,7 @@ class FanoutJob:
             event=dict(data["event"]),
             cuts=tuple(str(c) for c in data["cuts"]),
             rotation_index=int(data["rotation_index"]),
+            rotation_runs=int(data["rotation_runs"]),
             new_bytes_budget=None if budget is None else int(budget),
             created_at=str(data["created_at"]),
             done=tuple(sorted(int(i) for i in data.get("done", ()))),
