@@ -98,23 +98,26 @@ def fan_out(
     """Queue the verification of `event` as chunks; None when it is left to one pass.
 
     Left to one pass: a mirror below the thresholds (decided from the event, without a
-    request), and a manifest that cannot be planned from (missing, not what the event
-    promised, unreadable, unsorted) — the one pass then reports why, as always.
+    request to the bucket), one whose manifest plans a single chunk, and a manifest that
+    cannot be planned from (missing, not what the event promised, unreadable, unsorted) —
+    the one pass then reports why, as always.
     Idempotent: a redelivered event reuses the job (and its chunks) it planned first and
     sends nothing once every work item was sent. `ObjectStoreError` propagates (the
     record is retried).
     """
-    if not should_fan_out(
-        event.manifest.objects, estimated_read(event, options, settings), settings
-    ):
-        return None
     jid = job_id(event.run_id, event.manifest.key, event.manifest.sha256)
-    stored = jobs.load_job(jid)
+    stored = jobs.load_job(jid)  # first: once fanned out, always (settings may change)
     if stored is None:
+        if not should_fan_out(
+            event.manifest.objects, estimated_read(event, options, settings), settings
+        ):
+            return None
         planned = _plan(event, store, settings, options)
         if planned is None:
             return None
         cuts, chunks = planned
+        if chunks == 1:
+            return None  # the manifest says it fits one pass after all
         budget = options.new_bytes_budget
         job = FanoutJob(
             job_id=jid,

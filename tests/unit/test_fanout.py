@@ -86,6 +86,23 @@ def test_a_small_mirror_is_left_to_one_pass_without_a_request() -> None:
     assert side.store.reads == [] and side.queue == []
 
 
+def test_a_manifest_that_plans_one_chunk_is_left_to_one_pass() -> None:
+    side = Side()
+    one = FanoutSettings(min_objects=10, min_read_bytes=1 << 60, chunk_bytes=1 << 40)
+    assert side.fan_out(one) is None
+    assert side.queue == [] and side.jobs.jobs == {}
+
+
+def test_once_fanned_out_a_redelivery_stays_fanned_out_whatever_the_settings() -> None:
+    side = Side()
+    plan = side.fan_out()
+    side.queue.clear()
+    side.jobs.jobs[plan.job_id]["dispatched"] = False  # died before marking it
+    again = side.fan_out(FanoutSettings())  # thresholds raised since
+    assert again is not None and (again.job_id, again.sent) == (plan.job_id, plan.chunks)
+    assert len(side.queue) == plan.chunks
+
+
 def test_fan_out_queues_each_chunk_once_even_when_the_event_is_redelivered() -> None:
     side = Side()
     plan = side.fan_out()
