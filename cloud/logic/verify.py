@@ -399,13 +399,19 @@ class MirrorVerifier:
             )
         return header
 
-    def _listing(self) -> Iterator[ListedObject]:
+    def _listing(self, *, ordered: bool = True) -> Iterator[ListedObject]:
         base = self.destination.key("")
+        last: str | None = None  # a chunk stops listing at its end: only in key order
         for item in self.store.list(base):
             relative = item.key[len(base) :]
+            if ordered and self.options.ranged:
+                if last is not None and relative < last:
+                    raise _Unordered(relative)
+                end = self.options.key_to
+                if end is not None and relative >= end and last is not None:
+                    return  # nothing further is in range: no more pages
+                last = relative
             if not self.options.in_range(relative):
-                if self.options.key_to is not None and relative >= self.options.key_to:
-                    return  # in key order: nothing further is in range (no more pages)
                 continue
             if relative.startswith(IGNORED_FOLDERS) or not relative:
                 continue
@@ -438,7 +444,7 @@ class MirrorVerifier:
     def _keyed(self, entries: Iterator[ManifestEntry], deep: _DeepChecker) -> None:
         """Every manifest entry against the listing (`deep` holds the problems and stats)."""
         problems, stats = deep.problems, deep.stats
-        remote = {item.key: item for item in self._listing()}
+        remote = {item.key: item for item in self._listing(ordered=False)}
         for entry in entries:
             if deep.should_stop():
                 self._stop(entry, entries, deep)

@@ -3,8 +3,12 @@ and reads only its key range, and the chunks together do exactly what one pass d
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from cloud.logic.chunks import FanoutSettings, plan_chunks
+from cloud.logic.ports import ListedObject
 from cloud.logic.verify import MirrorVerifier, VerificationOutcome, VerifyOptions
+from tests.support.doubles.object_store import InMemoryObjectStore
 from tests.unit.test_verify_logic import DEST, MANIFEST, build
 
 
@@ -65,3 +69,16 @@ def test_the_listing_stops_at_the_end_of_the_range() -> None:
         store, DEST, VerifyOptions(rotation_runs=1000, key_to=str(entries[5]["key"]))
     ).verify(MANIFEST, sha)
     assert store.list_requests - before == 1
+
+
+def test_an_unordered_listing_is_not_cut_short() -> None:
+    class Reversed(InMemoryObjectStore):
+        def list(self, prefix: str) -> Iterator[ListedObject]:
+            return iter(reversed(list(super().list(prefix))))
+
+    store, entries, sha = build(n_old=30, n_new=10)
+    backwards = Reversed(page_size=1000)
+    backwards.objects, backwards.etags = store.objects, store.etags
+    outcomes = run_chunks(backwards, sha, entries, 4)
+    assert all(o.verified for o in outcomes), [o.problems for o in outcomes]
+    assert sum(o.stats.compared for o in outcomes) == len(entries)
