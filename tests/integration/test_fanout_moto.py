@@ -301,3 +301,17 @@ def test_a_small_mirror_is_verified_in_one_pass(
     assert side.peek("chunks") == []
     [result] = side.drain("results")
     assert result["detail-type"] == "Mirror Verified"
+
+
+def test_a_malformed_or_unknown_work_item_fails_alone_and_reaches_the_chunk_dlq(
+    side: Side,
+) -> None:
+    url = side.queues["chunks"][0]
+    unknown = json.dumps({"job_id": "0" * 32, "index": 0, "chunks": 1})
+    side.sqs.send_message(QueueUrl=url, MessageBody="{not json")
+    side.sqs.send_message(QueueUrl=url, MessageBody=unknown)
+    responses = side.run_chunks()
+    assert all(len(r["batchItemFailures"]) == 1 for r in responses)
+    assert len(responses) == 2 * 5  # maxReceiveCount deliveries each, then the DLQ
+    assert sorted(side.peek("chunks-dlq")) == sorted(["{not json", unknown])
+    assert side.drain("results") == []
