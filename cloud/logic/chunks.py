@@ -45,8 +45,8 @@ class FanoutSettings:
     each, at most `max_chunks` of them (DynamoDB keeps the boundaries in one item).
     """
 
-    min_objects: int = 200_000
-    min_read_bytes: int = 32 * 1024**3
+    min_objects: int = 100_000
+    min_read_bytes: int = 16 * 1024**3
     chunk_bytes: int = 8 * 1024**3
     max_chunks: int = 1000
     per_object_bytes: int = PER_OBJECT_BYTES
