@@ -49,6 +49,7 @@ from cloud.handlers.common import (
     require_env,
     service_name,
 )
+from cloud.handlers.fanout import FanoutDispatch, fanout_from_env
 from cloud.integrations.continuations import LEG_ATTRIBUTE, SqsContinuations
 from cloud.integrations.eventbus import EventBridgeBus, EventBus
 from cloud.logic.ports import ContinuationQueue, ObjectStoreError, RunStore
@@ -91,6 +92,7 @@ class Dependencies:
     rotation_budget: int = 1 << 30
     # Every object re-read at least once per this many days (None: the budget alone).
     rotation_days: float | None = 30.0
+    fanout: FanoutDispatch | None = None  # large mirrors: chunks for the chunk function
 
 
 def dependencies_from_env() -> Dependencies:
@@ -132,6 +134,7 @@ def dependencies_from_env() -> Dependencies:
         every_seconds=float(env_int("VERIFY_EVERY_SECONDS", 86400) or 0),
         rotation_budget=env_int("VERIFY_ROTATION_BUDGET", 1 << 30) or 0,
         rotation_days=env_int("VERIFY_ROTATION_DAYS", 30) or None,
+        fanout=fanout_from_env(dynamodb),
     )
 
 
@@ -181,6 +184,8 @@ class Verifier:
         assert isinstance(detail, MirrorCompleted)
         tracer.put_annotation(key="mirror_run_id", value=detail.run_id)
         leg = continuation_leg(record)
+        if leg == 0 and self._fanned_out(detail):
+            return "fanned out"
         self._context = context
         stored = self.verify_once(
             job={
@@ -199,6 +204,19 @@ class Verifier:
         if context is None or self.deps.continuations is None:
             return False
         return bool(context.get_remaining_time_in_millis() < self.deps.safety_margin_ms)
+
+    def _fanned_out(self, event: MirrorCompleted) -> bool:
+        """Above the fan-out threshold: the chunks are queued, and the chunk function
+        publishes the result (`cloud.handlers.fanout`; idempotent on its own)."""
+        if self.deps.fanout is None:
+            return False
+        store, _ = self.deps.destinations(event.destination)
+        plan = self.deps.fanout(event, store=store, runs=self.deps.runs, options=self.deps.options)
+        if plan is None:
+            return False
+        logger.info("fanned out", job_id=plan.job_id, chunks=plan.chunks, sent=plan.sent)
+        metrics.add_metric(name="ChunksQueued", unit=MetricUnit.Count, value=plan.sent)
+        return True
 
     # The idempotent steps. Their inputs are hashed by powertools (pydantic models are
     # dumped to JSON first); their outputs are stored as JSON and replayed on duplicates.

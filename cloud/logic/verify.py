@@ -119,6 +119,18 @@ class VerifyOptions:
     # the manifest's time. None: locks are not checked.
     lock_days: float | None = None
     lock_min_days: float = 1.0
+    # One chunk of a fanned-out verification (`cloud.logic.chunks`): only keys
+    # `key_from <= key < key_to` (None: to the end) are listed, compared and read; the
+    # header's object count is then checked by whoever adds the chunks up.
+    key_from: str = ""
+    key_to: str | None = None
+
+    @property
+    def ranged(self) -> bool:
+        return bool(self.key_from) or self.key_to is not None
+
+    def in_range(self, key: str) -> bool:
+        return key >= self.key_from and (self.key_to is None or key < self.key_to)
 
 
 @dataclass
@@ -353,7 +365,9 @@ class MirrorVerifier:
         def entries() -> Iterator[ManifestEntry]:
             for line in stream:
                 if line.strip():
-                    yield ManifestEntry.model_validate_json(line)
+                    entry = ManifestEntry.model_validate_json(line)
+                    if self.options.in_range(entry.key):
+                        yield entry
 
         return header, entries()
 
@@ -417,6 +431,8 @@ class MirrorVerifier:
         written = stats["compared"]
         if not self._complete:
             return header  # stopped early: the rest was counted as unproven, not compared
+        if self.options.ranged:
+            return header  # one chunk: the chunks' counts are added up and checked together
         if written != header.objects:
             problems.add(
                 manifest_key,
@@ -425,10 +441,20 @@ class MirrorVerifier:
             )
         return header
 
-    def _listing(self) -> Iterator[ListedObject]:
+    def _listing(self, *, ordered: bool = True) -> Iterator[ListedObject]:
         base = self.destination.key("")
+        last: str | None = None  # a chunk stops listing at its end: only in key order
         for item in self.store.list(base):
             relative = item.key[len(base) :]
+            if ordered and self.options.ranged:
+                if last is not None and relative < last:
+                    raise _Unordered(relative)
+                end = self.options.key_to
+                if end is not None and relative >= end and last is not None:
+                    return  # nothing further is in range: no more pages
+                last = relative
+            if not self.options.in_range(relative):
+                continue
             if relative.startswith(IGNORED_FOLDERS) or not relative:
                 continue
             yield ListedObject(relative, item.size, item.etag)
@@ -460,7 +486,7 @@ class MirrorVerifier:
     def _keyed(self, entries: Iterator[ManifestEntry], deep: _DeepChecker) -> None:
         """Every manifest entry against the listing (`deep` holds the problems and stats)."""
         problems, stats = deep.problems, deep.stats
-        remote = {item.key: item for item in self._listing()}
+        remote = {item.key: item for item in self._listing(ordered=False)}
         for entry in entries:
             if deep.should_stop():
                 self._stop(entry, entries, deep)
