@@ -110,3 +110,32 @@ def test_the_report_says_what_ran() -> None:
     ]
     result = simulate(1 * GiB, fan_out=False)
     assert "| legs |" in table([result]) and "verified" in table([result])
+
+
+def test_the_in_memory_idempotency_layer_keeps_the_first_record_until_it_expires() -> None:
+    """The simulator's stand-in for powertools' DynamoDB layer follows its put rule."""
+    import time
+
+    from aws_lambda_powertools.utilities.idempotency.exceptions import (
+        IdempotencyItemAlreadyExistsError,
+        IdempotencyItemNotFoundError,
+    )
+    from aws_lambda_powertools.utilities.idempotency.persistence.datarecord import DataRecord
+
+    from testbed.doubles.idempotency import InMemoryPersistenceLayer
+
+    layer = InMemoryPersistenceLayer()
+    with pytest.raises(IdempotencyItemNotFoundError):
+        layer._get_record("k")
+    later = int(time.time()) + 3600
+    layer._put_record(DataRecord("k", "COMPLETED", expiry_timestamp=later, response_data="1"))
+    with pytest.raises(IdempotencyItemAlreadyExistsError) as refused:
+        layer._put_record(DataRecord("k", "INPROGRESS", expiry_timestamp=later))
+    assert refused.value.old_data_record is not None
+    assert refused.value.old_data_record.response_data == "1"
+    # An in-progress record whose invocation ran out of time may be replaced.
+    layer._put_record(
+        DataRecord("j", "INPROGRESS", expiry_timestamp=later, in_progress_expiry_timestamp=1)
+    )
+    layer._put_record(DataRecord("j", "COMPLETED", expiry_timestamp=later))
+    assert layer._get_record("j").status == "COMPLETED"
