@@ -262,9 +262,9 @@ class SimBucket:
                 self.timeline.on_main(self.model.list_page_s)
             for key in batch:
                 yield ListedObject(key, self.sizes[key], self.etags[key])
-            if len(batch) < page:
-                return
             at += page
+            if len(batch) < page or at >= len(keys) or not keys[at].startswith(prefix):
+                return  # S3 says so on the last page (IsTruncated false)
 
     def read(self, key: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
         body = self.bodies.get(key)

@@ -139,3 +139,10 @@ def test_the_in_memory_idempotency_layer_keeps_the_first_record_until_it_expires
     )
     layer._put_record(DataRecord("j", "COMPLETED", expiry_timestamp=later))
     assert layer._get_record("j").status == "COMPLETED"
+
+
+def test_a_listing_costs_one_call_per_page_of_a_thousand_keys() -> None:
+    bucket = SimBucket(B2Model())
+    build_mirror(bucket, 1998 * 16 * MiB, 16 * MiB)  # + config and snapshot: 2,000 keys
+    assert sum(1 for _ in bucket.list("restic/sim/")) == 2000
+    assert bucket.list_requests == 2
