@@ -14,7 +14,7 @@ export PATH := $(VENV)/bin:$(TOOLS)/bin:$(PATH)
 
 PYTEST_ARGS ?=
 
-.PHONY: install tools system-tools demo test ci bench soak lint format schemas lambda-package clean
+.PHONY: install tools system-tools demo test ci bench verify-sim soak lint format schemas lambda-package clean
 
 $(UV):
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(CACHE)/uv uv==$(UV_VERSION)
@@ -53,6 +53,11 @@ ci: install tools system-tools
 ## bench: side-by-side benchmarks against rclone sync and s5cmd
 bench: install tools
 	$(VENV)/bin/python -m bench
+
+## verify-sim: the Lambda verifier's own code on a simulated B2 (latency, bandwidth, prices):
+##             wall time, invocations, GB read and cost for 100 GB, 1 TB, 10 TB mirrors
+verify-sim: install
+	$(VENV)/bin/python -m bench.verify_sim
 
 ## soak: the reliability suite with its heavy seeded counts; rewrites docs/reliability.md
 ##       (BACKREST_RELAY_SEED=N repeats a run)

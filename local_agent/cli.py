@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--deep",
         help="also read back older objects: a share (5%%) or a size (2GiB)",
     )
+    ver.add_argument(
+        "--time-limit",
+        metavar="DURATION",
+        help="stop reading after this long (e.g. 30m, 2h): progress is saved, exit 6, and "
+        "the next verify continues from there",
+    )
     ver.add_argument("--json", action="store_true", help="print the result event as JSON")
 
     st = add("status", help="each repository's latest verified off-site copy")
@@ -363,6 +369,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         run_id=args.run,
         deep=args.deep,
         as_json=args.json,
+        time_limit=args.time_limit,
     )
 
 

@@ -3,18 +3,20 @@
 Finds the newest manifest of the repository in the bucket (or the one of `--run`), runs
 the same verification the Lambda runs (`cloud.app.verify`), records it in the local run store,
 and prints a readable report. Exit 0 verified · 3 problems found · 4 destination
-unreachable.
+unreachable · 6 `--time-limit` reached (progress saved: the next `verify` continues).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from cloud.app.verify import verify_manifest
+from cloud.app.verify import ManifestVerification, verify_manifest_resumable
 from cloud.contracts.events import ManifestRef, MirrorVerified, RepoRef
 from cloud.contracts.ids import is_run_id
 from cloud.contracts.manifest import manifest_key
@@ -23,7 +25,7 @@ from cloud.logic.ports import ObjectStoreError
 from cloud.logic.verify import VerifyOptions
 from local_agent.config import lock_check, report_lock
 from local_agent.errors import ConfigError, DestinationError, ExitCode
-from local_agent.units import format_duration, format_size, parse_size
+from local_agent.units import format_duration, format_size, parse_duration, parse_size
 
 if TYPE_CHECKING:
     from local_agent.config import RelayConfig
@@ -98,6 +100,7 @@ def run_verify(
     run_id: str | None,
     deep: str | None,
     as_json: bool,
+    time_limit: str | None = None,
 ) -> int:
     from cloud.integrations.s3 import make_s3_client
     from cloud.integrations.s3_store import S3ObjectStore, S3ReportSink
@@ -112,6 +115,19 @@ def run_verify(
             "as printed by `upload` and `status`)"
         )
     spec = parse_deep(deep)
+    should_stop = None
+    if time_limit:
+        try:
+            seconds = parse_duration(time_limit)
+        except ValueError as exc:
+            raise ConfigError(f"--time-limit: {exc}") from None
+        if seconds <= 0:
+            raise ConfigError(f"--time-limit {time_limit!r}: must be more than 0s")
+        deadline = time.monotonic() + seconds
+
+        def should_stop() -> bool:
+            return time.monotonic() >= deadline
+
     destination = config.destination_for(repo_id=repo_id, repo_guid=repo_guid)
     prefix = config.manifest_prefix_for(repo_id=repo_id, repo_guid=repo_guid)
     client = make_s3_client(config.destination.access(), max_pool_connections=16)
@@ -136,10 +152,11 @@ def run_verify(
             extra_percent=spec.percent,
             extra_bytes=spec.size,
             concurrency=config.upload.concurrency,
+            should_stop=should_stop,
             **lock_check(config),
         )
         expected = recorded.sha256 if recorded is not None and recorded.key == key else None
-        result = verify_manifest(
+        checked = verify_manifest_resumable(
             key,
             expected_sha256=expected,
             repo=repo,
@@ -148,17 +165,47 @@ def run_verify(
             runs=runs,
             reports=S3ReportSink(client, destination.bucket, **report_lock(config)),
             options=options,
+            deep=deep or "",
             started_at=started,
             run_id=run_id,
         )
     except ObjectStoreError as exc:
         raise DestinationError(f"cannot read the mirror: {exc}") from None
+    result = checked.result
+    if result is None:
+        return _unfinished(checked, as_json)
     verified = isinstance(result, MirrorVerified)
     if as_json:
         sys.stdout.write(REDACTOR(result.model_dump_json()) + "\n")
     else:
         _print_report(result.model_dump(mode="json"), verified)
+        if checked.calls > 1:
+            sys.stdout.write(f"  (over {checked.calls} verify calls, each object read once)\n")
     return int(ExitCode.OK if verified else ExitCode.LOCAL_INTEGRITY)
+
+
+def _unfinished(checked: ManifestVerification, as_json: bool) -> int:
+    """The time limit came first: say what is saved and that the next call continues."""
+    message = (
+        f"time limit reached: progress saved: {checked.objects_read} objects "
+        f"({format_size(checked.bytes_read)}) read back so far, {checked.unread_objects} "
+        f"({format_size(checked.unread_bytes)}) still unproven; run `backrest-relay verify` "
+        "again to continue"
+    )
+    if as_json:
+        summary = {
+            "unfinished": True,
+            "objects_read": checked.objects_read,
+            "bytes_read": checked.bytes_read,
+            "unproven_objects": checked.unread_objects,
+            "unproven_bytes": checked.unread_bytes,
+            "calls": checked.calls,
+        }
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        sys.stdout.write(message + "\n")
+    log.warning("%s", message)
+    return int(ExitCode.DEADLINE)
 
 
 def _print_report(result: dict[str, Any], verified: bool) -> None:

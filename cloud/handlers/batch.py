@@ -1,6 +1,7 @@
-"""The shell every SQS-fed Lambda shares (verifier, notifier): EventBridge events in SQS
-records, parsed against the contract, each handed to one use case; failures logged,
-counted and reported item by item, so SQS retries only the failed records (then the DLQ).
+"""The shell every SQS-fed Lambda shares (verifier, notifier, chunk verifier): EventBridge
+events in SQS records, parsed against the contract (or, with another `record_model`, the
+work items of a queue of our own), each handed to one use case; failures logged, counted
+and reported item by item, so SQS retries only the failed records (then the DLQ).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from aws_lambda_powertools.utilities.batch.types import PartialItemFailureRespon
 from aws_lambda_powertools.utilities.idempotency import IdempotencyConfig, idempotent_function
 from aws_lambda_powertools.utilities.idempotency.hook import IdempotentHookFunction
 from aws_lambda_powertools.utilities.idempotency.persistence.base import BasePersistenceLayer
+from aws_lambda_powertools.utilities.parser.models import SqsRecordModel
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import ValidationError
 
 from cloud.contracts.events import EventDetail
 from cloud.handlers.common import (
+    EventBridgeEnvelope,
     EventQueueRecord,
     MalformedEventError,
     parse_event,
@@ -88,7 +91,9 @@ class UseCase(Protocol):
         """The idempotent steps (each learns the invocation's deadline)."""
         ...
 
-    def handle(self, detail: EventDetail) -> str: ...
+    def handle(self, detail: Any) -> str:
+        """One event's detail (an `EventDetail` of `accepts`), or one work item."""
+        ...
 
 
 class EventBatch:
@@ -99,7 +104,11 @@ class EventBatch:
     help). `retried`: failures SQS is expected to resolve by redelivering, logged as
     warnings with their own message. `quiet`: errors logged without a traceback.
     `counted`: an extra metric per error class. `deadline_reserve_ms`: a record is not
-    started with less time left (it fails at once and SQS retries it).
+    started with less time left (it fails at once and SQS retries it). `pass_record`: the
+    use case's `handle` also gets the SQS record and the Lambda context, by keyword (the
+    verifier reads its continuation leg and its remaining time from them). `record_model`:
+    the SQS record with its body's model; a body that is not an EventBridge event (a work
+    item) goes to the use case as it is, once the model has validated it.
     """
 
     def __init__(
@@ -115,6 +124,8 @@ class EventBatch:
         quiet: tuple[type[BaseException], ...] = (),
         counted: Mapping[type[BaseException], str] | None = None,
         deadline_reserve_ms: int | None = None,
+        pass_record: bool = False,
+        record_model: type[SqsRecordModel] = EventQueueRecord,
     ) -> None:
         self.logger = logger
         self.metrics = metrics
@@ -125,10 +136,11 @@ class EventBatch:
         self.quiet = quiet
         self.counted = dict(counted or {})
         self.deadline_reserve_ms = deadline_reserve_ms
+        self.pass_record = pass_record
         self.processor = _Processor(
             self,
             event_type=EventType.SQS,
-            model=EventQueueRecord,
+            model=record_model,
             # A batch where every record failed is reported item by item like any other,
             # instead of as an invocation error: the retries are the same, the Errors
             # metric stays for real crashes.
@@ -156,7 +168,7 @@ class EventBatch:
         )
         return response
 
-    def _record(self, record: EventQueueRecord, lambda_context: LambdaContext | None = None) -> str:
+    def _record(self, record: SqsRecordModel, lambda_context: LambdaContext | None = None) -> str:
         # Stays set until the next record (or the end of the batch), so the failure
         # handler's log line carries it too.
         self.logger.set_correlation_id(record_correlation_id(record))
@@ -167,6 +179,12 @@ class EventBatch:
         ):
             raise DeadlineNearError("too little time left in this invocation")
         envelope = record.body
+        if not isinstance(envelope, EventBridgeEnvelope):
+            with self.logger.append_context_keys(
+                message_id=record.messageId,
+                receive_count=record.attributes.ApproximateReceiveCount,
+            ):
+                return self.use_case().handle(envelope)
         with self.logger.append_context_keys(
             message_id=record.messageId,
             receive_count=record.attributes.ApproximateReceiveCount,
@@ -180,6 +198,9 @@ class EventBatch:
                 )
                 self.metrics.add_metric(name="IgnoredEvents", unit=MetricUnit.Count, value=1)
                 return "ignored"
+            if self.pass_record:
+                handle: Callable[..., str] = self.use_case().handle
+                return handle(detail, record=record, context=lambda_context)
             return self.use_case().handle(detail)
 
     def log_failure(self, record: Any, exc: BaseException) -> None:

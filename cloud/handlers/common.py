@@ -209,9 +209,13 @@ def record_message_id(record: Any) -> str | None:
 
 
 def record_correlation_id(record: Any) -> str | None:
-    """The event's run id when the record has one, else the SQS message id."""
+    """The event's run id (a work item's job id) when the record has one, else the SQS
+    message id."""
     body = getattr(record, "body", None)
-    run_id = body.detail.get("run_id") if isinstance(body, EventBridgeEnvelope) else None
+    if isinstance(body, EventBridgeEnvelope):
+        run_id = body.detail.get("run_id")
+    else:
+        run_id = getattr(body, "job_id", None)
     if isinstance(run_id, str) and run_id:
         return run_id
     return record_message_id(record)

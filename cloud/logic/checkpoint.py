@@ -7,6 +7,7 @@ Fields and rules: docs/verification.md ("each object proven once").
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
@@ -38,6 +39,17 @@ class VerifyCheckpoint:
     rotation_at: datetime | None = None
     unproven_objects: int = 0
     unproven_bytes: int = 0
+    # The Lambda's continuation chain that owns the work under way: the run id of the
+    # `Mirror Completed` it verifies and the leg (invocation) that may run next. Empty in
+    # local mode. A leg of another chain, or an older leg of this one, must not run.
+    chain: str = ""
+    leg: int = 0
+    # What the chain's earlier legs read (objects, bytes): the verdict counts every leg.
+    chain_objects: int = 0
+    chain_bytes: int = 0
+    # Bytes the mirror's manifest lists, as of the last pass (sizes the rotation slice
+    # when `rotation_days` is set).
+    mirror_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +66,11 @@ class VerifyCheckpoint:
             "rotation_at": _text(self.rotation_at),
             "unproven_objects": self.unproven_objects,
             "unproven_bytes": self.unproven_bytes,
+            "chain": self.chain,
+            "leg": self.leg,
+            "chain_objects": self.chain_objects,
+            "chain_bytes": self.chain_bytes,
+            "mirror_bytes": self.mirror_bytes,
         }
 
     @classmethod
@@ -74,6 +91,11 @@ class VerifyCheckpoint:
             rotation_at=_time(data.get("rotation_at")),
             unproven_objects=int(data.get("unproven_objects", 0)),
             unproven_bytes=int(data.get("unproven_bytes", 0)),
+            chain=str(data.get("chain", "")),
+            leg=int(data.get("leg", 0)),
+            chain_objects=int(data.get("chain_objects", 0)),
+            chain_bytes=int(data.get("chain_bytes", 0)),
+            mirror_bytes=int(data.get("mirror_bytes", 0)),
         )
 
 
@@ -121,12 +143,20 @@ def plan_verification(
     now: datetime,
     every_seconds: float,
     rotation_budget: int,
+    rotation_days: float | None = None,
 ) -> VerifyPlan:
+    """What the next pass does (see `VerifyPlan`).
+
+    With `rotation_days`, a rotation slice is at least the share of the mirror that the
+    time since the last slice asks for, so every object is re-read at least once per
+    `rotation_days` (docs/verification.md, "Sizing").
+    """
     cp = checkpoint or VerifyCheckpoint()
-    due = rotation_budget > 0 and (
+    due = (rotation_budget > 0 or bool(rotation_days)) and (
         cp.rotation_at is None or (now - cp.rotation_at).total_seconds() >= every_seconds
     )
-    rotation = rotation_budget if due else 0
+    rotation = max(rotation_budget, rotation_share(cp, now, every_seconds, rotation_days))
+    rotation = rotation if due else 0
     others = tuple(p for p in cp.pending if p.key != manifest_key)
     mine = next((p for p in cp.pending if p.key == manifest_key), None)
     same = cp.manifest_key == manifest_key and (
@@ -146,6 +176,27 @@ def plan_verification(
     return VerifyPlan("verify", "", carried, rotation, cp.rotation_from, "new manifest")
 
 
+def rotation_share(
+    checkpoint: VerifyCheckpoint, now: datetime, every_seconds: float, days: float | None
+) -> int:
+    """Bytes of older objects the next slice must re-read so the walk over the mirror never
+    takes longer than `days` between two reads of an object.
+
+    The cursor walks the mirror in key order at a rate of at least S / P (S: the mirror's
+    bytes, P: the period). An object is re-read at most P + 2 × every after its last read
+    (the slice that reaches it may come up to `every` late, in both walks), so P =
+    days − 2 × every. A slice reads S × (time since the last slice) / P, rounded up.
+    """
+    if not days or checkpoint.mirror_bytes <= 0:
+        return 0
+    period = max(days * 86400.0 - 2 * every_seconds, every_seconds, 1.0)
+    elapsed = every_seconds
+    if checkpoint.rotation_at is not None:
+        elapsed = (now - checkpoint.rotation_at).total_seconds()
+    fraction = min(max(elapsed, 0.0) / period, 1.0)
+    return math.ceil(checkpoint.mirror_bytes * fraction)
+
+
 @dataclass(frozen=True)
 class PassResult:
     """What a pass reports back to the checkpoint (see `VerificationOutcome`)."""
@@ -157,6 +208,7 @@ class PassResult:
     unproven_bytes: int
     rotation_next: str
     rotated: bool
+    mirror_bytes: int = 0  # the manifest's total size, when the pass saw all of it
 
 
 def advance(
@@ -198,4 +250,49 @@ def advance(
         rotation_at=now if plan.rotation_bytes and result.rotated else cp.rotation_at,
         unproven_objects=0 if verified else result.unproven_objects,
         unproven_bytes=0 if verified else result.unproven_bytes,
+        mirror_bytes=result.mirror_bytes or cp.mirror_bytes,
     )
+
+
+@dataclass(frozen=True)
+class ManifestCursor:
+    """How far `backrest-relay verify` got with one manifest when its time limit came.
+
+    Every planned read of a key below `read_from` was done (by `calls` earlier calls, which
+    read `objects_read` objects, `bytes_read` bytes); the next call reads from there with
+    the same rotation slice and `--deep` share, and the verdict covers all the calls.
+    """
+
+    manifest_key: str
+    manifest_sha256: str
+    rotation_index: int
+    deep: str
+    read_from: str
+    objects_read: int = 0
+    bytes_read: int = 0
+    calls: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": CHECKPOINT_VERSION, "kind": "manifest-cursor", **self.__dict__}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ManifestCursor | None:
+        if not data or data.get("version") != CHECKPOINT_VERSION:
+            return None
+        if data.get("kind") != "manifest-cursor":
+            return None
+        return cls(
+            manifest_key=str(data["manifest_key"]),
+            manifest_sha256=str(data["manifest_sha256"]),
+            rotation_index=int(data["rotation_index"]),
+            deep=str(data["deep"]),
+            read_from=str(data["read_from"]),
+            objects_read=int(data.get("objects_read", 0)),
+            bytes_read=int(data.get("bytes_read", 0)),
+            calls=int(data.get("calls", 0)),
+        )
+
+
+def cursor_name(destination: Destination) -> str:
+    """The `verify` command's cursor, beside (not instead of) local mode's checkpoint."""
+    return f"verify-command:{checkpoint_name(destination)}"

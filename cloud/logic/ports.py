@@ -180,6 +180,58 @@ class RunStore(Protocol):
         ...
 
 
+class ContinuationQueue(Protocol):
+    """Where the Lambda verifier hands a verification it could not finish in one
+    invocation to the next (the verify queue; an in-memory list in tests)."""
+
+    def send(self, event: events.MirrorCompleted, leg: int) -> None:
+        """Queue leg `leg` of the verification of `event`; durable when this returns."""
+        ...
+
+
+class FanoutStore(Protocol):
+    """The jobs of fanned-out verifications (`cloud.app.fanout`): what a job verifies, its
+    chunks' results, and which chunks are done — each write idempotent, because SQS
+    delivers a chunk at least once and two chunks may finish at the same moment.
+
+    A job is a JSON-able dict as `create_job` got it, plus its state: `done` (the indexes
+    of the chunks done, sorted), `dispatched`, `result` (the stored result event or None)
+    and `published`.
+    """
+
+    def create_job(self, job_id: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Store the job unless one with this id exists; returns the stored job (the first
+        one wins, so a redelivered event reuses the chunks first planned)."""
+        ...
+
+    def load_job(self, job_id: str) -> dict[str, Any] | None: ...
+
+    def mark_dispatched(self, job_id: str) -> None:
+        """Every chunk's work item was sent."""
+        ...
+
+    def complete_chunk(self, job_id: str, index: int, result: dict[str, Any]) -> int:
+        """Store the chunk's result unless one is stored (the first wins) and count the
+        chunk done, once however often this is called; returns how many distinct chunks
+        are done."""
+        ...
+
+    def chunk_results(self, job_id: str) -> list[dict[str, Any]]:
+        """Every stored chunk result, by chunk index."""
+        ...
+
+    def save_result(self, job_id: str, result: dict[str, Any]) -> dict[str, Any]:
+        """Store the job's result event unless one is stored; returns the stored one."""
+        ...
+
+    def claim_publication(self, job_id: str, claimer: str) -> bool:
+        """True for the first claimer (and the same claimer again, on a redelivery): only
+        it publishes the result."""
+        ...
+
+    def mark_published(self, job_id: str) -> None: ...
+
+
 Severity = Literal["success", "recovery", "failure", "stale"]
 
 

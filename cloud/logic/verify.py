@@ -45,6 +45,24 @@ DAY = 86400.0
 LOCK_NEW_SLACK = DAY
 
 
+@dataclass(frozen=True)
+class PassProgress:
+    """Where a pass stands, for a checkpoint saved while it runs (`VerifyOptions.on_progress`).
+
+    Reads run concurrently, so "proven through" is the lowest key still in flight: every
+    new object below `unproven_from` has been read and hashed; the rotation's older objects
+    from `rotation_from` up to `rotation_next` likewise. Killing the pass now loses the
+    reads after the last report, nothing before it.
+    """
+
+    unproven_from: str
+    rotation_next: str
+    rotated: bool
+    problems: int
+    deep_checked: int
+    bytes_read: int
+
+
 class VerifyProgress(Protocol):
     """Where a pass reports the reads it plans and finishes (local mode's progress line)."""
 
@@ -70,6 +88,8 @@ class VerifyOptions:
     `should_stop` (the deadline)
     ends the pass early: no new read starts, the reads under way finish, and the outcome
     says from which key the new objects are still unproven.
+    `on_progress` is called (on the calling thread) every `progress_every_objects` objects
+    or `progress_every_bytes` bytes read, so the caller can save a checkpoint mid-pass.
     """
 
     new_bytes_budget: int | None = None
@@ -85,6 +105,12 @@ class VerifyOptions:
     rotate_uploaded: bool = False
     should_stop: Callable[[], bool] | None = None
     progress: VerifyProgress | None = None
+    on_progress: Callable[[PassProgress], None] | None = None
+    # Every read of a key below this was done by an earlier call of the same verification
+    # (`verify --time-limit`): nothing below it is read again.
+    read_from: str = ""
+    progress_every_objects: int = 100
+    progress_every_bytes: int = 1 << 30
     # The prefix the manifest describes, when the mirror was rebuilt elsewhere
     # (`recover --into`); None: the destination's own prefix.
     manifest_prefix: str | None = None
@@ -93,6 +119,18 @@ class VerifyOptions:
     # the manifest's time. None: locks are not checked.
     lock_days: float | None = None
     lock_min_days: float = 1.0
+    # One chunk of a fanned-out verification (`cloud.logic.chunks`): only keys
+    # `key_from <= key < key_to` (None: to the end) are listed, compared and read; the
+    # header's object count is then checked by whoever adds the chunks up.
+    key_from: str = ""
+    key_to: str | None = None
+
+    @property
+    def ranged(self) -> bool:
+        return bool(self.key_from) or self.key_to is not None
+
+    def in_range(self, key: str) -> bool:
+        return key >= self.key_from and (self.key_to is None or key < self.key_to)
 
 
 @dataclass
@@ -110,6 +148,12 @@ class VerificationOutcome:
     unproven_bytes: int = 0
     rotation_next: str = ""
     rotated: bool = False
+    # Stopped early: the first key whose read (of any kind) did not happen, and the reads
+    # (new objects, the rotation slice, `--deep`) still to do from there.
+    read_from: str = PROVEN_ALL
+    unread_objects: int = 0
+    unread_bytes: int = 0
+    mirror_bytes: int = 0  # the sizes of every object the manifest lists
 
     @property
     def verified(self) -> bool:
@@ -125,6 +169,7 @@ class VerificationOutcome:
             unproven_bytes=self.unproven_bytes,
             rotation_next=self.rotation_next,
             rotated=self.rotated,
+            mirror_bytes=self.mirror_bytes,
         )
 
 
@@ -215,7 +260,10 @@ class MirrorVerifier:
         """
         started = time.monotonic()
         problems = _Problems()
-        stats = {"listed": 0, "compared": 0, "deep": 0, "deep_new": 0, "bytes": 0, "extra": 0}
+        stats = {
+            "listed": 0, "compared": 0, "deep": 0, "deep_new": 0, "bytes": 0, "extra": 0,
+            "mirror_bytes": 0,
+        }  # fmt: skip
         requests_before = self.store.list_requests
         header: ManifestHeader | None = None
         actual_sha: str | None = None
@@ -238,7 +286,9 @@ class MirrorVerifier:
                 header = self._compare(manifest_file, manifest_key, problems, stats, carried)
         list_requests = self.store.list_requests - requests_before
         deep = self._pass
-        complete = self._complete
+        # Reads queued when the deadline came are skipped even if the listing got to the
+        # end: the pass is then not complete (those objects are still unproven).
+        complete = self._complete and (deep is None or deep.unproven_objects == 0)
         rotation_next, rotated = (
             deep.rotation_outcome(complete)
             if deep is not None
@@ -267,6 +317,10 @@ class MirrorVerifier:
             unproven_bytes=deep.unproven_bytes if deep is not None else 0,
             rotation_next=rotation_next,
             rotated=rotated,
+            mirror_bytes=stats["mirror_bytes"] if header is not None else 0,
+            read_from=deep.read_from if deep is not None else PROVEN_ALL,
+            unread_objects=deep.unread_objects if deep is not None else 0,
+            unread_bytes=deep.unread_bytes if deep is not None else 0,
         )
 
     # -- steps
@@ -311,7 +365,9 @@ class MirrorVerifier:
         def entries() -> Iterator[ManifestEntry]:
             for line in stream:
                 if line.strip():
-                    yield ManifestEntry.model_validate_json(line)
+                    entry = ManifestEntry.model_validate_json(line)
+                    if self.options.in_range(entry.key):
+                        yield entry
 
         return header, entries()
 
@@ -375,6 +431,8 @@ class MirrorVerifier:
         written = stats["compared"]
         if not self._complete:
             return header  # stopped early: the rest was counted as unproven, not compared
+        if self.options.ranged:
+            return header  # one chunk: the chunks' counts are added up and checked together
         if written != header.objects:
             problems.add(
                 manifest_key,
@@ -383,10 +441,20 @@ class MirrorVerifier:
             )
         return header
 
-    def _listing(self) -> Iterator[ListedObject]:
+    def _listing(self, *, ordered: bool = True) -> Iterator[ListedObject]:
         base = self.destination.key("")
+        last: str | None = None  # a chunk stops listing at its end: only in key order
         for item in self.store.list(base):
             relative = item.key[len(base) :]
+            if ordered and self.options.ranged:
+                if last is not None and relative < last:
+                    raise _Unordered(relative)
+                end = self.options.key_to
+                if end is not None and relative >= end and last is not None:
+                    return  # nothing further is in range: no more pages
+                last = relative
+            if not self.options.in_range(relative):
+                continue
             if relative.startswith(IGNORED_FOLDERS) or not relative:
                 continue
             yield ListedObject(relative, item.size, item.etag)
@@ -418,7 +486,7 @@ class MirrorVerifier:
     def _keyed(self, entries: Iterator[ManifestEntry], deep: _DeepChecker) -> None:
         """Every manifest entry against the listing (`deep` holds the problems and stats)."""
         problems, stats = deep.problems, deep.stats
-        remote = {item.key: item for item in self._listing()}
+        remote = {item.key: item for item in self._listing(ordered=False)}
         for entry in entries:
             if deep.should_stop():
                 self._stop(entry, entries, deep)
@@ -437,6 +505,7 @@ class MirrorVerifier:
     ) -> None:
         """One manifest entry against the listed object of the same key (None: missing)."""
         stats["compared"] += 1
+        stats["mirror_bytes"] += entry.size
         if item is None:
             problems.add(entry.key, "missing", "in the manifest but not in the bucket")
             return
@@ -449,8 +518,10 @@ class MirrorVerifier:
         """The deadline came: count what is left to prove, without listing further."""
         self._complete = False
         deep.leave_unproven(entry)
+        deep.stats["mirror_bytes"] += entry.size
         for later in rest:
             deep.leave_unproven(later)
+            deep.stats["mirror_bytes"] += later.size
 
     def _extra(self, item: ListedObject, problems: _Problems, stats: dict[str, int]) -> None:
         stats["listed"] += 1
@@ -519,11 +590,19 @@ class _DeepChecker:
         self.unproven_from = PROVEN_ALL
         self.unproven_objects = 0
         self.unproven_bytes = 0
+        self.read_from = PROVEN_ALL
+        self.unread_objects = 0
+        self.unread_bytes = 0
         self.rotation_used = 0
         self.rotation_full = False
         self.rotation_next = options.rotation_from
         self.rotation_skipped: str | None = None
         self._lock = threading.Lock()
+        # Reads submitted and not finished yet (key → "new" / "rotation" / "other"), and
+        # the next key the pass will consider: what `on_progress` reports is below both.
+        self._in_flight: dict[str, str] = {}
+        self._next_key = ""
+        self._reported = (0, 0)
         self._slots = threading.BoundedSemaphore(options.concurrency * 2)
         self._pool = ThreadPoolExecutor(max_workers=options.concurrency)
         self._failure: BaseException | None = None
@@ -542,8 +621,27 @@ class _DeepChecker:
 
     def leave_unproven(self, entry: ManifestEntry) -> None:
         """The pass ended before this object: count it only if it still needs proving."""
+        with self._lock:
+            self.read_from = min(self.read_from, entry.key)
         if self.is_new(entry):
             self._unproven(entry)
+            self._unread(entry)
+        elif entry.key >= self.options.read_from and self._would_read_older(entry):
+            self._unread(entry)
+
+    def _would_read_older(self, entry: ManifestEntry) -> bool:
+        """Whether the slice rotation or `--deep N%` picks this older object (no budgets)."""
+        options = self.options
+        if options.rotation_bytes is not None:
+            return False
+        return slice_of(entry.key, options.rotation_runs) == (
+            options.rotation_index % max(options.rotation_runs, 1)
+        ) or (options.extra_percent > 0 and _fraction(entry.key) * 100 < options.extra_percent)
+
+    def _unread(self, entry: ManifestEntry) -> None:
+        with self._lock:
+            self.unread_objects += 1
+            self.unread_bytes += entry.size
 
     def _unproven(self, entry: ManifestEntry) -> None:
         with self._lock:
@@ -554,7 +652,43 @@ class _DeepChecker:
     def consider(self, entry: ManifestEntry) -> None:
         if self._failure is not None:
             raise self._failure
+        self._pick(entry)
+        self._next_key = entry.key + "\x00"
+        self._maybe_report()
+
+    def _maybe_report(self) -> None:
+        """Call `on_progress` once a chunk of reads (objects or bytes) has finished."""
         options = self.options
+        if options.on_progress is None or self._failure is not None:
+            return
+        with self._lock:
+            done = (self.stats["deep"], self.stats["bytes"])
+            if done[0] - self._reported[0] < max(options.progress_every_objects, 1) and done[
+                1
+            ] - self._reported[1] < max(options.progress_every_bytes, 1):
+                return
+            self._reported = done
+            flying = self._in_flight
+            new_keys = [k for k, kind in flying.items() if kind == "new"]
+            rotation_keys = [k for k, kind in flying.items() if kind == "rotation"]
+            unproven_from = min([*new_keys, self._next_key]) if self._next_key else ""
+            rotation_next = min([*rotation_keys, self.rotation_next])
+            if self.rotation_skipped is not None:
+                rotation_next = min(rotation_next, self.rotation_skipped)
+            progress = PassProgress(
+                unproven_from=min(unproven_from, self.unproven_from),
+                rotation_next=rotation_next,
+                rotated=self.rotation_full and not rotation_keys and self.rotation_skipped is None,
+                problems=self.problems.total,
+                deep_checked=done[0],
+                bytes_read=done[1],
+            )
+        options.on_progress(progress)
+
+    def _pick(self, entry: ManifestEntry) -> None:
+        options = self.options
+        if entry.key < options.read_from:
+            return  # read by an earlier call of this verification
         pick = False
         new = self.is_new(entry)
         rotation = False
@@ -593,18 +727,26 @@ class _DeepChecker:
             if options.progress is not None:
                 options.progress.add_work(1, entry.size)
             self._slots.acquire()
+            with self._lock:
+                self._in_flight[entry.key] = "new" if new else "rotation" if rotation else "other"
             future = self._pool.submit(self._read, entry, new, rotation)
-            future.add_done_callback(self._done)
+            future.add_done_callback(lambda done: self._done(done, entry.key))
 
-    def _done(self, future: Future[None]) -> None:
-        self._slots.release()
+    def _done(self, future: Future[None], key: str) -> None:
         exc = future.exception()
+        with self._lock:
+            if exc is None:  # a failed read stays "in flight": it proved nothing
+                self._in_flight.pop(key, None)
+        self._slots.release()
         if exc is not None and self._failure is None:
             self._failure = exc
 
     def _read(self, entry: ManifestEntry, new: bool, rotation: bool) -> None:
         if self.options.should_stop is not None and self.options.should_stop():
             # Queued when the deadline came: not read, so not proven.
+            self._unread(entry)
+            with self._lock:
+                self.read_from = min(self.read_from, entry.key)
             if new:
                 self._unproven(entry)
             elif rotation:

@@ -171,9 +171,8 @@ def test_stack_creates_with_only_allow_listed_gaps(transformed: Template) -> Non
 
     lam = boto3.client("lambda", region_name=REGION)
     functions = {f["FunctionName"]: f for f in lam.list_functions()["Functions"]}
-    assert {physical[n] for n in ("VerifyFunction", "NotifyFunction", "WatchdogFunction")} <= set(
-        functions
-    )
+    names = ("VerifyFunction", "VerifyChunkFunction", "NotifyFunction", "WatchdogFunction")
+    assert {physical[n] for n in names} <= set(functions)
     verify = functions[physical["VerifyFunction"]]
     assert verify["Runtime"] == "python3.12"  # (moto drops Architectures: checked on the template)
     assert (verify["MemorySize"], verify["Timeout"]) == (1024, 900)
@@ -183,14 +182,19 @@ def test_stack_creates_with_only_allow_listed_gaps(transformed: Template) -> Non
     assert env["IDEMPOTENCY_TABLE"] == physical["IdempotencyTable"]
 
     mappings = lam.list_event_source_mappings()["EventSourceMappings"]
-    assert len(mappings) == 2
+    assert len(mappings) == 3
     for mapping in mappings:
         assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    chunk = functions[physical["VerifyChunkFunction"]]
+    assert (chunk["MemorySize"], chunk["Timeout"]) == (1024, 900)
+    assert env["CHUNK_QUEUE_URL"] == physical["ChunkQueue"]
+    assert chunk["Environment"]["Variables"]["RUNS_TABLE"] == physical["RunsTable"]
 
     sqs = boto3.client("sqs", region_name=REGION)
     for queue, dlq in (
         ("VerifyQueue", "VerifyDeadLetterQueue"),
         ("NotifyQueue", "NotifyDeadLetterQueue"),
+        ("ChunkQueue", "ChunkDeadLetterQueue"),
     ):
         attributes = sqs.get_queue_attributes(QueueUrl=physical[queue], AttributeNames=["All"])[
             "Attributes"
@@ -289,3 +293,4 @@ def test_rules_route_each_event_to_its_queue(transformed: Template) -> None:
     assert drain("VerifyQueue") == ["completed"]
     assert drain("NotifyQueue") == ["damaged", "failed", "stale", "verified"]
     assert drain("VerifyDeadLetterQueue") == drain("NotifyDeadLetterQueue") == []
+    assert drain("ChunkQueue") == []  # only the verify function sends there

@@ -88,6 +88,7 @@ def resources_for(statements_: list[dict[str, Any]], action: str) -> list[Any]:
 
 FUNCTIONS = {
     "VerifyFunction": "cloud.handlers.verify.handler",
+    "VerifyChunkFunction": "cloud.handlers.verify_chunk.handler",
     "NotifyFunction": "cloud.handlers.notify.handler",
     "WatchdogFunction": "cloud.handlers.watchdog.handler",
 }
@@ -95,7 +96,13 @@ FUNCTIONS = {
 ENVIRONMENT = {
     "VerifyFunction": {
         "RUNS_TABLE", "IDEMPOTENCY_TABLE", "EVENT_BUS_NAME", "DESTINATION_SECRET_ARN",
-        "VERIFY_NEW_BYTES_BUDGET", "VERIFY_ROTATION_RUNS", "OBJECT_LOCK_DAYS",
+        "VERIFY_NEW_BYTES_BUDGET", "VERIFY_ROTATION_DAYS", "OBJECT_LOCK_DAYS",
+        "VERIFY_QUEUE_URL", "VERIFY_SAFETY_MARGIN_SECONDS",
+        "CHUNK_QUEUE_URL", "FANOUT_MIN_OBJECTS", "FANOUT_MIN_READ_BYTES", "FANOUT_CHUNK_BYTES",
+        "POWERTOOLS_SERVICE_NAME", "POWERTOOLS_METRICS_NAMESPACE",
+    },
+    "VerifyChunkFunction": {
+        "RUNS_TABLE", "EVENT_BUS_NAME", "DESTINATION_SECRET_ARN", "OBJECT_LOCK_DAYS",
         "POWERTOOLS_SERVICE_NAME", "POWERTOOLS_METRICS_NAMESPACE",
     },
     "NotifyFunction": {
@@ -109,6 +116,7 @@ ENVIRONMENT = {
 }  # fmt: skip
 ROLES = {
     "VerifyFunction": "VerifyRole",
+    "VerifyChunkFunction": "VerifyChunkRole",
     "NotifyFunction": "NotifyRole",
     "WatchdogFunction": "WatchdogRole",
 }
@@ -157,7 +165,7 @@ def test_every_work_queue_redrives_to_its_own_dead_letter_queue(transformed: Tem
     queues = of_type(transformed, "AWS::SQS::Queue")
     dlqs = {k for k in queues if k.endswith("DeadLetterQueue")}
     work = set(queues) - dlqs
-    assert work == {"VerifyQueue", "NotifyQueue"}
+    assert work == {"VerifyQueue", "NotifyQueue", "ChunkQueue"}
     targets = []
     for name in sorted(work):
         redrive = props(transformed, name)["RedrivePolicy"]
@@ -182,7 +190,11 @@ def test_sqs_event_sources_report_batch_item_failures(transformed: Template) -> 
         assert transformed["Resources"][queue]["Type"] == "AWS::SQS::Queue"
         assert p["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
         sources[queue] = p["FunctionName"]["Ref"]
-    assert sources == {"VerifyQueue": "VerifyFunction", "NotifyQueue": "NotifyFunction"}
+    assert sources == {
+        "VerifyQueue": "VerifyFunction",
+        "NotifyQueue": "NotifyFunction",
+        "ChunkQueue": "VerifyChunkFunction",
+    }
 
 
 def test_visibility_timeouts_cover_six_function_timeouts(transformed: Template) -> None:
@@ -230,7 +242,9 @@ def test_function_environment_is_the_handler_contract(transformed: Template) -> 
         assert variables["RUNS_TABLE"] == {"Ref": "RunsTable"}
     verify = props(transformed, "VerifyFunction")["Environment"]["Variables"]
     assert verify["DESTINATION_SECRET_ARN"] == {"Ref": "DestinationSecret"}
-    assert verify["VERIFY_ROTATION_RUNS"] == "30"
+    assert verify["VERIFY_ROTATION_DAYS"] == "30"
+    assert verify["VERIFY_NEW_BYTES_BUDGET"] == {"Ref": "VerifyNewBytesBudget"}
+    assert verify["VERIFY_QUEUE_URL"] == {"Ref": "VerifyQueue"}
     notify = props(transformed, "NotifyFunction")["Environment"]["Variables"]
     assert notify["NOTIFY_SECRET_ARN"] == {"Ref": "NotifySecret"}
     assert notify["TOPIC_ARN"] == {"Ref": "AlertTopic"}
@@ -273,6 +287,62 @@ def test_queue_policies_let_only_their_rule_send(transformed: Template) -> None:
         assert statement["Principal"] == {"Service": "events.amazonaws.com"}
         assert statement["Action"] == "sqs:SendMessage"
         assert getatt(statement["Condition"]["ArnEquals"]["aws:SourceArn"]) == rule
+
+
+def test_only_the_verify_function_sends_to_the_chunk_queue(transformed: Template) -> None:
+    senders = {
+        where.split("/")[0]
+        for where, document in policy_documents(transformed)
+        for statement in statements(document)
+        if {"sqs:SendMessage", "sqs:SendMessageBatch"} & set(as_list(statement["Action"]))
+        and "Principal" not in statement
+    }
+    assert senders == {"VerifyRole"}
+    found = role_statements(transformed, "VerifyRole")
+    sent_to = resources_for(found, "sqs:SendMessage")
+    assert {"Fn::GetAtt": ["ChunkQueue", "Arn"]} in sent_to
+    # and its own queue, for the continuation of a verification (nothing else)
+    assert all(
+        r in ({"Fn::GetAtt": ["ChunkQueue", "Arn"]}, {"Fn::GetAtt": ["VerifyQueue", "Arn"]})
+        for r in sent_to
+    )
+
+
+def test_fan_out_is_bounded_by_template_parameters(
+    transformed: Template, sam_template: Template
+) -> None:
+    mapping = next(
+        m["Properties"]
+        for m in of_type(transformed, "AWS::Lambda::EventSourceMapping").values()
+        if m["Properties"]["FunctionName"] == {"Ref": "VerifyChunkFunction"}
+    )
+    assert mapping["BatchSize"] == 1  # one chunk per 900 s invocation
+    assert mapping["ScalingConfig"] == {"MaximumConcurrency": {"Ref": "FanoutConcurrency"}}
+    parameters = sam_template["Parameters"]
+    # Lambda's SQS MaximumConcurrency accepts 2..1000.
+    concurrency = parameters["FanoutConcurrency"]
+    assert (concurrency["Default"], concurrency["MinValue"], concurrency["MaxValue"]) == (
+        4,
+        2,
+        1000,
+    )
+    chunk = props(transformed, "VerifyChunkFunction")
+    assert (chunk["MemorySize"], chunk["Timeout"]) == (1024, 900)
+    verify = props(transformed, "VerifyFunction")["Environment"]["Variables"]
+    assert verify["CHUNK_QUEUE_URL"] == {"Ref": "ChunkQueue"}
+    for variable, parameter in (
+        ("FANOUT_MIN_OBJECTS", "FanoutMinObjects"),
+        ("FANOUT_MIN_READ_BYTES", "FanoutMinReadBytes"),
+        ("FANOUT_CHUNK_BYTES", "FanoutChunkBytes"),
+    ):
+        assert verify[variable] == {"Ref": parameter}
+    # The defaults are the code's own (one source of truth for the numbers in the docs).
+    from cloud.logic.chunks import FanoutSettings
+
+    defaults = FanoutSettings()
+    assert parameters["FanoutMinObjects"]["Default"] == defaults.min_objects
+    assert parameters["FanoutMinReadBytes"]["Default"] == defaults.min_read_bytes
+    assert parameters["FanoutChunkBytes"]["Default"] == defaults.chunk_bytes
 
 
 # -- tables ---------------------------------------------------------------------------------
@@ -342,17 +412,28 @@ def test_each_function_role_holds_only_what_its_function_uses(transformed: Templ
     }
     runs = {"dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query"}
     s3_read = {"s3:ListBucket", "s3:GetObject"}  # only with an AWS S3 destination
-    verify = {"events:PutEvents", "secretsmanager:GetSecretValue", *s3_read}
+    continue_ = {"sqs:SendMessage"}  # the verifier's continuation messages
+    verify = {"events:PutEvents", "secretsmanager:GetSecretValue", *s3_read, *continue_}
     notify = {"sns:Publish", "secretsmanager:GetSecretValue"}
     expected = {
         "VerifyRole": common | consume | idempotency | runs | verify,
+        "VerifyChunkRole": common | consume | runs | (verify - continue_),
         "NotifyRole": common | consume | idempotency | runs | notify,
         "WatchdogRole": common | runs | {"dynamodb:Scan", "events:PutEvents"},
     }
-    sources = {"VerifyRole": "backrest-relay.verifier", "WatchdogRole": "backrest-relay.watchdog"}
-    secrets = {"VerifyRole": "DestinationSecret", "NotifyRole": "NotifySecret"}
+    sources = {
+        "VerifyRole": "backrest-relay.verifier",
+        "VerifyChunkRole": "backrest-relay.verifier",
+        "WatchdogRole": "backrest-relay.watchdog",
+    }
+    secrets = {
+        "VerifyRole": "DestinationSecret",
+        "VerifyChunkRole": "DestinationSecret",
+        "NotifyRole": "NotifySecret",
+    }
     log_groups = {
         "VerifyRole": "VerifyLogGroup",
+        "VerifyChunkRole": "VerifyChunkLogGroup",
         "NotifyRole": "NotifyLogGroup",
         "WatchdogRole": "WatchdogLogGroup",
     }
@@ -372,8 +453,14 @@ def test_each_function_role_holds_only_what_its_function_uses(transformed: Templ
                 assert resource == {"Fn::GetAtt": ["RunsTable", "Arn"]}
         for resource in resources_for(found, "dynamodb:DeleteItem"):
             assert resource == {"Fn::GetAtt": ["IdempotencyTable", "Arn"]}
+        for resource in resources_for(found, "sqs:SendMessage"):
+            assert resource in (
+                {"Fn::GetAtt": ["VerifyQueue", "Arn"]},
+                {"Fn::GetAtt": ["ChunkQueue", "Arn"]},
+            )
     s3_policy = transformed["Resources"]["VerifyAwsS3ReadPolicy"]
     assert s3_policy["Condition"] == "DestinationIsAwsS3"
+    assert s3_policy["Properties"]["Roles"] == [{"Ref": "VerifyRole"}, {"Ref": "VerifyChunkRole"}]
 
 
 def test_secrets_never_hold_a_value_from_the_template(sam_template: Template) -> None:
@@ -405,7 +492,12 @@ def test_alarms_watch_every_dlq_and_function_and_page_the_topic(transformed: Tem
         else:
             assert (p["Namespace"], p["MetricName"]) == ("AWS/Lambda", "Errors")
             watched.add(dimension["Value"]["Ref"])
-    assert watched == {"VerifyDeadLetterQueue", "NotifyDeadLetterQueue", *FUNCTIONS}
+    assert watched == {
+        "VerifyDeadLetterQueue",
+        "NotifyDeadLetterQueue",
+        "ChunkDeadLetterQueue",
+        *FUNCTIONS,
+    }
 
 
 def test_email_subscription_only_with_an_address(transformed: Template) -> None:

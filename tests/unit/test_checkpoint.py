@@ -9,15 +9,27 @@ import gzip
 import hashlib
 import json
 import random
+from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from cloud.app.verify import CheckpointedVerification, verify_checkpointed
+import pytest
+
+from cloud.app.verify import (
+    CheckpointedVerification,
+    LegOutcome,
+    ManifestVerification,
+    verify_checkpointed,
+    verify_leg,
+    verify_manifest_resumable,
+)
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import ManifestRef, MirrorCompleted, RepoRef
 from cloud.contracts.manifest import ManifestHeader
 from cloud.logic.checkpoint import VerifyCheckpoint, checkpoint_name
-from cloud.logic.verify import VerifyOptions
+from cloud.logic.verify import VerifyOptions, slice_of
 from tests.support import events
+from tests.support.doubles.continuations import RecordingContinuations
 from tests.support.doubles.object_store import InMemoryObjectStore
 from tests.support.doubles.runstore import InMemoryRunStore
 
@@ -177,3 +189,191 @@ def test_a_problem_is_checked_and_announced_again_until_repaired() -> None:
     repaired = mirror.verify(mirror.event(a.manifest), now=T0 + timedelta(hours=3))
     assert repaired.result is not None and repaired.result.problems_total == 0
     assert not repaired.result.stats.reused and repaired.result.stats.deep_checked == 12
+
+
+class _Killed(BaseException):
+    """The process dies under a read (not an error anything may catch)."""
+
+
+def test_a_pass_killed_mid_chunk_loses_at_most_that_chunk() -> None:
+    mirror = Mirror()
+    keys = mirror.add(40)
+    a = mirror.manifest(set(keys))
+    real_read = mirror.store.read
+    budget = [13]
+
+    def dying_read(key: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
+        if "manifests" not in key:
+            if budget[0] <= 0:
+                raise _Killed(key)
+            budget[0] -= 1
+        return real_read(key, chunk_size)
+
+    mirror.store.read = dying_read  # type: ignore[method-assign]
+    options = VerifyOptions(concurrency=1, progress_every_objects=5)
+    with pytest.raises(_Killed):
+        verify_checkpointed(
+            a, store=mirror.store, runs=mirror.runs, reports=None, options=options,
+            every_seconds=86400, rotation_budget=0, now=T0,
+        )  # fmt: skip
+    saved = VerifyCheckpoint.from_dict(mirror.runs.load_checkpoint(REPO.key, checkpoint_name(DEST)))
+    assert saved is not None and saved.pending, "progress saved while the pass ran"
+    read_before = mirror.object_reads()
+    assert len(read_before) == 13
+
+    mirror.store.read = real_read  # type: ignore[method-assign]
+    done = mirror.verify(a)
+    assert done.result is not None and type(done.result).__name__ == "MirrorVerified"
+    reads = mirror.object_reads()
+    assert sorted(set(reads)) == sorted(keys)
+    again = len(reads) - len(keys)
+    assert 0 < again <= 5 + 2, "at most one chunk (and the reads in flight) read again"
+
+
+def test_lambda_legs_hand_on_through_the_continuation_port() -> None:
+    mirror = Mirror()
+    keys = mirror.add(25)
+    a = mirror.manifest(set(keys))
+    queue = RecordingContinuations()
+
+    def leg(n: int) -> LegOutcome:
+        before = len(mirror.store.reads)
+
+        def stop() -> bool:
+            return len(mirror.store.reads) - before >= 8
+
+        return verify_leg(
+            a, n, store=mirror.store, runs=mirror.runs, reports=None, continuations=queue,
+            options=VerifyOptions(concurrency=1, should_stop=stop), every_seconds=86400,
+            rotation_budget=0, now=T0,
+        )  # fmt: skip
+
+    first = leg(0)
+    assert first.result is None and first.continued == 1 and queue.sent == [(a, 1)]
+    # A redelivered leg 0 runs nothing: it only queues the claimed leg again.
+    reads = len(mirror.store.reads)
+    assert leg(0).continued == 1 and len(mirror.store.reads) == reads
+    n, outcome = 1, leg(1)
+    while outcome.continued is not None:
+        n += 1
+        outcome = leg(outcome.continued)
+    assert outcome.result is not None and type(outcome.result).__name__ == "MirrorVerified"
+    assert sorted(mirror.object_reads()) == sorted(keys), "each object read once"
+    # A stale leg after the end: the chain is finished, it ends without reading.
+    late = leg(1)
+    assert (late.result is None and late.continued is not None) or late.ended is not None
+
+
+def test_the_verify_command_continues_where_its_time_limit_stopped_it() -> None:
+    mirror = Mirror()
+    old = mirror.add(30)
+    mirror.manifest(set(old))
+    new = set(mirror.add(20))
+    b = mirror.manifest(new)
+    runs = InMemoryRunStore()
+    # The verify command reads the new objects and one rotation slice of the older ones
+    # (the one of its first call: verifications recorded meanwhile do not move it).
+    options = VerifyOptions(concurrency=1, rotation_runs=3, rotation_index=1)
+    planned = new | {k for k in old if slice_of(k, 3) == 1}
+    calls: list[ManifestVerification] = []
+    for _ in range(20):
+        before = len(mirror.store.reads)
+
+        def stop(before: int = before) -> bool:
+            return len(mirror.store.reads) - before >= 6
+
+        checked = verify_manifest_resumable(
+            b.manifest.key, expected_sha256=b.manifest.sha256, repo=REPO, destination=DEST,
+            store=mirror.store, runs=runs, reports=mirror.store,
+            options=replace(options, should_stop=stop, rotation_index=1 + len(calls)), deep="",
+            started_at=T0,
+        )  # fmt: skip
+        calls.append(checked)
+        if checked.result is not None:
+            break
+        assert checked.unread_objects > 0
+    assert len(calls) > 3 and all(c.result is None for c in calls[:-1])
+    assert calls[0].unread_objects + calls[0].objects_read == len(planned)
+    result = calls[-1].result
+    assert result is not None and type(result).__name__ == "MirrorVerified"
+    reads = mirror.object_reads()
+    assert sorted(reads) == sorted(planned), "each planned object read exactly once"
+    assert result.stats.deep_checked == len(planned)  # counted over every call
+    # Done: the next verify starts afresh (and reads everything planned again).
+    again = verify_manifest_resumable(
+        b.manifest.key, expected_sha256=b.manifest.sha256, repo=REPO, destination=DEST,
+        store=mirror.store, runs=runs, reports=mirror.store, options=options, deep="",
+        started_at=T0,
+    )  # fmt: skip
+    assert again.result is not None and again.objects_read == len(planned)
+
+
+def rotation_gaps(rotation_days: float | None, *, days: int = 45) -> tuple[list[float], Mirror]:
+    """Daily verifications of an unchanging mirror with a tiny byte budget; returns, for
+    every object, the longest time in days between two reads of it (the upload's read
+    first) — or since its last read, at the end."""
+    mirror = Mirror()
+    keys = mirror.add(60)
+    a = mirror.manifest(set(keys))
+    last_read = {k: 0.0 for k in keys}
+    gaps = dict.fromkeys(keys, 0.0)
+    first = verify_checkpointed(
+        a, store=mirror.store, runs=mirror.runs, reports=None,
+        options=VerifyOptions(concurrency=1), every_seconds=86400, rotation_budget=1,
+        now=T0, rotation_days=rotation_days,
+    )  # fmt: skip
+    assert first.result is not None
+    for day in range(1, days + 1):
+        before = len(mirror.store.reads)
+        checked = verify_checkpointed(
+            mirror.event(a.manifest), store=mirror.store, runs=mirror.runs, reports=None,
+            options=VerifyOptions(concurrency=1), every_seconds=86400, rotation_budget=1,
+            now=T0 + timedelta(days=day), rotation_days=rotation_days,
+        )  # fmt: skip
+        assert checked.result is not None
+        for key in mirror.store.reads[before:]:
+            if "manifests" not in key:
+                k = key.removeprefix(DEST.prefix + "/")
+                gaps[k] = max(gaps[k], day - last_read[k])
+                last_read[k] = day
+    return [max(gaps[k], days - last_read[k]) for k in keys], mirror
+
+
+def test_rotation_days_re_reads_every_object_within_that_many_days() -> None:
+    gaps, mirror = rotation_gaps(10)
+    assert max(gaps) <= 10, sorted(gaps)[-5:]
+    # It is a guarantee, not a full re-read every day: about 10/(10 - 2) of the mirror
+    # per 10 days (plus one object per slice for rounding).
+    reads = [k for k in mirror.store.reads if "manifests" not in k]
+    assert len(reads) < 60 + 60 * 45 / 8 + 2 * 45
+    # Without it the byte budget alone (1 byte: one object a day) takes 60 days.
+    gaps_without, _ = rotation_gaps(None)
+    assert max(gaps_without) > 10
+
+
+def test_a_leg_under_way_stops_when_another_chain_takes_the_checkpoint_over() -> None:
+    mirror = Mirror()
+    keys = mirror.add(40)
+    a = mirror.manifest(set(keys))
+    name = checkpoint_name(DEST)
+    real_read = mirror.store.read
+    reads = [0]
+
+    def read(key: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
+        if "manifests" not in key:
+            reads[0] += 1
+            if reads[0] == 7:  # meanwhile, a newer event's leg 0 claims the checkpoint
+                taken = VerifyCheckpoint(manifest_key="newer", chain="run-b", leg=0)
+                mirror.runs.save_checkpoint(REPO.key, name, taken.to_dict())
+        return real_read(key, chunk_size)
+
+    mirror.store.read = read  # type: ignore[method-assign]
+    checked = verify_checkpointed(
+        a, store=mirror.store, runs=mirror.runs, reports=None,
+        options=VerifyOptions(concurrency=1, progress_every_objects=5), every_seconds=86400,
+        rotation_budget=0, now=T0, chain=("run-a", 0),
+    )  # fmt: skip
+    assert checked.superseded and checked.result is None
+    assert reads[0] <= 10 + 2, "stopped at the next progress save"
+    saved = VerifyCheckpoint.from_dict(mirror.runs.load_checkpoint(REPO.key, name))
+    assert saved is not None and (saved.chain, saved.manifest_key) == ("run-b", "newer")

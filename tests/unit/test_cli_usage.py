@@ -269,6 +269,16 @@ def test_verify_run_must_be_a_run_id(
     assert "run id" in err
 
 
+@pytest.mark.parametrize("limit", ["soon", "0s", "5 parsecs"])
+def test_verify_time_limit_must_be_a_positive_duration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], limit: str
+) -> None:
+    config = write_config(tmp_path)
+    code = main(["verify", "--config", str(config), "--repo-id", "r1", "--time-limit", limit])
+    assert code == 2
+    assert "--time-limit" in capsys.readouterr().err
+
+
 def test_manifest_prefix_inside_repository_prefix_is_refused_before_any_request(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -444,7 +444,7 @@ def deployed(
         "IDEMPOTENCY_TABLE": IDEMPOTENCY_TABLE,
         "EVENT_BUS_NAME": "backrest-relay",
         "DESTINATION_SECRET_ARN": secret["ARN"],
-        "VERIFY_ROTATION_RUNS": "7",
+        "VERIFY_ROTATION_DAYS": "7",
         "VERIFY_NEW_BYTES_BUDGET": "1_000_000",
     }
     for name, value in env.items():
@@ -484,13 +484,16 @@ def test_env_wiring_verifies_a_bucket_with_credentials_from_the_secret(
 
     store = DynamoRunStore("backrest-relay-runs", boto3.client("dynamodb", region_name=REGION))
     assert sorted(r.kind for r in store.runs(GUID)) == ["mirror", "verification"]
-    options = verify_handler.get_verifier().deps.options
-    assert (options.rotation_runs, options.new_bytes_budget) == (7, 1_000_000)
+    deps = verify_handler.get_verifier().deps
+    assert (deps.rotation_days, deps.options.new_bytes_budget) == (7, 1_000_000)
 
-    # Now a tampered object and an unreadable bucket, so errors get logged too.
-    victim = next(k for k in keys if "/data/" in k)
+    # Now a tampered object and an unreadable bucket, so errors get logged too. (A new
+    # mirror run: the same manifest again would read nothing, being proven already.)
+    other, new_keys = write_mirror(
+        lambda k, b: s3.put_object(Bucket="offsite-aws", Key=k, Body=b), destination, seed=6
+    )
+    victim = next(k for k in new_keys if "/data/" in k)
     s3.put_object(Bucket="offsite-aws", Key=victim, Body=b"tampered")
-    other = event.model_copy(update={"run_id": new_run_id()})
     gone = other.model_copy(
         update={
             "run_id": new_run_id(),
@@ -507,6 +510,24 @@ def test_env_wiring_verifies_a_bucket_with_credentials_from_the_secret(
     assert any(line.get("error_type") == "ObjectStoreError" for line in out.logs)
     assert SECRET_KEY not in out.raw
     assert ACCESS_KEY not in out.raw
+
+
+@pytest.mark.parametrize(
+    ("budget", "expected"),
+    [(None, verify_handler.DEFAULT_NEW_BYTES_BUDGET), ("", None), ("5000", 5000)],
+)
+def test_the_new_bytes_budget_has_a_default_and_empty_means_unlimited(
+    aws: None, monkeypatch: pytest.MonkeyPatch, budget: str | None, expected: int | None
+) -> None:
+    for name in ("RUNS_TABLE", "IDEMPOTENCY_TABLE", "EVENT_BUS_NAME", "DESTINATION_SECRET_ARN"):
+        monkeypatch.setenv(name, "x")
+    if budget is None:
+        monkeypatch.delenv("VERIFY_NEW_BYTES_BUDGET", raising=False)
+    else:
+        monkeypatch.setenv("VERIFY_NEW_BYTES_BUDGET", budget)
+    deps = verify_handler.dependencies_from_env()
+    assert deps.options.new_bytes_budget == expected
+    assert deps.rotation_days == 30 and deps.continuations is None
 
 
 def test_secret_errors_are_clear_and_never_echo_the_value(aws: None) -> None:

@@ -1,0 +1,267 @@
+"""The fan-out use cases over in-memory ports: planning and queueing the chunks, proving
+them in any order, each counted once, the result published once by whoever finishes."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+
+from cloud.app.fanout import FanoutJobMissingError, fan_out, verify_chunk
+from cloud.contracts.destination import Destination
+from cloud.contracts.events import MirrorCompleted, MirrorVerificationFailed, MirrorVerified
+from cloud.contracts.fanout import ChunkWorkItem
+from cloud.logic.chunks import FanoutSettings
+from cloud.logic.fanout import ChunkResult, FanoutJob, combine
+from cloud.logic.ports import ObjectStore, ObjectStoreError, ReportSink
+from cloud.logic.verification import VerificationResult
+from cloud.logic.verify import VerifyOptions
+from tests.support.doubles.fanout import InMemoryFanoutStore
+from tests.support.doubles.object_store import InMemoryObjectStore
+from tests.support.doubles.runstore import InMemoryRunStore
+from tests.support.lambdas import write_mirror
+
+DEST = Destination(provider="s3", endpoint_url=None, bucket="b", prefix="restic/home")
+SMALL = FanoutSettings(min_objects=10, min_read_bytes=1 << 60, chunk_bytes=1, max_chunks=9)
+OPTIONS = VerifyOptions(rotation_runs=1, concurrency=2)
+
+
+class Side:
+    """The cloud side in memory: bucket, run store, jobs, chunk queue, published events."""
+
+    def __init__(self, objects: int = 40, seed: int = 7) -> None:
+        self.store = InMemoryObjectStore(page_size=5)
+        self.runs = InMemoryRunStore()
+        self.jobs = InMemoryFanoutStore()
+        self.queue: list[ChunkWorkItem] = []
+        self.published: list[VerificationResult] = []
+        self.event, self.keys = write_mirror(self.store.put, DEST, seed=seed, objects=objects)
+
+    def send(self, items: Sequence[ChunkWorkItem]) -> None:
+        self.queue.extend(items)
+
+    def open(self, destination: Destination) -> tuple[ObjectStore, ReportSink | None]:
+        assert destination == DEST
+        return self.store, self.store
+
+    def fan_out(self, settings: FanoutSettings = SMALL) -> Any:
+        return fan_out(
+            self.event,
+            store=self.store,
+            runs=self.runs,
+            jobs=self.jobs,
+            send=self.send,
+            settings=settings,
+            options=OPTIONS,
+        )
+
+    def chunk(self, item: ChunkWorkItem) -> Any:
+        return verify_chunk(
+            item,
+            jobs=self.jobs,
+            runs=self.runs,
+            open_destination=self.open,
+            publish=self.published.append,
+            options=OPTIONS,
+            host="test",
+        )
+
+    def object_reads(self) -> list[str]:
+        return [k for k in self.store.reads if k.startswith(DEST.prefix + "/")]
+
+
+def shuffled(items: list[ChunkWorkItem], seed: int = 3) -> Iterator[ChunkWorkItem]:
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    yield from order
+
+
+def test_a_small_mirror_is_left_to_one_pass_without_a_request() -> None:
+    side = Side(objects=5)
+    assert side.fan_out(FanoutSettings()) is None
+    assert side.store.reads == [] and side.queue == []
+
+
+def test_a_manifest_that_plans_one_chunk_is_left_to_one_pass() -> None:
+    side = Side()
+    one = FanoutSettings(min_objects=10, min_read_bytes=1 << 60, chunk_bytes=1 << 40)
+    assert side.fan_out(one) is None
+    assert side.queue == [] and side.jobs.jobs == {}
+
+
+def test_once_fanned_out_a_redelivery_stays_fanned_out_whatever_the_settings() -> None:
+    side = Side()
+    plan = side.fan_out()
+    side.queue.clear()
+    side.jobs.jobs[plan.job_id]["dispatched"] = False  # died before marking it
+    again = side.fan_out(FanoutSettings())  # thresholds raised since
+    assert again is not None and (again.job_id, again.sent) == (plan.job_id, plan.chunks)
+    assert len(side.queue) == plan.chunks
+
+
+def test_fan_out_queues_each_chunk_once_even_when_the_event_is_redelivered() -> None:
+    side = Side()
+    plan = side.fan_out()
+    assert plan.chunks == 9 and plan.sent == 9
+    assert [i.index for i in side.queue] == list(range(9))
+    assert {i.chunks for i in side.queue} == {9}
+    assert [r.kind for r in side.runs.runs(side.event.repo.key)] == ["mirror"]
+    again = side.fan_out()
+    assert (again.job_id, again.chunks, again.sent) == (plan.job_id, 9, 0)
+    assert len(side.queue) == 9
+
+
+def test_every_object_is_read_once_and_one_result_is_published() -> None:
+    side = Side()
+    side.fan_out()
+    side.store.reads.clear()
+    items = list(side.queue)
+    outcomes = [side.chunk(item) for item in shuffled(items)]
+    # A redelivered chunk (after it was counted, before and after the job finished).
+    assert side.chunk(items[4]).verified is False
+    assert [o.published for o in outcomes].count(True) == 1
+    assert sorted(side.object_reads()) == sorted(side.keys)
+    [result] = side.published
+    assert isinstance(result, MirrorVerified)
+    assert result.stats.compared == result.manifest.objects == len(side.keys)
+    assert result.stats.deep_checked == len(side.keys)
+    assert result.mirror_run_id == side.event.run_id
+    [verification] = [r for r in side.runs.runs(side.event.repo.key) if r.kind == "verification"]
+    assert verification.run_id == result.run_id
+
+
+def test_a_damaged_object_fails_the_verification_by_name() -> None:
+    side = Side()
+    victim = side.keys[len(side.keys) // 2]
+    data = bytearray(side.store.objects[victim])
+    data[-1] ^= 0xFF
+    side.store.put(victim, bytes(data), etag=side.store.etags[victim])
+    side.fan_out()
+    for item in shuffled(list(side.queue)):
+        side.chunk(item)
+    [result] = side.published
+    assert isinstance(result, MirrorVerificationFailed)
+    assert [(p.key, p.kind) for p in result.problems] == [(victim[len(DEST.prefix) + 1 :], "hash")]
+    assert result.problems_total == 1
+    assert result.report_key is not None and result.report_key.endswith(".part-0004.jsonl.gz")
+
+
+class FlakyStore(InMemoryObjectStore):
+    """Fails reads of one object a number of times (a killed or cut-off chunk)."""
+
+    def __init__(self, source: InMemoryObjectStore, victim: str, failures: int) -> None:
+        super().__init__(page_size=source.page_size)
+        self.objects, self.etags = source.objects, source.etags
+        self.victim, self.failures = victim, failures
+
+    def read(self, key: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
+        if key == self.victim and self.failures > 0:
+            self.failures -= 1
+            raise ObjectStoreError("connection reset")
+        return super().read(key, chunk_size)
+
+
+def test_a_chunk_that_fails_is_redone_alone_and_counted_once() -> None:
+    side = Side()
+    side.fan_out()
+    victim = side.keys[20]
+    side.store = FlakyStore(side.store, victim, failures=3)  # every attempt of one pass
+    items = list(side.queue)
+    failed: list[ChunkWorkItem] = []
+    for item in items:
+        try:
+            side.chunk(item)
+        except ObjectStoreError:
+            failed.append(item)
+    [redelivered] = failed
+    stored = side.jobs.load_job(redelivered.job_id)
+    assert stored is not None and len(stored["done"]) == len(items) - 1
+    assert side.published == []
+    side.store.reads.clear()
+    side.chunk(redelivered)  # SQS delivers it again
+    chunk = FanoutJob.from_dict(stored).chunks[redelivered.index]
+    again = side.object_reads()
+    assert victim in again
+    assert all(key[len(DEST.prefix) + 1 :] in chunk for key in again)  # that chunk alone
+    [result] = side.published
+    assert isinstance(result, MirrorVerified)
+    assert result.stats.compared == result.stats.deep_checked == len(side.keys)
+
+
+def test_a_publish_that_fails_is_retried_by_the_redelivery_with_the_same_result() -> None:
+    side = Side()
+    side.fan_out()
+    items = list(side.queue)
+    for item in items[:-1]:
+        side.chunk(item)
+    calls: list[VerificationResult] = []
+
+    def refuse(result: VerificationResult) -> None:
+        calls.append(result)
+        raise RuntimeError("bus down")
+
+    with pytest.raises(RuntimeError):
+        verify_chunk(
+            items[-1],
+            jobs=side.jobs,
+            runs=side.runs,
+            open_destination=side.open,
+            publish=refuse,
+            options=OPTIONS,
+        )
+    redelivered = side.chunk(items[-1])
+    assert redelivered.verified is False and redelivered.published
+    [result] = side.published
+    assert result.run_id == calls[0].run_id  # the stored result, not a second verdict
+    assert side.chunk(items[-1]).published is False
+
+
+def test_a_work_item_for_an_unknown_job_fails() -> None:
+    side = Side()
+    with pytest.raises(FanoutJobMissingError):
+        side.chunk(ChunkWorkItem(job_id="0" * 32, index=0, chunks=1))
+
+
+def test_a_manifest_that_cannot_be_planned_from_is_left_to_one_pass() -> None:
+    side = Side()
+    side.store.put(side.event.manifest.key, gzip.compress(b"not a manifest"))
+    assert side.fan_out() is None
+    assert side.queue == []
+
+
+def test_combine_counts_a_problem_every_chunk_saw_once_and_checks_the_count() -> None:
+    side = Side(objects=12)
+    side.fan_out()
+    for item in side.queue:
+        side.chunk(item)
+    job_id = side.queue[0].job_id
+    results = [ChunkResult.from_dict(r) for r in side.jobs.chunk_results(job_id)]
+    assert results[0].header is not None
+    header = results[0].header.model_copy(update={"objects": 99})
+    shared = json.loads(
+        '{"key": "m", "kind": "manifest", "detail": "manifest describes x/y, not b/restic/home"}'
+    )
+    doctored = [
+        ChunkResult.from_dict(
+            {**r.to_dict(), "problems": [shared], "problems_total": 1, "header": header}
+        )
+        for r in results
+    ]
+    combined = combine(doctored, len(results), "m").outcome
+    assert [(p.key, p.kind) for p in combined.problems] == [("m", "manifest"), ("m", "manifest")]
+    assert combined.problems_total == 2
+    assert "promises 99 objects" in combined.problems[1].detail
+    with pytest.raises(ValueError, match="are not chunks"):
+        combine(results[1:], len(results), "m")
+
+
+def test_the_job_keeps_the_event_it_verifies() -> None:
+    side = Side()
+    plan = side.fan_out()
+    stored = side.jobs.load_job(plan.job_id)
+    assert stored is not None
+    assert MirrorCompleted.model_validate(stored["event"]) == side.event
