@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
+from cloud.app.binding import check_binding
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import ManifestRef, MirrorCompleted, RepoRef, VerificationStats
 from cloud.logic.checkpoint import (
@@ -69,6 +70,11 @@ def verify_mirror(
 ) -> VerificationResult:
     """Verify the mirror the event announces; ObjectStoreError means "could not look",
     never "verified" — the caller retries."""
+    # Trust: an event naming another destination than its repository's is refused unread.
+    refused = check_binding(event, runs, host=host)
+    if refused is not None:
+        return refused
+    options = replace(options or VerifyOptions(), repo_guid=event.repo.guid)
     runs.record(mirror_run_record(event))
     repo_key = event.repo.key
     options = replace(options or VerifyOptions(), rotation_index=runs.verification_count(repo_key))
@@ -125,8 +131,16 @@ def verify_checkpointed(
       `Mirror Verification Failed` with an `unverifiable` problem naming the reason, and
       the checkpoint stays as it was, so the next run tries again.
 
-    The checkpoint is saved before this returns, whatever the outcome.
+    The checkpoint is saved before this returns, whatever the outcome (a refused event,
+    `cloud.app.binding`, leaves it untouched and reads nothing).
     """
+    # Trust: an event naming another destination than its repository's is refused unread.
+    refused = check_binding(event, runs, host=host, now=now)
+    if refused is not None:
+        return CheckpointedVerification(
+            VerifyPlan("verify", reason="refused"), VerifyCheckpoint(), refused, 0, 0
+        )
+    options = replace(options, repo_guid=event.repo.guid)
     runs.record(mirror_run_record(event))
     repo_key = event.repo.key
     name = checkpoint_name(event.destination)

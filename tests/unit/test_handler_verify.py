@@ -111,15 +111,15 @@ class Buckets:
 
 
 def write_mirror(
-    put: Any, destination: Destination, *, seed: int, objects: int = 8
+    put: Any, destination: Destination, *, seed: int, objects: int = 8, guid: str | None = None
 ) -> tuple[MirrorCompleted, list[str]]:
-    """A mirror of repository GUID with an index and one new snapshot."""
+    """A mirror of repository `guid` (GUID) with an index and one new snapshot."""
     return lambdas.write_mirror(
         put,
         destination,
         seed=seed,
         objects=objects,
-        guid=GUID,
+        guid=guid or GUID,
         index=True,
         new_snapshots=["1234abcd"],
     )
@@ -166,10 +166,12 @@ def world(idempotency_client: Any, capsys: pytest.CaptureFixture[str]) -> Iterat
     verify_handler.metrics.clear_metrics()
 
 
-def mirror(world: World, *, seed: int = 1, bucket: str = DEST.bucket) -> MirrorCompleted:
+def mirror(
+    world: World, *, seed: int = 1, bucket: str = DEST.bucket, guid: str | None = None
+) -> MirrorCompleted:
     destination = DEST.model_copy(update={"bucket": bucket})
     store = world.buckets.bucket(bucket)
-    event, _ = write_mirror(store.put, destination, seed=seed)
+    event, _ = write_mirror(store.put, destination, seed=seed, guid=guid)
     return event
 
 
@@ -244,9 +246,10 @@ def test_tampered_object_gives_verification_failed_naming_it(
 def test_unreachable_bucket_fails_only_its_record_and_the_retry_verifies(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    first = mirror(world, seed=1, bucket="bucket-a")
-    broken = mirror(world, seed=2, bucket="bucket-b")
-    third = mirror(world, seed=3, bucket="bucket-c")
+    # Three repositories (one repository's events must all name the bucket it is bound to).
+    first = mirror(world, seed=1, bucket="bucket-a", guid="a1" * 32)
+    broken = mirror(world, seed=2, bucket="bucket-b", guid="b2" * 32)
+    third = mirror(world, seed=3, bucket="bucket-c", guid="c3" * 32)
     world.buckets.unreachable.add("bucket-b")
 
     response = invoke(
@@ -491,9 +494,10 @@ def test_env_wiring_verifies_a_bucket_with_credentials_from_the_secret(
     victim = next(k for k in keys if "/data/" in k)
     s3.put_object(Bucket="offsite-aws", Key=victim, Body=b"tampered")
     other = event.model_copy(update={"run_id": new_run_id()})
-    gone = other.model_copy(
+    gone = other.model_copy(  # another repository's (GUID's is bound to offsite-aws)
         update={
             "run_id": new_run_id(),
+            "repo": other.repo.model_copy(update={"guid": "ef" * 32}),
             "destination": destination.model_copy(update={"bucket": "no-such-bucket"}),
         }
     )
