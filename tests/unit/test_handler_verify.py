@@ -243,6 +243,29 @@ def test_tampered_object_gives_verification_failed_naming_it(
     assert "Mirror Verification Failed" in out.messages("WARNING")
 
 
+def test_forged_completion_is_published_as_a_refusal_and_reads_nothing(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The handler's side of the binding (docs/verification.md, "Trust model")."""
+    first = mirror(world)
+    assert invoke(sqs_event(record_for(first, "m-1"))) == {"batchItemFailures": []}
+    forged = mirror(world, seed=2, bucket="attacker")  # GUID's name, another bucket
+    world.buckets.bucket("attacker").reads.clear()
+
+    response = invoke(sqs_event(record_for(forged, "m-2")))
+
+    assert response == {"batchItemFailures": []}  # a verdict: published, not retried
+    verified, refused = world.bus.events
+    assert isinstance(refused, MirrorVerificationFailed)
+    assert [p.kind for p in refused.problems] == ["binding"]
+    assert refused.mirror_run_id == forged.run_id
+    assert world.buckets.bucket("attacker").reads == []
+    latest = world.runs.latest_verified(GUID)
+    assert latest is not None and latest.run_id == verified.run_id
+    out = read_output(capsys)
+    assert out.metric_values("VerificationFailures") == [0, 1]
+
+
 def test_unreachable_bucket_fails_only_its_record_and_the_retry_verifies(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
