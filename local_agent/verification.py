@@ -252,6 +252,11 @@ def verdict_line(verification: dict[str, Any]) -> str:
     first = verification["problems"][0] if verification["problems"] else {}
     if first.get("kind") == "unverifiable":
         return f"COULD NOT VERIFY (the next run tries again): {first.get('detail')}"
+    if first.get("kind") == "binding" and str(first.get("detail", "")).startswith("refused: "):
+        return (
+            "VERIFICATION REFUSED: this destination is not the one the repository is bound to "
+            f"({first.get('detail')}); after a move: status --forget REPO"
+        )
     return f"VERIFICATION FAILED: {verification['problems_total']} problem(s)" + (
         f", first: {first.get('kind')} {first.get('key')}" if first else ""
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
+from cloud.app.binding import check_binding
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import ManifestRef, MirrorCompleted, RepoRef, VerificationStats
 from cloud.logic.checkpoint import (
@@ -80,6 +81,11 @@ def verify_mirror(
 ) -> VerificationResult:
     """Verify the mirror the event announces; ObjectStoreError means "could not look",
     never "verified" — the caller retries."""
+    # Trust: an event naming another destination than its repository's is refused unread.
+    refused = check_binding(event, runs, host=host)
+    if refused is not None:
+        return refused
+    options = replace(options or VerifyOptions(), repo_guid=event.repo.guid)
     runs.record(mirror_run_record(event))
     repo_key = event.repo.key
     options = replace(options or VerifyOptions(), rotation_index=runs.verification_count(repo_key))
@@ -148,8 +154,16 @@ def verify_checkpointed(
     `chain` (the Lambda's continuation chain: run id, leg) claims the checkpoint for this
     pass; when another chain claims it meanwhile, this pass stops and saves nothing more
     (`superseded`). `unreadable_raises`: an unreadable destination raises ObjectStoreError
-    (the Lambda retries through SQS) instead of giving an `unverifiable` verdict.
+    (the Lambda retries through SQS) instead of giving an `unverifiable` verdict. A refused
+    event (`cloud.app.binding`) leaves the checkpoint untouched and reads nothing.
     """
+    # Trust: an event naming another destination than its repository's is refused unread.
+    refused = check_binding(event, runs, host=host, now=now)
+    if refused is not None:
+        return CheckpointedVerification(
+            VerifyPlan("verify", reason="refused"), VerifyCheckpoint(), refused, 0, 0
+        )
+    options = replace(options, repo_guid=event.repo.guid)
     runs.record(mirror_run_record(event))
     repo_key = event.repo.key
     name = checkpoint_name(event.destination)

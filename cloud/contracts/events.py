@@ -159,10 +159,14 @@ class Problem(_Model):
         "extra",
         "unverifiable",
         "lock",
+        "binding",
     ]
     """`unverifiable`: the verification could not proceed (GetObject denied, download cap
     reached, destination unreachable); the detail says why. Not a verdict on the data.
-    `lock`: an object's Object Lock retention is missing or ends too soon."""
+    `lock`: an object's Object Lock retention is missing or ends too soon.
+    `binding`: the event was refused, not verified: its destination or manifest location
+    disagrees with the repository's binding, or its manifest names another repository
+    (docs/verification.md, "Trust model")."""
     detail: str = Field(max_length=500)
 
 

@@ -42,6 +42,7 @@ RUN_PREFIX = "RUN#"
 LATEST_VERIFIED_SK = "LATEST#VERIFIED"
 META_SK = "META"
 CHECKPOINT_PREFIX = "CHECKPOINT#"
+BINDING_SK = "BINDING"
 TTL_ATTRIBUTE = "ttl"
 RUN_TTL = timedelta(days=400)
 TRANSACTION_ATTEMPTS = 5
@@ -289,6 +290,40 @@ class DynamoRunStore:
             },
         )
 
+    def load_binding(self, repo_key: str) -> dict[str, Any] | None:
+        item = self._client.get_item(
+            TableName=self.table_name, Key=_key(repo_key, BINDING_SK), ConsistentRead=True
+        ).get("Item")
+        return None if item is None else _binding_value(item)
+
+    def bind(self, repo_key: str, data: dict[str, Any]) -> dict[str, Any]:
+        """A conditional put (`attribute_not_exists`): of two first verifications racing,
+        one binds; the other reads back the binding in force."""
+        try:
+            self._client.put_item(
+                TableName=self.table_name,
+                Item={
+                    **_key(repo_key, BINDING_SK),
+                    "value": {"S": json.dumps(data, sort_keys=True)},
+                },
+                ConditionExpression="attribute_not_exists(#sk)",
+                ExpressionAttributeNames={"#sk": "sk"},
+            )
+        except ClientError as exc:
+            if _error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            stored = self.load_binding(repo_key)
+            if stored is None:  # unbound between the two calls: try once more
+                return self.bind(repo_key, data)
+            return stored
+        return dict(json.loads(json.dumps(data, sort_keys=True)))
+
+    def unbind(self, repo_key: str) -> bool:
+        response = self._client.delete_item(
+            TableName=self.table_name, Key=_key(repo_key, BINDING_SK), ReturnValues="ALL_OLD"
+        )
+        return bool(response.get("Attributes"))
+
     def get(self, repo_key: str, run_id: str) -> RunRecord | None:
         return self._get_run(repo_key, RUN_PREFIX + run_id)
 
@@ -362,6 +397,18 @@ class DynamoRunStore:
             TableName=self.table_name, Key=_key(repo_key, sk), ConsistentRead=True
         ).get("Item")
         return None if item is None else _run_from_item(item)
+
+
+def _binding_value(item: Item) -> dict[str, Any]:
+    """A binding item that is not a JSON object is damage, not "unbound" (reading it as
+    absent would let the next event re-bind the repository)."""
+    try:
+        value = json.loads(_req(item, "value"))
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError("run store BINDING item's value is not a JSON object")
+    return value
 
 
 def _count(item: Item | None) -> int:

@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from cloud.integrations.runstore_codec import (
     detail_from_json,
@@ -74,6 +74,14 @@ _SCHEMA = (
         PRIMARY KEY (repo_key, name)
     ) WITHOUT ROWID
     """,
+    # One row per repository, written once by its first verified run (cloud.logic.binding);
+    # created in files of this same schema version too (IF NOT EXISTS: additive).
+    """
+    CREATE TABLE IF NOT EXISTS bindings (
+        repo_key TEXT PRIMARY KEY,
+        value    TEXT NOT NULL
+    ) WITHOUT ROWID
+    """,
     """
     CREATE INDEX IF NOT EXISTS runs_verified ON runs(repo_key, run_id)
         WHERE kind = 'verification' AND status = 'verified'
@@ -107,6 +115,18 @@ def _run_from_row(row: tuple[Any, ...]) -> RunRecord:
         mirror_run_id=mirror_run_id,
         detail=detail_from_json(detail),
     )
+
+
+def _json_object(text: str, path: Path) -> dict[str, Any]:
+    """A stored binding that is not a JSON object is damage, not "unbound": reading it as
+    absent would let the next event re-bind the repository."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise RunStoreError(f"run store {path}: a stored binding is not a JSON object")
+    return cast(dict[str, Any], value)
 
 
 class SqliteRunStore:
@@ -301,6 +321,7 @@ class SqliteRunStore:
         with self._lock, self._transaction() as db:
             removed = db.execute("DELETE FROM runs WHERE repo_key = ?", (repo_key,)).rowcount
             db.execute("DELETE FROM repos WHERE repo_key = ?", (repo_key,))
+            db.execute("DELETE FROM bindings WHERE repo_key = ?", (repo_key,))
         return int(removed)
 
     def mark_stale_alerted(self, repo_key: str, at: datetime | None) -> None:
@@ -336,6 +357,30 @@ class SqliteRunStore:
                 "ON CONFLICT(repo_key, name) DO UPDATE SET value = excluded.value",
                 (repo_key, name, json.dumps(data, sort_keys=True)),
             )
+
+    def load_binding(self, repo_key: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT value FROM bindings WHERE repo_key = ?", (repo_key,)
+            ).fetchone()
+        return None if row is None else _json_object(row[0], self.path)
+
+    def bind(self, repo_key: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Insert-or-keep and read back in one transaction: the first binding wins."""
+        with self._lock, self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO bindings(repo_key, value) VALUES(?, ?)",
+                (repo_key, json.dumps(data, sort_keys=True)),
+            )
+            row = db.execute(
+                "SELECT value FROM bindings WHERE repo_key = ?", (repo_key,)
+            ).fetchone()
+        return _json_object(row[0], self.path)
+
+    def unbind(self, repo_key: str) -> bool:
+        with self._lock, self._transaction() as db:
+            removed = db.execute("DELETE FROM bindings WHERE repo_key = ?", (repo_key,)).rowcount
+        return bool(removed)
 
     def _latest_verified(self, repo_key: str) -> RunRecord | None:
         row = self._db.execute(

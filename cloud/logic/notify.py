@@ -134,7 +134,22 @@ def _compose(event: EventDetail, severity: Severity) -> _Message:
     repo = _repo_label(event)
     where = f"{event.destination.bucket}/{event.destination.prefix}"
     unverifiable = [p for p in getattr(event, "problems", []) if p.kind == "unverifiable"]
-    if isinstance(event, MirrorVerificationFailed) and unverifiable:
+    refused = [
+        p
+        for p in getattr(event, "problems", [])
+        if p.kind == "binding" and p.detail.startswith("refused: ")
+    ]
+    if isinstance(event, MirrorVerificationFailed) and refused:
+        msg = _Message(subject=f"❌ {repo}: completion event refused (destination mismatch)")
+        msg.rows.append(("Verdict", "refused, not verified"))
+        msg.rows.append(("Event names", f"{where} (mirror run {event.mirror_run_id})"))
+        msg.rows.append(("Reason", refused[0].detail.removeprefix("refused: ")))
+        msg.footer = (
+            "A Mirror Completed named this repository with a destination it is not bound to: "
+            "a misconfigured or forged event. Nothing was verified; if the mirror really "
+            "moved, remove the binding (docs/verification.md, Trust model)."
+        )
+    elif isinstance(event, MirrorVerificationFailed) and unverifiable:
         msg = _Message(subject=f"❌ {repo}: could not verify the off-site copy")
         msg.rows.append(("Verdict", "could not verify"))
         msg.rows.append(("Reason", unverifiable[0].detail.removeprefix("could not verify: ")))

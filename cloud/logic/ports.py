@@ -179,6 +179,21 @@ class RunStore(Protocol):
         """Replace the checkpoint; durable when this returns (the next run builds on it)."""
         ...
 
+    def load_binding(self, repo_key: str) -> dict[str, Any] | None:
+        """The repository's binding to its destination, as stored
+        (`cloud.logic.binding.Binding.to_dict`), or None while it has none."""
+        ...
+
+    def bind(self, repo_key: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Store the binding unless the repository has one (the first verified run wins,
+        atomically); returns the binding in force, which may be another run's."""
+        ...
+
+    def unbind(self, repo_key: str) -> bool:
+        """Drop the binding (the operator's re-binding after a move); whether one existed.
+        The next verified run binds the repository again."""
+        ...
+
 
 class ContinuationQueue(Protocol):
     """Where the Lambda verifier hands a verification it could not finish in one

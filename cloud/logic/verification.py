@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 from datetime import UTC, datetime
+from typing import Literal
 
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import (
@@ -19,6 +20,7 @@ from cloud.contracts.events import (
     VerificationStats,
 )
 from cloud.contracts.ids import new_run_id
+from cloud.logic.binding import binding_of
 from cloud.logic.ports import RunRecord, RunStore
 from cloud.logic.verify import (
     VerificationOutcome,
@@ -84,6 +86,8 @@ def verification_event(
 
 
 def record_verification(runs: RunStore, result: VerificationResult) -> None:
+    """Record the verification; a verified one binds its repository to where it was
+    verified, unless the repository is bound already (`cloud.logic.binding`)."""
     runs.record(
         RunRecord(
             repo_key=result.repo.key,
@@ -98,6 +102,8 @@ def record_verification(runs: RunStore, result: VerificationResult) -> None:
             detail=result.model_dump(mode="json"),
         )
     )
+    if isinstance(result, MirrorVerified) and runs.load_binding(result.repo.key) is None:
+        runs.bind(result.repo.key, binding_of(result).to_dict())
 
 
 def unverifiable_event(
@@ -105,6 +111,27 @@ def unverifiable_event(
 ) -> MirrorVerificationFailed:
     """ "Could not verify": the mirror may be fine, but nobody could look (a verdict of its
     own, so it is announced and the queue moves on instead of waiting silently)."""
+    return _problem_event(
+        event, "unverifiable", f"could not verify: {reason}", started_at=started_at, host=host
+    )
+
+
+def refused_event(
+    event: MirrorCompleted, reason: str, *, started_at: datetime, host: str | None = None
+) -> MirrorVerificationFailed:
+    """ "Refused": the event names a destination its repository is not bound to. Nothing
+    was read; an alert, never a verified run (docs/verification.md, "Trust model")."""
+    return _problem_event(event, "binding", f"refused: {reason}", started_at=started_at, host=host)
+
+
+def _problem_event(
+    event: MirrorCompleted,
+    kind: Literal["unverifiable", "binding"],
+    detail: str,
+    *,
+    started_at: datetime,
+    host: str | None,
+) -> MirrorVerificationFailed:
     return MirrorVerificationFailed(
         run_id=new_run_id(),
         repo=event.repo,
@@ -116,13 +143,7 @@ def unverifiable_event(
         mirror_run_id=event.run_id,
         manifest=event.manifest,
         stats=VerificationStats(),
-        problems=[
-            Problem(
-                key=event.manifest.key,
-                kind="unverifiable",
-                detail=f"could not verify: {reason}"[:500],
-            )
-        ],
+        problems=[Problem(key=event.manifest.key, kind=kind, detail=detail[:500])],
         problems_total=1,
         new_snapshots=event.new_snapshots,
         mirror_stats=event.stats,

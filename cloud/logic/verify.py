@@ -24,6 +24,7 @@ from typing import IO, Literal, Protocol
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import MAX_LISTED_PROBLEMS, Problem, VerificationStats
 from cloud.contracts.manifest import ManifestEntry, ManifestHeader
+from cloud.logic.binding import header_disagreement
 from cloud.logic.checkpoint import PROVEN_ALL, PassResult, PendingManifest
 from cloud.logic.ports import (
     ListedObject,
@@ -38,7 +39,16 @@ IGNORED_FOLDERS = ("locks/",)
 READ_ATTEMPTS = 3  # restic writes locks while it checks a mirror: not extra
 
 ProblemKind = Literal[
-    "missing", "size", "etag", "hash", "manifest", "unreadable", "extra", "unverifiable", "lock"
+    "missing",
+    "size",
+    "etag",
+    "hash",
+    "manifest",
+    "unreadable",
+    "extra",
+    "unverifiable",
+    "lock",
+    "binding",
 ]
 DAY = 86400.0
 # A new object's lock is set when the run starts; the manifest is written when it ends.
@@ -131,6 +141,10 @@ class VerifyOptions:
 
     def in_range(self, key: str) -> bool:
         return key >= self.key_from and (self.key_to is None or key < self.key_to)
+
+    # The repository the event names (its guid): a manifest whose header names another is
+    # a `binding` problem (`cloud.logic.binding`). None: not compared.
+    repo_guid: str | None = None
 
 
 @dataclass
@@ -394,6 +408,10 @@ class MirrorVerifier:
                 f"manifest describes {header.bucket}/{header.prefix}, not "
                 f"{self.destination.bucket}/{self.destination.prefix}",
             )
+            return header
+        foreign = header_disagreement(header.repo_guid, self.options.repo_guid)
+        if foreign is not None:
+            problems.add(manifest_key, "binding", foreign)
             return header
         if self.options.lock_days is not None and not isinstance(self.store, RetentionSource):
             problems.warn("this store cannot report Object Lock retention; locks not checked")

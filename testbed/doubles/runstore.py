@@ -41,6 +41,20 @@ class InMemoryRunStore:
         self._lock = threading.Lock()
         self._repos: dict[str, _Repo] = {}
         self._checkpoints: dict[tuple[str, str], dict[str, Any]] = {}
+        self._bindings: dict[str, dict[str, Any]] = {}
+
+    def load_binding(self, repo_key: str) -> dict[str, Any] | None:
+        with self._lock:
+            data = self._bindings.get(repo_key)
+            return None if data is None else copy.deepcopy(data)
+
+    def bind(self, repo_key: str, data: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            return copy.deepcopy(self._bindings.setdefault(repo_key, copy.deepcopy(data)))
+
+    def unbind(self, repo_key: str) -> bool:
+        with self._lock:
+            return self._bindings.pop(repo_key, None) is not None
 
     def load_checkpoint(self, repo_key: str, name: str) -> dict[str, Any] | None:
         with self._lock:

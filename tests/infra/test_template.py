@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -394,6 +395,36 @@ def test_agent_policy_allows_exactly_put_events_on_the_bus(transformed: Template
         }
     }
     assert transformed["Outputs"]["AgentPolicyArn"]["Value"] == {"Ref": "AgentPublishPolicy"}
+
+
+# Properties that give a resource a physical name, unique per account and region.
+PHYSICAL_NAMES = frozenset(
+    {"Name", "LogGroupName", "TableName", "QueueName", "TopicName", "RoleName", "AlarmName",
+     "ManagedPolicyName", "BucketName", "StateMachineName", "ScheduleName"}
+)  # fmt: skip
+
+
+def test_two_stacks_coexist_in_one_account(transformed: Template) -> None:
+    """One stack per backup host is how hosts get separate identities (docs/verification.md,
+    "Giving each backup host its own identity"): every physical name must come from the
+    stack's name or its EventBusName, never be a literal two stacks would both claim."""
+    named = 0
+    for logical_id, resource in transformed["Resources"].items():
+        properties = resource.get("Properties", {})
+        keys = PHYSICAL_NAMES | (
+            {"FunctionName"} if resource["Type"] == "AWS::Lambda::Function" else set()
+        )
+        for key in keys & set(properties):
+            value = properties[key]
+            text = json.dumps(value)
+            assert not isinstance(value, str), (logical_id, key, value)
+            assert "AWS::StackName" in text or text == '{"Ref": "EventBusName"}', (
+                logical_id,
+                key,
+                value,
+            )
+            named += 1
+    assert named >= 6  # the bus, two secrets, three log groups
 
 
 def test_each_function_role_holds_only_what_its_function_uses(transformed: Template) -> None:

@@ -15,6 +15,7 @@ os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,11 @@ import boto3
 import pytest
 from aws_lambda_powertools.utilities import parameters
 
+from cloud.contracts.destination import Destination
+from cloud.contracts.events import put_events_entry
 from cloud.handlers import verify as verify_handler
 from cloud.integrations.runstore_dynamodb import DynamoRunStore, create_table
+from cloud.logic.watchdog import plan
 from testbed.agent import run_agent, write_agent_config
 from testbed.repos import make_fake_restic_repo
 from testbed.s3.endpoint import S3Endpoint
@@ -35,6 +39,7 @@ from tests.support.lambdas import (
     fake_aws_env,
     logs_to_current_stdout,
     moto_clients,
+    write_mirror,
 )
 
 REGION = "us-east-1"
@@ -264,3 +269,58 @@ def test_malformed_message_fails_alone_and_reaches_the_dlq(
     assert cloud.deliver() is None  # maxReceiveCount reached: moved, not delivered
     assert cloud.peek_bodies(cloud.dlq) == ["{not json"]
     assert cloud.drain(cloud.results_queue) == []
+
+
+def test_forged_completion_for_another_repository_is_refused_and_alerted(
+    tmp_path: Path, cloud: Cloud, unique_bucket: Callable[[S3Endpoint], str]
+) -> None:
+    """The identity-binding test (issue 17): the real agent's first verified run binds
+    repository GUID to its bucket and prefix; a `Mirror Completed` put on the bus by another
+    principal, naming GUID with a valid mirror and manifest in a bucket of its own, is
+    refused — a `Mirror Verification Failed` (kind `binding`) reaches the notifier's rule —
+    and the repository stays as verified as it was: the watchdog still sees it go stale."""
+    bucket = unique_bucket(cloud.endpoint)
+    summary = upload(tmp_path, cloud, bucket, seed=4)
+    assert cloud.deliver() is not None
+    [verified] = cloud.drain(cloud.results_queue)
+    assert verified["detail-type"] == "Mirror Verified"
+    runs = cloud.runs()
+    binding = runs.load_binding(GUID)
+    assert binding is not None and (binding["bucket"], binding["prefix"]) == (bucket, PREFIX)
+
+    # Another principal: its own bucket, a complete mirror and manifest there, GUID's name.
+    attacker = unique_bucket(cloud.endpoint)
+    s3 = cloud.endpoint.client()
+    foreign = Destination(
+        provider="s3", endpoint_url=cloud.endpoint.endpoint_url, bucket=attacker, prefix="x/y"
+    )
+    forged, _ = write_mirror(
+        lambda key, body: s3.put_object(Bucket=attacker, Key=key, Body=body),
+        foreign,
+        seed=9,
+        guid=GUID,
+    )
+    events: Any = boto3.client("events", **moto_clients(cloud.endpoint.endpoint_url))
+    put = events.put_events(Entries=[put_events_entry(forged, BUS)])
+    assert put["FailedEntryCount"] == 0
+
+    response = cloud.deliver()
+    assert response is not None and response["batchItemFailures"] == []  # a verdict
+    [alert] = cloud.drain(cloud.results_queue)  # what the notifier's rule receives
+    assert alert["detail-type"] == "Mirror Verification Failed"
+    assert alert["detail"]["repo"]["guid"] == GUID
+    assert alert["detail"]["mirror_run_id"] == forged.run_id
+    [problem] = alert["detail"]["problems"]
+    assert problem["kind"] == "binding"
+    assert f"bucket {attacker!r} (bound: {bucket!r})" in problem["detail"]
+    assert alert["detail"]["stats"]["listed"] == 0  # nothing of the foreign bucket was read
+
+    latest = runs.latest_verified(GUID)
+    assert latest is not None and latest.run_id == verified["detail"]["run_id"]
+    assert latest.mirror_run_id == summary["run_id"]
+    assert runs.get(GUID, forged.run_id) is None  # not recorded as the repository's run
+    assert runs.load_binding(GUID) == binding
+    # The forged event did not feed the watchdog: a day on, the repository is stale.
+    later = datetime.now(UTC) + timedelta(hours=27)
+    watch = plan(runs, now=later, max_age_for=lambda _: timedelta(hours=26))
+    assert [a.record.repo_key for a in watch.alerts] == [GUID]

@@ -111,15 +111,15 @@ class Buckets:
 
 
 def write_mirror(
-    put: Any, destination: Destination, *, seed: int, objects: int = 8
+    put: Any, destination: Destination, *, seed: int, objects: int = 8, guid: str | None = None
 ) -> tuple[MirrorCompleted, list[str]]:
-    """A mirror of repository GUID with an index and one new snapshot."""
+    """A mirror of repository `guid` (GUID) with an index and one new snapshot."""
     return lambdas.write_mirror(
         put,
         destination,
         seed=seed,
         objects=objects,
-        guid=GUID,
+        guid=guid or GUID,
         index=True,
         new_snapshots=["1234abcd"],
     )
@@ -166,10 +166,12 @@ def world(idempotency_client: Any, capsys: pytest.CaptureFixture[str]) -> Iterat
     verify_handler.metrics.clear_metrics()
 
 
-def mirror(world: World, *, seed: int = 1, bucket: str = DEST.bucket) -> MirrorCompleted:
+def mirror(
+    world: World, *, seed: int = 1, bucket: str = DEST.bucket, guid: str | None = None
+) -> MirrorCompleted:
     destination = DEST.model_copy(update={"bucket": bucket})
     store = world.buckets.bucket(bucket)
-    event, _ = write_mirror(store.put, destination, seed=seed)
+    event, _ = write_mirror(store.put, destination, seed=seed, guid=guid)
     return event
 
 
@@ -241,12 +243,36 @@ def test_tampered_object_gives_verification_failed_naming_it(
     assert "Mirror Verification Failed" in out.messages("WARNING")
 
 
+def test_forged_completion_is_published_as_a_refusal_and_reads_nothing(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The handler's side of the binding (docs/verification.md, "Trust model")."""
+    first = mirror(world)
+    assert invoke(sqs_event(record_for(first, "m-1"))) == {"batchItemFailures": []}
+    forged = mirror(world, seed=2, bucket="attacker")  # GUID's name, another bucket
+    world.buckets.bucket("attacker").reads.clear()
+
+    response = invoke(sqs_event(record_for(forged, "m-2")))
+
+    assert response == {"batchItemFailures": []}  # a verdict: published, not retried
+    verified, refused = world.bus.events
+    assert isinstance(refused, MirrorVerificationFailed)
+    assert [p.kind for p in refused.problems] == ["binding"]
+    assert refused.mirror_run_id == forged.run_id
+    assert world.buckets.bucket("attacker").reads == []
+    latest = world.runs.latest_verified(GUID)
+    assert latest is not None and latest.run_id == verified.run_id
+    out = read_output(capsys)
+    assert out.metric_values("VerificationFailures") == [0, 1]
+
+
 def test_unreachable_bucket_fails_only_its_record_and_the_retry_verifies(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    first = mirror(world, seed=1, bucket="bucket-a")
-    broken = mirror(world, seed=2, bucket="bucket-b")
-    third = mirror(world, seed=3, bucket="bucket-c")
+    # Three repositories (one repository's events must all name the bucket it is bound to).
+    first = mirror(world, seed=1, bucket="bucket-a", guid="a1" * 32)
+    broken = mirror(world, seed=2, bucket="bucket-b", guid="b2" * 32)
+    third = mirror(world, seed=3, bucket="bucket-c", guid="c3" * 32)
     world.buckets.unreachable.add("bucket-b")
 
     response = invoke(
@@ -494,9 +520,10 @@ def test_env_wiring_verifies_a_bucket_with_credentials_from_the_secret(
     )
     victim = next(k for k in new_keys if "/data/" in k)
     s3.put_object(Bucket="offsite-aws", Key=victim, Body=b"tampered")
-    gone = other.model_copy(
+    gone = other.model_copy(  # another repository's (GUID's is bound to offsite-aws)
         update={
             "run_id": new_run_id(),
+            "repo": other.repo.model_copy(update={"guid": "ef" * 32}),
             "destination": destination.model_copy(update={"bucket": "no-such-bucket"}),
         }
     )

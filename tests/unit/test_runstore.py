@@ -269,6 +269,23 @@ def test_checkpoint_round_trips_per_repository_and_destination(store: RunStore) 
     assert [r.repo_key for r in store.repos()] == []  # checkpoints are not repositories
 
 
+def test_binding_first_writer_wins_until_unbound(store: RunStore) -> None:
+    """`bind` never replaces a binding (two first verifications racing: one binds, the other
+    gets the binding in force); only `unbind` (the operator) removes it."""
+    first = {"version": 1, "bucket": "b", "prefix": "p", "bound_by": "v1"}
+    second = {"version": 1, "bucket": "other", "prefix": "q", "bound_by": "v2"}
+    assert store.load_binding("repo-a") is None
+    assert store.bind("repo-a", first) == first
+    assert store.bind("repo-a", second) == first
+    assert store.load_binding("repo-a") == first
+    assert store.load_binding("repo-b") is None
+    assert [r.repo_key for r in store.repos()] == []  # a binding is not a repository
+    assert store.unbind("repo-a") is True
+    assert store.unbind("repo-a") is False
+    assert store.load_binding("repo-a") is None
+    assert store.bind("repo-a", second) == second
+
+
 def test_unknown_kind_or_status_is_refused(store: RunStore) -> None:
     with pytest.raises(ValueError, match="kind"):
         store.record(make_run("bogus"))  # type: ignore[arg-type]
@@ -450,6 +467,11 @@ def test_dynamodb_item_layout(dynamo: Any) -> None:
 
     ttl = dynamo.describe_time_to_live(TableName=TABLE)["TimeToLiveDescription"]
     assert ttl["AttributeName"] == "ttl"
+
+    store.bind(REPO, {"version": 1, "bucket": "b"})
+    binding = _item(dynamo, "BINDING")  # docs/verification.md: the operator deletes this item
+    assert json.loads(binding["value"]["S"]) == {"version": 1, "bucket": "b"}
+    assert "ttl" not in binding  # a binding that expired would let any event re-bind
 
 
 def test_dynamodb_redelivery_repairs_pointers_lost_in_a_crash(dynamo: Any) -> None:
