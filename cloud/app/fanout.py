@@ -28,6 +28,7 @@ from cloud.contracts.events import (
 )
 from cloud.contracts.fanout import ChunkWorkItem
 from cloud.contracts.manifest import ManifestEntry, ManifestHeader
+from cloud.logic.binding import Binding, decide
 from cloud.logic.chunks import (
     FanoutSettings,
     UnsortedKeysError,
@@ -97,7 +98,8 @@ def fan_out(
 ) -> FanoutPlan | None:
     """Queue the verification of `event` as chunks; None when it is left to one pass.
 
-    Left to one pass: a mirror below the thresholds (decided from the event, without a
+    Left to one pass: an event the repository's binding refuses (the pass refuses it
+    unread), a mirror below the thresholds (decided from the event, without a
     request to the bucket), one whose manifest plans a single chunk, and a manifest that
     cannot be planned from (missing, not what the event promised, unreadable, unsorted) —
     the one pass then reports why, as always.
@@ -108,6 +110,8 @@ def fan_out(
     jid = job_id(event.run_id, event.manifest.key, event.manifest.sha256)
     stored = jobs.load_job(jid)  # first: once fanned out, always (settings may change)
     if stored is None:
+        if decide(Binding.from_dict(runs.load_binding(event.repo.key)), event).refused:
+            return None  # the one pass refuses it, reading nothing (`cloud.app.binding`)
         if not should_fan_out(
             event.manifest.objects, estimated_read(event, options, settings), settings
         ):

@@ -265,3 +265,36 @@ def test_the_job_keeps_the_event_it_verifies() -> None:
     stored = side.jobs.load_job(plan.job_id)
     assert stored is not None
     assert MirrorCompleted.model_validate(stored["event"]) == side.event
+
+
+def test_a_fanned_out_verification_binds_the_repository_and_a_forged_event_is_not_fanned_out() -> (
+    None
+):
+    side = Side()
+    side.fan_out()
+    for item in list(side.queue):
+        side.chunk(item)
+    [result] = side.published
+    assert isinstance(result, MirrorVerified)
+    assert side.runs.load_binding(side.event.repo.key) is not None  # bound by the chunks' result
+
+    # The same repository, another bucket: above the threshold, but refused before any
+    # chunk is planned (the one pass it is left to refuses it, reading nothing).
+    forged = side.event.model_copy(
+        update={
+            "run_id": "2026-12-07T00-00-00Z-forged0000",
+            "destination": DEST.model_copy(update={"bucket": "attacker"}),
+        }
+    )
+    side.queue.clear()
+    reads = len(side.store.reads)
+    plan = fan_out(
+        forged,
+        store=side.store,
+        runs=side.runs,
+        jobs=side.jobs,
+        send=side.send,
+        settings=SMALL,
+        options=OPTIONS,
+    )
+    assert plan is None and side.queue == [] and len(side.store.reads) == reads
