@@ -116,6 +116,7 @@ def run_verify(
         )
     spec = parse_deep(deep)
     should_stop = None
+    reads = _ReadCounter()
     if time_limit:
         try:
             seconds = parse_duration(time_limit)
@@ -126,7 +127,9 @@ def run_verify(
         deadline = time.monotonic() + seconds
 
         def should_stop() -> bool:
-            return time.monotonic() >= deadline
+            # At least one object per call, so calling again always gets further (a
+            # limit shorter than the listing would otherwise never finish).
+            return time.monotonic() >= deadline and reads.done > 0
 
     destination = config.destination_for(repo_id=repo_id, repo_guid=repo_guid)
     prefix = config.manifest_prefix_for(repo_id=repo_id, repo_guid=repo_guid)
@@ -153,6 +156,7 @@ def run_verify(
             extra_bytes=spec.size,
             concurrency=config.upload.concurrency,
             should_stop=should_stop,
+            progress=reads,
             **lock_check(config),
         )
         expected = recorded.sha256 if recorded is not None and recorded.key == key else None
@@ -182,6 +186,19 @@ def run_verify(
         if checked.calls > 1:
             sys.stdout.write(f"  (over {checked.calls} verify calls, each object read once)\n")
     return int(ExitCode.OK if verified else ExitCode.LOCAL_INTEGRITY)
+
+
+class _ReadCounter:
+    """Counts finished reads (`VerifyProgress`), for the at-least-one-read rule."""
+
+    def __init__(self) -> None:
+        self.done = 0
+
+    def add_work(self, files: int, size: int) -> None:
+        pass
+
+    def advance(self, files: int = 0, size: int = 0) -> None:
+        self.done += files
 
 
 def _unfinished(checked: ManifestVerification, as_json: bool) -> int:
