@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ from cloud.logic.chunks import FanoutSettings
 from cloud.logic.fanout import ChunkResult, FanoutJob, combine
 from cloud.logic.ports import ObjectStore, ObjectStoreError, ReportSink
 from cloud.logic.verification import VerificationResult
-from cloud.logic.verify import VerifyOptions
+from cloud.logic.verify import VerifyOptions, problems_report_key
 from tests.support.doubles.fanout import InMemoryFanoutStore
 from tests.support.doubles.object_store import InMemoryObjectStore
 from tests.support.doubles.runstore import InMemoryRunStore
@@ -147,7 +148,30 @@ def test_a_damaged_object_fails_the_verification_by_name() -> None:
     assert isinstance(result, MirrorVerificationFailed)
     assert [(p.key, p.kind) for p in result.problems] == [(victim[len(DEST.prefix) + 1 :], "hash")]
     assert result.problems_total == 1
-    assert result.report_key is not None and result.report_key.endswith(".part-0004.jsonl.gz")
+    # One chunk found it: its report is the report (no other part to join).
+    assert result.report_key is not None
+    assert re.search(r"\.report\.part-\d{4}\.jsonl\.gz$", result.report_key)
+    [line] = gzip.decompress(side.store.objects[result.report_key]).splitlines()
+    assert json.loads(line)["key"] == victim[len(DEST.prefix) + 1 :]
+
+
+def test_the_chunks_reports_are_joined_into_one_beside_the_manifest() -> None:
+    side = Side()
+    victims = [side.keys[2], side.keys[-3]]  # far apart: two chunks
+    for victim in victims:
+        data = bytearray(side.store.objects[victim])
+        data[0] ^= 0xFF
+        side.store.put(victim, bytes(data), etag=side.store.etags[victim])
+    side.fan_out()
+    for item in side.queue:
+        side.chunk(item)
+    [result] = side.published
+    assert result.problems_total == 2
+    assert result.report_key == problems_report_key(side.event.manifest.key)
+    lines = gzip.decompress(side.store.objects[result.report_key]).splitlines()
+    assert sorted(json.loads(line)["key"] for line in lines) == sorted(
+        v[len(DEST.prefix) + 1 :] for v in victims
+    )
 
 
 class FlakyStore(InMemoryObjectStore):
