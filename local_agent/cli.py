@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--deep",
         help="also read back older objects: a share (5%%) or a size (2GiB)",
     )
+    ver.add_argument(
+        "--list-only",
+        action="store_true",
+        help="compare the listing with the manifest only; read nothing back",
+    )
     ver.add_argument("--json", action="store_true", help="print the result event as JSON")
 
     st = add("status", help="each repository's latest verified off-site copy")
@@ -382,6 +387,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         run_id=args.run,
         deep=args.deep,
         as_json=args.json,
+        list_only=args.list_only,
     )
 
 

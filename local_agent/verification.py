@@ -98,6 +98,7 @@ def run_verify(
     run_id: str | None,
     deep: str | None,
     as_json: bool,
+    list_only: bool = False,
 ) -> int:
     from cloud.integrations.s3 import make_s3_client
     from cloud.integrations.s3_store import S3ObjectStore, S3ReportSink
@@ -110,6 +111,8 @@ def run_verify(
             f"--run {run_id!r}: not a run id (a UUID like 0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b, "
             "as printed by `upload` and `status`)"
         )
+    if list_only and deep:
+        raise ConfigError("--list-only reads nothing back; it cannot be combined with --deep")
     spec = parse_deep(deep)
     destination = config.destination_for(repo_id=repo_id, repo_guid=repo_guid)
     prefix = config.manifest_prefix_for(repo_id=repo_id, repo_guid=repo_guid)
@@ -135,6 +138,7 @@ def run_verify(
             extra_percent=spec.percent,
             extra_bytes=spec.size,
             concurrency=config.upload.concurrency,
+            read_back=not list_only,
             **lock_check(config),
         )
         expected = recorded.sha256 if recorded is not None and recorded.key == key else None

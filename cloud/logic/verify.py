@@ -93,6 +93,9 @@ class VerifyOptions:
     # the manifest's time. None: locks are not checked.
     lock_days: float | None = None
     lock_min_days: float = 1.0
+    # False: the list level only (names, sizes, ETags against the manifest), nothing read
+    # back — `verify --list-only`, what `rclone check` does.
+    read_back: bool = True
 
 
 @dataclass
@@ -555,6 +558,8 @@ class _DeepChecker:
         if self._failure is not None:
             raise self._failure
         options = self.options
+        if not options.read_back:
+            return
         pick = False
         new = self.is_new(entry)
         rotation = False
