@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from cloud.contracts.destination import Destination
+from cloud.integrations.sigv4 import md5_header
 from cloud.logic.ports import ListedObject
 from local_agent import __version__
 from local_agent.errors import ConfigError, DestinationError, RelayError
-from cloud.integrations.sigv4 import md5_header
 
 if TYPE_CHECKING:
     from boto3.session import Session
