@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterator
 from html import unescape
 from urllib.parse import quote, unquote_plus
 
-from cloud.integrations.http1 import StreamedResponse
+from cloud.integrations.http1 import Connection, StreamedResponse
 from cloud.integrations.s3_direct import (
     WRONG_REGION,
-    Connections,
+    ConnectionPool,
     Credentials,
     DirectSettings,
     Target,
@@ -108,7 +108,7 @@ class ObjectReader:
     ) -> None:
         self.bucket = bucket
         self.target = Target(settings.endpoint_url, bucket, settings.virtual_host)
-        self._connections = Connections(
+        self._pool = ConnectionPool(
             self.target,
             ssl_context=settings.ssl_context,
             connect_timeout=settings.connect_timeout,
@@ -122,13 +122,15 @@ class ObjectReader:
         self._sleep = sleep
 
     def close(self) -> None:
-        self._connections.close()
+        self._pool.close()
 
-    def get(self, key: str) -> StreamedResponse:
+    def get(self, key: str) -> Download:
         """A 2xx answer to GET `key` (absolute), its body still to read with `chunks`.
 
         ObjectNotFoundError when there is no such object; ObjectStoreError otherwise."""
-        return self._get(f"{self.target.path_prefix}/{s3_path(key)}", "", f"{self.bucket}/{key}")
+        what = f"{self.bucket}/{key}"
+        conn, response = self._get(f"{self.target.path_prefix}/{s3_path(key)}", "", what)
+        return Download(self._pool, conn, response, what)
 
     def list_page(
         self, prefix: str, token: str | None = None
@@ -139,14 +141,18 @@ class ObjectReader:
         if token:
             params["continuation-token"] = token
         what = f"listing {self.bucket}/{prefix}"
-        response = self._get(self.target.path_prefix or "/", _query(params), what)
+        conn, response = self._get(self.target.path_prefix or "/", _query(params), what)
         try:
             body = response.read()
         except OSError as exc:
             raise ObjectStoreError(f"{what}: {_describe_network(exc)}") from exc
+        finally:
+            self._pool.release(conn)
         return parse_list_page(body)
 
-    def _get(self, path: str, query: str, what: str) -> StreamedResponse:
+    def _get(self, path: str, query: str, what: str) -> tuple[Connection, StreamedResponse]:
+        """Send a signed GET, retried as botocore's standard mode would, until a 2xx answer
+        (returned on its connection, the body unread) or an answer that is an error."""
         host = self.target.host_header
         line = f"GET {path}?{query} HTTP/1.1\r\n" if query else f"GET {path} HTTP/1.1\r\n"
         attempt = 0
@@ -164,7 +170,7 @@ class ObjectReader:
                 ]
             ).encode("utf-8")
             try:
-                conn = self._connections.get()
+                conn = self._pool.acquire()
             except OSError as exc:
                 if attempt < self._max_attempts and _retryable_network(exc):
                     self._sleep(backoff(attempt))
@@ -176,8 +182,9 @@ class ObjectReader:
             try:
                 response = conn.stream(head)
                 if 200 <= response.status < 300:
-                    return response
+                    return conn, response
                 body = response.read()
+                self._pool.release(conn)
             except OSError as exc:
                 conn.close()
                 if attempt < self._max_attempts and _retryable_network(exc):
@@ -208,9 +215,28 @@ def _describe_network(exc: OSError) -> str:
     return str(exc) or type(exc).__name__
 
 
-def chunks_or_store_error(response: StreamedResponse, size: int, what: str) -> Iterator[bytes]:
-    """The body of `response`; a connection lost half-way is an ObjectStoreError."""
-    try:
-        yield from response.chunks(size)
-    except OSError as exc:
-        raise ObjectStoreError(f"{what}: {_describe_network(exc)}") from exc
+class Download:
+    """A GET's answer whose body is still on its connection: `chunks` hands it on and gives
+    the connection back to the pool at the end (a body not read to its end closes it)."""
+
+    def __init__(
+        self, pool: ConnectionPool, conn: Connection, response: StreamedResponse, what: str
+    ) -> None:
+        self._pool = pool
+        self._conn = conn
+        self._response = response
+        self._what = what
+        self.headers = response.headers
+
+    def chunks(self, size: int) -> Iterator[bytes]:
+        """The body in pieces of at most `size` bytes; a connection lost half-way is an
+        ObjectStoreError."""
+        try:
+            yield from self._response.chunks(size)
+        except OSError as exc:
+            raise ObjectStoreError(f"{self._what}: {_describe_network(exc)}") from exc
+        finally:
+            self._pool.release(self._conn)
+
+    def read(self) -> bytes:
+        return b"".join(self.chunks(1024 * 1024))

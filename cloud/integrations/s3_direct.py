@@ -1,6 +1,6 @@
 """What the direct S3 paths (the agent's PUT writer, the verifier's GET reader and listing)
 share: botocore's standard retry policy and S3's error wording, the request target
-(endpoint, addressing style, Host header), one kept-alive connection per thread, and the
+(endpoint, addressing style, Host header), a pool of kept-alive connections, and the
 settings copied from a boto3 client so both paths behave like it.
 
 Why direct paths exist at all: botocore costs 2.5-4 ms of CPU per request under the GIL,
@@ -145,8 +145,10 @@ class Target:
         return f"{'https' if self.https else 'http'}://{self.host_header}{path}"
 
 
-class Connections:
-    """One kept-alive connection per thread to a target; safe to share between threads."""
+class ConnectionPool:
+    """Kept-alive connections to a target, lent out one request at a time; safe to share
+    between threads. Not tied to threads: a warm Lambda's next verification (new threads)
+    reuses the connections of the last one instead of leaving them open."""
 
     def __init__(
         self,
@@ -155,42 +157,55 @@ class Connections:
         ssl_context: ssl.SSLContext | None,
         connect_timeout: float,
         read_timeout: float,
+        max_idle: int = 64,
     ) -> None:
         self.target = target
         self._ssl_context = ssl_context if target.https else None
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
-        self._local = threading.local()
-        self._all: list[Connection] = []
+        self._max_idle = max_idle
+        self._idle: list[Connection] = []
         self._lock = threading.Lock()
 
-    def get(self) -> Connection:
-        """This thread's connection, open and not closed by the server while idle.
+    def acquire(self) -> Connection:
+        """An open connection the server has not closed while it was idle.
 
         Raises OSError when it cannot connect."""
-        conn: Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = Connection(
-                self.target.connect_host,
-                self.target.port,
-                ssl_context=self._ssl_context,
-                connect_timeout=self._connect_timeout,
-                read_timeout=self._read_timeout,
-            )
-            self._local.conn = conn
+        while True:
             with self._lock:
-                self._all.append(conn)
-        if conn.idle_but_readable():
-            conn.close()  # closed by the server while idle: reconnect, as urllib3 does
-        if not conn.is_open:
-            conn.open()
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                break
+            if conn.idle_but_readable():
+                conn.close()  # closed by the server while idle: reconnect, as urllib3 does
+                continue
+            return conn
+        conn = Connection(
+            self.target.connect_host,
+            self.target.port,
+            ssl_context=self._ssl_context,
+            connect_timeout=self._connect_timeout,
+            read_timeout=self._read_timeout,
+        )
+        conn.open()
         return conn
 
+    def release(self, conn: Connection) -> None:
+        """Take back a connection whose last response was read to its end (else, or when
+        enough are idle, it is closed)."""
+        if conn.is_open:
+            with self._lock:
+                if len(self._idle) < self._max_idle:
+                    self._idle.append(conn)
+                    return
+        conn.close()
+
     def close(self) -> None:
-        """Close every thread's connection (threads that send again reconnect)."""
+        """Close the idle connections (those lent out close when given back)."""
         with self._lock:
-            conns = list(self._all)
-        for conn in conns:
+            idle, self._idle = self._idle, []
+            self._max_idle = 0
+        for conn in idle:
             conn.close()
 
 

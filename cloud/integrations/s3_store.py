@@ -72,16 +72,17 @@ class S3ObjectStore:
 
     def _fall_back(self, exc: Exception) -> None:
         """The lean path met what only boto3 handles (a region redirect): boto3 from now on."""
+        with self._lock:
+            reader, self._reader = self._reader, None
+        if reader is None:
+            return  # another thread switched already
         log.warning(
             "%s — reading %s through boto3 from now on; set destination.region to the "
             "bucket's region",
             exc,
             self.bucket,
         )
-        with self._lock:
-            reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.close()
+        reader.close()
 
     def close(self) -> None:
         """Close the lean path's connections (boto3's pool closes with its client)."""
@@ -155,20 +156,15 @@ class S3ObjectStore:
     def read(self, key: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
         reader = self._lean()
         if reader is not None:
-            from cloud.integrations.object_reader import (
-                DirectUnsupportedError,
-                chunks_or_store_error,
-            )
+            from cloud.integrations.object_reader import DirectUnsupportedError
 
             try:
-                response = reader.get(key)
+                download = reader.get(key)
             except DirectUnsupportedError as exc:
                 self._fall_back(exc)
             else:
-                self._remember(key, _header_retention(response.headers))
-                yield from chunks_or_store_error(
-                    response, chunk_size, f"reading {self.bucket}/{key}"
-                )
+                self._remember(key, _header_retention(download.headers))
+                yield from download.chunks(chunk_size)
                 return
         yield from self._read_boto3(key, chunk_size)
 

@@ -267,3 +267,21 @@ def test_the_direct_path_copies_the_clients_settings() -> None:
     )
     assert (got.max_attempts, got.read_timeout, got.ssl_context is not None) == (5, 30.0, True)
     assert got.credentials.get_frozen_credentials().access_key == ACCESS
+
+
+def test_connections_are_kept_alive_across_reads_and_threads(serve: type[CannedServer]) -> None:
+    """The canned server accepts one connection: every read must come through it, also
+    from another thread (a warm Lambda's next verification runs on new threads)."""
+    import threading
+
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    server = serve([ok, ok, ok])
+    reader = ObjectReader(settings(server.port), "b")
+    assert reader.get("a").read() == b"ok"
+    got: list[bytes] = []
+    worker = threading.Thread(target=lambda: got.append(reader.get("b").read()))
+    worker.start()
+    worker.join()
+    assert got == [b"ok"]
+    reader.get("c").read()  # the answer leaves the connection in the pool for the next read
+    assert len(server.requests) == 3
