@@ -21,6 +21,9 @@ from typing import BinaryIO
 
 MAX_HEAD = 64 * 1024
 RECV_SIZE = 64 * 1024
+# The most one recv of a streamed body asks for: recv allocates what it asks for, and a
+# caller's 1 MiB pieces would cost a fresh mapping per call.
+MAX_RECV = 256 * 1024
 SEND_BLOCK = 256 * 1024  # bytes per read and socket write of a file body
 SMALL_BODY = 64 * 1024  # bodies up to this size go out in the same write as the head
 
@@ -260,7 +263,7 @@ class Connection:
         headers["connection"] = "close"  # framed by the server closing the connection
         yield from self._pieces(len(self._buffer), size)
         assert self._sock is not None
-        while data := self._sock.recv(size):
+        while data := self._sock.recv(min(size, MAX_RECV)):
             yield data
 
     def _pieces(self, n: int, size: int) -> Iterator[bytes]:
@@ -274,7 +277,7 @@ class Connection:
             yield piece
         while n > 0:
             assert self._sock is not None
-            data = self._sock.recv(min(size, n))
+            data = self._sock.recv(min(size, n, MAX_RECV))
             if not data:
                 raise HTTPError(f"server closed the connection {n} bytes into a body")
             n -= len(data)
