@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 from botocore.credentials import Credentials
 
+from cloud.contracts.destination import Provider
 from cloud.integrations.object_reader import (
     EMPTY_SHA256,
     DirectUnsupportedError,
@@ -285,3 +286,26 @@ def test_connections_are_kept_alive_across_reads_and_threads(serve: type[CannedS
     assert got == [b"ok"]
     reader.get("c").read()  # the answer leaves the connection in the pool for the next read
     assert len(server.requests) == 3
+
+
+@pytest.mark.parametrize("case", ["proxy", "no-tls-verify", "dotted-virtual-bucket"])
+def test_where_the_direct_path_cannot_match_the_client_boto3_reads(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider: Provider = "aws" if case == "dotted-virtual-bucket" else "b2"
+    access = S3Access(
+        provider=provider,
+        endpoint_url=None if provider == "aws" else "https://s3.eu-central-003.example.test",
+        region="eu-central-003",
+        access_key_id=ACCESS,
+        secret_access_key=SECRET,
+    )
+    if case == "proxy":
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.test:3128")
+    client = make_s3_client(access)
+    if case == "no-tls-verify":
+        client._endpoint.http_session._verify = False  # type: ignore[attr-defined]
+    bucket = "dotted.bucket" if case == "dotted-virtual-bucket" else "bucket"
+    got, why_not = direct_settings(client, bucket)
+    assert got is None
+    assert why_not
