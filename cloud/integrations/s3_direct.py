@@ -209,6 +209,20 @@ class ConnectionPool:
             conn.close()
 
 
+def _hooks_sending(client: S3Client) -> bool:
+    """Whether a handler of the client's `before-send` event would see (or answer) each
+    request — moto's in-process mock, a test stubber, instrumentation: requests that
+    bypassed botocore would bypass it too. A handler that says it is switched off
+    (`enabled` false: moto's stubber stays registered after its mock ends) does not count;
+    unknown botocore internals count as yes."""
+    try:
+        handlers = client.meta.events._emitter._handlers  # type: ignore[attr-defined]
+        found = list(handlers.prefix_search("before-send.s3.GetObject"))
+    except AttributeError:
+        return True
+    return any(getattr(handler, "enabled", True) for handler in found)
+
+
 @dataclass(frozen=True)
 class DirectSettings:
     """A boto3 client's settings, for a direct path that must behave like it."""
@@ -243,6 +257,8 @@ def direct_settings(client: S3Client, bucket: str) -> tuple[DirectSettings | Non
         return None, "this botocore does not expose the client's credentials"
     if credentials is None:
         return None, "no credentials (boto3 reports it)"
+    if _hooks_sending(client):
+        return None, "something hooks into botocore's sending (a stubber such as moto's mock)"
     if get_environ_proxies(endpoint) or config.proxies:
         return None, "an HTTP proxy is configured"
     if virtual and ("." in bucket or bucket.lower() != bucket):

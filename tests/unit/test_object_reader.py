@@ -288,7 +288,9 @@ def test_connections_are_kept_alive_across_reads_and_threads(serve: type[CannedS
     assert len(server.requests) == 3
 
 
-@pytest.mark.parametrize("case", ["proxy", "no-tls-verify", "dotted-virtual-bucket"])
+@pytest.mark.parametrize(
+    "case", ["proxy", "no-tls-verify", "dotted-virtual-bucket", "botocore-stubbed"]
+)
 def test_where_the_direct_path_cannot_match_the_client_boto3_reads(
     case: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -302,6 +304,13 @@ def test_where_the_direct_path_cannot_match_the_client_boto3_reads(
     )
     if case == "proxy":
         monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.test:3128")
+    if case == "botocore-stubbed":  # moto's in-process mock answers inside botocore
+        from moto import mock_aws
+
+        with mock_aws():
+            client = make_s3_client(access)
+            assert direct_settings(client, "bucket")[0] is None
+        return
     client = make_s3_client(access)
     if case == "no-tls-verify":
         client._endpoint.http_session._verify = False  # type: ignore[attr-defined]
