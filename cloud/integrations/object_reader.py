@@ -95,7 +95,7 @@ def parse_list_page(body: bytes) -> tuple[list[ListedObject], str | None]:
 
 
 class ObjectReader:
-    """GETs and lists one bucket; safe to share between threads (one connection each)."""
+    """GETs and lists one bucket; safe to share between threads (connections from a pool)."""
 
     def __init__(
         self,
@@ -128,7 +128,7 @@ class ObjectReader:
         """A 2xx answer to GET `key` (absolute), its body still to read with `chunks`.
 
         ObjectNotFoundError when there is no such object; ObjectStoreError otherwise."""
-        what = f"{self.bucket}/{key}"
+        what = f"reading {self.bucket}/{key}"
         conn, response = self._get(f"{self.target.path_prefix}/{s3_path(key)}", "", what)
         return Download(self._pool, conn, response, what)
 
@@ -193,7 +193,7 @@ class ObjectReader:
                 raise ObjectStoreError(f"{what}: {_describe_network(exc)}") from exc
             code, message = parse_error(response.status, response.reason, body)
             if code in NOT_FOUND and not query:
-                raise ObjectNotFoundError(f"{what}: not found")
+                raise ObjectNotFoundError(f"{what.removeprefix('reading ')}: not found")
             if code in WRONG_REGION or response.status in (301, 307):
                 raise DirectUnsupportedError(
                     f"{what}: {code} (HTTP {response.status}) {message}".strip()
