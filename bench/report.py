@@ -204,7 +204,8 @@ def _verdict(
             f"≤ {_fmt_s(needed)} s, i.e. {(1 - needed / ours.time.median) * 100:.0f} % "
             "less time"
         )
-        why = _why_slow(sid, ours, peer)
+        level = {"list level": " --level list", "deep read-back": " --level deep"}
+        why = _why_slow(sid, ours, peer, level.get(what, ""))
         if why:
             misses.append(why)
     if sid == "S3":
@@ -231,7 +232,7 @@ def _cpu(stats: ToolStats) -> str:
     return f"{statistics.median(stats.cpu):.2f}" if stats.cpu else "?"
 
 
-def _why_slow(sid: str, ours: ToolStats, peer: ToolStats) -> str:
+def _why_slow(sid: str, ours: ToolStats, peer: ToolStats, profile_args: str = "") -> str:
     """The measured reason a time target was missed, as far as the numbers tell it."""
     if not ours.cpu or ours.time is None or ours.time.median <= 0:
         return ""
@@ -246,7 +247,7 @@ def _why_slow(sid: str, ours: ToolStats, peer: ToolStats) -> str:
             f"requests, so its {_fmt_s(ours.time.median)} s are process start-up, imports and "
             f"the local scan ({cpu:.2f} CPU-s{versus}); `python -m bench.profile S3` splits them"
         )
-    profile = f"`python -m bench.profile {sid}` shows where the CPU goes"
+    profile = f"`python -m bench.profile {sid}{profile_args}` shows where the CPU goes"
     if peer.time is not None and cpu >= peer.time.median:
         return (
             f"why: backrest-relay's CPU time alone ({cpu:.2f} s{versus}) is longer than "
