@@ -501,7 +501,7 @@ def _where_the_time_goes(put_cost: dict[str, float]) -> list[str]:
         "Verification (S5) had the same cost in its read-back: ~4 ms of CPU per object through "
         "boto3's get_object. The verifier now reads the same way the agent writes "
         "(cloud/integrations/object_reader.py): it signs each GET itself, streams the body "
-        "into SHA-256 on one kept-alive connection per thread, and parses ListObjectsV2 pages "
+        "into SHA-256 on kept-alive connections from a pool, and parses ListObjectsV2 pages "
         "with a few regular expressions instead of botocore's XML parser; boto3 remains the "
         "fallback (a proxy, a bucket in another region). S5 now compares both levels side by "
         "side: `verify --list-only` with `rclone check`, `verify --deep 100%` with "
