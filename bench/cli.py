@@ -28,10 +28,11 @@ from bench.scenarios import (
     memory,
     nothing_new,
     verification,
+    verification_pairs,
     warm_up,
 )
 from bench.sizes import QUICK_SCALE, SCENARIOS, Sizes
-from bench.tools import ROOT, Ours, Rclone, RcloneCheck, S5cmd, Tool
+from bench.tools import ROOT, Ours, Rclone, RcloneCheck, S5cmd, Tool, verify_flags
 
 TMPFS = Path("/dev/shm")
 
@@ -192,7 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason=args.reason,
     )
     commands = {t.label: t.display_command(args.concurrency) for t in tools}
-    commands[RcloneCheck.label] = RcloneCheck(args.concurrency).display_command(args.concurrency)
+    flags = verify_flags() if "S5" in selected else None
+    if flags is not None and "--list-only" in flags:
+        for pair in verification_pairs(args.concurrency, flags):
+            for checker in pair:
+                commands[checker.label] = checker.display_command(args.concurrency)
+    else:
+        commands[RcloneCheck.label] = RcloneCheck(args.concurrency).display_command(
+            args.concurrency
+        )
     report = Report(
         machine=machine,
         info=info,
@@ -244,8 +253,6 @@ def run_scenarios(ctx: Context, selected: list[str]) -> dict[str, ScenarioResult
         ctx.repos.drop("s2")
     big_needed = [s for s in ("S3", "S4", "S5") if s in selected]
     if big_needed:
-        from bench.tools import verify_flags
-
         needs_big = "S3" in selected or "S4" in selected or verify_flags() is not None
         big = BigMirror(ctx) if needs_big else None
         try:

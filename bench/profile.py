@@ -2,7 +2,8 @@
 
     python -m bench.profile S2              # full mirror of 2,000 files of 4 KiB
     python -m bench.profile S3 --files 20000  # run with nothing new over 20,000 files
-    python -m bench.profile S1|S4|S5 ...
+    python -m bench.profile S5 --files 100000 --level list|deep  # verify --list-only | --deep 100%
+    python -m bench.profile S1|S4 ...
 
 Sets the scenario up as `python -m bench` does (local `rclone serve s3` on tmpfs, a
 restic-format repository, a mirror already in place for S3-S5), then runs the agent once
@@ -120,6 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="cProfile clock: each thread's CPU time (default; no GIL/network waits) or wall",
     )
     p.add_argument("--out", type=Path, help="keep the pstats files under this path prefix")
+    p.add_argument(
+        "--level",
+        choices=("list", "deep", "sample"),
+        default="list",
+        help="S5: verify --list-only, --deep 100%% or the default reads with a 1%% sample",
+    )
     args = p.parse_args(argv)
     sid: str = args.scenario
     files: int = args.files or DEFAULT_FILES[sid]
@@ -177,7 +184,7 @@ def _profile(sid: str, files: int, profiler: str, args: argparse.Namespace, base
             flags = verify_flags()
             if flags is None:
                 raise SystemExit("bench.profile: `backrest-relay verify` does not exist yet")
-            tool = OursVerify(args.concurrency, flags)
+            tool = OursVerify(args.concurrency, flags, args.level)
         cmd, env = tool.command(repo.root, dest, slot)
         agent_args = cmd[cmd.index("local_agent") + 1 :]
         out = args.out or base / "profile"

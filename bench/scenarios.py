@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.data import RepoCache, add_new_files
 from bench.measure import BenchError, Spread
@@ -39,6 +39,7 @@ from testbed.s3.proxy import S3Proxy
 from testbed.s3.rclone import RcloneS3Server
 
 Log = Callable[[str], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -207,7 +208,7 @@ class Context:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def rotate(tools: Sequence[Tool], i: int) -> list[Tool]:
+def rotate(tools: Sequence[T], i: int) -> list[T]:
     """Run i starts with tool i mod n: every tool goes first, middle and last in turn."""
     k = i % len(tools)
     return [*tools[k:], *tools[:k]]
@@ -514,6 +515,16 @@ def incremental(ctx: Context, big: BigMirror) -> ScenarioResult:
     return result
 
 
+def verification_pairs(concurrency: int, flags: frozenset[str]) -> list[tuple[Tool, Tool]]:
+    """S5's two comparisons, each (ours, peer) over the same objects: the list level
+    (`verify --list-only` vs `rclone check`) and every object read back (`verify --deep
+    100%` vs `rclone check --download`)."""
+    return [
+        (OursVerify(concurrency, flags, "list"), RcloneCheck(concurrency)),
+        (OursVerify(concurrency, flags, "deep"), RcloneCheck(concurrency, download=True)),
+    ]
+
+
 def verification(ctx: Context, big: BigMirror | None) -> ScenarioResult:
     sid = "S5"
     result = ScenarioResult(sid, "Verification", ctx.sizes.describe(sid))
@@ -525,40 +536,47 @@ def verification(ctx: Context, big: BigMirror | None) -> ScenarioResult:
         )
         return result
     assert big is not None
-    ours = OursVerify(ctx.concurrency, flags)
-    peer = RcloneCheck(ctx.concurrency)
-    pairs: list[tuple[Tool, Tool]] = [
-        (ours, next(t for t in ctx.tools if isinstance(t, Ours))),
-        (peer, next(t for t in ctx.tools if t.name == "rclone")),
+    ours_owner = next(t for t in ctx.tools if isinstance(t, Ours))
+    rclone_owner = next(t for t in ctx.tools if t.name == "rclone")
+    # Each tool checks the mirror its own sync made (same objects, same server).
+    owned = [
+        ((ours, ours_owner), (peer, rclone_owner))
+        for ours, peer in verification_pairs(ctx.concurrency, flags)
     ]
     for i in range(ctx.runs):
         ctx.log(f"{sid} run {i + 1}/{ctx.runs}")
-        for j in range(2):
-            tool, owner = pairs[(i + j) % 2]
-            _timed_run(
+        for pair in owned:
+            for tool, owner in rotate(pair, i):
+                _timed_run(
+                    ctx,
+                    result,
+                    tool,
+                    big.repo,
+                    big.dest(owner),
+                    big.slots[owner.name],
+                    big.server.root,
+                    check=False,
+                )
+    ctx.log(f"{sid} counting requests")
+    for pair in owned:
+        for tool, owner in pair:
+            _counting_run(
                 ctx,
                 result,
                 tool,
                 big.repo,
-                big.dest(owner),
+                big.server.endpoint,
+                big.buckets[owner.name],
                 big.slots[owner.name],
-                big.server.root,
-                check=False,
             )
-    ctx.log(f"{sid} counting requests")
-    for tool, owner in pairs:
-        _counting_run(
-            ctx,
-            result,
-            tool,
-            big.repo,
-            big.server.endpoint,
-            big.buckets[owner.name],
-            big.slots[owner.name],
-        )
+    files = len(big.repo.mirrored_files())
     result.notes.append(
-        f"backrest-relay verify flags found: {' '.join(sorted(flags))}. rclone check hashes "
-        "every local file and compares it with the listed ETag; s5cmd has no verification."
+        f"Two comparisons over the same {files:,}-object mirrors: the list level — "
+        "backrest-relay compares the bucket listing with its manifest (names, sizes, "
+        "MD5 ETags), rclone check hashes every local file and compares it with the listing — "
+        "and every object read back — backrest-relay hashes each object's bytes against its "
+        "name (SHA-256), rclone check --download compares them with the local file. s5cmd "
+        "has no verification."
     )
     return result
 

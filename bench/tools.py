@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from bench.measure import BenchError, Measured, run_measured
 from testbed.s3.endpoint import S3Endpoint
@@ -34,7 +34,7 @@ REPO_ID = "bench"
 PREFIX = "repo"
 MULTIPART_THRESHOLD_MIB = 64  # the agent's default upload.multipart_threshold
 PART_SIZE_MIB = 16  # the agent's default upload.part_size
-DEEP_SAMPLE = "1%"  # S5: list-based verification plus a 1 % deep sample (issue 8)
+DEEP_SAMPLE = "1%"  # S6 and warm-up: list-based verification plus a 1 % deep sample
 
 _LEAKY = ("AWS_", "RCLONE_", "BACKREST_RELAY_", "BACKREST_CONFIG", "RESTIC_")
 
@@ -362,23 +362,54 @@ class S5cmd(Tool):
 # -- verification (S5) --------------------------------------------------------------------
 
 
+VerifyLevel = Literal["sample", "list", "deep"]
+
+
 class OursVerify(Ours):
-    """`backrest-relay verify` with the flags its `--help` offers."""
+    """`backrest-relay verify` with the flags its `--help` offers, at one of three levels:
+    `sample` (the default reads plus a 1 % deep sample: S6, warm-up), `list` (`--list-only`,
+    rclone check's level) or `deep` (`--deep 100%`: every object read back)."""
 
     name = "ours"
     label = "backrest-relay verify"
 
-    def __init__(self, concurrency: int, flags: frozenset[str]) -> None:
+    def __init__(
+        self, concurrency: int, flags: frozenset[str], level: VerifyLevel = "sample"
+    ) -> None:
         super().__init__(concurrency)
         self.flags = flags
+        self.level: VerifyLevel = level
+        if level == "list" and "--list-only" not in flags:
+            raise BenchError("`backrest-relay verify` has no --list-only")
+        if level == "deep":
+            self.name = "ours-deep"  # type: ignore[misc]
+        self.label = {  # type: ignore[misc]
+            "sample": "backrest-relay verify",
+            "list": "backrest-relay verify --list-only",
+            "deep": "backrest-relay verify --deep 100%",
+        }[level]
+
+    def _level_flags(self) -> list[str]:
+        if self.level == "list":
+            return ["--list-only"]
+        if "--deep" not in self.flags:
+            return []
+        return ["--deep", DEEP_SAMPLE if self.level == "sample" else "100%"]
 
     def display_command(self, concurrency: int) -> str:
         shown = [
             f
-            for f in ("--repo REPO", "--repo-id bench", "--config FILE", "--deep 1%", "--json")
+            for f in ("--repo REPO", "--repo-id bench", "--config FILE")
             if f.split()[0] in self.flags
         ]
-        return "python -m local_agent verify " + " ".join(shown)
+        shown += self._level_flags()
+        if "--json" in self.flags:
+            shown.append("--json")
+        return (
+            "python -m local_agent verify "
+            + " ".join(shown)
+            + f" (concurrency {concurrency} from the config's upload.concurrency)"
+        )
 
     def command(self, repo: Path, dest: Dest, slot: Path) -> tuple[list[str], dict[str, str]]:
         config = self.write_config(dest, slot)
@@ -390,8 +421,7 @@ class OursVerify(Ours):
             cmd += ["--repo-id", REPO_ID]
         if "--config" in self.flags:
             cmd += ["--config", str(config)]
-        if "--deep" in self.flags:
-            cmd += ["--deep", DEEP_SAMPLE]
+        cmd += self._level_flags()
         if "--json" in self.flags:
             cmd.append("--json")
         return cmd, self.env(slot)
@@ -410,12 +440,26 @@ class OursVerify(Ours):
 
 
 class RcloneCheck(Rclone):
-    """`rclone check`: sizes and MD5s of every file against the bucket listing's ETags."""
+    """`rclone check`: sizes and MD5s of every file against the bucket listing's ETags;
+    with `download`, every object downloaded and compared with the local file."""
 
     name = "rclone"
     label = "rclone check"
 
+    def __init__(self, concurrency: int, *, download: bool = False) -> None:
+        super().__init__(concurrency)
+        self.download = download
+        if download:
+            self.name = "rclone-deep"  # type: ignore[misc]
+            self.label = "rclone check --download"  # type: ignore[misc]
+
     def display_command(self, concurrency: int) -> str:
+        if self.download:
+            return (
+                f"rclone check REPO {self.remote}:BUCKET/repo --download --checkers "
+                f'{concurrency} --exclude "locks/**" (every object downloaded and compared '
+                "byte for byte with the local file)"
+            )
         return (
             f"rclone check REPO {self.remote}:BUCKET/repo --checkers {concurrency} "
             '--exclude "locks/**" (size + MD5 of every file against the listing)'
@@ -434,6 +478,8 @@ class RcloneCheck(Rclone):
             "--exclude",
             "locks/**",
         ]
+        if self.download:
+            cmd.append("--download")
         return cmd, self.remote_env(dest.endpoint, slot)
 
 

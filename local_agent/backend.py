@@ -17,10 +17,10 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from cloud.contracts.destination import Destination
+from cloud.integrations.sigv4 import md5_header
 from cloud.logic.ports import ListedObject
 from local_agent import __version__
 from local_agent.errors import ConfigError, DestinationError, RelayError
-from local_agent.sigv4 import md5_header
 
 if TYPE_CHECKING:
     from boto3.session import Session

@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop reading after this long (e.g. 30m, 2h): progress is saved, exit 6, and "
         "the next verify continues from there",
     )
+    ver.add_argument(
+        "--list-only",
+        action="store_true",
+        help="compare the listing with the manifest only; read nothing back",
+    )
     ver.add_argument("--json", action="store_true", help="print the result event as JSON")
 
     st = add("status", help="each repository's latest verified off-site copy")
@@ -370,6 +375,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         deep=args.deep,
         as_json=args.json,
         time_limit=args.time_limit,
+        list_only=args.list_only,
     )
 
 

@@ -11,69 +11,30 @@ way; where it cannot match, `writer_for` returns None and boto3 sends the PUT
 from __future__ import annotations
 
 import logging
-import random
-import re
 import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from html import unescape
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlsplit
 
+from cloud.integrations.http1 import BodyTooShortError, Connection
+from cloud.integrations.s3_direct import (
+    RETRY_CODES,
+    RETRY_STATUS,
+    CredentialSource,
+    backoff,
+    parse_error,
+)
+from cloud.integrations.sigv4 import SigningCredentials, SigV4Signer, md5_header, s3_path
 from local_agent.errors import RepositoryError
-from local_agent.http1 import BodyTooShortError, Connection
-from local_agent.sigv4 import SigningCredentials, SigV4Signer, md5_header, s3_path
 
 if TYPE_CHECKING:
     from boto3.session import Session
     from types_boto3_s3 import S3Client
 
 log = logging.getLogger(__name__)
-
-MAX_BACKOFF = 20.0
-
-RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
-# botocore's standard retry mode: throttling and transient error codes.
-RETRY_CODES = frozenset(
-    {
-        "Throttling",
-        "ThrottlingException",
-        "ThrottledException",
-        "RequestThrottledException",
-        "TooManyRequestsException",
-        "ProvisionedThroughputExceededException",
-        "TransactionInProgressException",
-        "RequestLimitExceeded",
-        "BandwidthLimitExceeded",
-        "LimitExceededException",
-        "RequestThrottled",
-        "SlowDown",
-        "PriorRequestNotComplete",
-        "EC2ThrottledException",
-        "RequestTimeout",
-        "RequestTimeoutException",
-    }
-)
-
-_CODE = re.compile(rb"<Code>(.*?)</Code>", re.S)
-_MESSAGE = re.compile(rb"<Message>(.*?)</Message>", re.S)
-
-
-class FrozenCredentials(Protocol):
-    @property
-    def access_key(self) -> str: ...
-    @property
-    def secret_key(self) -> str: ...
-    @property
-    def token(self) -> str | None: ...
-
-
-class CredentialSource(Protocol):
-    """botocore's Credentials/RefreshableCredentials: refreshed on read when they expire."""
-
-    def get_frozen_credentials(self) -> FrozenCredentials: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,23 +58,6 @@ class Payload:
     def rewind(self) -> None:
         if not isinstance(self.body, bytes | bytearray | memoryview):
             self.body.seek(self.start)
-
-
-def backoff(attempt: int) -> float:
-    """Seconds to wait before try `attempt + 1` (botocore: full jitter, 2^(n-1), max 20 s)."""
-    return random.random() * min(MAX_BACKOFF, 2.0 ** (attempt - 1))
-
-
-def parse_error(status: int, reason: str, body: bytes) -> tuple[str, str]:
-    """(code, message) of an S3 error response; botocore's wording when the body is empty."""
-    code = _CODE.search(body)
-    message = _MESSAGE.search(body)
-    return (
-        unescape(code.group(1).decode("utf-8", "replace")).strip() if code else str(status),
-        unescape(message.group(1).decode("utf-8", "replace")).strip()
-        if message
-        else (reason if not code else ""),
-    )
 
 
 class ObjectWriter:

@@ -101,6 +101,7 @@ def run_verify(
     deep: str | None,
     as_json: bool,
     time_limit: str | None = None,
+    list_only: bool = False,
 ) -> int:
     from cloud.integrations.s3 import make_s3_client
     from cloud.integrations.s3_store import S3ObjectStore, S3ReportSink
@@ -114,6 +115,8 @@ def run_verify(
             f"--run {run_id!r}: not a run id (a UUID like 0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b, "
             "as printed by `upload` and `status`)"
         )
+    if list_only and deep:
+        raise ConfigError("--list-only reads nothing back; it cannot be combined with --deep")
     spec = parse_deep(deep)
     should_stop = None
     reads = _ReadCounter()
@@ -157,6 +160,7 @@ def run_verify(
             concurrency=config.upload.concurrency,
             should_stop=should_stop,
             progress=reads,
+            read_back=not list_only,
             **lock_check(config),
         )
         expected = recorded.sha256 if recorded is not None and recorded.key == key else None

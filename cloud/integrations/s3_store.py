@@ -2,6 +2,8 @@
 
 Fills `cloud.logic.ports.ObjectStore` and `ReportSink` with a client from the one S3
 factory (`cloud.integrations.s3`), so B2's checksum quirks are handled in one place.
+Listings and reads go through the lean signed path (`cloud.integrations.object_reader`,
+copying the client's settings) where it can reproduce the client, else through boto3.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import logging
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
 from cloud.logic.ports import ListedObject, ObjectNotFoundError, ObjectStoreError, Retention
 
 if TYPE_CHECKING:
     from types_boto3_s3 import S3Client
+
+    from cloud.integrations.object_reader import ObjectReader
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +39,8 @@ def _describe(exc: Exception) -> str:
 
 
 class S3ObjectStore:
-    def __init__(self, client: S3Client, bucket: str) -> None:
+    def __init__(self, client: S3Client, bucket: str, *, direct: bool = True) -> None:
+        """`direct`: list and read on the lean signed path where it can match `client`."""
         self.client = client
         self.bucket = bucket
         self._list_requests = 0
@@ -42,6 +48,47 @@ class S3ObjectStore:
         # Object Lock headers of objects read, kept until asked for (`retention`), so the
         # verifier's lock check costs no request for objects it reads anyway.
         self._seen: dict[str, Retention | None] = {}
+        self._direct = direct
+        self._reader: ObjectReader | None = None
+        self._reader_made = not direct
+
+    def _lean(self) -> ObjectReader | None:
+        """The lean reader, made on first use; None: boto3 does the work."""
+        if self._reader_made:
+            return self._reader
+        with self._lock:
+            if not self._reader_made:
+                from cloud.integrations.object_reader import ObjectReader
+                from cloud.integrations.s3 import USER_AGENT
+                from cloud.integrations.s3_direct import direct_settings
+
+                settings, why_not = direct_settings(self.client, self.bucket)
+                if settings is None:
+                    log.debug("reads of %s go through boto3: %s", self.bucket, why_not)
+                else:
+                    self._reader = ObjectReader(settings, self.bucket, user_agent=USER_AGENT)
+                self._reader_made = True
+            return self._reader
+
+    def _fall_back(self, exc: Exception) -> None:
+        """The lean path met what only boto3 handles (a region redirect): boto3 from now on."""
+        with self._lock:
+            reader, self._reader = self._reader, None
+        if reader is None:
+            return  # another thread switched already
+        log.warning(
+            "%s — reading %s through boto3 from now on; set destination.region to the "
+            "bucket's region",
+            exc,
+            self.bucket,
+        )
+        reader.close()
+
+    def close(self) -> None:
+        """Close the lean path's connections (boto3's pool closes with its client)."""
+        reader = self._reader
+        if reader is not None:
+            reader.close()
 
     def retention(self, key: str) -> Retention | None:
         """The current version's Object Lock, from the last read of `key`, else a HEAD."""
@@ -61,6 +108,26 @@ class S3ObjectStore:
         return self._list_requests
 
     def list(self, prefix: str) -> Iterator[ListedObject]:
+        reader = self._lean()
+        if reader is not None:
+            from cloud.integrations.object_reader import DirectUnsupportedError
+
+            token: str | None = None
+            try:
+                while True:
+                    with self._lock:
+                        self._list_requests += 1
+                    items, token = reader.list_page(prefix, token)
+                    yield from items
+                    if token is None:
+                        return
+            except DirectUnsupportedError as exc:
+                if token is not None:
+                    raise  # pages already given out: the boto3 listing would start over
+                self._fall_back(exc)
+        yield from self._list_boto3(prefix)
+
+    def _list_boto3(self, prefix: str) -> Iterator[ListedObject]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         token: str | None = None
@@ -80,15 +147,33 @@ class S3ObjectStore:
                 return
             token = page.get("NextContinuationToken")
 
+    def _remember(self, key: str, retention: Retention | None) -> None:
+        with self._lock:
+            if len(self._seen) >= 10_000:  # never asked for: keep memory bounded
+                self._seen.pop(next(iter(self._seen)))
+            self._seen[key] = retention
+
     def read(self, key: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
+        reader = self._lean()
+        if reader is not None:
+            from cloud.integrations.object_reader import DirectUnsupportedError
+
+            try:
+                download = reader.get(key)
+            except DirectUnsupportedError as exc:
+                self._fall_back(exc)
+            else:
+                self._remember(key, _header_retention(download.headers))
+                yield from download.chunks(chunk_size)
+                return
+        yield from self._read_boto3(key, chunk_size)
+
+    def _read_boto3(self, key: str, chunk_size: int) -> Iterator[bytes]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=key)
-            with self._lock:
-                if len(self._seen) >= 10_000:  # never asked for: keep memory bounded
-                    self._seen.pop(next(iter(self._seen)))
-                self._seen[key] = _retention(response)
+            self._remember(key, _retention(response))
             body = response["Body"]
             try:
                 yield from body.iter_chunks(chunk_size)
@@ -109,6 +194,24 @@ def _retention(response: Any) -> Retention | None:
     if not mode or not isinstance(until, datetime):
         return None
     return Retention(str(mode), until)
+
+
+def _header_retention(headers: dict[str, str]) -> Retention | None:
+    """Object Lock of a GET answer's headers (lower-case names), as boto3 would parse it."""
+    mode = headers.get("x-amz-object-lock-mode")
+    until = headers.get("x-amz-object-lock-retain-until-date")
+    if not mode or not until:
+        return None
+    try:
+        parsed = datetime.fromisoformat(until)
+    except ValueError:
+        try:
+            parsed = parsedate_to_datetime(until)
+        except (TypeError, ValueError):
+            return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return Retention(mode, parsed)
 
 
 class S3ReportSink:

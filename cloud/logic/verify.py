@@ -145,6 +145,9 @@ class VerifyOptions:
     # The repository the event names (its guid): a manifest whose header names another is
     # a `binding` problem (`cloud.logic.binding`). None: not compared.
     repo_guid: str | None = None
+    # False: the list level only (names, sizes, ETags against the manifest), nothing read
+    # back — `verify --list-only`, what `rclone check` does.
+    read_back: bool = True
 
 
 @dataclass
@@ -705,6 +708,8 @@ class _DeepChecker:
 
     def _pick(self, entry: ManifestEntry) -> None:
         options = self.options
+        if not options.read_back:
+            return
         if entry.key < options.read_from:
             return  # read by an earlier call of this verification
         pick = False

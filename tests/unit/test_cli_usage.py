@@ -279,6 +279,13 @@ def test_verify_time_limit_must_be_a_positive_duration(
     assert "--time-limit" in capsys.readouterr().err
 
 
+def test_verify_list_only_excludes_deep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    args = ["verify", "--config", str(config), "--repo-id", "r1", "--list-only", "--deep", "5%"]
+    assert main(args) == 2
+    assert "--list-only" in capsys.readouterr().err
+
+
 def test_manifest_prefix_inside_repository_prefix_is_refused_before_any_request(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from local_agent.http1 import BodyTooShortError, Connection, HTTPError
+from cloud.integrations.http1 import BodyTooShortError, Connection, HTTPError
 
 OK_EMPTY = b'HTTP/1.1 200 OK\r\nETag: "abc"\r\nContent-Length: 0\r\n\r\n'
 
@@ -167,3 +167,56 @@ def test_an_idle_connection_still_open_is_reused(serve: type[CannedServer]) -> N
     assert conn.exchange(head(1), b"x", 1).status == 200
     assert not conn.idle_but_readable()
     assert conn.exchange(head(1), b"y", 1).status == 200
+
+
+# -- streamed bodies (the verifier's GETs) -------------------------------------------------
+
+GET = b"GET /b/k HTTP/1.1\r\nhost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("reply", "stays_open"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n" + b"d" * 300_000, True),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"".join(b"%x\r\n" % 100_000 + b"d" * 100_000 + b"\r\n" for _ in range(3))
+            + b"0\r\n\r\n",
+            True,
+        ),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"d" * 300_000, False),
+    ],
+)
+def test_a_streamed_body_comes_in_bounded_pieces_and_leaves_the_connection_clean(
+    serve: type[CannedServer], reply: bytes, stays_open: bool
+) -> None:
+    server = serve([reply, OK_EMPTY] if stays_open else [reply])  # then hangs up
+    conn = connect(server)
+    response = conn.stream(GET)
+    pieces = list(response.chunks(50_000))
+    assert response.status == 200
+    assert b"".join(pieces) == b"d" * 300_000
+    assert max(len(p) for p in pieces) <= 50_000
+    assert conn.is_open is stays_open
+    if stays_open:  # the next answer was not swallowed with the body
+        assert conn.exchange(head(1), b"x", 1).headers["etag"] == '"abc"'
+
+
+def test_a_stream_read_only_in_part_closes_the_connection(serve: type[CannedServer]) -> None:
+    server = serve([b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"d" * 200_000])
+    conn = connect(server)
+    pieces = conn.stream(GET).chunks(1000)
+    next(pieces)
+    pieces.close()  # the caller gave up: the rest of the body is still on the wire
+    assert not conn.is_open
+
+
+def test_a_stream_cut_off_inside_the_body_is_a_connection_error(
+    serve: type[CannedServer],
+) -> None:
+    server = serve([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"])
+    conn = connect(server)
+    response = conn.stream(GET)
+    with pytest.raises(HTTPError):
+        response.read()
+    assert not conn.is_open

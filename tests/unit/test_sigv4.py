@@ -11,7 +11,7 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from local_agent.sigv4 import SigningCredentials, SigV4Signer, s3_path
+from cloud.integrations.sigv4 import SigningCredentials, SigV4Signer, s3_path
 
 ACCESS = "AKIDTESTONLY0000"
 SECRET = "test-only-secret-not-a-credential"

@@ -112,6 +112,41 @@ def test_each_kind_of_damage_is_a_named_problem(damage: str) -> None:
     assert report[0]["key"] == victim["key"]
 
 
+@pytest.mark.parametrize("damage", ["none", "missing", "size", "etag"])
+def test_list_only_reads_nothing_back_and_still_sees_list_level_damage(damage: str) -> None:
+    """`verify --list-only`: rclone check's level — names, sizes and ETags, no GET but the
+    manifest's, even with empty objects and `extra_percent` asking for more."""
+    store, entries, sha = build()
+    store.put(f"{DEST.prefix}/keys/{hashlib.sha256(b'').hexdigest()}", b"")
+    entries.append(
+        {
+            "key": f"keys/{hashlib.sha256(b'').hexdigest()}",
+            "size": 0,
+            "sha256": hashlib.sha256(b"").hexdigest(),
+            "md5": hashlib.md5(b"", usedforsecurity=False).hexdigest(),
+            "uploaded": True,
+        }
+    )
+    entries.sort(key=lambda e: str(e["key"]))
+    sha = write_manifest(store, entries)
+    victim = next(e for e in entries if e["uploaded"] and str(e["key"]).startswith("data/"))
+    key = f"{DEST.prefix}/{victim['key']}"
+    if damage == "missing":
+        store.delete(key)
+    elif damage == "size":
+        store.put(key, store.objects[key] + b"x")
+    elif damage == "etag":
+        store.put(key, store.objects[key], etag="0" * 32)
+    outcome = verify(store, sha, read_back=False, extra_percent=100.0)
+    assert store.reads == [MANIFEST]
+    assert outcome.stats.deep_checked == 0
+    assert outcome.stats.compared == len(entries)
+    if damage == "none":
+        assert outcome.verified, outcome.problems
+    else:
+        assert [(p.key, p.kind) for p in outcome.problems] == [(victim["key"], damage)]
+
+
 def test_manifest_hash_mismatch_and_missing_manifest_fail() -> None:
     store, _, sha = build()
     bad = verify(store, "0" * 64)

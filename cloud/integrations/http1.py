@@ -1,12 +1,14 @@
-"""One kept-alive HTTP/1.1 connection for the object writer's PUTs.
+"""One kept-alive HTTP/1.1 connection for the direct S3 paths (the agent's PUTs, the
+verifier's GETs and listings).
 
 Why not http.client: it parses every response's headers with the `email` package, which
 costs more CPU than signing and sending a 4 KiB object together (docs/benchmarks.md). S3
-answers a PUT with a status line, a few headers and an empty or small XML body, so this
-reads exactly that, usually from one `recv`: the head up to the blank line, then a body
-framed by Content-Length, by chunked encoding, or by the server closing the connection.
-Interim 1xx answers are skipped. Anything malformed is an `HTTPError` (the caller retries on a new
-connection, as for a dropped one).
+answers with a status line, a few headers and a body, so this reads exactly that, usually
+from one `recv`: the head up to the blank line, then a body framed by Content-Length, by
+chunked encoding, or by the server closing the connection — whole (`exchange`, a PUT's
+short answer) or streamed in pieces (`stream`, an object read back without holding it).
+Interim 1xx answers are skipped. Anything malformed is an `HTTPError` (the caller retries
+on a new connection, as for a dropped one).
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ from __future__ import annotations
 import select
 import socket
 import ssl
+from collections.abc import Generator, Iterator
 from typing import BinaryIO
 
 MAX_HEAD = 64 * 1024
 RECV_SIZE = 64 * 1024
+# The most one recv of a streamed body asks for: recv allocates what it asks for, and a
+# caller's 1 MiB pieces would cost a fresh mapping per call.
+MAX_RECV = 256 * 1024
 SEND_BLOCK = 256 * 1024  # bytes per read and socket write of a file body
 SMALL_BODY = 64 * 1024  # bodies up to this size go out in the same write as the head
 
@@ -40,8 +46,35 @@ class Response:
         self.body = body
 
 
+class StreamedResponse:
+    """A response whose body is still on the connection: read it with `chunks` (or
+    `read`) before the connection carries another request."""
+
+    __slots__ = ("_conn", "headers", "reason", "status")
+
+    def __init__(self, conn: Connection, status: int, reason: str, headers: dict[str, str]) -> None:
+        self._conn = conn
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+
+    def chunks(self, size: int = RECV_SIZE) -> Generator[bytes, None, None]:
+        """The body in pieces of at most `size` bytes. A body not read to its end (the
+        caller stopped, the peer broke off) closes the connection: it cannot be reused."""
+        finished = False
+        try:
+            yield from self._conn._body_chunks(self.status, self.headers, size)
+            finished = True
+        finally:
+            if not finished or self.headers.get("connection", "").lower() == "close":
+                self._conn.close()
+
+    def read(self) -> bytes:
+        return b"".join(self.chunks())
+
+
 class Connection:
-    """Not thread-safe: the writer keeps one per thread."""
+    """Not thread-safe: the direct paths keep one per thread."""
 
     def __init__(
         self,
@@ -143,15 +176,6 @@ class Connection:
         self._buffer += data
         return True
 
-    def _take(self, n: int) -> bytes:
-        while len(self._buffer) < n:
-            if not self._fill():
-                missing = n - len(self._buffer)
-                raise HTTPError(f"server closed the connection {missing} bytes into a body")
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return data
-
     def _take_line(self) -> bytes:
         while True:
             end = self._buffer.find(b"\n")
@@ -179,7 +203,22 @@ class Connection:
                     raise HTTPError("server closed the connection in the middle of headers")
                 raise HTTPError("server closed the connection without an answer")
 
+    def stream(self, head: bytes) -> StreamedResponse:
+        """Send a request without a body (a GET) and read the response's head; the body
+        follows from the returned response's `chunks`."""
+        sock = self._sock
+        if sock is None:
+            raise HTTPError("connection is not open")
+        sock.sendall(head)
+        status, reason, headers = self._read_head()
+        return StreamedResponse(self, status, reason, headers)
+
     def _read_response(self) -> Response:
+        status, reason, headers = self._read_head()
+        body = b"".join(self._body_chunks(status, headers, RECV_SIZE))
+        return Response(status, reason, headers, body)
+
+    def _read_head(self) -> tuple[int, str, dict[str, str]]:
         while True:
             lines = self._take_head().decode("latin-1").split("\r\n")
             parts = lines[0].split(" ", 2)
@@ -194,37 +233,52 @@ class Connection:
                 headers[name.strip().lower()] = value.strip()
             if not 100 <= status < 200:
                 break  # else an interim answer (100 Continue): the real one follows
-        reason = parts[2] if len(parts) > 2 else ""
-        if status in (204, 304):
-            return Response(status, reason, headers, b"")
-        body = self._read_body(headers)
         if parts[0] == "HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
             headers["connection"] = "close"
-        return Response(status, reason, headers, body)
+        return status, parts[2] if len(parts) > 2 else "", headers
 
-    def _read_body(self, headers: dict[str, str]) -> bytes:
+    def _body_chunks(self, status: int, headers: dict[str, str], size: int) -> Iterator[bytes]:
+        """The body framed as `headers` say, in pieces of at most `size` bytes."""
+        if status in (204, 304):
+            return
         if "chunked" in headers.get("transfer-encoding", "").lower():
-            chunks: list[bytes] = []
             while True:
                 size_line = self._take_line().split(b";", 1)[0].strip()
                 try:
-                    size = int(size_line, 16)
+                    length = int(size_line, 16)
                 except ValueError:
                     raise HTTPError(f"bad chunk size {size_line[:20]!r}") from None
-                if size == 0:
+                if length == 0:
                     while self._take_line() not in (b"\r\n", b"\n", b""):
                         pass  # trailers
-                    return b"".join(chunks)
-                chunks.append(self._take(size))
+                    return
+                yield from self._pieces(length, size)
                 self._take_line()  # CRLF after the chunk
-        length = headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                raise HTTPError(f"bad Content-Length {length[:20]!r}")
-            return self._take(int(length)) if int(length) else b""
-        while self._fill():  # framed by the server closing the connection
-            pass
-        body = bytes(self._buffer)
-        self._buffer.clear()
-        headers["connection"] = "close"
-        return body
+        length_header = headers.get("content-length")
+        if length_header is not None:
+            if not length_header.isdigit():
+                raise HTTPError(f"bad Content-Length {length_header[:20]!r}")
+            yield from self._pieces(int(length_header), size)
+            return
+        headers["connection"] = "close"  # framed by the server closing the connection
+        yield from self._pieces(len(self._buffer), size)
+        assert self._sock is not None
+        while data := self._sock.recv(min(size, MAX_RECV)):
+            yield data
+
+    def _pieces(self, n: int, size: int) -> Iterator[bytes]:
+        """The next `n` bytes: what is buffered, then straight from the socket (never past
+        the body, so the next response's bytes stay on the connection)."""
+        while n > 0 and self._buffer:
+            take = min(n, len(self._buffer), size)
+            piece = bytes(self._buffer[:take])
+            del self._buffer[:take]
+            n -= take
+            yield piece
+        while n > 0:
+            assert self._sock is not None
+            data = self._sock.recv(min(size, n, MAX_RECV))
+            if not data:
+                raise HTTPError(f"server closed the connection {n} bytes into a body")
+            n -= len(data)
+            yield data

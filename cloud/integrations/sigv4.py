@@ -1,11 +1,13 @@
-"""AWS Signature Version 4 for the agent's own PUT requests.
+"""AWS Signature Version 4 for the direct S3 paths (the agent's PUTs, the verifier's GETs
+and listings).
 
 botocore signs every request too, but only as one step of a pipeline (parameter validation,
 event hooks, endpoint rules, a second SHA-256 of the body over plain http) that costs about
 2.5 ms of CPU per request: for a repository of small files that is most of the run, under
 the GIL. restic names every file by the SHA-256 of its bytes and the agent checks that name
-before sending, so the payload hash SigV4 wants is already known. Signing is then a few
-string joins and five HMACs; the signing key is derived once per day.
+before sending, so the payload hash SigV4 wants is already known (a GET's is the empty
+body's). Signing is then a few string joins and five HMACs; the signing key is derived
+once per day.
 
 The canonical request follows S3's rules as botocore applies them (the path is used as
 sent, without normalisation); tests compare each signature with botocore's.
