@@ -48,6 +48,7 @@ _ETAG = re.compile(rb"<ETag>(.*?)</ETag>", re.S)
 _TRUNCATED = re.compile(rb"<IsTruncated>\s*true\s*</IsTruncated>", re.I)
 _NEXT_TOKEN = re.compile(rb"<NextContinuationToken>(.*?)</NextContinuationToken>", re.S)
 _URL_ENCODED = re.compile(rb"<EncodingType>\s*url\s*</EncodingType>")
+_COMMON_PREFIX = re.compile(rb"<CommonPrefixes>\s*<Prefix>(.*?)</Prefix>\s*</CommonPrefixes>", re.S)
 
 
 class DirectUnsupportedError(ObjectStoreError):
@@ -68,7 +69,18 @@ def _query(params: dict[str, str]) -> str:
 
 def parse_list_page(body: bytes) -> tuple[list[ListedObject], str | None]:
     """(objects, next continuation token or None) of one ListObjectsV2 answer."""
+    items, _prefixes, token = parse_list_page_prefixes(body)
+    return items, token
+
+
+def parse_list_page_prefixes(body: bytes) -> tuple[list[ListedObject], list[str], str | None]:
+    """(objects, common prefixes, next continuation token or None) of one ListObjectsV2
+    answer (prefixes only with a delimiter)."""
     url_encoded = _URL_ENCODED.search(body) is not None
+    prefixes = []
+    for match in _COMMON_PREFIX.finditer(body):
+        name = _text(match.group(1))
+        prefixes.append(unquote_plus(name) if url_encoded else name)
     items: list[ListedObject] = []
     for match in _CONTENTS.finditer(body):
         block = match.group(1)
@@ -91,7 +103,7 @@ def parse_list_page(body: bytes) -> tuple[list[ListedObject], str | None]:
         if found is None:
             raise ObjectStoreError("listing answer is truncated but has no NextContinuationToken")
         token = _text(found.group(1))
-    return items, token
+    return items, prefixes, token
 
 
 class ObjectReader:
@@ -136,8 +148,19 @@ class ObjectReader:
         self, prefix: str, token: str | None = None
     ) -> tuple[list[ListedObject], str | None]:
         """One ListObjectsV2 page under `prefix`: (objects, the next page's token or None)."""
+        items, _prefixes, token = self.list_level_page(prefix, token, delimiter="")
+        return items, token
+
+    def list_level_page(
+        self, prefix: str, token: str | None = None, *, delimiter: str = "/"
+    ) -> tuple[list[ListedObject], list[str], str | None]:
+        """One ListObjectsV2 page of `prefix`'s own level (delimiter "/"): (objects,
+        sub-prefixes, the next page's token or None); with `delimiter=""` everything below
+        `prefix`."""
         params = {"list-type": "2", "prefix": prefix, "max-keys": str(PAGE_SIZE)}
         params["encoding-type"] = "url"  # keys with characters XML cannot carry
+        if delimiter:
+            params["delimiter"] = delimiter
         if token:
             params["continuation-token"] = token
         what = f"listing {self.bucket}/{prefix}"
@@ -148,7 +171,7 @@ class ObjectReader:
             raise ObjectStoreError(f"{what}: {_describe_network(exc)}") from exc
         finally:
             self._pool.release(conn)
-        return parse_list_page(body)
+        return parse_list_page_prefixes(body)
 
     def _get(self, path: str, query: str, what: str) -> tuple[Connection, StreamedResponse]:
         """Send a signed GET, retried as botocore's standard mode would, until a 2xx answer

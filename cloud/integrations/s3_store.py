@@ -13,6 +13,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+SPLIT_WORKERS = 8  # folders listed at the same time
+SPLIT_AHEAD = 32  # folders listed ahead of the one being handed out
+# One page of a folder's own level: its objects, its sub-folders, the next page's token.
+Level = tuple[list[ListedObject], list[str], str | None]
 
 
 def _describe(exc: Exception) -> str:
@@ -108,24 +113,79 @@ class S3ObjectStore:
         return self._list_requests
 
     def list(self, prefix: str) -> Iterator[ListedObject]:
+        """Every object under `prefix`, in key order.
+
+        On the lean path the listing goes folder by folder (delimiter "/"), as `rclone
+        check` does, with up to SPLIT_WORKERS folders listed at once: a flat listing is one
+        page after another (each needs the last one's token), and some servers take longer
+        per page the larger the bucket (rclone serve s3: ~2 s a page at 100,000 objects,
+        ~0.03 s a folder). A folder longer than one page is listed flat, page by page."""
         reader = self._lean()
         if reader is not None:
             from cloud.integrations.object_reader import DirectUnsupportedError
 
-            token: str | None = None
             try:
-                while True:
-                    with self._lock:
-                        self._list_requests += 1
-                    items, token = reader.list_page(prefix, token)
-                    yield from items
-                    if token is None:
-                        return
+                first = self._level_page(reader, prefix)
             except DirectUnsupportedError as exc:
-                if token is not None:
-                    raise  # pages already given out: the boto3 listing would start over
                 self._fall_back(exc)
+            else:
+                pool = ThreadPoolExecutor(max_workers=SPLIT_WORKERS, thread_name_prefix="list")
+                try:
+                    yield from self._folder(reader, pool, prefix, first)
+                finally:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                return
         yield from self._list_boto3(prefix)
+
+    def _count_lists(self) -> None:
+        with self._lock:
+            self._list_requests += 1
+
+    def _level_page(self, reader: ObjectReader, prefix: str) -> Level:
+        self._count_lists()
+        return reader.list_level_page(prefix)
+
+    def _flat(self, reader: ObjectReader, prefix: str) -> Iterator[ListedObject]:
+        token: str | None = None
+        while True:
+            self._count_lists()
+            items, token = reader.list_page(prefix, token)
+            yield from items
+            if token is None:
+                return
+
+    def _folder(
+        self, reader: ObjectReader, pool: ThreadPoolExecutor, prefix: str, level: Level
+    ) -> Iterator[ListedObject]:
+        """A folder's objects and, in key order among them, each sub-folder's (listed
+        ahead on the pool, at most SPLIT_AHEAD at a time)."""
+        items, subs, token = level
+        if token is not None:  # more than a page: paged delimiter listings vary by server
+            yield from self._flat(reader, prefix)
+            return
+        # A server that ignores the delimiter answers with every key and no sub-folder.
+        subs = sorted(sub for sub in subs if sub.startswith(prefix) and sub != prefix)
+        ahead: dict[str, Future[Level]] = {}
+        upcoming = iter(subs)
+
+        def top_up() -> None:
+            while len(ahead) < SPLIT_AHEAD:
+                sub = next(upcoming, None)
+                if sub is None:
+                    return
+                ahead[sub] = pool.submit(self._level_page, reader, sub)
+
+        top_up()
+        entries: list[tuple[str, ListedObject | None]] = [(i.key, i) for i in items]
+        entries += [(sub, None) for sub in subs]
+        entries.sort(key=lambda entry: entry[0])
+        for key, item in entries:
+            if item is not None:
+                yield item
+                continue
+            listed = ahead.pop(key).result()
+            top_up()
+            yield from self._folder(reader, pool, key, listed)
 
     def _list_boto3(self, prefix: str) -> Iterator[ListedObject]:
         from botocore.exceptions import BotoCoreError, ClientError

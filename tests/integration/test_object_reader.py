@@ -86,10 +86,47 @@ def test_lean_listing_and_reads_equal_boto3s(
         assert listed == list(store_for(server, bucket, direct=False).list("restic/"))
         for key, body in bodies.items():
             assert read_all(lean, key) == body
-        assert lean.list_requests == 3
+        lists = lean.list_requests
     assert sorted(item.key for item in listed) == sorted(bodies)
-    assert len(agents) == 3 + len(bodies)
+    assert len(agents) == lists + len(bodies)
     assert all(agent.startswith("backrest-relay") for agent in agents)  # none through boto3
+
+
+# Keys that sort around a level's prefix ("a-b" < "a/…" < "a0"); no key is also a folder,
+# which a file-backed server (rclone) cannot store.
+SPLIT_KEYS = [
+    "r/a-b",
+    "r/a/b",
+    "r/a/c/d",
+    "r/a0",
+    "r/b/" + "0" * 3,
+    "r/b/1",
+    "r/é/z",
+    "r/z",
+]
+
+
+@pytest.mark.parametrize("page_size", [1000, 2])
+def test_a_listing_folder_by_folder_keeps_boto3s_order(
+    server: S3Endpoint,
+    unique_bucket: Callable[[S3Endpoint], str],
+    monkeypatch: pytest.MonkeyPatch,
+    page_size: int,
+) -> None:
+    """Listed folder by folder in parallel, handed out in key order; with folders longer
+    than a page (page size 2), page by page."""
+    bucket = unique_bucket(server)
+    client = server.client()
+    for key in SPLIT_KEYS:
+        client.put_object(Bucket=bucket, Key=key, Body=key.encode())
+    monkeypatch.setattr(object_reader, "PAGE_SIZE", page_size)
+    lean = store_for(server, bucket)
+    listed = [(i.key, i.size, i.etag) for i in lean.list("r/")]
+    flat = [(i.key, i.size, i.etag) for i in store_for(server, bucket, direct=False).list("r/")]
+    assert listed == flat
+    assert [key for key, _, _ in listed] == sorted(SPLIT_KEYS)
+    if page_size == 1000:  # r/, r/a/, r/a/c/, r/b/, r/é/: one call each
+        assert lean.list_requests == 5
 
 
 def test_a_missing_object_is_not_found_and_a_missing_bucket_an_error(
