@@ -34,6 +34,7 @@ from cloud.logic.chunks import (
     UnsortedKeysError,
     boundaries,
     chunk_count,
+    new_share,
     read_weight,
     should_fan_out,
 )
@@ -147,8 +148,10 @@ def fan_out(
 def _plan(
     event: MirrorCompleted, store: ObjectStore, settings: FanoutSettings, options: VerifyOptions
 ) -> tuple[list[str], int] | None:
-    """The chunk boundaries, from two streaming passes over the manifest (no list of it
-    in memory); None when the manifest cannot be planned from."""
+    """The chunk boundaries, from three streaming passes over the manifest (no list of it
+    in memory: the new bytes, the total weight, the cuts); None when the manifest cannot
+    be planned from. New objects weigh the budget's share of them (`new_share`), so the
+    chunk count follows what the verification will read, not the mirror's size."""
     with tempfile.TemporaryFile() as manifest:
         try:
             sha = _download(store, event.manifest.key, manifest)
@@ -157,21 +160,32 @@ def _plan(
         if sha != event.manifest.sha256:
             return None
 
-        def weighted() -> Iterator[tuple[str, int]]:
+        def entries() -> Iterator[ManifestEntry]:
             manifest.seek(0)
-            for entry in _entries(manifest):
+            yield from _entries(manifest)
+
+        def weighted(share: float) -> Iterator[tuple[str, int]]:
+            for entry in entries():
                 weight = read_weight(
                     entry.size,
                     entry.uploaded,
                     rotation_runs=options.rotation_runs,
                     per_object=settings.per_object_bytes,
+                    new_share=share,
                 )
                 yield entry.key, weight
 
+        budget = options.new_bytes_budget
         try:
-            total = sum(weight for _, weight in weighted())
-            count = chunk_count(total, settings)
-            cuts = boundaries(weighted(), total, count)
+            new_bytes, largest_new = 0, 0
+            for entry in entries():
+                if entry.uploaded:
+                    new_bytes += entry.size
+                    largest_new = max(largest_new, entry.size)
+            share = new_share(new_bytes, budget)
+            total = sum(weight for _, weight in weighted(share))
+            count = chunk_count(total, settings, budget=budget, largest_new=largest_new)
+            cuts = boundaries(weighted(share), total, count)
         except (OSError, EOFError, ValueError, UnsortedKeysError):
             return None
     return cuts, len(cuts) + 1

@@ -115,6 +115,7 @@ class CheckpointedVerification:
     stats: VerificationStats | None = None  # of the pass, when one ran
     # Another chain took the checkpoint over while this pass ran (Lambda): nothing saved.
     superseded: bool = False
+    new_bytes_read: int = 0  # by the pass: the chain's next leg has that much less budget
 
     @property
     def complete(self) -> bool:
@@ -153,7 +154,9 @@ def verify_checkpointed(
 
     `chain` (the Lambda's continuation chain: run id, leg) claims the checkpoint for this
     pass; when another chain claims it meanwhile, this pass stops and saves nothing more
-    (`superseded`). `unreadable_raises`: an unreadable destination raises ObjectStoreError
+    (`superseded`); the chain's legs share `options.new_bytes_budget` — a leg gets what
+    the earlier legs' reads of new objects left of it (docs/verification.md, "Sizing").
+    `unreadable_raises`: an unreadable destination raises ObjectStoreError
     (the Lambda retries through SQS) instead of giving an `unverifiable` verdict. A refused
     event (`cloud.app.binding`) leaves the checkpoint untouched and reads nothing.
     """
@@ -198,8 +201,12 @@ def verify_checkpointed(
     if chain is not None:
         saver.claim()
     user_stop = options.should_stop
+    budget = options.new_bytes_budget
+    if budget is not None:
+        budget = max(budget - saver.tally[2], 0)  # per verification, not per leg
     pass_options = replace(
         options,
+        new_bytes_budget=budget,
         resume_from=plan.resume_from,
         carried=plan.carried,
         rotation_bytes=plan.rotation_bytes,
@@ -248,6 +255,7 @@ def verify_checkpointed(
                     "unproven_bytes": outcome.unproven_bytes,
                 }
             ),
+            new_bytes_read=outcome.new_bytes_read,
         )
     report_key = None
     if outcome.report is not None and reports is not None:
@@ -264,7 +272,12 @@ def verify_checkpointed(
     result = _result_for(event, outcome, started_at=now, host=host, report_key=report_key)
     record_verification(runs, result)
     return CheckpointedVerification(
-        plan, after, result, outcome.unproven_objects, outcome.unproven_bytes
+        plan,
+        after,
+        result,
+        outcome.unproven_objects,
+        outcome.unproven_bytes,
+        new_bytes_read=outcome.new_bytes_read,
     )
 
 
@@ -353,6 +366,7 @@ def verify_leg(
             leg=following,
             chain_objects=checked.checkpoint.chain_objects + stats.deep_checked,
             chain_bytes=checked.checkpoint.chain_bytes + stats.bytes_read,
+            chain_new_bytes=checked.checkpoint.chain_new_bytes + checked.new_bytes_read,
         ).to_dict(),
     )
     continuations.send(event, following)
@@ -376,9 +390,14 @@ class _ProgressSaver:
         self.runs, self.repo_key, self.name = runs, repo_key, name
         self.before, self.plan, self.event, self.now, self.chain = before, plan, event, now, chain
         self.superseded = False
-        # What this chain's earlier legs read (a new chain starts from nothing).
+        # What this chain's earlier legs read: objects, bytes, new objects' bytes (a new
+        # chain starts from nothing).
         same_chain = chain is not None and before is not None and before.chain == chain[0]
-        self.tally = (before.chain_objects, before.chain_bytes) if same_chain and before else (0, 0)
+        self.tally = (
+            (before.chain_objects, before.chain_bytes, before.chain_new_bytes)
+            if same_chain and before
+            else (0, 0, 0)
+        )
 
     def owned(self, checkpoint: VerifyCheckpoint) -> VerifyCheckpoint:
         """`checkpoint` marked as this chain's (unchanged outside the Lambda)."""
@@ -390,6 +409,7 @@ class _ProgressSaver:
             leg=self.chain[1],
             chain_objects=self.tally[0],
             chain_bytes=self.tally[1],
+            chain_new_bytes=self.tally[2],
         )
 
     def claim(self) -> None:

@@ -47,6 +47,9 @@ class VerifyCheckpoint:
     # What the chain's earlier legs read (objects, bytes): the verdict counts every leg.
     chain_objects: int = 0
     chain_bytes: int = 0
+    # Of `chain_bytes`, the new objects' (not the rotation's): the chain's legs share one
+    # `new_bytes_budget`, each gets what the earlier ones left.
+    chain_new_bytes: int = 0
     # Bytes the mirror's manifest lists, as of the last pass (sizes the rotation slice
     # when `rotation_days` is set).
     mirror_bytes: int = 0
@@ -70,6 +73,7 @@ class VerifyCheckpoint:
             "leg": self.leg,
             "chain_objects": self.chain_objects,
             "chain_bytes": self.chain_bytes,
+            "chain_new_bytes": self.chain_new_bytes,
             "mirror_bytes": self.mirror_bytes,
         }
 
@@ -95,6 +99,7 @@ class VerifyCheckpoint:
             leg=int(data.get("leg", 0)),
             chain_objects=int(data.get("chain_objects", 0)),
             chain_bytes=int(data.get("chain_bytes", 0)),
+            chain_new_bytes=int(data.get("chain_new_bytes", 0)),
             mirror_bytes=int(data.get("mirror_bytes", 0)),
         )
 

@@ -3,9 +3,10 @@
 Pure: a chunk is a contiguous, half-open range of keys relative to the repository's prefix;
 together the chunks cover the whole key space (the first starts at "", the last runs to
 the end), so every manifest entry and every listed object belongs to exactly one chunk.
-Chunks are balanced by the bytes they are expected to *read* (a new object is read whole,
-an older one with the odds of the rotation slice) plus a per-object cost for its request,
-not by object count or stored bytes. Design: docs/verification.md ("Fan-out").
+Chunks are balanced by the bytes they are expected to *read* (a new object whole, or the
+`VerifyNewBytesBudget`'s share of it when the new bytes exceed the budget; an older one
+with the odds of the rotation slice) plus a per-object cost for its request, not by
+object count or stored bytes. Design: docs/verification.md ("Fan-out").
 """
 
 from __future__ import annotations
@@ -52,10 +53,21 @@ class FanoutSettings:
     per_object_bytes: int = PER_OBJECT_BYTES
 
 
-def read_weight(size: int, uploaded: bool, *, rotation_runs: int, per_object: int) -> int:
-    """The bytes one object is expected to cost: a new object is read whole, an older one
-    belongs to the rotation slice read this time with odds 1/`rotation_runs`."""
-    expected = size if uploaded else size // max(rotation_runs, 1)
+def new_share(new_bytes: int, budget: int | None) -> float:
+    """The fraction of the new bytes a verification is expected to read: all of them, or
+    the budget's share when they exceed it (the rest is checked at list level)."""
+    if budget is None or new_bytes <= budget:
+        return 1.0
+    return budget / new_bytes
+
+
+def read_weight(
+    size: int, uploaded: bool, *, rotation_runs: int, per_object: int, new_share: float = 1.0
+) -> int:
+    """The bytes one object is expected to cost: a new object is read with the odds
+    `new_share` (see `new_share`), an older one belongs to the rotation slice read this
+    time with odds 1/`rotation_runs`."""
+    expected = math.ceil(size * new_share) if uploaded else size // max(rotation_runs, 1)
     return expected + per_object
 
 
@@ -64,10 +76,22 @@ def should_fan_out(objects: int, read_bytes: int, settings: FanoutSettings) -> b
     return objects >= settings.min_objects or read_bytes >= settings.min_read_bytes
 
 
-def chunk_count(total_weight: int, settings: FanoutSettings) -> int:
-    """How many chunks `total_weight` is split into (at least 1)."""
+def chunk_count(
+    total_weight: int, settings: FanoutSettings, *, budget: int | None = None, largest_new: int = 0
+) -> int:
+    """How many chunks `total_weight` is split into (at least 1).
+
+    With a new-bytes `budget`, each chunk gets an even share of it, and a chunk reads a
+    new object only if it fits what is left of its share: so the count is capped at
+    budget ÷ `largest_new`, which keeps every share at least the largest new object
+    (unless the budget itself is smaller: then no cap). A capped plan has chunks of more
+    than `chunk_bytes` of expected reads.
+    """
     wanted = math.ceil(total_weight / max(settings.chunk_bytes, 1))
-    return max(1, min(wanted, settings.max_chunks))
+    count = max(1, min(wanted, settings.max_chunks))
+    if budget is not None and 0 < largest_new <= budget:
+        count = min(count, budget // largest_new)
+    return count
 
 
 class UnsortedKeysError(ValueError):

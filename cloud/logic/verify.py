@@ -171,6 +171,9 @@ class VerificationOutcome:
     unread_objects: int = 0
     unread_bytes: int = 0
     mirror_bytes: int = 0  # the sizes of every object the manifest lists
+    # Bytes of new objects read (within `bytes_read`): what a Lambda chain's later legs
+    # have left of `new_bytes_budget` (docs/verification.md, "Sizing").
+    new_bytes_read: int = 0
 
     @property
     def verified(self) -> bool:
@@ -279,7 +282,7 @@ class MirrorVerifier:
         problems = _Problems()
         stats = {
             "listed": 0, "compared": 0, "deep": 0, "deep_new": 0, "bytes": 0, "extra": 0,
-            "mirror_bytes": 0,
+            "mirror_bytes": 0, "bytes_new": 0,
         }  # fmt: skip
         requests_before = self.store.list_requests
         header: ManifestHeader | None = None
@@ -335,6 +338,7 @@ class MirrorVerifier:
             rotation_next=rotation_next,
             rotated=rotated,
             mirror_bytes=stats["mirror_bytes"] if header is not None else 0,
+            new_bytes_read=stats["bytes_new"],
             read_from=deep.read_from if deep is not None else PROVEN_ALL,
             unread_objects=deep.unread_objects if deep is not None else 0,
             unread_bytes=deep.unread_bytes if deep is not None else 0,
@@ -797,6 +801,7 @@ class _DeepChecker:
             self.stats["deep"] += 1
             self.stats["deep_new"] += 1 if new else 0
             self.stats["bytes"] += size
+            self.stats["bytes_new"] += size if new else 0
         if self.options.progress is not None:
             self.options.progress.advance(1, size)
         self._check_lock(entry)

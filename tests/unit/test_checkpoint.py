@@ -377,3 +377,47 @@ def test_a_leg_under_way_stops_when_another_chain_takes_the_checkpoint_over() ->
     assert reads[0] <= 10 + 2, "stopped at the next progress save"
     saved = VerifyCheckpoint.from_dict(mirror.runs.load_checkpoint(REPO.key, name))
     assert saved is not None and (saved.chain, saved.manifest_key) == ("run-b", "newer")
+
+
+def test_the_new_bytes_budget_bounds_a_chain_of_legs_not_each_leg() -> None:
+    """`VerifyNewBytesBudget` is per verification: a chain of legs over a mirror whose new
+    bytes are 10× the budget reads about the budget, completes and publishes once (the
+    rest is checked at list level and left to the rotation, docs "Sizing")."""
+    mirror = Mirror()
+    keys = mirror.add(200)
+    a = mirror.manifest(set(keys))
+    total = sum(mirror.sizes.values())
+    budget = total // 10
+    queue = RecordingContinuations()
+
+    def leg(n: int) -> LegOutcome:
+        before = len(mirror.store.reads)
+
+        def stop() -> bool:
+            return len(mirror.store.reads) - before >= 6
+
+        return verify_leg(
+            a, n, store=mirror.store, runs=mirror.runs, reports=None, continuations=queue,
+            options=VerifyOptions(concurrency=1, should_stop=stop, new_bytes_budget=budget),
+            every_seconds=86400, rotation_budget=0, now=T0,
+        )  # fmt: skip
+
+    outcome, legs, published = leg(0), 1, []
+    while outcome.continued is not None:
+        assert legs < 100, "the chain must end"
+        legs += 1
+        outcome = leg(outcome.continued)
+    published = [outcome.result] if outcome.result is not None else []
+    assert len(published) == 1 and type(published[0]).__name__ == "MirrorVerified"
+    assert legs >= 2, "the budget took more than one leg"
+    read = mirror.object_reads()
+    assert len(read) == len(set(read)), "each object read at most once"
+    read_bytes = sum(mirror.sizes[k] for k in read)
+    assert read_bytes <= budget, (read_bytes, budget, total)
+    assert read_bytes >= budget - 2000, "the budget is used (less than one object left)"
+    # The verdict counts every leg's reads.
+    assert published[0].stats.bytes_read == read_bytes
+    checkpoint = VerifyCheckpoint.from_dict(
+        mirror.runs.load_checkpoint(REPO.key, checkpoint_name(DEST))
+    )
+    assert checkpoint is not None and checkpoint.verified

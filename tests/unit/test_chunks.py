@@ -15,6 +15,7 @@ from cloud.logic.chunks import (
     UnsortedKeysError,
     boundaries,
     chunk_count,
+    new_share,
     plan_chunks,
     ranges,
     read_weight,
@@ -97,6 +98,25 @@ def test_ranges_rebuild_from_stored_boundaries() -> None:
 def test_weight_counts_new_objects_whole_and_older_ones_by_the_rotation_odds() -> None:
     assert read_weight(3000, True, rotation_runs=30, per_object=10) == 3010
     assert read_weight(3000, False, rotation_runs=30, per_object=10) == 110
+
+
+def test_new_objects_weigh_the_budgets_share_of_them() -> None:
+    """With `VerifyNewBytesBudget` below the new bytes, a verification reads the budget's
+    share of them: the plan weighs each new object by that share, not whole."""
+    assert new_share(1000, 100) == pytest.approx(0.1)
+    assert new_share(50, 100) == 1.0 and new_share(1000, None) == 1.0 and new_share(0, 0) == 1.0
+    assert read_weight(3000, True, rotation_runs=30, per_object=10, new_share=0.1) == 310
+    assert read_weight(3000, False, rotation_runs=30, per_object=10, new_share=0.1) == 110
+
+
+def test_the_chunk_count_keeps_each_chunks_share_of_the_budget_above_its_largest_object() -> None:
+    config = FanoutSettings(chunk_bytes=100, max_chunks=1000)
+    assert chunk_count(100_000, config) == 1000
+    # An even share of 10,000 over the chunks must hold a 1,000-byte object: 10 chunks.
+    assert chunk_count(100_000, config, budget=10_000, largest_new=1000) == 10
+    # Where the budget cannot hold the largest object, it does not cap the count.
+    assert chunk_count(100_000, config, budget=500, largest_new=1000) == 1000
+    assert chunk_count(100_000, config, budget=None, largest_new=1000) == 1000
 
 
 def test_either_threshold_fans_out() -> None:

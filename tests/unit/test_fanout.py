@@ -8,6 +8,7 @@ import json
 import random
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -322,3 +323,36 @@ def test_a_fanned_out_verification_binds_the_repository_and_a_forged_event_is_no
         options=OPTIONS,
     )
     assert plan is None and side.queue == [] and len(side.store.reads) == reads
+
+
+def test_a_budget_below_the_new_bytes_plans_chunks_by_what_will_be_read() -> None:
+    """The plan weighs new objects by the budget's share: a mirror of 10× the budget in new
+    bytes makes the chunks the budget needs, not the mirror's size; each chunk's even share
+    of the budget holds its largest new object, so every chunk reads, and together they
+    read no more than the budget."""
+    side = Side(objects=60)
+    sizes = {k: len(side.store.objects[k]) for k in side.keys}
+    total = sum(sizes.values())
+    budget = total // 10
+    settings = FanoutSettings(
+        min_objects=10, min_read_bytes=1 << 60, chunk_bytes=total // 40, max_chunks=1000,
+        per_object_bytes=0,
+    )  # fmt: skip
+    options = replace(OPTIONS, new_bytes_budget=budget)
+    plan = fan_out(
+        side.event, store=side.store, runs=side.runs, jobs=side.jobs, send=side.send,
+        settings=settings, options=options,
+    )  # fmt: skip
+    assert plan is not None
+    # By the mirror's size: 40 chunks; by the budget's share: about 4 (at most 5).
+    assert 2 <= plan.chunks <= 5, plan.chunks
+    job = FanoutJob.from_dict(side.jobs.load_job(plan.job_id) or {})
+    assert job.new_bytes_budget is not None and job.new_bytes_budget >= max(sizes.values())
+    for item in side.queue:
+        side.chunk(item)
+    read = side.object_reads()
+    assert len(read) == len(set(read))
+    assert sum(sizes[k] for k in read) <= budget
+    for chunk in job.chunks:  # every chunk read something
+        assert any(k.removeprefix(DEST.prefix + "/") in chunk for k in read), chunk
+    assert len(side.published) == 1 and isinstance(side.published[0], MirrorVerified)

@@ -21,6 +21,7 @@ from bench.verify_sim import (
 )
 from cloud.contracts.events import MirrorVerified
 from cloud.logic.chunks import FanoutSettings
+from cloud.logic.verify import VerifyOptions
 
 # An invocation of 60 s with a 20 s margin reads ~3.5 GB: a 10 GiB mirror needs several.
 TIMEOUT_S, MARGIN_S = 60.0, 20.0
@@ -49,6 +50,29 @@ def test_a_mirror_larger_than_one_invocation_is_verified_in_legs_each_object_rea
     assert result.get_bytes > 10 * GiB
     # No leg ran past its (simulated) timeout, and the chain took several timeouts.
     assert result.wall_s > TIMEOUT_S
+
+
+def test_the_new_bytes_budget_bounds_the_whole_chain_of_legs() -> None:
+    """`VerifyNewBytesBudget` is per verification: a first mirror of 10× the budget, too
+    big for one leg, reads about the budget across its legs and is verified once."""
+    budget = 2 * GiB
+    result = simulate(
+        20 * GiB,
+        fan_out=False,
+        timeout_s=40.0,
+        safety_margin_s=MARGIN_S,
+        options=VerifyOptions(new_bytes_budget=budget, concurrency=8),
+    )
+
+    assert result.invocations > 1, "the budget takes more than one leg"
+    assert result.killed == 0 and result.dead_letters == 0
+    assert set(result.object_reads.values()) == {1}  # nothing read twice
+    assert len(result.published) == 1
+    event = result.published[0].event
+    assert isinstance(event, MirrorVerified)
+    # The verdict counts every leg's reads: the budget, less than one pack short of it.
+    assert budget - 16 * MiB < event.stats.bytes_read <= budget
+    assert event.stats.deep_checked == len(result.object_reads) < result.objects
 
 
 def test_the_fan_out_proves_a_mirror_in_parallel_chunks_each_object_read_once() -> None:
