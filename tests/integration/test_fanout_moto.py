@@ -40,9 +40,11 @@ from tests.support.lambdas import (
     FakeLambdaContext,
     Queues,
     create_idempotency_table,
-    fake_aws_env,
     logs_to_current_stdout,
     moto_clients,
+    moto_function_env,
+    route,
+    s3_destination_secret,
     write_mirror,
 )
 
@@ -150,46 +152,31 @@ def side(
     events = boto3.client("events", **kwargs)
     sqs: Any = boto3.client("sqs", **kwargs)
     dynamodb = boto3.client("dynamodb", **kwargs)
-    queue = Queues(sqs).create
+    created = Queues(sqs)
     queues: dict[str, tuple[str, str]] = {}
     for name in ("verify", "chunks"):
-        _, dlq_arn = queue(f"{name}-dlq")
-        queues[f"{name}-dlq"] = _, dlq_arn
-        redrive = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}
         # Visibility 0: a failed record is visible again at once (test speed).
-        queues[name] = queue(name, VisibilityTimeout="0", RedrivePolicy=json.dumps(redrive))
-    queues["results"] = queue("results")
+        queues[name], queues[f"{name}-dlq"] = created.with_dlq(
+            name, max_receive=5, VisibilityTimeout="0"
+        )
+    queues["results"] = created.create("results")
     events.create_event_bus(Name=BUS)
     completed = load_sam_template()["Resources"]["MirrorCompletedRule"]["Properties"]
-    for rule, pattern, arn in (
-        ("mirror-completed", completed["EventPattern"], queues["verify"][1]),
-        ("results", {"source": ["backrest-relay.verifier"]}, queues["results"][1]),
-    ):
-        events.put_rule(Name=rule, EventBusName=BUS, EventPattern=json.dumps(pattern))
-        events.put_targets(Rule=rule, EventBusName=BUS, Targets=[{"Id": "q", "Arn": arn}])
+    route(
+        events,
+        [
+            ("mirror-completed", completed["EventPattern"], queues["verify"][1]),
+            ("results", {"source": ["backrest-relay.verifier"]}, queues["results"][1]),
+        ],
+    )
     create_table(dynamodb, RUNS_TABLE)
     create_idempotency_table(dynamodb)
-    secret = boto3.client("secretsmanager", **kwargs).create_secret(
-        Name="backrest-relay/destination",
-        SecretString=json.dumps(
-            {
-                "provider": "s3",
-                "endpoint_url": url,
-                "region": REGION,
-                "access_key_id": moto_endpoint.access_key,
-                "secret_access_key": "verifier-read-only-key",
-            }
-        ),
+    secret = s3_destination_secret(
+        boto3.client("secretsmanager", **kwargs), moto_endpoint, "verifier-read-only-key"
     )
-    fake_aws_env(
+    moto_function_env(
         monkeypatch,
-        REGION,
-        drop=("AWS_PROFILE",),
-        AWS_ENDPOINT_URL=url,
-        AWS_REGION=REGION,
-        RUNS_TABLE=RUNS_TABLE,
-        IDEMPOTENCY_TABLE="backrest-relay-idempotency",
-        EVENT_BUS_NAME=BUS,
+        url,
         DESTINATION_SECRET_ARN=secret["ARN"],
         CHUNK_QUEUE_URL=queues["chunks"][0],
         FANOUT_MIN_OBJECTS="10",

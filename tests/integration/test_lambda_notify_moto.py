@@ -45,9 +45,10 @@ from tests.support.lambdas import (
     FakeLambdaContext,
     Queues,
     create_idempotency_table,
-    fake_aws_env,
     logs_to_current_stdout,
     moto_clients,
+    moto_function_env,
+    route,
 )
 from tests.support.sinks import HttpRequest, HttpSink, closed_port
 
@@ -152,37 +153,29 @@ def cloud(
     dynamodb = boto3.client("dynamodb", **kwargs)
     secrets = boto3.client("secretsmanager", **kwargs)
 
-    queue = Queues(sqs).create
+    queues = Queues(sqs)
 
-    dlq, dlq_arn = queue("notify-dlq")
-    notify_queue, notify_arn = queue(
+    (notify_queue, notify_arn), (dlq, _) = queues.with_dlq(
         "notify",
+        max_receive=2,
         VisibilityTimeout="0",  # a failed record is visible again at once (test speed)
-        RedrivePolicy=json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "2"}),
     )
-    inbox, inbox_arn = queue("email-inbox")
+    inbox, inbox_arn = queues.create("email-inbox")
     topic = sns.create_topic(Name="backrest-relay-alerts")["TopicArn"]
     sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=inbox_arn)
     events.create_event_bus(Name=BUS)
-    events.put_rule(Name="notify", EventBusName=BUS, EventPattern=json.dumps(NOTIFY_PATTERN))
-    events.put_targets(Rule="notify", EventBusName=BUS, Targets=[{"Id": "q", "Arn": notify_arn}])
+    route(events, [("notify", NOTIFY_PATTERN, notify_arn)])
     create_table(dynamodb, "backrest-relay-runs")
     create_idempotency_table(dynamodb)
     secret = secrets.create_secret(Name="backrest-relay/notify", SecretString="{}")
     # The functions' own AWS access (DynamoDB, SNS, Secrets Manager, EventBridge) → moto.
-    fake_aws_env(
+    moto_function_env(
         monkeypatch,
-        REGION,
-        drop=("AWS_PROFILE",),
-        AWS_ENDPOINT_URL=url,
-        AWS_REGION=REGION,
+        url,
         AWS_LAMBDA_FUNCTION_NAME="backrest-relay-notify",
-        RUNS_TABLE="backrest-relay-runs",
-        IDEMPOTENCY_TABLE="backrest-relay-idempotency",
         TOPIC_ARN=topic,
         NOTIFY_SECRET_ARN=secret["ARN"],
         SUCCESS_POLICY="on_recovery",
-        EVENT_BUS_NAME=BUS,
         MAX_AGE_HOURS="26",
         POWERTOOLS_LOG_LEVEL="DEBUG",
     )
