@@ -27,26 +27,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from aws_lambda_powertools.utilities import parameters
 
 from cloud.handlers import notify as notify_handler
 from cloud.handlers import verify as verify_handler
-from cloud.integrations.eventbus import EventBridgeBus
-from cloud.integrations.runstore_dynamodb import DynamoRunStore, create_table
+from cloud.integrations.runstore_dynamodb import create_table
 from testbed.agent import write_agent_config
 from testbed.repos import add_packs, make_fake_restic_repo
 from testbed.s3.endpoint import S3Endpoint
 from tests.infra.conftest import load_sam_template
-from tests.integration.test_lambda_notify_moto import CHAT_TOKEN, HC_UUID
+from tests.integration.test_lambda_notify_moto import HC_UUID
 from tests.integration.test_lambda_notify_moto import Cloud as NotifySide
+from tests.integration.test_lambda_notify_moto import deploy as deploy_notify
 from tests.integration.test_lambda_verify_moto import Cloud as VerifySide
 from tests.support.lambdas import (
+    MotoAws,
     Queues,
     agent_upload,
     create_idempotency_table,
-    moto_clients,
     moto_function_env,
     route,
     s3_destination_secret,
@@ -83,72 +82,44 @@ def rule_patterns() -> dict[str, Any]:
 
 @pytest.fixture
 def deployment(moto_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Deployment]:
-    url = moto_endpoint.endpoint_url
-    kwargs = moto_clients(url)
-    events = boto3.client("events", **kwargs)
-    sqs: Any = boto3.client("sqs", **kwargs)
-    sns = boto3.client("sns", **kwargs)
-    dynamodb = boto3.client("dynamodb", **kwargs)
-    secrets = boto3.client("secretsmanager", **kwargs)
-
-    queues = Queues(sqs)
+    aws = MotoAws.at(moto_endpoint.endpoint_url)
+    queues = Queues(aws.sqs)
     (verify_queue, verify_arn), (verify_dlq, _) = queues.with_dlq("verify", max_receive=5)
-    (notify_queue, notify_arn), (notify_dlq, _) = queues.with_dlq("notify", max_receive=5)
-    inbox, inbox_arn = queues.create("email-inbox")
-    topic = sns.create_topic(Name="backrest-relay-alerts")["TopicArn"]
-    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=inbox_arn)
+    notify_queue, (notify_dlq, _) = queues.with_dlq("notify", max_receive=5)
 
-    events.create_event_bus(Name=BUS)
+    aws.events.create_event_bus(Name=BUS)
     patterns = rule_patterns()
     route(
-        events,
+        aws.events,
         [(rule, patterns[rule], arn) for rule, arn in
-         (("MirrorCompletedRule", verify_arn), ("NotifyRule", notify_arn))],
+         (("MirrorCompletedRule", verify_arn), ("NotifyRule", notify_queue[1]))],
     )  # fmt: skip
 
-    create_table(dynamodb, RUNS_TABLE)
-    create_idempotency_table(dynamodb)  # shared by both functions (their key prefixes differ)
-    destination_secret = s3_destination_secret(secrets, moto_endpoint, "verifier-read-only-key")
-    notify_secret = secrets.create_secret(Name="backrest-relay/notify", SecretString="{}")
-
-    # Both functions' own AWS access → moto; then each one's configuration.
-    moto_function_env(
-        monkeypatch,
-        url,
-        AWS_LAMBDA_FUNCTION_NAME="backrest-relay-verify",  # only the verifier reads it
-        DESTINATION_SECRET_ARN=destination_secret["ARN"],
-        TOPIC_ARN=topic,
-        NOTIFY_SECRET_ARN=notify_secret["ARN"],
-        SUCCESS_POLICY="always",
-    )
-    parameters.clear_caches()  # type: ignore[no-untyped-call]
-    verify_handler.set_dependencies(None)
-    notify_handler.set_dependencies(None)
-    runs = DynamoRunStore(RUNS_TABLE, client=dynamodb)
+    create_table(aws.dynamodb, RUNS_TABLE)
+    create_idempotency_table(aws.dynamodb)  # shared by both functions (key prefixes differ)
+    destination_secret = s3_destination_secret(aws.secrets, moto_endpoint, "verifier-read-only-key")
     with HttpSink() as chat, HttpSink() as pings:
-        notify = NotifySide(
-            url=url,
-            sqs=sqs,
-            secrets=secrets,
-            notify_queue=notify_queue,
-            notify_arn=notify_arn,
-            dlq=notify_dlq,
-            inbox=inbox,
-            secret_arn=notify_secret["ARN"],
-            chat=chat,
-            pings=pings,
-            runs=runs,
-            bus=EventBridgeBus(BUS, client=events),
+        notify, notify_settings = deploy_notify(aws, notify_queue, notify_dlq, chat, pings)
+        # Both functions' own AWS access → moto; then each one's configuration.
+        moto_function_env(
+            monkeypatch,
+            aws.url,
+            AWS_LAMBDA_FUNCTION_NAME="backrest-relay-verify",  # only the verifier reads it
+            DESTINATION_SECRET_ARN=destination_secret["ARN"],
+            **notify_settings,
+            SUCCESS_POLICY="always",
         )
-        notify.put_targets(f"json://127.0.0.1:{chat.port}/hooks/{CHAT_TOKEN}")
+        parameters.clear_caches()  # type: ignore[no-untyped-call]
+        verify_handler.set_dependencies(None)
+        notify_handler.set_dependencies(None)
         verify = VerifySide(
             endpoint=moto_endpoint,
-            sqs=sqs,
-            dynamodb=dynamodb,
+            sqs=aws.sqs,
+            dynamodb=aws.dynamodb,
             verify_queue=verify_queue,
             verify_arn=verify_arn,
             dlq=verify_dlq,
-            results_queue=notify_queue,  # where the notify rule delivers the results
+            results_queue=notify_queue[0],  # where the notify rule delivers the results
         )
         yield Deployment(moto_endpoint, verify, notify, verify_dlq, notify_dlq)
     verify_handler.set_dependencies(None)

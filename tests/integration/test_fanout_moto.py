@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import boto3
 import pytest
 from aws_lambda_powertools.utilities import parameters
 
@@ -38,10 +37,10 @@ from testbed.s3.endpoint import S3Endpoint
 from tests.infra.conftest import load_sam_template
 from tests.support.lambdas import (
     FakeLambdaContext,
+    MotoAws,
     Queues,
     create_idempotency_table,
     logs_to_current_stdout,
-    moto_clients,
     moto_function_env,
     route,
     s3_destination_secret,
@@ -147,12 +146,8 @@ def side(
     unique_bucket: Callable[[S3Endpoint], str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Side]:
-    url = moto_endpoint.endpoint_url
-    kwargs = moto_clients(url)
-    events = boto3.client("events", **kwargs)
-    sqs: Any = boto3.client("sqs", **kwargs)
-    dynamodb = boto3.client("dynamodb", **kwargs)
-    created = Queues(sqs)
+    aws = MotoAws.at(moto_endpoint.endpoint_url)
+    created = Queues(aws.sqs)
     queues: dict[str, tuple[str, str]] = {}
     for name in ("verify", "chunks"):
         # Visibility 0: a failed record is visible again at once (test speed).
@@ -160,23 +155,21 @@ def side(
             name, max_receive=5, VisibilityTimeout="0"
         )
     queues["results"] = created.create("results")
-    events.create_event_bus(Name=BUS)
+    aws.events.create_event_bus(Name=BUS)
     completed = load_sam_template()["Resources"]["MirrorCompletedRule"]["Properties"]
     route(
-        events,
+        aws.events,
         [
             ("mirror-completed", completed["EventPattern"], queues["verify"][1]),
             ("results", {"source": ["backrest-relay.verifier"]}, queues["results"][1]),
         ],
     )
-    create_table(dynamodb, RUNS_TABLE)
-    create_idempotency_table(dynamodb)
-    secret = s3_destination_secret(
-        boto3.client("secretsmanager", **kwargs), moto_endpoint, "verifier-read-only-key"
-    )
+    create_table(aws.dynamodb, RUNS_TABLE)
+    create_idempotency_table(aws.dynamodb)
+    secret = s3_destination_secret(aws.secrets, moto_endpoint, "verifier-read-only-key")
     moto_function_env(
         monkeypatch,
-        url,
+        aws.url,
         DESTINATION_SECRET_ARN=secret["ARN"],
         CHUNK_QUEUE_URL=queues["chunks"][0],
         FANOUT_MIN_OBJECTS="10",
@@ -196,7 +189,8 @@ def side(
 
     deps.destinations = counted
     chunk_handler.set_dependencies(deps)
-    yield Side(moto_endpoint, unique_bucket(moto_endpoint), sqs, dynamodb, queues, reads, fail)
+    bucket = unique_bucket(moto_endpoint)
+    yield Side(moto_endpoint, bucket, aws.sqs, aws.dynamodb, queues, reads, fail)
     for module in (verify_handler, chunk_handler):
         module.set_dependencies(None)
         module.metrics.clear_metrics()

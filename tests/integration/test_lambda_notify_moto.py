@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import boto3
 import pytest
 from aws_lambda_powertools.utilities import parameters
 
@@ -43,10 +42,10 @@ from testbed.s3.endpoint import S3Endpoint
 from tests.support import events
 from tests.support.lambdas import (
     FakeLambdaContext,
+    MotoAws,
     Queues,
     create_idempotency_table,
     logs_to_current_stdout,
-    moto_clients,
     moto_function_env,
     route,
 )
@@ -129,6 +128,34 @@ class Cloud:
         return Queues(self.sqs).peek_bodies(queue)
 
 
+def deploy(
+    aws: MotoAws, queue: tuple[str, str], dlq: str, chat: HttpSink, pings: HttpSink
+) -> tuple[Cloud, dict[str, str]]:
+    """The notifier's side behind its `queue`, as the template deploys it: the SNS topic
+    with an inbox queue subscribed, the notify secret (Apprise to `chat`, Healthchecks to
+    `pings`); and the settings that name them, for the function's environment."""
+    inbox, inbox_arn = Queues(aws.sqs).create("email-inbox")
+    topic = aws.sns.create_topic(Name="backrest-relay-alerts")["TopicArn"]
+    aws.sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=inbox_arn)
+    secret = aws.secrets.create_secret(Name="backrest-relay/notify", SecretString="{}")
+    world = Cloud(
+        url=aws.url,
+        sqs=aws.sqs,
+        secrets=aws.secrets,
+        notify_queue=queue[0],
+        notify_arn=queue[1],
+        dlq=dlq,
+        inbox=inbox,
+        secret_arn=secret["ARN"],
+        chat=chat,
+        pings=pings,
+        runs=DynamoRunStore("backrest-relay-runs", client=aws.dynamodb),
+        bus=EventBridgeBus(BUS, client=aws.events),
+    )
+    world.put_targets(f"json://127.0.0.1:{chat.port}/hooks/{CHAT_TOKEN}")
+    return world, {"TOPIC_ARN": topic, "NOTIFY_SECRET_ARN": secret["ARN"]}
+
+
 @pytest.fixture
 def chat() -> Iterator[HttpSink]:
     with HttpSink() as sink:
@@ -145,36 +172,23 @@ def pings() -> Iterator[HttpSink]:
 def cloud(
     moto_endpoint: S3Endpoint, chat: HttpSink, pings: HttpSink, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Cloud]:
-    url = moto_endpoint.endpoint_url
-    kwargs = moto_clients(url)
-    events = boto3.client("events", **kwargs)
-    sqs: Any = boto3.client("sqs", **kwargs)
-    sns = boto3.client("sns", **kwargs)
-    dynamodb = boto3.client("dynamodb", **kwargs)
-    secrets = boto3.client("secretsmanager", **kwargs)
-
-    queues = Queues(sqs)
-
-    (notify_queue, notify_arn), (dlq, _) = queues.with_dlq(
+    aws = MotoAws.at(moto_endpoint.endpoint_url)
+    notify, (dlq, _) = Queues(aws.sqs).with_dlq(
         "notify",
         max_receive=2,
         VisibilityTimeout="0",  # a failed record is visible again at once (test speed)
     )
-    inbox, inbox_arn = queues.create("email-inbox")
-    topic = sns.create_topic(Name="backrest-relay-alerts")["TopicArn"]
-    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=inbox_arn)
-    events.create_event_bus(Name=BUS)
-    route(events, [("notify", NOTIFY_PATTERN, notify_arn)])
-    create_table(dynamodb, "backrest-relay-runs")
-    create_idempotency_table(dynamodb)
-    secret = secrets.create_secret(Name="backrest-relay/notify", SecretString="{}")
+    aws.events.create_event_bus(Name=BUS)
+    route(aws.events, [("notify", NOTIFY_PATTERN, notify[1])])
+    create_table(aws.dynamodb, "backrest-relay-runs")
+    create_idempotency_table(aws.dynamodb)
+    world, settings = deploy(aws, notify, dlq, chat, pings)
     # The functions' own AWS access (DynamoDB, SNS, Secrets Manager, EventBridge) → moto.
     moto_function_env(
         monkeypatch,
-        url,
+        aws.url,
         AWS_LAMBDA_FUNCTION_NAME="backrest-relay-notify",
-        TOPIC_ARN=topic,
-        NOTIFY_SECRET_ARN=secret["ARN"],
+        **settings,
         SUCCESS_POLICY="on_recovery",
         MAX_AGE_HOURS="26",
         POWERTOOLS_LOG_LEVEL="DEBUG",
@@ -183,21 +197,6 @@ def cloud(
     parameters.clear_caches()  # type: ignore[no-untyped-call]
     notify_handler.set_dependencies(None)
     watchdog_handler.set_dependencies(None)
-    world = Cloud(
-        url=url,
-        sqs=sqs,
-        secrets=secrets,
-        notify_queue=notify_queue,
-        notify_arn=notify_arn,
-        dlq=dlq,
-        inbox=inbox,
-        secret_arn=secret["ARN"],
-        chat=chat,
-        pings=pings,
-        runs=DynamoRunStore("backrest-relay-runs", client=dynamodb),
-        bus=EventBridgeBus(BUS, client=events),
-    )
-    world.put_targets(f"json://127.0.0.1:{chat.port}/hooks/{CHAT_TOKEN}")
     yield world
     notify_handler.set_dependencies(None)
     watchdog_handler.set_dependencies(None)

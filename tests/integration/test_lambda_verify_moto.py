@@ -32,6 +32,7 @@ from testbed.repos import make_fake_restic_repo
 from testbed.s3.endpoint import S3Endpoint
 from tests.support.lambdas import (
     FakeLambdaContext,
+    MotoAws,
     Queues,
     agent_upload,
     create_idempotency_table,
@@ -91,23 +92,17 @@ class Cloud:
 
 @pytest.fixture
 def cloud(moto_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cloud]:
-    url = moto_endpoint.endpoint_url
-    kwargs = moto_clients(url)
-    events = boto3.client("events", **kwargs)
-    sqs: Any = boto3.client("sqs", **kwargs)
-    dynamodb = boto3.client("dynamodb", **kwargs)
-
-    queues = Queues(sqs)
-
+    aws = MotoAws.at(moto_endpoint.endpoint_url)
+    queues = Queues(aws.sqs)
     (verify_queue, verify_arn), (dlq, _) = queues.with_dlq(
         "verify",
         max_receive=2,
         VisibilityTimeout="0",  # a failed record is visible again at once (test speed)
     )
     results_queue, results_arn = queues.create("results")
-    events.create_event_bus(Name=BUS)
+    aws.events.create_event_bus(Name=BUS)
     route(
-        events,
+        aws.events,
         [
             (
                 "mirror-completed",
@@ -117,21 +112,19 @@ def cloud(moto_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterato
             ("verifier-results", {"source": ["backrest-relay.verifier"]}, results_arn),
         ],
     )
-    create_table(dynamodb, "backrest-relay-runs")
-    create_idempotency_table(dynamodb)
-    secret = s3_destination_secret(
-        boto3.client("secretsmanager", **kwargs), moto_endpoint, SECRET_KEY
-    )
+    create_table(aws.dynamodb, "backrest-relay-runs")
+    create_idempotency_table(aws.dynamodb)
+    secret = s3_destination_secret(aws.secrets, moto_endpoint, SECRET_KEY)
     # The function's own AWS access (DynamoDB, EventBridge, Secrets Manager) → moto.
     moto_function_env(
         monkeypatch,
-        url,
+        aws.url,
         AWS_LAMBDA_FUNCTION_NAME="backrest-relay-verify",
         DESTINATION_SECRET_ARN=secret["ARN"],
     )
     parameters.clear_caches()  # type: ignore[no-untyped-call]
     verify_handler.set_dependencies(None)
-    yield Cloud(moto_endpoint, sqs, dynamodb, verify_queue, verify_arn, dlq, results_queue)
+    yield Cloud(moto_endpoint, aws.sqs, aws.dynamodb, verify_queue, verify_arn, dlq, results_queue)
     verify_handler.set_dependencies(None)
     verify_handler.metrics.clear_metrics()
     parameters.clear_caches()  # type: ignore[no-untyped-call]

@@ -306,6 +306,30 @@ def moto_clients(endpoint_url: str) -> dict[str, Any]:
 
 
 @dataclass
+class MotoAws:
+    """Clients of moto's server (at `url`), for building what the template deploys."""
+
+    url: str
+    events: Any
+    sqs: Any
+    sns: Any
+    dynamodb: Any
+    secrets: Any
+
+    @classmethod
+    def at(cls, endpoint_url: str) -> MotoAws:
+        kwargs = moto_clients(endpoint_url)
+        return cls(
+            endpoint_url,
+            events=boto3.client("events", **kwargs),
+            sqs=boto3.client("sqs", **kwargs),
+            sns=boto3.client("sns", **kwargs),
+            dynamodb=boto3.client("dynamodb", **kwargs),
+            secrets=boto3.client("secretsmanager", **kwargs),
+        )
+
+
+@dataclass
 class Queues:
     """SQS on moto, as the functions' event source mappings use it."""
 
