@@ -33,7 +33,6 @@ from aws_lambda_powertools.utilities import parameters
 from cloud.handlers import notify as notify_handler
 from cloud.handlers import verify as verify_handler
 from cloud.integrations.runstore_dynamodb import create_table
-from testbed.agent import write_agent_config
 from testbed.repos import add_packs, make_fake_restic_repo
 from testbed.s3.endpoint import S3Endpoint
 from tests.infra.conftest import load_sam_template
@@ -42,8 +41,11 @@ from tests.integration.test_lambda_notify_moto import Cloud as NotifySide
 from tests.integration.test_lambda_notify_moto import deploy as deploy_notify
 from tests.integration.test_lambda_verify_moto import Cloud as VerifySide
 from tests.support.lambdas import (
+    BUS,
+    RUNS_TABLE,
     MotoAws,
     Queues,
+    agent_config_on_bus,
     agent_upload,
     create_idempotency_table,
     moto_function_env,
@@ -52,12 +54,8 @@ from tests.support.lambdas import (
 )
 from tests.support.sinks import HttpSink
 
-REGION = "us-east-1"
-BUS = "backrest-relay"
 GUID = "e2" * 32
 PREFIX = "restic/home"
-RUNS_TABLE = "backrest-relay-runs"
-IDEMPOTENCY_TABLE = "backrest-relay-idempotency"
 
 
 @dataclass
@@ -143,18 +141,7 @@ def test_agent_upload_is_verified_then_damage_is_reported_by_email(
     verify, notify = deployment.verify, deployment.notify
     bucket = unique_bucket(deployment.endpoint)
     repo = make_fake_restic_repo(tmp_path / "repo", packs=12, pack_size=(500, 40_000), seed=7)
-    config = write_agent_config(
-        tmp_path / "relay.toml",
-        deployment.endpoint,
-        bucket,
-        state_dir=tmp_path / "state",
-        events={
-            "publisher": "eventbridge",
-            "event_bus": BUS,
-            "region": REGION,
-            "endpoint_url": deployment.endpoint.endpoint_url,
-        },
-    )
+    config = agent_config_on_bus(tmp_path, deployment.endpoint, bucket)
 
     # 1. A good mirror: agent → bus → verify queue → verifier → bus → notify queue → SNS.
     first = agent_upload(repo.root, config, GUID)

@@ -36,6 +36,9 @@ from cloud.logic.ports import ListedObject, ObjectStore, ObjectStoreError, Repor
 from testbed.s3.endpoint import S3Endpoint
 from tests.infra.conftest import load_sam_template
 from tests.support.lambdas import (
+    BUS,
+    REGION,
+    RUNS_TABLE,
     FakeLambdaContext,
     MotoAws,
     Queues,
@@ -47,11 +50,8 @@ from tests.support.lambdas import (
     write_mirror,
 )
 
-REGION = "us-east-1"
-BUS = "backrest-relay"
 GUID = "f0" * 32
 PREFIX = "restic/home"
-RUNS_TABLE = "backrest-relay-runs"
 OBJECTS = 40
 # Every object weighs its size (all are new) + 64 KiB: about four objects per chunk.
 CHUNK_BYTES = "280000"

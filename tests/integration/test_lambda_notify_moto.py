@@ -41,6 +41,8 @@ from cloud.logic.verification import record_verification
 from testbed.s3.endpoint import S3Endpoint
 from tests.support import events
 from tests.support.lambdas import (
+    BUS,
+    RUNS_TABLE,
     FakeLambdaContext,
     MotoAws,
     Queues,
@@ -51,8 +53,6 @@ from tests.support.lambdas import (
 )
 from tests.support.sinks import HttpRequest, HttpSink, closed_port
 
-REGION = "us-east-1"
-BUS = "backrest-relay"
 GUID = "ef" * 32
 REPO = RepoRef(id="home", guid=GUID, path="/srv/restic/home")
 HC_UUID = "5f2d0b9e-8c61-4c43-a2a5-0f8f3cbd3c2a"
@@ -149,7 +149,7 @@ def deploy(
         secret_arn=secret["ARN"],
         chat=chat,
         pings=pings,
-        runs=DynamoRunStore("backrest-relay-runs", client=aws.dynamodb),
+        runs=DynamoRunStore(RUNS_TABLE, client=aws.dynamodb),
         bus=EventBridgeBus(BUS, client=aws.events),
     )
     world.put_targets(f"json://127.0.0.1:{chat.port}/hooks/{CHAT_TOKEN}")
@@ -180,7 +180,7 @@ def cloud(
     )
     aws.events.create_event_bus(Name=BUS)
     route(aws.events, [("notify", NOTIFY_PATTERN, notify[1])])
-    create_table(aws.dynamodb, "backrest-relay-runs")
+    create_table(aws.dynamodb, RUNS_TABLE)
     create_idempotency_table(aws.dynamodb)
     world, settings = deploy(aws, notify, dlq, chat, pings)
     # The functions' own AWS access (DynamoDB, SNS, Secrets Manager, EventBridge) → moto.

@@ -27,13 +27,15 @@ from cloud.contracts.events import put_events_entry
 from cloud.handlers import verify as verify_handler
 from cloud.integrations.runstore_dynamodb import DynamoRunStore, create_table
 from cloud.logic.watchdog import plan
-from testbed.agent import write_agent_config
 from testbed.repos import make_fake_restic_repo
 from testbed.s3.endpoint import S3Endpoint
 from tests.support.lambdas import (
+    BUS,
+    RUNS_TABLE,
     FakeLambdaContext,
     MotoAws,
     Queues,
+    agent_config_on_bus,
     agent_upload,
     create_idempotency_table,
     logs_to_current_stdout,
@@ -44,8 +46,6 @@ from tests.support.lambdas import (
     write_mirror,
 )
 
-REGION = "us-east-1"
-BUS = "backrest-relay"
 GUID = "cd" * 32
 PREFIX = "restic/home"
 SECRET_KEY = "moto-accepts-any-key-but-this-one-is-secret"
@@ -87,7 +87,7 @@ class Cloud:
         return Queues(self.sqs).peek_bodies(queue)
 
     def runs(self) -> DynamoRunStore:
-        return DynamoRunStore("backrest-relay-runs", client=self.dynamodb)
+        return DynamoRunStore(RUNS_TABLE, client=self.dynamodb)
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def cloud(moto_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterato
             ("verifier-results", {"source": ["backrest-relay.verifier"]}, results_arn),
         ],
     )
-    create_table(aws.dynamodb, "backrest-relay-runs")
+    create_table(aws.dynamodb, RUNS_TABLE)
     create_idempotency_table(aws.dynamodb)
     secret = s3_destination_secret(aws.secrets, moto_endpoint, SECRET_KEY)
     # The function's own AWS access (DynamoDB, EventBridge, Secrets Manager) → moto.
@@ -133,19 +133,7 @@ def cloud(moto_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterato
 def upload(tmp_path: Path, cloud: Cloud, bucket: str, *, seed: int = 1) -> dict[str, Any]:
     """Mirror a restic-format repository with the real agent (a separate process)."""
     repo = make_fake_restic_repo(tmp_path / "repo", packs=12, pack_size=(500, 40_000), seed=seed)
-    config = write_agent_config(
-        tmp_path / "relay.toml",
-        cloud.endpoint,
-        bucket,
-        state_dir=tmp_path / "state",
-        events={
-            "publisher": "eventbridge",
-            "event_bus": BUS,
-            "region": REGION,
-            "endpoint_url": cloud.endpoint.endpoint_url,
-        },
-    )
-    return agent_upload(repo.root, config, GUID)
+    return agent_upload(repo.root, agent_config_on_bus(tmp_path, cloud.endpoint, bucket), GUID)
 
 
 def test_mirror_completed_is_verified_once_despite_duplicates(

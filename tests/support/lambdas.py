@@ -30,12 +30,13 @@ from cloud.contracts.destination import Destination
 from cloud.contracts.events import EventDetail, ManifestRef, MirrorCompleted, MirrorStats, RepoRef
 from cloud.contracts.ids import new_run_id
 from cloud.contracts.manifest import ManifestHeader, manifest_key
-from testbed.agent import run_agent, upload_args
+from testbed.agent import agent_config_in, run_agent, upload_args
 from testbed.s3.endpoint import S3Endpoint
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
 IDEMPOTENCY_TABLE = "backrest-relay-idempotency"
+RUNS_TABLE = "backrest-relay-runs"
 BUS = "backrest-relay"
 
 
@@ -236,7 +237,7 @@ def moto_function_env(monkeypatch: pytest.MonkeyPatch, endpoint_url: str, **sett
         drop=("AWS_PROFILE",),
         AWS_ENDPOINT_URL=endpoint_url,
         AWS_REGION=REGION,
-        RUNS_TABLE="backrest-relay-runs",
+        RUNS_TABLE=RUNS_TABLE,
         IDEMPOTENCY_TABLE=IDEMPOTENCY_TABLE,
         EVENT_BUS_NAME=BUS,
         **settings,
@@ -524,6 +525,22 @@ def s3_destination_secret(
         Name="backrest-relay/destination", SecretString=json.dumps(fields)
     )
     return response
+
+
+def agent_config_on_bus(directory: Path, endpoint: S3Endpoint, bucket: str) -> Path:
+    """An agent config (in `directory`) mirroring to `bucket` and publishing its events
+    to the bus on moto's server."""
+    return agent_config_in(
+        directory,
+        endpoint,
+        bucket,
+        events={
+            "publisher": "eventbridge",
+            "event_bus": BUS,
+            "region": REGION,
+            "endpoint_url": endpoint.endpoint_url,
+        },
+    )
 
 
 def agent_upload(repo: Path, config: Path, guid: str, region: str = REGION) -> dict[str, Any]:
