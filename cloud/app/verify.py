@@ -1,6 +1,6 @@
 """Verify a mirror: the Lambda's one-shot pass (`verify_mirror`), local mode's
 checkpointed passes (`verify_checkpointed`), and the `verify` command's check of one
-manifest (`verify_manifest`). Each records the mirror run and the verification in the run
+manifest (`verify_manifest_resumable`). Each records the mirror run and the verification in the run
 store and returns the result event for its shell to publish or print."""
 
 from __future__ import annotations
@@ -451,28 +451,6 @@ class _ProgressSaver:
         self.runs.save_checkpoint(self.repo_key, self.name, self.owned(after).to_dict())
 
 
-def verify_manifest(
-    key: str,
-    *,
-    expected_sha256: str | None,
-    repo: RepoRef,
-    destination: Destination,
-    store: ObjectStore,
-    runs: RunStore,
-    reports: ReportSink,
-    options: VerifyOptions,
-    started_at: datetime,
-    run_id: str | None = None,
-) -> VerificationResult:
-    """Verify the mirror against the manifest `key` (the `verify` command), record it and
-    store the problem report; `ObjectStoreError` when the bucket cannot be read."""
-    outcome = MirrorVerifier(store, destination, options).verify(key, expected_sha256)
-    return _manifest_result(
-        key, outcome, repo=repo, destination=destination, reports=reports, runs=runs,
-        started_at=started_at, run_id=run_id,
-    )  # fmt: skip
-
-
 def _manifest_result(
     key: str,
     outcome: VerificationOutcome,
@@ -533,7 +511,9 @@ def verify_manifest_resumable(
     started_at: datetime,
     run_id: str | None = None,
 ) -> ManifestVerification:
-    """`verify_manifest`, continued from where an earlier call's time limit stopped it.
+    """Verify the mirror against the manifest `key` (the `verify` command), record it and
+    store the problem report, continued from where an earlier call's time limit stopped it;
+    `ObjectStoreError` when the bucket cannot be read.
 
     The cursor (`ManifestCursor`, in the run store) is used when it is about the same
     manifest and `deep` spec; a call stopped by `options.should_stop` saves it and returns

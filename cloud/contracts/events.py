@@ -147,20 +147,24 @@ class VerificationStats(_Model):
     reused: bool = False
 
 
+ProblemKind = Literal[
+    "missing",
+    "size",
+    "etag",
+    "hash",
+    "manifest",
+    "unreadable",
+    "extra",
+    "unverifiable",
+    "lock",
+    "binding",
+]
+"""What a `Problem` says is wrong: the one list the verifier and the event contract share."""
+
+
 class Problem(_Model):
     key: str
-    kind: Literal[
-        "missing",
-        "size",
-        "etag",
-        "hash",
-        "manifest",
-        "unreadable",
-        "extra",
-        "unverifiable",
-        "lock",
-        "binding",
-    ]
+    kind: ProblemKind
     """`unverifiable`: the verification could not proceed (GetObject denied, download cap
     reached, destination unreachable); the detail says why. Not a verdict on the data.
     `lock`: an object's Object Lock retention is missing or ends too soon.

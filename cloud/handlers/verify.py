@@ -50,6 +50,7 @@ from cloud.handlers.common import (
     service_name,
 )
 from cloud.handlers.fanout import FanoutDispatch, fanout_from_env
+from cloud.handlers.verdicts import count_verdict, log_verdict, verify_options_from_env
 from cloud.integrations.continuations import LEG_ATTRIBUTE, SqsContinuations
 from cloud.integrations.eventbus import EventBridgeBus, EventBus
 from cloud.logic.ports import ContinuationQueue, ObjectStoreError, RunStore
@@ -106,16 +107,13 @@ def dependencies_from_env() -> Dependencies:
     bus = require_env("EVENT_BUS_NAME")
     secret_id = require_env("DESTINATION_SECRET_ARN")
     queue_url = os.environ.get("VERIFY_QUEUE_URL", "").strip()
-    options = VerifyOptions(
+    options = verify_options_from_env(
         # "" (the template's empty parameter) is unlimited; unset is the default budget.
         new_bytes_budget=(
             None
             if os.environ.get("VERIFY_NEW_BYTES_BUDGET") == ""
             else env_int("VERIFY_NEW_BYTES_BUDGET", DEFAULT_NEW_BYTES_BUDGET)
         ),
-        concurrency=env_int("VERIFY_CONCURRENCY", 8, minimum=1) or 8,
-        lock_days=env_int("OBJECT_LOCK_DAYS", None, minimum=1),
-        lock_min_days=env_int("OBJECT_LOCK_MIN_DAYS", 1, minimum=0) or 0,
     )
     dynamodb = boto3.client("dynamodb")
     return Dependencies(
@@ -261,15 +259,7 @@ class Verifier:
             logger.info("verification chain ended", reason=outcome.ended)
             return {"ended": outcome.ended}
         self._emit_metrics(event, result)
-        log = logger.info if isinstance(result, MirrorVerified) else logger.warning
-        log(
-            result.DETAIL_TYPE.value,
-            verification_run_id=result.run_id,
-            stats=result.stats.model_dump(mode="json"),
-            problems_total=result.problems_total,
-            problems=[p.model_dump(mode="json") for p in result.problems[:10]],
-            report_key=result.report_key,
-        )
+        log_verdict(logger, result)
         return {"detail_type": result.DETAIL_TYPE.value, "detail": result.model_dump(mode="json")}
 
     def _publish(self, result: dict[str, Any]) -> dict[str, Any]:
@@ -286,11 +276,7 @@ class Verifier:
             name="ObjectsDeepChecked", unit=MetricUnit.Count, value=stats.deep_checked
         )
         metrics.add_metric(name="BytesRead", unit=MetricUnit.Bytes, value=stats.bytes_read)
-        metrics.add_metric(
-            name="VerificationFailures",
-            unit=MetricUnit.Count,
-            value=0 if isinstance(result, MirrorVerified) else 1,
-        )
+        count_verdict(metrics, result)
         metrics.add_metric(
             name="MirrorAgeSeconds", unit=MetricUnit.Seconds, value=_mirror_age_seconds(event)
         )

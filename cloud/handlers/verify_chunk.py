@@ -24,7 +24,6 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import Json
 
 from cloud.app.fanout import FanoutJobMissingError, verify_chunk
-from cloud.contracts.events import MirrorVerified
 from cloud.contracts.fanout import ChunkWorkItem
 from cloud.handlers.batch import EventBatch, IdempotentStep
 from cloud.handlers.common import (
@@ -32,10 +31,10 @@ from cloud.handlers.common import (
     DestinationOpener,
     Lazy,
     SecretDestinations,
-    env_int,
     require_env,
     service_name,
 )
+from cloud.handlers.verdicts import count_verdict, log_verdict, verify_options_from_env
 from cloud.integrations.eventbus import EventBridgeBus, EventBus
 from cloud.logic.ports import FanoutStore, ObjectStoreError, RunStore
 from cloud.logic.verification import VerificationResult
@@ -76,11 +75,7 @@ def dependencies_from_env() -> Dependencies:
     runs_table = require_env("RUNS_TABLE")
     bus = require_env("EVENT_BUS_NAME")
     secret_id = require_env("DESTINATION_SECRET_ARN")
-    options = VerifyOptions(
-        concurrency=env_int("VERIFY_CONCURRENCY", 8, minimum=1) or 8,
-        lock_days=env_int("OBJECT_LOCK_DAYS", None, minimum=1),
-        lock_min_days=env_int("OBJECT_LOCK_MIN_DAYS", 1, minimum=0) or 0,
-    )
+    options = verify_options_from_env()
     dynamodb = boto3.client("dynamodb")
     return Dependencies(
         runs=DynamoRunStore(runs_table, client=dynamodb),
@@ -124,22 +119,9 @@ class ChunkVerifier:
                 logger.info("chunk done", done=done.done)
                 return "chunk done"
             result = done.result
-            log = logger.info if isinstance(result, MirrorVerified) else logger.warning
-            log(
-                result.DETAIL_TYPE.value,
-                verification_run_id=result.run_id,
-                stats=result.stats.model_dump(mode="json"),
-                problems_total=result.problems_total,
-                problems=[p.model_dump(mode="json") for p in result.problems[:10]],
-                report_key=result.report_key,
-                published_now=done.published,
-            )
+            log_verdict(logger, result, published_now=done.published)
             if done.published:
-                metrics.add_metric(
-                    name="VerificationFailures",
-                    unit=MetricUnit.Count,
-                    value=0 if isinstance(result, MirrorVerified) else 1,
-                )
+                count_verdict(metrics, result)
             return result.DETAIL_TYPE.value
 
     def _publish(self, result: VerificationResult) -> None:

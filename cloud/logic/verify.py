@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import IO, Literal, Protocol
+from typing import IO, Protocol
 
 from cloud.contracts.destination import Destination
-from cloud.contracts.events import MAX_LISTED_PROBLEMS, Problem, VerificationStats
+from cloud.contracts.events import MAX_LISTED_PROBLEMS, Problem, ProblemKind, VerificationStats
 from cloud.contracts.manifest import ManifestEntry, ManifestHeader
 from cloud.logic.binding import header_disagreement
 from cloud.logic.checkpoint import PROVEN_ALL, PassResult, PendingManifest
@@ -38,18 +38,6 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 IGNORED_FOLDERS = ("locks/",)
 READ_ATTEMPTS = 3  # restic writes locks while it checks a mirror: not extra
 
-ProblemKind = Literal[
-    "missing",
-    "size",
-    "etag",
-    "hash",
-    "manifest",
-    "unreadable",
-    "extra",
-    "unverifiable",
-    "lock",
-    "binding",
-]
 DAY = 86400.0
 # A new object's lock is set when the run starts; the manifest is written when it ends.
 LOCK_NEW_SLACK = DAY

@@ -27,36 +27,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from aws_lambda_powertools.utilities import parameters
 
 from cloud.handlers import notify as notify_handler
 from cloud.handlers import verify as verify_handler
-from cloud.integrations.eventbus import EventBridgeBus
-from cloud.integrations.runstore_dynamodb import DynamoRunStore, create_table
-from testbed.agent import run_agent, write_agent_config
-from testbed.repos import FakeRepo, add_packs, make_fake_restic_repo
+from cloud.integrations.runstore_dynamodb import create_table
+from testbed.repos import add_packs, make_fake_restic_repo
 from testbed.s3.endpoint import S3Endpoint
 from tests.infra.conftest import load_sam_template
-from tests.integration.test_lambda_notify_moto import CHAT_TOKEN, HC_UUID
+from tests.integration.test_lambda_notify_moto import HC_UUID
 from tests.integration.test_lambda_notify_moto import Cloud as NotifySide
+from tests.integration.test_lambda_notify_moto import deploy as deploy_notify
 from tests.integration.test_lambda_verify_moto import Cloud as VerifySide
 from tests.support.lambdas import (
+    BUS,
+    RUNS_TABLE,
+    MotoAws,
     Queues,
-    agent_aws_env,
+    agent_config_on_bus,
+    agent_upload,
     create_idempotency_table,
-    fake_aws_env,
-    moto_clients,
+    moto_function_env,
+    route,
+    s3_destination_secret,
 )
 from tests.support.sinks import HttpSink
 
-REGION = "us-east-1"
-BUS = "backrest-relay"
 GUID = "e2" * 32
 PREFIX = "restic/home"
-RUNS_TABLE = "backrest-relay-runs"
-IDEMPOTENCY_TABLE = "backrest-relay-idempotency"
 
 
 @dataclass
@@ -81,94 +80,44 @@ def rule_patterns() -> dict[str, Any]:
 
 @pytest.fixture
 def deployment(moto_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Deployment]:
-    url = moto_endpoint.endpoint_url
-    kwargs = moto_clients(url)
-    events = boto3.client("events", **kwargs)
-    sqs: Any = boto3.client("sqs", **kwargs)
-    sns = boto3.client("sns", **kwargs)
-    dynamodb = boto3.client("dynamodb", **kwargs)
-    secrets = boto3.client("secretsmanager", **kwargs)
+    aws = MotoAws.at(moto_endpoint.endpoint_url)
+    queues = Queues(aws.sqs)
+    (verify_queue, verify_arn), (verify_dlq, _) = queues.with_dlq("verify", max_receive=5)
+    notify_queue, (notify_dlq, _) = queues.with_dlq("notify", max_receive=5)
 
-    queue = Queues(sqs).create
-
-    def with_dlq(name: str) -> tuple[str, str, str]:
-        dlq, dlq_arn = queue(f"{name}-dlq")
-        redrive = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}
-        queue_url, arn = queue(name, RedrivePolicy=json.dumps(redrive))
-        return queue_url, arn, dlq
-
-    verify_queue, verify_arn, verify_dlq = with_dlq("verify")
-    notify_queue, notify_arn, notify_dlq = with_dlq("notify")
-    inbox, inbox_arn = queue("email-inbox")
-    topic = sns.create_topic(Name="backrest-relay-alerts")["TopicArn"]
-    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=inbox_arn)
-
-    events.create_event_bus(Name=BUS)
+    aws.events.create_event_bus(Name=BUS)
     patterns = rule_patterns()
-    for rule, arn in (("MirrorCompletedRule", verify_arn), ("NotifyRule", notify_arn)):
-        events.put_rule(Name=rule, EventBusName=BUS, EventPattern=json.dumps(patterns[rule]))
-        events.put_targets(Rule=rule, EventBusName=BUS, Targets=[{"Id": "q", "Arn": arn}])
+    route(
+        aws.events,
+        [(rule, patterns[rule], arn) for rule, arn in
+         (("MirrorCompletedRule", verify_arn), ("NotifyRule", notify_queue[1]))],
+    )  # fmt: skip
 
-    create_table(dynamodb, RUNS_TABLE)
-    create_idempotency_table(dynamodb)  # shared by both functions (their key prefixes differ)
-    destination_secret = secrets.create_secret(
-        Name="backrest-relay/destination",
-        SecretString=json.dumps(
-            {
-                "provider": "s3",
-                "endpoint_url": url,
-                "region": REGION,
-                "access_key_id": moto_endpoint.access_key,
-                "secret_access_key": "verifier-read-only-key",
-            }
-        ),
-    )
-    notify_secret = secrets.create_secret(Name="backrest-relay/notify", SecretString="{}")
-
-    # Both functions' own AWS access → moto; then each one's configuration.
-    fake_aws_env(
-        monkeypatch,
-        REGION,
-        drop=("AWS_PROFILE",),
-        AWS_ENDPOINT_URL=url,
-        AWS_REGION=REGION,
-        AWS_LAMBDA_FUNCTION_NAME="backrest-relay-verify",  # only the verifier reads it
-        RUNS_TABLE=RUNS_TABLE,
-        IDEMPOTENCY_TABLE=IDEMPOTENCY_TABLE,
-        EVENT_BUS_NAME=BUS,
-        DESTINATION_SECRET_ARN=destination_secret["ARN"],
-        TOPIC_ARN=topic,
-        NOTIFY_SECRET_ARN=notify_secret["ARN"],
-        SUCCESS_POLICY="always",
-    )
-    parameters.clear_caches()  # type: ignore[no-untyped-call]
-    verify_handler.set_dependencies(None)
-    notify_handler.set_dependencies(None)
-    runs = DynamoRunStore(RUNS_TABLE, client=dynamodb)
+    create_table(aws.dynamodb, RUNS_TABLE)
+    create_idempotency_table(aws.dynamodb)  # shared by both functions (key prefixes differ)
+    destination_secret = s3_destination_secret(aws.secrets, moto_endpoint, "verifier-read-only-key")
     with HttpSink() as chat, HttpSink() as pings:
-        notify = NotifySide(
-            url=url,
-            sqs=sqs,
-            secrets=secrets,
-            notify_queue=notify_queue,
-            notify_arn=notify_arn,
-            dlq=notify_dlq,
-            inbox=inbox,
-            secret_arn=notify_secret["ARN"],
-            chat=chat,
-            pings=pings,
-            runs=runs,
-            bus=EventBridgeBus(BUS, client=events),
+        notify, notify_settings = deploy_notify(aws, notify_queue, notify_dlq, chat, pings)
+        # Both functions' own AWS access → moto; then each one's configuration.
+        moto_function_env(
+            monkeypatch,
+            aws.url,
+            AWS_LAMBDA_FUNCTION_NAME="backrest-relay-verify",  # only the verifier reads it
+            DESTINATION_SECRET_ARN=destination_secret["ARN"],
+            **notify_settings,
+            SUCCESS_POLICY="always",
         )
-        notify.put_targets(f"json://127.0.0.1:{chat.port}/hooks/{CHAT_TOKEN}")
+        parameters.clear_caches()  # type: ignore[no-untyped-call]
+        verify_handler.set_dependencies(None)
+        notify_handler.set_dependencies(None)
         verify = VerifySide(
             endpoint=moto_endpoint,
-            sqs=sqs,
-            dynamodb=dynamodb,
+            sqs=aws.sqs,
+            dynamodb=aws.dynamodb,
             verify_queue=verify_queue,
             verify_arn=verify_arn,
             dlq=verify_dlq,
-            results_queue=notify_queue,  # where the notify rule delivers the results
+            results_queue=notify_queue[0],  # where the notify rule delivers the results
         )
         yield Deployment(moto_endpoint, verify, notify, verify_dlq, notify_dlq)
     verify_handler.set_dependencies(None)
@@ -176,29 +125,6 @@ def deployment(moto_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> It
     verify_handler.metrics.clear_metrics()
     notify_handler.metrics.clear_metrics()
     parameters.clear_caches()  # type: ignore[no-untyped-call]
-
-
-def mirror(repo: FakeRepo, config: Path) -> dict[str, Any]:
-    """One run of the real agent, as Backrest's hook runs it; its `--json` summary."""
-    result = run_agent(
-        [
-            "upload",
-            "--repo",
-            str(repo.root),
-            "--repo-id",
-            "home",
-            "--repo-guid",
-            GUID,
-            "--trigger",
-            "CONDITION_CHECK_SUCCESS",
-            "--config",
-            str(config),
-            "--json",
-        ],
-        env=agent_aws_env(REGION),
-    )
-    assert result.returncode == 0, result.stderr
-    return result.summary
 
 
 def events_on(sqs: Any, queue: str) -> list[dict[str, Any]]:
@@ -215,21 +141,10 @@ def test_agent_upload_is_verified_then_damage_is_reported_by_email(
     verify, notify = deployment.verify, deployment.notify
     bucket = unique_bucket(deployment.endpoint)
     repo = make_fake_restic_repo(tmp_path / "repo", packs=12, pack_size=(500, 40_000), seed=7)
-    config = write_agent_config(
-        tmp_path / "relay.toml",
-        deployment.endpoint,
-        bucket,
-        state_dir=tmp_path / "state",
-        events={
-            "publisher": "eventbridge",
-            "event_bus": BUS,
-            "region": REGION,
-            "endpoint_url": deployment.endpoint.endpoint_url,
-        },
-    )
+    config = agent_config_on_bus(tmp_path, deployment.endpoint, bucket)
 
     # 1. A good mirror: agent → bus → verify queue → verifier → bus → notify queue → SNS.
-    first = mirror(repo, config)
+    first = agent_upload(repo.root, config, GUID)
     [completed] = events_on(verify.sqs, verify.verify_queue)
     assert (completed["source"], completed["detail-type"]) == (
         "backrest-relay.agent",
@@ -271,7 +186,7 @@ def test_agent_upload_is_verified_then_damage_is_reported_by_email(
     s3.put_object(Bucket=bucket, Key=victim, Body=bytes(data))
     add_packs(repo, 3, (500, 40_000), seed=8)
 
-    second = mirror(repo, config)
+    second = agent_upload(repo.root, config, GUID)
     assert second["run_id"] != first["run_id"]
     response = verify.deliver()
     assert response is not None and response["batchItemFailures"] == []

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import boto3
 import pytest
 from aws_lambda_powertools.utilities import parameters
 
@@ -37,20 +36,22 @@ from cloud.logic.ports import ListedObject, ObjectStore, ObjectStoreError, Repor
 from testbed.s3.endpoint import S3Endpoint
 from tests.infra.conftest import load_sam_template
 from tests.support.lambdas import (
+    BUS,
+    REGION,
+    RUNS_TABLE,
     FakeLambdaContext,
+    MotoAws,
     Queues,
     create_idempotency_table,
-    fake_aws_env,
     logs_to_current_stdout,
-    moto_clients,
+    moto_function_env,
+    route,
+    s3_destination_secret,
     write_mirror,
 )
 
-REGION = "us-east-1"
-BUS = "backrest-relay"
 GUID = "f0" * 32
 PREFIX = "restic/home"
-RUNS_TABLE = "backrest-relay-runs"
 OBJECTS = 40
 # Every object weighs its size (all are new) + 64 KiB: about four objects per chunk.
 CHUNK_BYTES = "280000"
@@ -145,51 +146,30 @@ def side(
     unique_bucket: Callable[[S3Endpoint], str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Side]:
-    url = moto_endpoint.endpoint_url
-    kwargs = moto_clients(url)
-    events = boto3.client("events", **kwargs)
-    sqs: Any = boto3.client("sqs", **kwargs)
-    dynamodb = boto3.client("dynamodb", **kwargs)
-    queue = Queues(sqs).create
+    aws = MotoAws.at(moto_endpoint.endpoint_url)
+    created = Queues(aws.sqs)
     queues: dict[str, tuple[str, str]] = {}
     for name in ("verify", "chunks"):
-        _, dlq_arn = queue(f"{name}-dlq")
-        queues[f"{name}-dlq"] = _, dlq_arn
-        redrive = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}
         # Visibility 0: a failed record is visible again at once (test speed).
-        queues[name] = queue(name, VisibilityTimeout="0", RedrivePolicy=json.dumps(redrive))
-    queues["results"] = queue("results")
-    events.create_event_bus(Name=BUS)
+        queues[name], queues[f"{name}-dlq"] = created.with_dlq(
+            name, max_receive=5, VisibilityTimeout="0"
+        )
+    queues["results"] = created.create("results")
+    aws.events.create_event_bus(Name=BUS)
     completed = load_sam_template()["Resources"]["MirrorCompletedRule"]["Properties"]
-    for rule, pattern, arn in (
-        ("mirror-completed", completed["EventPattern"], queues["verify"][1]),
-        ("results", {"source": ["backrest-relay.verifier"]}, queues["results"][1]),
-    ):
-        events.put_rule(Name=rule, EventBusName=BUS, EventPattern=json.dumps(pattern))
-        events.put_targets(Rule=rule, EventBusName=BUS, Targets=[{"Id": "q", "Arn": arn}])
-    create_table(dynamodb, RUNS_TABLE)
-    create_idempotency_table(dynamodb)
-    secret = boto3.client("secretsmanager", **kwargs).create_secret(
-        Name="backrest-relay/destination",
-        SecretString=json.dumps(
-            {
-                "provider": "s3",
-                "endpoint_url": url,
-                "region": REGION,
-                "access_key_id": moto_endpoint.access_key,
-                "secret_access_key": "verifier-read-only-key",
-            }
-        ),
+    route(
+        aws.events,
+        [
+            ("mirror-completed", completed["EventPattern"], queues["verify"][1]),
+            ("results", {"source": ["backrest-relay.verifier"]}, queues["results"][1]),
+        ],
     )
-    fake_aws_env(
+    create_table(aws.dynamodb, RUNS_TABLE)
+    create_idempotency_table(aws.dynamodb)
+    secret = s3_destination_secret(aws.secrets, moto_endpoint, "verifier-read-only-key")
+    moto_function_env(
         monkeypatch,
-        REGION,
-        drop=("AWS_PROFILE",),
-        AWS_ENDPOINT_URL=url,
-        AWS_REGION=REGION,
-        RUNS_TABLE=RUNS_TABLE,
-        IDEMPOTENCY_TABLE="backrest-relay-idempotency",
-        EVENT_BUS_NAME=BUS,
+        aws.url,
         DESTINATION_SECRET_ARN=secret["ARN"],
         CHUNK_QUEUE_URL=queues["chunks"][0],
         FANOUT_MIN_OBJECTS="10",
@@ -209,7 +189,8 @@ def side(
 
     deps.destinations = counted
     chunk_handler.set_dependencies(deps)
-    yield Side(moto_endpoint, unique_bucket(moto_endpoint), sqs, dynamodb, queues, reads, fail)
+    bucket = unique_bucket(moto_endpoint)
+    yield Side(moto_endpoint, bucket, aws.sqs, aws.dynamodb, queues, reads, fail)
     for module in (verify_handler, chunk_handler):
         module.set_dependencies(None)
         module.metrics.clear_metrics()

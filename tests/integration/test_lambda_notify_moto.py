@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import boto3
 import pytest
 from aws_lambda_powertools.utilities import parameters
 
@@ -42,17 +41,18 @@ from cloud.logic.verification import record_verification
 from testbed.s3.endpoint import S3Endpoint
 from tests.support import events
 from tests.support.lambdas import (
+    BUS,
+    RUNS_TABLE,
     FakeLambdaContext,
+    MotoAws,
     Queues,
     create_idempotency_table,
-    fake_aws_env,
     logs_to_current_stdout,
-    moto_clients,
+    moto_function_env,
+    route,
 )
 from tests.support.sinks import HttpRequest, HttpSink, closed_port
 
-REGION = "us-east-1"
-BUS = "backrest-relay"
 GUID = "ef" * 32
 REPO = RepoRef(id="home", guid=GUID, path="/srv/restic/home")
 HC_UUID = "5f2d0b9e-8c61-4c43-a2a5-0f8f3cbd3c2a"
@@ -128,6 +128,34 @@ class Cloud:
         return Queues(self.sqs).peek_bodies(queue)
 
 
+def deploy(
+    aws: MotoAws, queue: tuple[str, str], dlq: str, chat: HttpSink, pings: HttpSink
+) -> tuple[Cloud, dict[str, str]]:
+    """The notifier's side behind its `queue`, as the template deploys it: the SNS topic
+    with an inbox queue subscribed, the notify secret (Apprise to `chat`, Healthchecks to
+    `pings`); and the settings that name them, for the function's environment."""
+    inbox, inbox_arn = Queues(aws.sqs).create("email-inbox")
+    topic = aws.sns.create_topic(Name="backrest-relay-alerts")["TopicArn"]
+    aws.sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=inbox_arn)
+    secret = aws.secrets.create_secret(Name="backrest-relay/notify", SecretString="{}")
+    world = Cloud(
+        url=aws.url,
+        sqs=aws.sqs,
+        secrets=aws.secrets,
+        notify_queue=queue[0],
+        notify_arn=queue[1],
+        dlq=dlq,
+        inbox=inbox,
+        secret_arn=secret["ARN"],
+        chat=chat,
+        pings=pings,
+        runs=DynamoRunStore(RUNS_TABLE, client=aws.dynamodb),
+        bus=EventBridgeBus(BUS, client=aws.events),
+    )
+    world.put_targets(f"json://127.0.0.1:{chat.port}/hooks/{CHAT_TOKEN}")
+    return world, {"TOPIC_ARN": topic, "NOTIFY_SECRET_ARN": secret["ARN"]}
+
+
 @pytest.fixture
 def chat() -> Iterator[HttpSink]:
     with HttpSink() as sink:
@@ -144,45 +172,24 @@ def pings() -> Iterator[HttpSink]:
 def cloud(
     moto_endpoint: S3Endpoint, chat: HttpSink, pings: HttpSink, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Cloud]:
-    url = moto_endpoint.endpoint_url
-    kwargs = moto_clients(url)
-    events = boto3.client("events", **kwargs)
-    sqs: Any = boto3.client("sqs", **kwargs)
-    sns = boto3.client("sns", **kwargs)
-    dynamodb = boto3.client("dynamodb", **kwargs)
-    secrets = boto3.client("secretsmanager", **kwargs)
-
-    queue = Queues(sqs).create
-
-    dlq, dlq_arn = queue("notify-dlq")
-    notify_queue, notify_arn = queue(
+    aws = MotoAws.at(moto_endpoint.endpoint_url)
+    notify, (dlq, _) = Queues(aws.sqs).with_dlq(
         "notify",
+        max_receive=2,
         VisibilityTimeout="0",  # a failed record is visible again at once (test speed)
-        RedrivePolicy=json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "2"}),
     )
-    inbox, inbox_arn = queue("email-inbox")
-    topic = sns.create_topic(Name="backrest-relay-alerts")["TopicArn"]
-    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=inbox_arn)
-    events.create_event_bus(Name=BUS)
-    events.put_rule(Name="notify", EventBusName=BUS, EventPattern=json.dumps(NOTIFY_PATTERN))
-    events.put_targets(Rule="notify", EventBusName=BUS, Targets=[{"Id": "q", "Arn": notify_arn}])
-    create_table(dynamodb, "backrest-relay-runs")
-    create_idempotency_table(dynamodb)
-    secret = secrets.create_secret(Name="backrest-relay/notify", SecretString="{}")
+    aws.events.create_event_bus(Name=BUS)
+    route(aws.events, [("notify", NOTIFY_PATTERN, notify[1])])
+    create_table(aws.dynamodb, RUNS_TABLE)
+    create_idempotency_table(aws.dynamodb)
+    world, settings = deploy(aws, notify, dlq, chat, pings)
     # The functions' own AWS access (DynamoDB, SNS, Secrets Manager, EventBridge) → moto.
-    fake_aws_env(
+    moto_function_env(
         monkeypatch,
-        REGION,
-        drop=("AWS_PROFILE",),
-        AWS_ENDPOINT_URL=url,
-        AWS_REGION=REGION,
+        aws.url,
         AWS_LAMBDA_FUNCTION_NAME="backrest-relay-notify",
-        RUNS_TABLE="backrest-relay-runs",
-        IDEMPOTENCY_TABLE="backrest-relay-idempotency",
-        TOPIC_ARN=topic,
-        NOTIFY_SECRET_ARN=secret["ARN"],
+        **settings,
         SUCCESS_POLICY="on_recovery",
-        EVENT_BUS_NAME=BUS,
         MAX_AGE_HOURS="26",
         POWERTOOLS_LOG_LEVEL="DEBUG",
     )
@@ -190,21 +197,6 @@ def cloud(
     parameters.clear_caches()  # type: ignore[no-untyped-call]
     notify_handler.set_dependencies(None)
     watchdog_handler.set_dependencies(None)
-    world = Cloud(
-        url=url,
-        sqs=sqs,
-        secrets=secrets,
-        notify_queue=notify_queue,
-        notify_arn=notify_arn,
-        dlq=dlq,
-        inbox=inbox,
-        secret_arn=secret["ARN"],
-        chat=chat,
-        pings=pings,
-        runs=DynamoRunStore("backrest-relay-runs", client=dynamodb),
-        bus=EventBridgeBus(BUS, client=events),
-    )
-    world.put_targets(f"json://127.0.0.1:{chat.port}/hooks/{CHAT_TOKEN}")
     yield world
     notify_handler.set_dependencies(None)
     watchdog_handler.set_dependencies(None)

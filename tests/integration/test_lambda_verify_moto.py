@@ -12,7 +12,6 @@ import os
 
 os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,22 +27,25 @@ from cloud.contracts.events import put_events_entry
 from cloud.handlers import verify as verify_handler
 from cloud.integrations.runstore_dynamodb import DynamoRunStore, create_table
 from cloud.logic.watchdog import plan
-from testbed.agent import run_agent, write_agent_config
 from testbed.repos import make_fake_restic_repo
 from testbed.s3.endpoint import S3Endpoint
 from tests.support.lambdas import (
+    BUS,
+    RUNS_TABLE,
     FakeLambdaContext,
+    MotoAws,
     Queues,
-    agent_aws_env,
+    agent_config_on_bus,
+    agent_upload,
     create_idempotency_table,
-    fake_aws_env,
     logs_to_current_stdout,
     moto_clients,
+    moto_function_env,
+    route,
+    s3_destination_secret,
     write_mirror,
 )
 
-REGION = "us-east-1"
-BUS = "backrest-relay"
 GUID = "cd" * 32
 PREFIX = "restic/home"
 SECRET_KEY = "moto-accepts-any-key-but-this-one-is-secret"
@@ -85,67 +87,44 @@ class Cloud:
         return Queues(self.sqs).peek_bodies(queue)
 
     def runs(self) -> DynamoRunStore:
-        return DynamoRunStore("backrest-relay-runs", client=self.dynamodb)
+        return DynamoRunStore(RUNS_TABLE, client=self.dynamodb)
 
 
 @pytest.fixture
 def cloud(moto_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cloud]:
-    url = moto_endpoint.endpoint_url
-    kwargs = moto_clients(url)
-    events = boto3.client("events", **kwargs)
-    sqs: Any = boto3.client("sqs", **kwargs)
-    dynamodb = boto3.client("dynamodb", **kwargs)
-
-    queue = Queues(sqs).create
-
-    dlq, dlq_arn = queue("verify-dlq")
-    verify_queue, verify_arn = queue(
+    aws = MotoAws.at(moto_endpoint.endpoint_url)
+    queues = Queues(aws.sqs)
+    (verify_queue, verify_arn), (dlq, _) = queues.with_dlq(
         "verify",
+        max_receive=2,
         VisibilityTimeout="0",  # a failed record is visible again at once (test speed)
-        RedrivePolicy=json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "2"}),
     )
-    results_queue, results_arn = queue("results")
-    events.create_event_bus(Name=BUS)
-    for rule, pattern, arn in (
-        (
-            "mirror-completed",
-            {"source": ["backrest-relay.agent"], "detail-type": ["Mirror Completed"]},
-            verify_arn,
-        ),
-        ("verifier-results", {"source": ["backrest-relay.verifier"]}, results_arn),
-    ):
-        events.put_rule(Name=rule, EventBusName=BUS, EventPattern=json.dumps(pattern))
-        events.put_targets(Rule=rule, EventBusName=BUS, Targets=[{"Id": "q", "Arn": arn}])
-    create_table(dynamodb, "backrest-relay-runs")
-    create_idempotency_table(dynamodb)
-    secret = boto3.client("secretsmanager", **kwargs).create_secret(
-        Name="backrest-relay/destination",
-        SecretString=json.dumps(
-            {
-                "provider": "s3",
-                "endpoint_url": url,
-                "region": REGION,
-                "access_key_id": moto_endpoint.access_key,
-                "secret_access_key": SECRET_KEY,
-            }
-        ),
+    results_queue, results_arn = queues.create("results")
+    aws.events.create_event_bus(Name=BUS)
+    route(
+        aws.events,
+        [
+            (
+                "mirror-completed",
+                {"source": ["backrest-relay.agent"], "detail-type": ["Mirror Completed"]},
+                verify_arn,
+            ),
+            ("verifier-results", {"source": ["backrest-relay.verifier"]}, results_arn),
+        ],
     )
+    create_table(aws.dynamodb, RUNS_TABLE)
+    create_idempotency_table(aws.dynamodb)
+    secret = s3_destination_secret(aws.secrets, moto_endpoint, SECRET_KEY)
     # The function's own AWS access (DynamoDB, EventBridge, Secrets Manager) → moto.
-    fake_aws_env(
+    moto_function_env(
         monkeypatch,
-        REGION,
-        drop=("AWS_PROFILE",),
-        AWS_ENDPOINT_URL=url,
-        AWS_REGION=REGION,
+        aws.url,
         AWS_LAMBDA_FUNCTION_NAME="backrest-relay-verify",
-        RUNS_TABLE="backrest-relay-runs",
-        IDEMPOTENCY_TABLE="backrest-relay-idempotency",
-        EVENT_BUS_NAME=BUS,
         DESTINATION_SECRET_ARN=secret["ARN"],
     )
     parameters.clear_caches()  # type: ignore[no-untyped-call]
     verify_handler.set_dependencies(None)
-    yield Cloud(moto_endpoint, sqs, dynamodb, verify_queue, verify_arn, dlq, results_queue)
+    yield Cloud(moto_endpoint, aws.sqs, aws.dynamodb, verify_queue, verify_arn, dlq, results_queue)
     verify_handler.set_dependencies(None)
     verify_handler.metrics.clear_metrics()
     parameters.clear_caches()  # type: ignore[no-untyped-call]
@@ -154,37 +133,7 @@ def cloud(moto_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterato
 def upload(tmp_path: Path, cloud: Cloud, bucket: str, *, seed: int = 1) -> dict[str, Any]:
     """Mirror a restic-format repository with the real agent (a separate process)."""
     repo = make_fake_restic_repo(tmp_path / "repo", packs=12, pack_size=(500, 40_000), seed=seed)
-    config = write_agent_config(
-        tmp_path / "relay.toml",
-        cloud.endpoint,
-        bucket,
-        state_dir=tmp_path / "state",
-        events={
-            "publisher": "eventbridge",
-            "event_bus": BUS,
-            "region": REGION,
-            "endpoint_url": cloud.endpoint.endpoint_url,
-        },
-    )
-    result = run_agent(
-        [
-            "upload",
-            "--repo",
-            str(repo.root),
-            "--repo-id",
-            "home",
-            "--repo-guid",
-            GUID,
-            "--trigger",
-            "CONDITION_CHECK_SUCCESS",
-            "--config",
-            str(config),
-            "--json",
-        ],
-        env=agent_aws_env(REGION),
-    )
-    assert result.returncode == 0, result.stderr
-    return result.summary
+    return agent_upload(repo.root, agent_config_on_bus(tmp_path, cloud.endpoint, bucket), GUID)
 
 
 def test_mirror_completed_is_verified_once_despite_duplicates(

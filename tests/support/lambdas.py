@@ -13,10 +13,11 @@ import os
 import random
 import sys
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -29,10 +30,13 @@ from cloud.contracts.destination import Destination
 from cloud.contracts.events import EventDetail, ManifestRef, MirrorCompleted, MirrorStats, RepoRef
 from cloud.contracts.ids import new_run_id
 from cloud.contracts.manifest import ManifestHeader, manifest_key
+from testbed.agent import agent_config_in, run_agent, upload_args
+from testbed.s3.endpoint import S3Endpoint
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
 IDEMPOTENCY_TABLE = "backrest-relay-idempotency"
+RUNS_TABLE = "backrest-relay-runs"
 BUS = "backrest-relay"
 
 
@@ -224,6 +228,22 @@ def fake_aws_env(
         monkeypatch.setenv(name, value)
 
 
+def moto_function_env(monkeypatch: pytest.MonkeyPatch, endpoint_url: str, **settings: str) -> None:
+    """A function's environment as the template sets it (tables, bus), its own AWS access
+    pointed at moto's server, plus the function's `settings`."""
+    fake_aws_env(
+        monkeypatch,
+        REGION,
+        drop=("AWS_PROFILE",),
+        AWS_ENDPOINT_URL=endpoint_url,
+        AWS_REGION=REGION,
+        RUNS_TABLE=RUNS_TABLE,
+        IDEMPOTENCY_TABLE=IDEMPOTENCY_TABLE,
+        EVENT_BUS_NAME=BUS,
+        **settings,
+    )
+
+
 @pytest.fixture
 def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A moto account with fake credentials; nothing can reach a real one."""
@@ -238,6 +258,22 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         parameters.clear_caches()  # type: ignore[no-untyped-call]
         yield
     parameters.clear_caches()  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture(scope="module")
+def dynamo_client() -> Iterator[Any]:
+    """One moto DynamoDB for a test module (starting moto and a client costs ~0.3 s each
+    time), with fake credentials and region so nothing can reach a real account."""
+    with pytest.MonkeyPatch.context() as mp:
+        fake_aws_env(
+            mp,
+            "us-east-1",
+            drop=("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_DYNAMODB"),
+            AWS_SESSION_TOKEN="testing",
+            AWS_REGION="us-east-1",
+        )
+        with mock_aws():
+            yield boto3.client("dynamodb", region_name="us-east-1")
 
 
 def create_idempotency_table(dynamodb: Any, name: str = IDEMPOTENCY_TABLE) -> None:
@@ -271,6 +307,30 @@ def moto_clients(endpoint_url: str) -> dict[str, Any]:
 
 
 @dataclass
+class MotoAws:
+    """Clients of moto's server (at `url`), for building what the template deploys."""
+
+    url: str
+    events: Any
+    sqs: Any
+    sns: Any
+    dynamodb: Any
+    secrets: Any
+
+    @classmethod
+    def at(cls, endpoint_url: str) -> MotoAws:
+        kwargs = moto_clients(endpoint_url)
+        return cls(
+            endpoint_url,
+            events=boto3.client("events", **kwargs),
+            sqs=boto3.client("sqs", **kwargs),
+            sns=boto3.client("sns", **kwargs),
+            dynamodb=boto3.client("dynamodb", **kwargs),
+            secrets=boto3.client("secretsmanager", **kwargs),
+        )
+
+
+@dataclass
 class Queues:
     """SQS on moto, as the functions' event source mappings use it."""
 
@@ -281,6 +341,15 @@ class Queues:
         queue_url = self.sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
         arn = self.sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
         return queue_url, arn["Attributes"]["QueueArn"]
+
+    def with_dlq(
+        self, name: str, *, max_receive: int, **attributes: str
+    ) -> tuple[tuple[str, str], tuple[str, str]]:
+        """A queue redriven to its own `NAME-dlq` after `max_receive` receives, as the
+        template wires the function queues: ((URL, ARN), (DLQ URL, DLQ ARN))."""
+        dlq = self.create(f"{name}-dlq")
+        redrive = {"deadLetterTargetArn": dlq[1], "maxReceiveCount": str(max_receive)}
+        return self.create(name, **attributes, RedrivePolicy=json.dumps(redrive)), dlq
 
     def deliver(
         self,
@@ -430,10 +499,59 @@ def bus_to_queue(
     arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
         "QueueArn"
     ]
-    rule = rule or queue
-    events.put_rule(Name=rule, EventBusName=bus, EventPattern=json.dumps(pattern))
-    events.put_targets(Rule=rule, EventBusName=bus, Targets=[{"Id": "q", "Arn": arn}])
+    route(events, [(rule or queue, pattern, arn)], bus=bus)
     return sqs, url
+
+
+def route(events: Any, rules: Iterable[tuple[str, dict[str, Any], str]], *, bus: str = BUS) -> None:
+    """Put each rule (name, event pattern, target queue ARN) on the bus."""
+    for rule, pattern, arn in rules:
+        events.put_rule(Name=rule, EventBusName=bus, EventPattern=json.dumps(pattern))
+        events.put_targets(Rule=rule, EventBusName=bus, Targets=[{"Id": "q", "Arn": arn}])
+
+
+def s3_destination_secret(
+    secrets: Any, endpoint: S3Endpoint, secret_access_key: str, region: str = REGION
+) -> dict[str, Any]:
+    """Create the verifier's destination secret for an S3-compatible endpoint (moto's)."""
+    fields = {
+        "provider": "s3",
+        "endpoint_url": endpoint.endpoint_url,
+        "region": region,
+        "access_key_id": endpoint.access_key,
+        "secret_access_key": secret_access_key,
+    }
+    response: dict[str, Any] = secrets.create_secret(
+        Name="backrest-relay/destination", SecretString=json.dumps(fields)
+    )
+    return response
+
+
+def agent_config_on_bus(directory: Path, endpoint: S3Endpoint, bucket: str) -> Path:
+    """An agent config (in `directory`) mirroring to `bucket` and publishing its events
+    to the bus on moto's server."""
+    return agent_config_in(
+        directory,
+        endpoint,
+        bucket,
+        events={
+            "publisher": "eventbridge",
+            "event_bus": BUS,
+            "region": REGION,
+            "endpoint_url": endpoint.endpoint_url,
+        },
+    )
+
+
+def agent_upload(repo: Path, config: Path, guid: str, region: str = REGION) -> dict[str, Any]:
+    """One run of the real agent as Backrest's hook runs it (publishing to EventBridge in
+    moto); its `--json` summary."""
+    result = run_agent(
+        upload_args(config, repo, repo_guid=guid, trigger="CONDITION_CHECK_SUCCESS"),
+        env=agent_aws_env(region),
+    )
+    assert result.returncode == 0, result.stderr
+    return result.summary
 
 
 def aws_destination_secret(

@@ -257,26 +257,30 @@ def test_upload_dry_run_on_empty_directory_is_also_refused(
     assert not (tmp_path / "state").exists()  # a dry run writes no state and takes no lock
 
 
-@pytest.mark.parametrize("run", ["../../etc", "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b/../x", "x", ""])
-def test_verify_run_must_be_a_run_id(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], run: str
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        *(
+            ("--run", run, ("--run", "run id"))
+            for run in ["../../etc", "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b/../x", "x", ""]
+        ),
+        *(("--time-limit", limit, ("--time-limit",)) for limit in ["soon", "0s", "5 parsecs"]),
+    ],
+)
+def test_verify_refuses_a_bad_run_id_or_time_limit(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    option: str,
+    value: str,
+    said: tuple[str, ...],
 ) -> None:
+    """--run must be a run id, --time-limit a positive duration: usage error, exit 2."""
     config = write_config(tmp_path)
-    code = main(["verify", "--config", str(config), "--repo-id", "r1", "--run", run])
+    code = main(["verify", "--config", str(config), "--repo-id", "r1", option, value])
     assert code == 2
     err = capsys.readouterr().err
-    assert "--run" in err
-    assert "run id" in err
-
-
-@pytest.mark.parametrize("limit", ["soon", "0s", "5 parsecs"])
-def test_verify_time_limit_must_be_a_positive_duration(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], limit: str
-) -> None:
-    config = write_config(tmp_path)
-    code = main(["verify", "--config", str(config), "--repo-id", "r1", "--time-limit", limit])
-    assert code == 2
-    assert "--time-limit" in capsys.readouterr().err
+    for text in said:
+        assert text in err
 
 
 def test_verify_list_only_excludes_deep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -50,9 +50,11 @@ class Side:
         assert destination == DEST
         return self.store, self.store
 
-    def fan_out(self, settings: FanoutSettings = SMALL) -> Any:
+    def fan_out(
+        self, settings: FanoutSettings = SMALL, event: MirrorCompleted | None = None
+    ) -> Any:
         return fan_out(
-            self.event,
+            event or self.event,
             store=self.store,
             runs=self.runs,
             jobs=self.jobs,
@@ -313,15 +315,7 @@ def test_a_fanned_out_verification_binds_the_repository_and_a_forged_event_is_no
     )
     side.queue.clear()
     reads = len(side.store.reads)
-    plan = fan_out(
-        forged,
-        store=side.store,
-        runs=side.runs,
-        jobs=side.jobs,
-        send=side.send,
-        settings=SMALL,
-        options=OPTIONS,
-    )
+    plan = side.fan_out(event=forged)
     assert plan is None and side.queue == [] and len(side.store.reads) == reads
 
 

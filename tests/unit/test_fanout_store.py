@@ -5,34 +5,16 @@ publishes."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
-import boto3
 import pytest
-from moto import mock_aws
 
 from cloud.integrations.fanout_dynamodb import DynamoFanoutStore
 from cloud.integrations.runstore_dynamodb import create_table
 from cloud.logic.ports import FanoutStore
 from tests.support.doubles.fanout import InMemoryFanoutStore
-from tests.support.lambdas import fake_aws_env
 
 TABLE = "backrest-relay-runs"
 JOB = "ab" * 16
-
-
-@pytest.fixture(scope="module")
-def dynamo_client() -> Iterator[Any]:
-    with pytest.MonkeyPatch.context() as mp:
-        fake_aws_env(
-            mp,
-            "us-east-1",
-            drop=("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_DYNAMODB"),
-            AWS_SESSION_TOKEN="testing",
-            AWS_REGION="us-east-1",
-        )
-        with mock_aws():
-            yield boto3.client("dynamodb", region_name="us-east-1")
 
 
 @pytest.fixture(params=["memory", "dynamodb"])

@@ -47,6 +47,8 @@ from tests.support import events
 from tests.support.doubles.runstore import InMemoryRunStore
 from tests.support.events import GUID, REPO, T0, stale, verification
 from tests.support.lambdas import (
+    IDEMPOTENCY_TABLE,
+    REGION,
     FakeLambdaContext,
     eventbridge_event,
     failed_ids,
@@ -57,8 +59,6 @@ from tests.support.lambdas import (
     sqs_record,
 )
 
-REGION = "us-east-1"
-IDEMPOTENCY_TABLE = "backrest-relay-idempotency"
 HC_UUID = "5f2d0b9e-8c61-4c43-a2a5-0f8f3cbd3c2a"
 APPRISE_TOKEN = "TFakeSlackToken" + secrets.token_hex(4)  # made per run, never a literal
 

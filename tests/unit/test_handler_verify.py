@@ -45,6 +45,8 @@ from tests.support.doubles.event_bus import RecordingEventBus
 from tests.support.doubles.object_store import InMemoryObjectStore
 from tests.support.doubles.runstore import InMemoryRunStore
 from tests.support.lambdas import (
+    IDEMPOTENCY_TABLE,
+    REGION,
     FakeLambdaContext,
     aws_destination_secret,
     bus_to_queue,
@@ -57,8 +59,6 @@ from tests.support.lambdas import (
     sqs_record,
 )
 
-REGION = "us-east-1"
-IDEMPOTENCY_TABLE = "backrest-relay-idempotency"
 GUID = "ab" * 32
 DEST = Destination(
     provider="b2",

@@ -26,7 +26,7 @@ from cloud.integrations.s3 import S3Access, make_s3_client
 from cloud.integrations.s3_direct import DirectSettings, direct_settings
 from cloud.integrations.sigv4 import SigningCredentials, SigV4Signer
 from cloud.logic.ports import ObjectNotFoundError, ObjectStoreError
-from tests.unit.test_http1 import CannedServer
+from tests.support.canned_http import CannedServer
 
 ACCESS = "AKIDTESTONLY0000"
 SECRET = "test-only-secret-not-a-credential"
@@ -147,20 +147,6 @@ def settings(port: int, attempts: int = 4) -> DirectSettings:
         read_timeout=5,
         max_attempts=attempts,
     )
-
-
-@pytest.fixture
-def serve() -> Iterator[type[CannedServer]]:
-    servers: list[CannedServer] = []
-
-    class Tracked(CannedServer):
-        def __init__(self, replies: list[bytes | None]) -> None:
-            super().__init__(replies)
-            servers.append(self)
-
-    yield Tracked
-    for server in servers:
-        server.close()
 
 
 def error(status: int, code: str, message: str = "why") -> bytes:

@@ -14,10 +14,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
-from moto import mock_aws
 
 from cloud.contracts.ids import new_run_id
 from cloud.integrations.runstore_dynamodb import (
@@ -30,30 +28,11 @@ from cloud.integrations.runstore_dynamodb import (
 from cloud.integrations.runstore_sqlite import SCHEMA_VERSION, RunStoreError, SqliteRunStore
 from cloud.logic.ports import RunKind, RunRecord, RunStatus, RunStore
 from tests.support.doubles.runstore import InMemoryRunStore
-from tests.support.lambdas import fake_aws_env
 
 REPO = "a" * 64
 OTHER = "b" * 64
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 TABLE = "backrest-relay-runs"
-
-
-@pytest.fixture(scope="module")
-def dynamo_client() -> Iterator[Any]:
-    """One moto account for the module (starting moto and a client costs ~0.3 s each time).
-
-    Fake credentials and region so nothing here can reach a real account.
-    """
-    with pytest.MonkeyPatch.context() as mp:
-        fake_aws_env(
-            mp,
-            "us-east-1",
-            drop=("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_DYNAMODB"),
-            AWS_SESSION_TOKEN="testing",
-            AWS_REGION="us-east-1",
-        )
-        with mock_aws():
-            yield boto3.client("dynamodb", region_name="us-east-1")
 
 
 @pytest.fixture
