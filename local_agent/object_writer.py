@@ -23,11 +23,12 @@ from cloud.integrations.http1 import BodyTooShortError, Connection
 from cloud.integrations.s3_direct import (
     RETRY_CODES,
     RETRY_STATUS,
+    Credentials,
     CredentialSource,
     backoff,
     parse_error,
 )
-from cloud.integrations.sigv4 import SigningCredentials, SigV4Signer, md5_header, s3_path
+from cloud.integrations.sigv4 import SigV4Signer, md5_header, s3_path
 from local_agent.errors import RepositoryError
 
 if TYPE_CHECKING:
@@ -94,8 +95,7 @@ class ObjectWriter:
         self._path_prefix = base if virtual_host else f"{base}/{s3_path(bucket)}"
         self._url_base = f"{parts.scheme}://{self._host_header}"
         self._signer = SigV4Signer(region, "s3")
-        self._credentials = credentials
-        self._frozen: tuple[object, SigningCredentials] | None = None
+        self._credentials = Credentials(credentials)
         self._ssl_context = ssl_context
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -131,15 +131,6 @@ class ObjectWriter:
         for conn in conns:
             conn.close()
 
-    def _signing_credentials(self) -> SigningCredentials:
-        frozen = self._credentials.get_frozen_credentials()
-        cached = self._frozen
-        if cached is not None and cached[0] is frozen:
-            return cached[1]
-        signing = SigningCredentials(frozen.access_key, frozen.secret_key, frozen.token or None)
-        self._frozen = (frozen, signing)
-        return signing
-
     # -- requests -------------------------------------------------------------------------
 
     def put(
@@ -166,7 +157,7 @@ class ObjectWriter:
             attempt += 1
             payload.rewind()
             signed = self._signer.sign(
-                "PUT", path, headers, payload.sha256_hex, self._signing_credentials()
+                "PUT", path, headers, payload.sha256_hex, self._credentials.current()
             )
             head = "".join(
                 [
