@@ -521,7 +521,10 @@ def verify_manifest_resumable(
     with the reads of every call counted in its stats.
     """
     name = cursor_name(destination)
-    cursor = ManifestCursor.from_dict(runs.load_checkpoint(repo.key, name))
+    # A listing-only call (`--list-only`) reads nothing back: it neither continues the
+    # cursor of a `--time-limit` call nor ends it (the next full call carries on).
+    saved_cursor = runs.load_checkpoint(repo.key, name) if options.read_back else None
+    cursor = ManifestCursor.from_dict(saved_cursor)
     if cursor is None or cursor.manifest_key != key or cursor.deep != deep:
         cursor = ManifestCursor(
             manifest_key=key,

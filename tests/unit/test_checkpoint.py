@@ -377,3 +377,34 @@ def test_a_leg_under_way_stops_when_another_chain_takes_the_checkpoint_over() ->
     assert reads[0] <= 10 + 2, "stopped at the next progress save"
     saved = VerifyCheckpoint.from_dict(mirror.runs.load_checkpoint(REPO.key, name))
     assert saved is not None and (saved.chain, saved.manifest_key) == ("run-b", "newer")
+
+
+def test_a_list_only_verify_between_time_limited_calls_keeps_their_progress() -> None:
+    """`verify --list-only` reads nothing back: it neither continues nor ends the cursor a
+    `--time-limit` call saved (else the next `verify` starts from zero, and the list-only
+    verdict claims the earlier calls' reads as its own)."""
+    mirror = Mirror()
+    old = mirror.add(10)
+    mirror.manifest(set(old))
+    new = set(mirror.add(10))
+    b = mirror.manifest(new)
+    runs = InMemoryRunStore()
+    options = VerifyOptions(concurrency=1, rotation_runs=3, rotation_index=1)
+
+    def call(call_options: VerifyOptions) -> ManifestVerification:
+        return verify_manifest_resumable(
+            b.manifest.key, expected_sha256=b.manifest.sha256, repo=REPO, destination=DEST,
+            store=mirror.store, runs=runs, reports=mirror.store,
+            options=call_options, deep="", started_at=T0,
+        )  # fmt: skip
+
+    before = len(mirror.store.reads)
+    first = call(replace(options, should_stop=lambda: len(mirror.store.reads) - before >= 4))
+    assert first.result is None and first.objects_read > 0
+    listed = call(replace(options, read_back=False))
+    assert listed.result is not None and type(listed.result).__name__ == "MirrorVerified"
+    assert listed.result.stats.deep_checked == 0, "a list-only call reads nothing back"
+    last = call(options)
+    assert last.result is not None and last.calls == 2, "continued from the cursor"
+    reads = mirror.object_reads()
+    assert len(reads) == len(set(reads)), "no object read twice"
