@@ -120,7 +120,7 @@ def run_verify(
     spec = parse_deep(deep)
     should_stop = None
     reads = _ReadCounter()
-    if time_limit:
+    if time_limit is not None:  # `--time-limit "$UNSET"` is an error, not no limit
         try:
             seconds = parse_duration(time_limit)
         except ValueError as exc:

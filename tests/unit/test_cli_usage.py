@@ -269,7 +269,7 @@ def test_verify_run_must_be_a_run_id(
     assert "run id" in err
 
 
-@pytest.mark.parametrize("limit", ["soon", "0s", "5 parsecs"])
+@pytest.mark.parametrize("limit", ["soon", "0s", "5 parsecs", "nan", "", "  "])
 def test_verify_time_limit_must_be_a_positive_duration(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], limit: str
 ) -> None:
