@@ -65,7 +65,10 @@ def find_manifest(store: Any, prefix: str, run_id: str | None) -> str | None:
         return manifest_key(prefix, run_id)
     newest: str | None = None
     for item in store.list(prefix.rstrip("/") + "/"):
-        if item.key.endswith(".jsonl.gz") and not item.key.endswith(".report.jsonl.gz"):
+        name = item.key.rpartition("/")[2]
+        # Not a report: `<run>.report.jsonl.gz`, nor a fan-out chunk's
+        # `<run>.report.part-0000.jsonl.gz` (which sorts after its manifest).
+        if name.endswith(".jsonl.gz") and ".report." not in name:
             newest = max(newest or item.key, item.key)
     return newest
 
