@@ -162,3 +162,24 @@ def test_a_prefix_with_odd_characters_is_mirrored_verified_and_listed_alike(
     # restic reads its s3: location as a URL path: a literal `%` is `%25` there.
     at = expanded.replace("%", "%25")
     restic_check_mirror(rclone_server.endpoint, rclone_bucket, at, restic_repo.password)
+
+
+def test_a_wrong_secret_is_exit_4_and_never_echoed(
+    tmp_path: Path,
+    restic_repo: BuiltRepo,
+    rclone_server: RcloneS3Server,
+    rclone_bucket: str,
+) -> None:
+    """A careless operator's wrong secret key: `verify -v` (the lean signed path's listing
+    and GETs, the server's SignatureDoesNotMatch) fails with exit 4 naming the cause, and no
+    form of the secret appears in anything it prints."""
+    mirrored(tmp_path, restic_repo, rclone_server, rclone_bucket)
+    secret = "Wr0ngSecretKeyWr0ngSecretKeyWr0ngSecret1"
+    cfg = agent_config_in(tmp_path, rclone_server.endpoint, rclone_bucket)
+    text = cfg.read_text().replace(rclone_server.endpoint.secret_key, secret)
+    cfg.write_text(text)
+    result = run_agent(["-v", "verify", *ids(), "--config", str(cfg), "--time-limit", "1m"])
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "cannot read the mirror" in result.stderr and "SignatureDoesNotMatch" in result.stderr
+    for shown in (result.stdout, result.stderr):
+        assert secret not in shown and secret[:12] not in shown
