@@ -158,6 +158,21 @@ def test_a_listing_folder_by_folder_decodes_odd_folder_names(
     assert listed == sorted(ODD_FOLDER_KEYS)
 
 
+def test_folder_markers_keys_ending_in_a_slash_are_listed_like_boto3(
+    moto_endpoint: S3Endpoint, unique_bucket: Callable[[S3Endpoint], str]
+) -> None:
+    """Keys ending in `/` (a web console's "folder", a double slash): each is its own
+    folder's first key on the delimiter listing, and must come out once, in place."""
+    bucket = unique_bucket(moto_endpoint)
+    client = moto_endpoint.client()
+    keys = ["r/", "r/a/", "r/a/b", "r/a//", "r/a//c", "r/a0", "r/b/"]
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=key, Body=b"")
+    listed = [i.key for i in store_for(moto_endpoint, bucket).list("r/")]
+    assert listed == [i.key for i in store_for(moto_endpoint, bucket, direct=False).list("r/")]
+    assert listed == sorted(keys)
+
+
 def test_a_missing_object_is_not_found_and_a_missing_bucket_an_error(
     moto_endpoint: S3Endpoint, unique_bucket: Callable[[S3Endpoint], str]
 ) -> None:
