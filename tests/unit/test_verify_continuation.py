@@ -370,3 +370,18 @@ def test_forged_continuations_neither_fork_the_chain_nor_fake_a_verdict(
     [result] = world.bus.events
     assert isinstance(result, MirrorVerificationFailed)
     assert [p.key for p in result.problems] == [victim.removeprefix(DEST.prefix + "/")]
+
+
+def test_an_object_deleted_behind_a_leg_that_proved_it_fails_the_chain(world: World) -> None:
+    """Deleted after an earlier leg read it back: the next leg's listing misses it, and the
+    chain's verdict names it instead of adding the earlier read to a "verified"."""
+    event, _ = big_mirror(world)
+    assert world.invoke(record_for(event, "agent-1")) == {"batchItemFailures": []}
+    proven = sorted(world.store.object_reads())
+    world.store.delete(proven[0])
+    world.drain()
+    [result] = world.bus.events
+    assert isinstance(result, MirrorVerificationFailed)
+    assert [(p.kind, p.key) for p in result.problems] == [
+        ("missing", proven[0].removeprefix(DEST.prefix + "/"))
+    ]
