@@ -546,6 +546,12 @@ def verify_manifest_resumable(
     # (Complete as far as the checkpoint goes, a pass may still have skipped an older
     # object's read at the limit: `read_from` says so.)
     unfinished = not outcome.complete or outcome.read_from != PROVEN_ALL
+    if unfinished and outcome.problems_total == 0 and not options.read_back:
+        # A listing-only call stopped early read nothing: no cursor (one would say the
+        # keys before the stop were read back), and no verdict (the comparison is partial).
+        return ManifestVerification(
+            None, 0, 0, outcome.unread_objects, outcome.unread_bytes, cursor.calls + 1
+        )
     if unfinished and outcome.problems_total == 0:
         saved = replace(
             cursor,
