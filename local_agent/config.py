@@ -138,7 +138,12 @@ class DestinationConfig(_Section):
                 )
         if ".." in value.split("/"):
             raise ValueError("must not contain '..'")
-        return value.strip("/")
+        stripped = value.strip("/")
+        # The verifier refuses such a location (`cloud.logic.binding.canonical`): every
+        # verification of it would be refused.
+        if stripped and any(segment in ("", ".") for segment in stripped.split("/")):
+            raise ValueError("must not contain an empty ('//') or '.' segment")
+        return stripped
 
     @model_validator(mode="after")
     def _consistent(self) -> DestinationConfig:

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from cloud.app.verify import ManifestVerification, verify_manifest_resumable
@@ -65,7 +70,10 @@ def find_manifest(store: Any, prefix: str, run_id: str | None) -> str | None:
         return manifest_key(prefix, run_id)
     newest: str | None = None
     for item in store.list(prefix.rstrip("/") + "/"):
-        if item.key.endswith(".jsonl.gz") and not item.key.endswith(".report.jsonl.gz"):
+        name = item.key.rpartition("/")[2]
+        # Not a report: `<run>.report.jsonl.gz`, nor a fan-out chunk's
+        # `<run>.report.part-0000.jsonl.gz` (which sorts after its manifest).
+        if name.endswith(".jsonl.gz") and ".report." not in name:
             newest = max(newest or item.key, item.key)
     return newest
 
@@ -103,10 +111,6 @@ def run_verify(
     time_limit: str | None = None,
     list_only: bool = False,
 ) -> int:
-    from cloud.integrations.s3 import make_s3_client
-    from cloud.integrations.s3_store import S3ObjectStore, S3ReportSink
-    from local_agent.pipeline import open_run_store
-
     repo_id, repo_guid = identity.repo_id, identity.guid
     if not repo_id and not repo_guid:
         raise ConfigError("verify needs --repo-id or --repo-guid")
@@ -118,9 +122,9 @@ def run_verify(
     if list_only and deep:
         raise ConfigError("--list-only reads nothing back; it cannot be combined with --deep")
     spec = parse_deep(deep)
-    should_stop = None
     reads = _ReadCounter()
-    if time_limit:
+    deadline: float | None = None
+    if time_limit is not None:  # `--time-limit "$UNSET"` is an error, not no limit
         try:
             seconds = parse_duration(time_limit)
         except ValueError as exc:
@@ -128,12 +132,63 @@ def run_verify(
         if seconds <= 0:
             raise ConfigError(f"--time-limit {time_limit!r}: must be more than 0s")
         deadline = time.monotonic() + seconds
+    terminated = threading.Event()
 
-        def should_stop() -> bool:
-            # At least one object per call, so calling again always gets further (a
-            # limit shorter than the listing would otherwise never finish).
-            return time.monotonic() >= deadline and reads.done > 0
+    def should_stop() -> bool:
+        # SIGTERM stops the call like its time limit: the progress is saved (exit 6).
+        # At least one object per call, so calling again always gets further (a limit
+        # shorter than the listing would otherwise never finish).
+        if terminated.is_set():
+            return True
+        return deadline is not None and time.monotonic() >= deadline and reads.done > 0
 
+    with _stop_on_sigterm(terminated):
+        return _verify(
+            config, identity, run_id=run_id, deep=deep, spec=spec, as_json=as_json,
+            list_only=list_only, should_stop=should_stop, reads=reads,
+        )  # fmt: skip
+
+
+@contextmanager
+def _stop_on_sigterm(terminated: threading.Event) -> Iterator[None]:
+    """A service manager stopping `verify` (SIGTERM) sets `terminated`: no new read starts
+    and what was read is saved for the next call, instead of being lost with the process.
+    A second SIGTERM ends it at once (the handler before is back)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is None:  # installed outside Python: put the default back
+        previous = signal.SIG_DFL
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        terminated.set()
+        signal.signal(signal.SIGTERM, previous)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _verify(
+    config: RelayConfig,
+    identity: RepoIdentity,
+    *,
+    run_id: str | None,
+    deep: str | None,
+    spec: DeepSpec,
+    as_json: bool,
+    list_only: bool,
+    should_stop: Callable[[], bool],
+    reads: _ReadCounter,
+) -> int:
+    from cloud.integrations.s3 import make_s3_client
+    from cloud.integrations.s3_store import S3ObjectStore, S3ReportSink
+    from local_agent.pipeline import open_run_store
+
+    repo_id, repo_guid = identity.repo_id, identity.guid
     destination = config.destination_for(repo_id=repo_id, repo_guid=repo_guid)
     prefix = config.manifest_prefix_for(repo_id=repo_id, repo_guid=repo_guid)
     client = make_s3_client(config.destination.access(), max_pool_connections=16)

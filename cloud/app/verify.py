@@ -521,7 +521,10 @@ def verify_manifest_resumable(
     with the reads of every call counted in its stats.
     """
     name = cursor_name(destination)
-    cursor = ManifestCursor.from_dict(runs.load_checkpoint(repo.key, name))
+    # A listing-only call (`--list-only`) reads nothing back: it neither continues the
+    # cursor of a `--time-limit` call nor ends it (the next full call carries on).
+    saved_cursor = runs.load_checkpoint(repo.key, name) if options.read_back else None
+    cursor = ManifestCursor.from_dict(saved_cursor)
     if cursor is None or cursor.manifest_key != key or cursor.deep != deep:
         cursor = ManifestCursor(
             manifest_key=key,
@@ -543,6 +546,12 @@ def verify_manifest_resumable(
     # (Complete as far as the checkpoint goes, a pass may still have skipped an older
     # object's read at the limit: `read_from` says so.)
     unfinished = not outcome.complete or outcome.read_from != PROVEN_ALL
+    if unfinished and outcome.problems_total == 0 and not options.read_back:
+        # A listing-only call stopped early read nothing: no cursor (one would say the
+        # keys before the stop were read back), and no verdict (the comparison is partial).
+        return ManifestVerification(
+            None, 0, 0, outcome.unread_objects, outcome.unread_bytes, cursor.calls + 1
+        )
     if unfinished and outcome.problems_total == 0:
         saved = replace(
             cursor,

@@ -304,7 +304,8 @@ def continuation_leg(record: EventQueueRecord | None) -> int:
         return 0
     attribute = record.messageAttributes.get(LEG_ATTRIBUTE)
     value = attribute.stringValue if attribute is not None else None
-    return int(value) if value and value.isdigit() else 0
+    # ASCII digits only: `str.isdigit` also accepts "²", which `int` refuses.
+    return int(value) if value and value.isascii() and value.isdigit() else 0
 
 
 _verifier: Lazy[Verifier] = Lazy(lambda: Verifier(dependencies_from_env()))

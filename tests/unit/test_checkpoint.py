@@ -421,3 +421,62 @@ def test_the_new_bytes_budget_bounds_a_chain_of_legs_not_each_leg() -> None:
         mirror.runs.load_checkpoint(REPO.key, checkpoint_name(DEST))
     )
     assert checkpoint is not None and checkpoint.verified
+
+
+def test_a_list_only_verify_between_time_limited_calls_keeps_their_progress() -> None:
+    """`verify --list-only` reads nothing back: it neither continues nor ends the cursor a
+    `--time-limit` call saved (else the next `verify` starts from zero, and the list-only
+    verdict claims the earlier calls' reads as its own)."""
+    mirror = Mirror()
+    old = mirror.add(10)
+    mirror.manifest(set(old))
+    new = set(mirror.add(10))
+    b = mirror.manifest(new)
+    runs = InMemoryRunStore()
+    options = VerifyOptions(concurrency=1, rotation_runs=3, rotation_index=1)
+
+    def call(call_options: VerifyOptions) -> ManifestVerification:
+        return verify_manifest_resumable(
+            b.manifest.key, expected_sha256=b.manifest.sha256, repo=REPO, destination=DEST,
+            store=mirror.store, runs=runs, reports=mirror.store,
+            options=call_options, deep="", started_at=T0,
+        )  # fmt: skip
+
+    before = len(mirror.store.reads)
+    first = call(replace(options, should_stop=lambda: len(mirror.store.reads) - before >= 4))
+    assert first.result is None and first.objects_read > 0
+    listed = call(replace(options, read_back=False))
+    assert listed.result is not None and type(listed.result).__name__ == "MirrorVerified"
+    assert listed.result.stats.deep_checked == 0, "a list-only call reads nothing back"
+    last = call(options)
+    assert last.result is not None and last.calls == 2, "continued from the cursor"
+    reads = mirror.object_reads()
+    assert len(reads) == len(set(reads)), "no object read twice"
+
+
+def test_a_list_only_call_stopped_early_saves_no_progress() -> None:
+    """`verify --list-only` stopped early (a SIGTERM) read nothing back: it must not leave a
+    cursor saying the keys before its stop were read, or the next `verify` would skip them
+    and call the mirror verified."""
+    mirror = Mirror()
+    b = mirror.manifest(set(mirror.add(10)))
+    runs = InMemoryRunStore()
+    options = VerifyOptions(concurrency=1)
+
+    def call(call_options: VerifyOptions) -> ManifestVerification:
+        return verify_manifest_resumable(
+            b.manifest.key, expected_sha256=b.manifest.sha256, repo=REPO, destination=DEST,
+            store=mirror.store, runs=runs, reports=mirror.store,
+            options=call_options, deep="", started_at=T0,
+        )  # fmt: skip
+
+    seen: list[int] = []
+
+    def stop_after_some() -> bool:
+        seen.append(1)
+        return len(seen) > 5
+
+    call(replace(options, read_back=False, should_stop=stop_after_some))
+    full = call(options)
+    assert full.result is not None and full.calls == 1
+    assert sorted(mirror.object_reads()) == sorted(k for k in mirror.sizes), "all read"

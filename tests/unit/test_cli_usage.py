@@ -264,7 +264,10 @@ def test_upload_dry_run_on_empty_directory_is_also_refused(
             ("--run", run, ("--run", "run id"))
             for run in ["../../etc", "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b/../x", "x", ""]
         ),
-        *(("--time-limit", limit, ("--time-limit",)) for limit in ["soon", "0s", "5 parsecs"]),
+        *(
+            ("--time-limit", limit, ("--time-limit",))
+            for limit in ["soon", "0s", "5 parsecs", "nan", "", "  "]
+        ),
     ],
 )
 def test_verify_refuses_a_bad_run_id_or_time_limit(

@@ -449,6 +449,15 @@ def test_wrong_values_name_the_key_and_file(tmp_path: Path, snippet: str, key: s
         ),
         ('provider = "aws"\nbucket = "bkt"\nprefix = "{host}/x"\n', "destination.prefix"),
         ('provider = "aws"\nbucket = "bkt"\nprefix = "a/../b"\n', "destination.prefix"),
+        # Empty or "." segments: the verifier's binding refuses such a location (some S3
+        # servers map keys to files), so every verification would be refused.
+        ('provider = "aws"\nbucket = "bkt"\nprefix = "restic//{repo_id}"\n', "destination.prefix"),
+        ('provider = "aws"\nbucket = "bkt"\nprefix = "a/./b"\n', "destination.prefix"),
+        ('provider = "aws"\nbucket = "bkt"\nprefix = "./a"\n', "destination.prefix"),
+        (
+            'provider = "aws"\nbucket = "bkt"\nmanifest_prefix = "m//{repo_id}"\n',
+            "destination.manifest_prefix",
+        ),
     ],
 )
 def test_destination_values_name_the_key(tmp_path: Path, snippet: str, key: str) -> None:

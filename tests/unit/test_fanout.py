@@ -350,3 +350,18 @@ def test_a_budget_below_the_new_bytes_plans_chunks_by_what_will_be_read() -> Non
     for chunk in job.chunks:  # every chunk read something
         assert any(k.removeprefix(DEST.prefix + "/") in chunk for k in read), chunk
     assert len(side.published) == 1 and isinstance(side.published[0], MirrorVerified)
+
+
+def test_the_verify_command_never_takes_a_chunk_report_for_the_newest_manifest() -> None:
+    """A fanned-out verification's chunk reports lie beside the manifest and end with
+    `.jsonl.gz` too (`<run>.report.part-0000.jsonl.gz`, sorting after `<run>.jsonl.gz`):
+    `verify` on another machine must still find the manifest, not read a report as one."""
+    from cloud.app.fanout import chunk_report_key
+    from local_agent.verification import find_manifest
+
+    store = InMemoryObjectStore()
+    older = "restic/home.relay/manifests/0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b.jsonl.gz"
+    newest = "restic/home.relay/manifests/0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5c.jsonl.gz"
+    for key in (older, newest, problems_report_key(newest), chunk_report_key(newest, 0)):
+        store.put(key, b"x")
+    assert find_manifest(store, "restic/home.relay/manifests", None) == newest

@@ -337,3 +337,51 @@ def test_a_leg_that_cannot_read_anything_fails_instead_of_looping(
     assert sum(world.store.object_reads().values()) == 0
     errors = [line for line in lambdas.read_output(capsys).logs if line["level"] == "ERROR"]
     assert [e["error_type"] for e in errors] == ["NoProgressError"]
+
+
+def forged(record: dict[str, Any], leg: str, message_id: str) -> dict[str, Any]:
+    """A copy of a continuation message with another leg attribute, as anyone allowed to
+    send to the verify queue could make."""
+    copy: dict[str, Any] = json.loads(json.dumps(record))
+    copy["messageId"] = message_id
+    copy["messageAttributes"][LEG_ATTRIBUTE]["stringValue"] = leg
+    return copy
+
+
+@pytest.mark.parametrize("leg", ["99", "0", "²", "-1", "1e3", " 2"])
+def test_forged_continuations_neither_fork_the_chain_nor_fake_a_verdict(
+    world: World, leg: str
+) -> None:
+    """Someone with SQS send rights replays a continuation with a leg of their choice
+    (a far-ahead leg, leg 0, garbage): no record fails on it, the chain is not forked (no
+    object read twice), and one verdict is published, naming the damage it finds."""
+    event, keys = big_mirror(world)
+    victim = sorted(k for k in keys if "/data/" in k)[-2]  # read in a later leg
+    data = world.store.objects[victim]
+    world.store.put(victim, bytes([data[0] ^ 1]) + data[1:], etag=world.store.etags[victim])
+    assert world.invoke(record_for(event, "agent-1")) == {"batchItemFailures": []}
+    [real] = world.continuations()
+    assert world.invoke(forged(real, leg, "forged-1")) == {"batchItemFailures": []}
+    assert world.invoke(real) == {"batchItemFailures": []}
+    world.drain()
+
+    reads = world.store.object_reads()
+    assert set(reads.values()) == {1}, [k for k, n in reads.items() if n > 1]
+    [result] = world.bus.events
+    assert isinstance(result, MirrorVerificationFailed)
+    assert [p.key for p in result.problems] == [victim.removeprefix(DEST.prefix + "/")]
+
+
+def test_an_object_deleted_behind_a_leg_that_proved_it_fails_the_chain(world: World) -> None:
+    """Deleted after an earlier leg read it back: the next leg's listing misses it, and the
+    chain's verdict names it instead of adding the earlier read to a "verified"."""
+    event, _ = big_mirror(world)
+    assert world.invoke(record_for(event, "agent-1")) == {"batchItemFailures": []}
+    proven = sorted(world.store.object_reads())
+    world.store.delete(proven[0])
+    world.drain()
+    [result] = world.bus.events
+    assert isinstance(result, MirrorVerificationFailed)
+    assert [(p.kind, p.key) for p in result.problems] == [
+        ("missing", proven[0].removeprefix(DEST.prefix + "/"))
+    ]
