@@ -164,14 +164,22 @@ class ObjectReader:
         if token:
             params["continuation-token"] = token
         what = f"listing {self.bucket}/{prefix}"
-        conn, response = self._get(self.target.path_prefix or "/", _query(params), what)
-        try:
-            body = response.read()
-        except OSError as exc:
-            raise ObjectStoreError(f"{what}: {_describe_network(exc)}") from exc
-        finally:
+        attempt = 0
+        while True:
+            attempt += 1
+            conn, response = self._get(self.target.path_prefix or "/", _query(params), what)
+            try:
+                body = response.read()
+            except OSError as exc:
+                # A page cut mid-body is asked for again, as boto3 does (the body is
+                # the answer: nothing of it was handed out).
+                conn.close()
+                if attempt < self._max_attempts and _retryable_network(exc):
+                    self._sleep(backoff(attempt))
+                    continue
+                raise ObjectStoreError(f"{what}: {_describe_network(exc)}") from exc
             self._pool.release(conn)
-        return parse_list_page_prefixes(body)
+            return parse_list_page_prefixes(body)
 
     def _get(self, path: str, query: str, what: str) -> tuple[Connection, StreamedResponse]:
         """Send a signed GET, retried as botocore's standard mode would, until a 2xx answer

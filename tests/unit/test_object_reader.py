@@ -6,6 +6,7 @@ from __future__ import annotations
 import calendar
 import hashlib
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -304,3 +305,37 @@ def test_where_the_direct_path_cannot_match_the_client_boto3_reads(
     got, why_not = direct_settings(client, bucket)
     assert got is None
     assert why_not
+
+
+def test_a_listing_page_cut_mid_body_is_asked_for_again() -> None:
+    """A listing answer whose body the server cuts (a dropped connection) is a network
+    error like any other: sent again, as boto3 does (the flaky-endpoint soak found the
+    lean listing giving up with exit 4 instead)."""
+    page = (
+        b"<ListBucketResult><IsTruncated>false</IsTruncated><Contents><Key>p/a</Key>"
+        b"<Size>1</Size><ETag>&quot;e&quot;</ETag></Contents></ListBucketResult>"
+    )
+    whole = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(page) + page
+    cut = whole[: len(whole) - 40]
+    replies = [cut, whole]
+    listener = socket.create_server(("127.0.0.1", 0))
+    requests: list[bytes] = []
+
+    def answer() -> None:
+        for reply in replies:
+            conn, _ = listener.accept()
+            with conn:
+                requests.append(conn.recv(65536))
+                conn.sendall(reply)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    slept: list[float] = []
+    try:
+        reader = ObjectReader(settings(listener.getsockname()[1]), "b", sleep=slept.append)
+        items, token = reader.list_page("p/")
+    finally:
+        thread.join(5)
+        listener.close()
+    assert [(i.key, i.size) for i in items] == [("p/a", 1)] and token is None
+    assert len(requests) == 2 and len(slept) == 1
