@@ -10,52 +10,22 @@ from __future__ import annotations
 
 import signal
 import time
-from collections import Counter
 from pathlib import Path
 
 from testbed.agent import agent_config_in, run_agent, start_agent
 from testbed.repos import restic_check_mirror
-from testbed.s3.faults import Fault
-from testbed.s3.operations import RequestInfo
 from testbed.s3.proxy import S3Proxy
 from testbed.s3.rclone import RcloneS3Server
 from tests.integration.conftest import BuiltRepo
 from tests.support.tamper import tamper_object
-
-GUID = "ab" * 32
-PREFIX = "restic/home"
-READ_DELAY = 0.4  # seconds per object GET at the proxy
-
-
-def ids() -> list[str]:
-    return ["--repo-id", "home", "--repo-guid", GUID]
-
-
-def slow_object_reads(info: RequestInfo) -> Fault | None:
-    if info.method == "GET" and f"/{PREFIX}/" in info.path:
-        time.sleep(READ_DELAY)
-    return None
-
-
-def object_gets(proxy: S3Proxy) -> Counter[str]:
-    return Counter(
-        (r.key or "").removeprefix(f"{PREFIX}/")
-        for r in proxy.requests
-        if r.method == "GET" and (r.key or "").startswith(f"{PREFIX}/") and r.status == 200
-        and ".relay/" not in (r.key or "")
-    )  # fmt: skip
-
-
-def mirrored(tmp_path: Path, repo: BuiltRepo, server: RcloneS3Server, bucket: str) -> list[str]:
-    (tmp_path / "up").mkdir()
-    cfg = agent_config_in(tmp_path / "up", server.endpoint, bucket)
-    uploaded = run_agent(["upload", "--repo", str(repo.path), *ids(), "--config", str(cfg)])
-    assert uploaded.returncode == 0, uploaded.stderr
-    return sorted(
-        str(p.relative_to(repo.path))
-        for p in repo.path.rglob("*")
-        if p.is_file() and not str(p.relative_to(repo.path)).startswith("locks")
-    )
+from tests.support.verify_calls import (
+    PREFIX,
+    ids,
+    mirrored,
+    object_gets,
+    slow_object_reads,
+    verify_config,
+)
 
 
 def interrupt_after_reads(args: list[str], proxy: S3Proxy, reads: int, sig: int) -> int:
@@ -84,10 +54,7 @@ def test_sigterm_saves_the_progress_and_sigkill_never_loses_an_earlier_calls(
     counting_proxy: S3Proxy,
 ) -> None:
     objects = mirrored(tmp_path, restic_repo, rclone_server, rclone_bucket)
-    (tmp_path / "verify").mkdir()
-    cfg = agent_config_in(
-        tmp_path / "verify", counting_proxy.endpoint, rclone_bucket, upload={"concurrency": 1}
-    )
+    cfg = verify_config(tmp_path, counting_proxy, rclone_bucket)
     args = ["verify", *ids(), "--config", str(cfg), "--time-limit", "10m"]
     counting_proxy.fault = slow_object_reads
 
@@ -117,10 +84,7 @@ def test_an_object_damaged_or_deleted_between_two_calls_is_never_verified(
     counting_proxy: S3Proxy,
 ) -> None:
     objects = mirrored(tmp_path, restic_repo, rclone_server, rclone_bucket)
-    (tmp_path / "verify").mkdir()
-    cfg = agent_config_in(
-        tmp_path / "verify", counting_proxy.endpoint, rclone_bucket, upload={"concurrency": 1}
-    )
+    cfg = verify_config(tmp_path, counting_proxy, rclone_bucket)
     counting_proxy.fault = slow_object_reads
     first = run_agent(["verify", *ids(), "--config", str(cfg), "--time-limit", "2s"], timeout=120)
     counting_proxy.fault = None

@@ -7,32 +7,23 @@ the limit comes long before the reads are done (no timing is asserted).
 
 from __future__ import annotations
 
-import time
-from collections import Counter
 from pathlib import Path
 
-from testbed.agent import agent_config_in, run_agent
+from testbed.agent import run_agent
 from testbed.repos import restic_check_mirror
-from testbed.s3.faults import Fault
-from testbed.s3.operations import RequestInfo
 from testbed.s3.proxy import S3Proxy
 from testbed.s3.rclone import RcloneS3Server
 from tests.integration.conftest import BuiltRepo
+from tests.support.verify_calls import (
+    PREFIX,
+    ids,
+    mirrored,
+    object_gets,
+    slow_object_reads,
+    verify_config,
+)
 
-GUID = "ef" * 32
-PREFIX = "restic/home"
-READ_DELAY = 0.4  # seconds per object GET at the proxy
 LIMIT = "3s"
-
-
-def ids() -> list[str]:
-    return ["--repo-id", "home", "--repo-guid", GUID]
-
-
-def slow_object_reads(info: RequestInfo) -> Fault | None:
-    if info.method == "GET" and f"/{PREFIX}/" in info.path:
-        time.sleep(READ_DELAY)
-    return None
 
 
 def test_verify_continues_across_calls_and_reads_each_object_once(
@@ -42,22 +33,8 @@ def test_verify_continues_across_calls_and_reads_each_object_once(
     rclone_bucket: str,
     counting_proxy: S3Proxy,
 ) -> None:
-    for folder in ("up", "verify"):
-        (tmp_path / folder).mkdir()
-    upload_cfg = agent_config_in(tmp_path / "up", rclone_server.endpoint, rclone_bucket)
-    uploaded = run_agent(
-        ["upload", "--repo", str(restic_repo.path), *ids(), "--config", str(upload_cfg)]
-    )
-    assert uploaded.returncode == 0, uploaded.stderr
-    objects = sorted(
-        str(p.relative_to(restic_repo.path))
-        for p in restic_repo.path.rglob("*")
-        if p.is_file() and not str(p.relative_to(restic_repo.path)).startswith("locks")
-    )
-
-    verify_cfg = agent_config_in(
-        tmp_path / "verify", counting_proxy.endpoint, rclone_bucket, upload={"concurrency": 1}
-    )
+    objects = mirrored(tmp_path, restic_repo, rclone_server, rclone_bucket)
+    verify_cfg = verify_config(tmp_path, counting_proxy, rclone_bucket)
     counting_proxy.fault = slow_object_reads
     calls = []
     for _ in range(len(objects) + 2):
@@ -79,11 +56,7 @@ def test_verify_continues_across_calls_and_reads_each_object_once(
     assert f"read back and hashed: {len(objects)} objects" in last.stdout
     assert f"over {len(calls)} verify calls" in last.stdout
 
-    gets = Counter(
-        (r.key or "").removeprefix(f"{PREFIX}/")
-        for r in counting_proxy.requests
-        if r.method == "GET" and (r.key or "").startswith(f"{PREFIX}/") and r.status == 200
-    )
+    gets = object_gets(counting_proxy)
     assert sorted(gets) == objects, "every object read back"
     assert set(gets.values()) == {1}, [k for k, n in gets.items() if n > 1]
 
