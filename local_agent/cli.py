@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cloud.integrations.redact import REDACTOR, RedactingFormatter
 from local_agent import __version__
@@ -26,9 +27,12 @@ from local_agent.identity import RepoIdentity, resolve_identity
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from _typeshed import DataclassInstance
+
     from local_agent.config import RelayConfig
 
 log = logging.getLogger("backrest_relay")
+_Request = TypeVar("_Request", bound="DataclassInstance")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -364,19 +368,16 @@ def _load_with_identity(args: argparse.Namespace) -> tuple[RelayConfig, RepoIden
     return config, _identity(args, config)
 
 
+def _request(kind: type[_Request], args: argparse.Namespace) -> _Request:
+    """A command's request from its parsed options (the request's fields are their names)."""
+    return kind(**{f.name: getattr(args, f.name) for f in dataclasses.fields(kind)})
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    from local_agent.verification import run_verify
+    from local_agent.verification import VerifyRequest, run_verify
 
     config, identity = _load_with_identity(args)
-    return run_verify(
-        config,
-        identity,
-        run_id=args.run,
-        deep=args.deep,
-        as_json=args.json,
-        time_limit=args.time_limit,
-        list_only=args.list_only,
-    )
+    return run_verify(config, identity, _request(VerifyRequest, args))
 
 
 # -- status --------------------------------------------------------------------------------
@@ -395,18 +396,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from local_agent.recovery import run_recover
+    from local_agent.recovery import RecoverRequest, run_recover
 
     config, identity = _load_with_identity(args)
-    return run_recover(
-        config,
-        identity,
-        as_of=args.as_of,
-        manifest=args.manifest,
-        into=args.into,
-        dry_run=args.dry_run,
-        as_json=args.json,
-    )
+    return run_recover(config, identity, _request(RecoverRequest, args))
 
 
 # -- report-failure ------------------------------------------------------------------------

@@ -182,16 +182,16 @@ class MirrorRun:
         """`clock` (epoch seconds) decides when deferred deletions fall due; tests pass
         their own instead of waiting days."""
         self.options = options
-        self.clock = clock
-        self.backend = backend
-        self.state = state
-        self.stop = stop
-        self.progress = progress
         self.summary = MirrorSummary(
             repo_path=str(options.repo_path),
             destination=options.destination.model_dump(),
             dry_run=options.dry_run,
         )
+        self.backend = backend
+        self.state = state
+        self.stop = stop
+        self.progress = progress
+        self.clock = clock
         self._lock = threading.Lock()
         self._strays_checked = False
         self._strays_lock = threading.Lock()

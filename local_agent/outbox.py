@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.contracts.events import EventDetail, parse_detail
-from cloud.integrations.sqlite_file import UnusableFile, open_sqlite, set_aside
+from cloud.integrations.sqlite_file import SqliteFile, UnusableFile, open_sqlite, set_aside
 from local_agent.errors import ConfigError
 from local_agent.publishers import Publisher, PublishError
 
 log = logging.getLogger(__name__)
+
+OUTBOX_FILE = SqliteFile("outbox")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -81,7 +83,7 @@ class Outbox:
 
     @staticmethod
     def _open(path: Path) -> sqlite3.Connection:
-        return open_sqlite(path, what="outbox", init=lambda db: db.executescript(_SCHEMA))
+        return open_sqlite(path, OUTBOX_FILE, init=lambda db: db.executescript(_SCHEMA))
 
     def close(self) -> None:
         self._db.close()

@@ -394,15 +394,22 @@ def _described_prefix(plan: RecoveryPlan) -> str:
 # -- the command ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RecoverRequest:
+    """What `recover` was asked; the fields are named after its options."""
+
+    as_of: str | None = None
+    manifest: str | None = None  # an upload run's id
+    into: str | None = None
+    dry_run: bool = False
+    json: bool = False
+
+
 def run_recover(
     config: RelayConfig,
     identity: RepoIdentity,
+    request: RecoverRequest,
     *,
-    as_of: str | None,
-    manifest: str | None,
-    into: str | None,
-    dry_run: bool,
-    as_json: bool,
     clock: Callable[[], float] = time.time,
 ) -> int:
     """List the mirror's states, or rebuild one and prove it. Exit codes: 0 done (or
@@ -413,6 +420,8 @@ def run_recover(
     from cloud.integrations.s3_store import S3ObjectStore
     from local_agent.pipeline import LocalPipeline
 
+    as_of, manifest, into = request.as_of, request.manifest, request.into
+    dry_run, as_json = request.dry_run, request.json
     repo_id, repo_guid = identity.repo_id, identity.guid
     if not repo_id and not repo_guid:
         raise ConfigError("recover needs --repo-id or --repo-guid")

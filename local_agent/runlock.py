@@ -11,7 +11,6 @@ import fcntl
 import os
 import time
 from pathlib import Path
-from types import TracebackType
 
 from local_agent.errors import GuardError
 
@@ -53,10 +52,5 @@ class RunLock:
     def __enter__(self) -> RunLock:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()

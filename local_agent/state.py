@@ -22,12 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.contracts.destination import Destination
-from cloud.integrations.sqlite_file import UnusableFile, open_sqlite, transaction
+from cloud.integrations.sqlite_file import SqliteFile, UnusableFile, open_sqlite, transaction
 from local_agent.errors import ConfigError
 
 SCHEMA_VERSION = 2
 # The meta row holding the last manifest written (a ManifestRef as JSON; see upload.py).
 LAST_MANIFEST = "last_manifest"
+
+STATE_FILE = SqliteFile(
+    "state file",
+    hint="move it away and run again (the next run re-reads the bucket listing once)",
+    synchronous="NORMAL",
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -130,13 +136,7 @@ class StateStore:
                 ) from None
         self._lock = threading.Lock()
         try:
-            self._db = open_sqlite(
-                path,
-                what="state file",
-                hint="move it away and run again (the next run re-reads the bucket listing once)",
-                synchronous="NORMAL",
-                init=self._init_schema,
-            )
+            self._db = open_sqlite(path, STATE_FILE, init=self._init_schema)
         except UnusableFile as exc:
             raise ConfigError(str(exc)) from None
 

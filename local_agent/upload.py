@@ -66,11 +66,10 @@ def run_upload(
         trigger=trigger,
         destination=destination,
     )
-    upload = config.upload
     options = MirrorOptions(
         repo_path=repo_path,
         destination=destination,
-        upload=upload,
+        upload=config.upload,
         dry_run=dry_run,
         reconcile=reconcile,
         run_id=ctx.run_id,
@@ -78,6 +77,7 @@ def run_upload(
             config.destination.object_lock.policy() if config.destination.object_lock else None
         ),
     )
+    upload = config.upload
     state_dir = config.state.path()
     stop = StopSignal(upload.deadline_seconds)
     hard_stop = start_hard_stop(upload.deadline_seconds)

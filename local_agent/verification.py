@@ -101,16 +101,19 @@ def recorded_manifest(
     return ManifestRef.model_validate_json(raw) if raw else None
 
 
-def run_verify(
-    config: RelayConfig,
-    identity: RepoIdentity,
-    *,
-    run_id: str | None,
-    deep: str | None,
-    as_json: bool,
-    time_limit: str | None = None,
-    list_only: bool = False,
-) -> int:
+@dataclass(frozen=True)
+class VerifyRequest:
+    """What `verify` was asked; the fields are named after its options."""
+
+    run: str | None = None  # --run: this upload run's manifest (None: the newest)
+    deep: str | None = None
+    time_limit: str | None = None
+    list_only: bool = False
+    json: bool = False
+
+
+def run_verify(config: RelayConfig, identity: RepoIdentity, request: VerifyRequest) -> int:
+    run_id, deep, time_limit = request.run, request.deep, request.time_limit
     repo_id, repo_guid = identity.repo_id, identity.guid
     if not repo_id and not repo_guid:
         raise ConfigError("verify needs --repo-id or --repo-guid")
@@ -119,7 +122,7 @@ def run_verify(
             f"--run {run_id!r}: not a run id (a UUID like 0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b, "
             "as printed by `upload` and `status`)"
         )
-    if list_only and deep:
+    if request.list_only and deep:
         raise ConfigError("--list-only reads nothing back; it cannot be combined with --deep")
     spec = parse_deep(deep)
     reads = _ReadCounter()
@@ -143,10 +146,7 @@ def run_verify(
         return deadline is not None and time.monotonic() >= deadline and reads.done > 0
 
     with _stop_on_sigterm(terminated):
-        return _verify(
-            config, identity, run_id=run_id, deep=deep, spec=spec, as_json=as_json,
-            list_only=list_only, should_stop=should_stop, reads=reads,
-        )  # fmt: skip
+        return _verify(config, identity, request, spec=spec, should_stop=should_stop, reads=reads)
 
 
 @contextmanager
@@ -175,12 +175,9 @@ def _stop_on_sigterm(terminated: threading.Event) -> Iterator[None]:
 def _verify(
     config: RelayConfig,
     identity: RepoIdentity,
+    request: VerifyRequest,
     *,
-    run_id: str | None,
-    deep: str | None,
     spec: DeepSpec,
-    as_json: bool,
-    list_only: bool,
     should_stop: Callable[[], bool],
     reads: _ReadCounter,
 ) -> int:
@@ -188,6 +185,7 @@ def _verify(
     from cloud.integrations.s3_store import S3ObjectStore, S3ReportSink
     from local_agent.pipeline import open_run_store
 
+    run_id, as_json = request.run, request.json
     repo_id, repo_guid = identity.repo_id, identity.guid
     destination = config.destination_for(repo_id=repo_id, repo_guid=repo_guid)
     prefix = config.manifest_prefix_for(repo_id=repo_id, repo_guid=repo_guid)
@@ -215,7 +213,7 @@ def _verify(
             concurrency=config.upload.concurrency,
             should_stop=should_stop,
             progress=reads,
-            read_back=not list_only,
+            read_back=not request.list_only,
             **lock_check(config),
         )
         expected = recorded.sha256 if recorded is not None and recorded.key == key else None
@@ -228,7 +226,7 @@ def _verify(
             runs=runs,
             reports=S3ReportSink(client, destination.bucket, **report_lock(config)),
             options=options,
-            deep=deep or "",
+            deep=request.deep or "",
             started_at=started,
             run_id=run_id,
         )

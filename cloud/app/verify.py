@@ -429,16 +429,8 @@ class _ProgressSaver:
     def save(self, progress: PassProgress) -> None:
         if progress.problems or not self.still_mine():
             return  # a problem restarts the manifest: the pass's end saves that
-        previous = self.before or VerifyCheckpoint()
-        partial = PassResult(
-            complete=False,
-            problems=False,
-            unproven_from=progress.unproven_from,
-            # Not known until the pass has seen the whole manifest: as of the last pass.
-            unproven_objects=previous.unproven_objects,
-            unproven_bytes=previous.unproven_bytes,
-            rotation_next=progress.rotation_next,
-            rotated=progress.rotated,
+        partial = PassResult.so_far(
+            progress.unproven_from, progress.rotation_next, progress.rotated, self.before
         )
         after = advance(
             self.before,

@@ -174,10 +174,8 @@ class ObjectReader:
                 # A page cut mid-body is asked for again, as boto3 does (the body is
                 # the answer: nothing of it was handed out).
                 conn.close()
-                if attempt < self._max_attempts and _retryable_network(exc):
-                    self._sleep(backoff(attempt))
-                    continue
-                raise ObjectStoreError(f"{what}: {_describe_network(exc)}") from exc
+                self._pause_or_raise(attempt, exc, what)
+                continue
             self._pool.release(conn)
             return parse_list_page_prefixes(body)
 
@@ -203,12 +201,10 @@ class ObjectReader:
             try:
                 conn = self._pool.acquire()
             except OSError as exc:
-                if attempt < self._max_attempts and _retryable_network(exc):
-                    self._sleep(backoff(attempt))
-                    continue
-                raise ObjectStoreError(
-                    f"{what}: could not connect to {self.target.url('/')}: {_describe_network(exc)}"
-                ) from exc
+                self._pause_or_raise(
+                    attempt, exc, f"{what}: could not connect to {self.target.url('/')}"
+                )
+                continue
             self._on_request()
             try:
                 response = conn.stream(head)
@@ -218,10 +214,8 @@ class ObjectReader:
                 self._pool.release(conn)
             except OSError as exc:
                 conn.close()
-                if attempt < self._max_attempts and _retryable_network(exc):
-                    self._sleep(backoff(attempt))
-                    continue
-                raise ObjectStoreError(f"{what}: {_describe_network(exc)}") from exc
+                self._pause_or_raise(attempt, exc, what)
+                continue
             code, message = parse_error(response.status, response.reason, body)
             if code in NOT_FOUND and not query:
                 raise ObjectNotFoundError(f"{what.removeprefix('reading ')}: not found")
@@ -233,6 +227,14 @@ class ObjectReader:
                 self._sleep(backoff(attempt))
                 continue
             raise ObjectStoreError(f"{what}: {code} (HTTP {response.status}) {message}".strip())
+
+    def _pause_or_raise(self, attempt: int, exc: OSError, what: str) -> None:
+        """Wait before the next attempt after a network error botocore would retry; the
+        ObjectStoreError naming `what` and the cause when it would not, or attempts are spent."""
+        if attempt < self._max_attempts and _retryable_network(exc):
+            self._sleep(backoff(attempt))
+            return
+        raise ObjectStoreError(f"{what}: {_describe_network(exc)}") from exc
 
 
 def _retryable_network(exc: OSError) -> bool:

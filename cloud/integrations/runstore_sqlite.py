@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any, cast
 
 from cloud.integrations.runstore_codec import (
@@ -30,10 +29,13 @@ from cloud.integrations.runstore_codec import (
     parse_kind,
     parse_status,
 )
-from cloud.integrations.sqlite_file import UnusableFile, open_sqlite, transaction
+from cloud.integrations.sqlite_file import SqliteFile, UnusableFile, open_sqlite, transaction
 from cloud.logic.ports import RepoStatus, RunRecord
 
 SCHEMA_VERSION = 1
+RUN_STORE_FILE = SqliteFile(
+    "run store", hint="move it away to start a fresh history", synchronous="FULL"
+)
 
 _SCHEMA = (
     """
@@ -140,13 +142,7 @@ class SqliteRunStore:
         except OSError as exc:
             raise RunStoreError(f"run store {path}: cannot open ({exc})") from None
         try:
-            self._db = open_sqlite(
-                path,
-                what="run store",
-                hint="move it away to start a fresh history",
-                synchronous="FULL",
-                init=self._init_schema_in_transaction,
-            )
+            self._db = open_sqlite(path, RUN_STORE_FILE, init=self._init_schema_in_transaction)
         except UnusableFile as exc:
             # Locked, read-only or unopenable is not damage: only a damaged file may be
             # set aside (local_agent.pipeline), never one another process is using.
@@ -192,12 +188,7 @@ class SqliteRunStore:
     def __enter__(self) -> SqliteRunStore:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- RunStore ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -39,20 +40,24 @@ def set_aside(path: Path) -> Path:
     return aside
 
 
+@dataclass(frozen=True)
+class SqliteFile:
+    """One kind of file: `what` names it in errors ("state file", "outbox"), `hint` says
+    what to do about a damaged one, `synchronous` None keeps SQLite's default (FULL)."""
+
+    what: str
+    hint: str = ""
+    synchronous: Literal["NORMAL", "FULL"] | None = None
+
+
 def open_sqlite(
     path: Path | None,
+    kind: SqliteFile,
     *,
-    what: str,
-    hint: str = "",
-    synchronous: Literal["NORMAL", "FULL"] | None = None,
     init: Callable[[sqlite3.Connection], object] | None = None,
 ) -> sqlite3.Connection:
-    """Open `path` (None: in memory) and run `init` (schema) on it.
-
-    `what` names the file in errors ("state file", "outbox"); `hint` says what to do about a
-    damaged one. `synchronous` None keeps SQLite's default (FULL). Any SQLite or OS error on
-    the way closes the connection and raises `UnusableFile`.
-    """
+    """Open `path` (None: in memory) and run `init` (schema) on it. Any SQLite or OS error
+    on the way closes the connection and raises `UnusableFile`, named after `kind`."""
     db: sqlite3.Connection | None = None
     try:
         db = sqlite3.connect(
@@ -63,14 +68,14 @@ def open_sqlite(
         )
         if path is not None:
             db.execute("PRAGMA journal_mode=WAL")
-            if synchronous is not None:
-                db.execute(f"PRAGMA synchronous={synchronous}")
+            if kind.synchronous is not None:
+                db.execute(f"PRAGMA synchronous={kind.synchronous}")
         if init is not None:
             init(db)
     except (OSError, sqlite3.Error) as exc:
         if db is not None:
             db.close()
-        message = f"{what} {path}: unusable ({exc})" + (f"; {hint}" if hint else "")
+        message = f"{kind.what} {path}: unusable ({exc})" + (f"; {kind.hint}" if kind.hint else "")
         damaged = isinstance(exc, sqlite3.DatabaseError) and not isinstance(
             exc,
             sqlite3.OperationalError,  # locked, read-only, cannot open: not damage

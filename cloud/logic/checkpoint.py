@@ -215,6 +215,17 @@ class PassResult:
     rotated: bool
     mirror_bytes: int = 0  # the manifest's total size, when the pass saw all of it
 
+    @classmethod
+    def so_far(
+        cls, unproven_from: str, rotation_next: str, rotated: bool, before: VerifyCheckpoint | None
+    ) -> PassResult:
+        """A pass still under way and without a problem so far (a checkpoint saved mid-pass).
+        How many objects are unproven is not known until it has seen the whole manifest:
+        as of the last pass."""
+        last = before or VerifyCheckpoint()
+        objects, size = last.unproven_objects, last.unproven_bytes
+        return cls(False, False, unproven_from, objects, size, rotation_next, rotated)
+
 
 def advance(
     checkpoint: VerifyCheckpoint | None,

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from cloud.integrations.sqlite_file import UnusableFile, open_sqlite, transaction
+from cloud.integrations.sqlite_file import SqliteFile, UnusableFile, open_sqlite, transaction
 
 
 def test_a_write_is_seen_by_another_process_connection_on_return(tmp_path: Path) -> None:
     path = tmp_path / "x.sqlite"
-    db = open_sqlite(path, what="test file", init=lambda d: d.execute("CREATE TABLE t (v)"))
+    db = open_sqlite(path, SqliteFile("test file"), init=lambda d: d.execute("CREATE TABLE t (v)"))
     db.execute("INSERT INTO t VALUES (1)")
     other = sqlite3.connect(path)
     try:
@@ -24,7 +24,7 @@ def test_a_write_is_seen_by_another_process_connection_on_return(tmp_path: Path)
 
 
 def test_a_failed_transaction_rolls_back_and_later_writes_still_commit(tmp_path: Path) -> None:
-    db = open_sqlite(tmp_path / "x.sqlite", what="test file")
+    db = open_sqlite(tmp_path / "x.sqlite", SqliteFile("test file"))
     db.execute("CREATE TABLE t (v)")
     with pytest.raises(RuntimeError), transaction(db, immediate=True):
         db.execute("INSERT INTO t VALUES (1)")
@@ -39,7 +39,7 @@ def test_a_corrupt_file_is_named_with_what_to_do(tmp_path: Path) -> None:
     path = tmp_path / "x.sqlite"
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(UnusableFile) as err:
-        open_sqlite(path, what="state file", hint="move it away", synchronous="NORMAL")
+        open_sqlite(path, SqliteFile("state file", hint="move it away", synchronous="NORMAL"))
     assert str(err.value).startswith(f"state file {path}: unusable (")
     assert str(err.value).endswith("; move it away")
 
@@ -52,4 +52,4 @@ def test_an_error_in_init_closes_the_file_and_passes_through(tmp_path: Path) -> 
         raise Refused
 
     with pytest.raises(Refused):
-        open_sqlite(tmp_path / "x.sqlite", what="run store", init=init)
+        open_sqlite(tmp_path / "x.sqlite", SqliteFile("run store"), init=init)
