@@ -7,6 +7,7 @@ is still a design tie, and a cycle hidden in a function body is still a cycle.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,3 +145,25 @@ def test_cloud_layers_import_only_what_is_below_them() -> None:
         if _layer(b) not in LAYER_RULES[_layer(a)]
     )
     assert broken == []
+
+
+def _mapped_modules() -> set[str]:
+    """The modules docs/architecture.md's local_agent table names (its second column)."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    section = text.split("\n## local_agent\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|") for line in section.splitlines() if line.startswith("| ")]
+    named: set[str] = set()
+    for row in rows[1:]:  # after the header
+        named.update(re.findall(r"`([^`]+)`", row[2]))
+    return named
+
+
+def test_the_architecture_map_names_every_local_agent_module_and_no_other() -> None:
+    on_disk = {
+        path.relative_to(ROOT / "local_agent").with_suffix("").as_posix()
+        for path in (ROOT / "local_agent").rglob("*.py")
+        if path.name not in ("__init__.py", "__main__.py")
+    }
+    mapped = _mapped_modules()
+    assert sorted(mapped - on_disk) == [], "named in docs/architecture.md, not in local_agent/"
+    assert sorted(on_disk - mapped) == [], "in local_agent/, missing from docs/architecture.md"
