@@ -53,7 +53,6 @@ import logging
 import math
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +81,7 @@ from cloud.logic.verify import VerifyOptions
 from testbed.doubles.fanout import InMemoryFanoutStore
 from testbed.doubles.idempotency import InMemoryPersistenceLayer
 from testbed.doubles.runstore import InMemoryRunStore
+from testbed.lambda_events import FakeLambdaContext, event_body, sqs_record
 
 MiB = 1024**2
 GiB = 1024**3
@@ -358,29 +358,6 @@ def build_mirror(bucket: SimBucket, total_bytes: int, pack_bytes: int) -> Mirror
 # -- SQS and Lambda ------------------------------------------------------------------------
 
 
-@dataclass
-class SimContext:
-    """The Lambda context the shells get; its remaining time follows the timeline."""
-
-    timeline: Timeline
-    function_name: str
-    memory_limit_in_mb: int = 1024
-    function_version: str = "$LATEST"
-    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    log_stream_name: str = "sim"
-
-    @property
-    def invoked_function_arn(self) -> str:
-        return f"arn:aws:lambda:us-east-1:000000000000:function:{self.function_name}"
-
-    @property
-    def log_group_name(self) -> str:
-        return f"/aws/lambda/{self.function_name}"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return int(self.timeline.remaining_s() * 1000)
-
-
 @dataclass(order=True)
 class Message:
     available: float
@@ -391,46 +368,9 @@ class Message:
     receives: int = field(compare=False, default=0)
 
     def record(self) -> dict[str, Any]:
-        return {
-            "messageId": f"m-{self.seq}",
-            "receiptHandle": f"r-{self.seq}-{self.receives}",
-            "body": self.body,
-            "attributes": {
-                "ApproximateReceiveCount": str(self.receives),
-                "SentTimestamp": "1767268800000",
-                "SenderId": "SIM",
-                "ApproximateFirstReceiveTimestamp": "1767268800001",
-            },
-            "messageAttributes": {
-                name: {
-                    "stringValue": value,
-                    "dataType": "Number",
-                    "stringListValues": [],
-                    "binaryListValues": [],
-                }
-                for name, value in self.attributes.items()
-            },
-            "md5OfBody": hashlib.md5(self.body.encode(), usedforsecurity=False).hexdigest(),
-            "eventSource": "aws:sqs",
-            "eventSourceARN": f"arn:aws:sqs:us-east-1:000000000000:{self.queue}",
-            "awsRegion": "us-east-1",
-        }
-
-
-def eventbridge_body(detail: EventDetail) -> str:
-    return json.dumps(
-        {
-            "version": "0",
-            "id": str(uuid.uuid4()),
-            "detail-type": detail.DETAIL_TYPE.value,
-            "source": detail.SOURCE.value,
-            "account": "000000000000",
-            "time": "2026-11-01T12:00:00Z",
-            "region": "us-east-1",
-            "resources": [],
-            "detail": json.loads(detail.model_dump_json()),
-        }
-    )
+        return sqs_record(
+            self.body, f"m-{self.seq}", self.receives, queue=self.queue, attributes=self.attributes
+        )
 
 
 @dataclass
@@ -519,7 +459,7 @@ class SimCloud:
         self.published.extend(Published(self._now(), e) for e in events)
 
     def send_leg(self, event: MirrorCompleted, leg: int) -> None:
-        self.enqueue(VERIFY, eventbridge_body(event), {LEG_ATTRIBUTE: str(leg)})
+        self.enqueue(VERIFY, event_body(event), {LEG_ATTRIBUTE: str(leg)})
 
     def send_chunks(self, items: Sequence[ChunkWorkItem]) -> None:
         for item in items:
@@ -534,7 +474,7 @@ class SimCloud:
     def run(self, event: MirrorCompleted, limit: int = 100_000) -> None:
         """Deliver the agent's event, then every message the functions send, until the
         queues are empty."""
-        self.enqueue(VERIFY, eventbridge_body(event))
+        self.enqueue(VERIFY, event_body(event))
         for _ in range(limit):
             if not self._queue:
                 return
@@ -553,7 +493,10 @@ class SimCloud:
         )
         name = "verify" if message.queue == VERIFY else "verify-chunk"
         try:
-            response = shell({"Records": [message.record()]}, SimContext(timeline, name))
+            response = shell(
+                {"Records": [message.record()]},
+                FakeLambdaContext(name, 1024, remaining=lambda: int(timeline.remaining_s() * 1000)),
+            )
         finally:
             verify_handler.metrics.clear_metrics()
             chunk_handler.metrics.clear_metrics()

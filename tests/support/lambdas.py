@@ -12,10 +12,9 @@ import logging
 import os
 import random
 import sys
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,88 +30,17 @@ from cloud.contracts.events import EventDetail, ManifestRef, MirrorCompleted, Mi
 from cloud.contracts.ids import new_run_id
 from cloud.contracts.manifest import ManifestHeader, manifest_key
 from testbed.agent import agent_config_in, run_agent, upload_args
+from testbed.lambda_events import ACCOUNT as ACCOUNT  # re-exported for the handler tests
+from testbed.lambda_events import REGION, FakeLambdaContext, event_body, sqs_record
+from testbed.lambda_events import eventbridge_event as eventbridge_event  # re-exported
 from testbed.s3.endpoint import S3Endpoint
 
-REGION = "us-east-1"
-ACCOUNT = "123456789012"
 IDEMPOTENCY_TABLE = "backrest-relay-idempotency"
 RUNS_TABLE = "backrest-relay-runs"
 BUS = "backrest-relay"
 
 
-@dataclass
-class FakeLambdaContext:
-    """What Lambda passes as `context` (the parts powertools reads)."""
-
-    function_name: str = "backrest-relay"
-    memory_limit_in_mb: int = 256
-    remaining_ms: int = 120_000
-    function_version: str = "$LATEST"
-    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    log_stream_name: str = "2026/11/01/[$LATEST]abc"
-
-    @property
-    def invoked_function_arn(self) -> str:
-        return f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{self.function_name}"
-
-    @property
-    def log_group_name(self) -> str:
-        return f"/aws/lambda/{self.function_name}"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return self.remaining_ms
-
-
 # -- events in SQS records -------------------------------------------------------------------
-
-
-def eventbridge_event(
-    detail: EventDetail | Any,
-    *,
-    source: str | None = None,
-    detail_type: str | None = None,
-) -> dict[str, Any]:
-    """The event as an EventBridge rule delivers it to an SQS target (a contract model, or
-    any detail with an explicit source and detail type)."""
-    if isinstance(detail, EventDetail):
-        source = source or detail.SOURCE.value
-        detail_type = detail_type or detail.DETAIL_TYPE.value
-        detail = json.loads(detail.model_dump_json())
-    return {
-        "version": "0",
-        "id": str(uuid.uuid4()),
-        "detail-type": detail_type,
-        "source": source,
-        "account": ACCOUNT,
-        "time": "2026-11-01T12:00:00Z",
-        "region": REGION,
-        "resources": [],
-        "detail": detail,
-    }
-
-
-def event_body(event: EventDetail) -> str:
-    """The SQS body carrying `event`."""
-    return json.dumps(eventbridge_event(event))
-
-
-def sqs_record(body: str, message_id: str | None = None, receive_count: int = 1) -> dict[str, Any]:
-    return {
-        "messageId": message_id or str(uuid.uuid4()),
-        "receiptHandle": "AQEB" + uuid.uuid4().hex,
-        "body": body,
-        "attributes": {
-            "ApproximateReceiveCount": str(receive_count),
-            "SentTimestamp": "1767268800000",
-            "SenderId": "AIDAIENQZJOLO23YVJ4VO",
-            "ApproximateFirstReceiveTimestamp": "1767268800001",
-        },
-        "messageAttributes": {},
-        "md5OfBody": hashlib.md5(body.encode(errors="replace"), usedforsecurity=False).hexdigest(),
-        "eventSource": "aws:sqs",
-        "eventSourceARN": f"arn:aws:sqs:{REGION}:{ACCOUNT}:backrest-relay",
-        "awsRegion": REGION,
-    }
 
 
 def record_for(detail: EventDetail, message_id: str | None = None) -> dict[str, Any]:
