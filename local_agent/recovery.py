@@ -418,7 +418,7 @@ def run_recover(
     from cloud.contracts.ids import is_run_id
     from cloud.integrations.s3 import make_s3_client
     from cloud.integrations.s3_store import S3ObjectStore
-    from local_agent.pipeline import LocalPipeline
+    from local_agent.pipeline import open_run_store
 
     as_of, manifest, into = request.as_of, request.manifest, request.into
     dry_run, as_json = request.dry_run, request.json
@@ -438,7 +438,7 @@ def run_recover(
     lock = config.destination.object_lock
     if lock is not None:
         backend.lock = lock.policy().lock_at(clock())
-    runs = LocalPipeline(config, config.state.path()).runs()
+    runs = open_run_store(config.state.path())  # its history picks the states: never set aside
     try:
         states = list_states(backend, manifest_prefix, runs=runs, repo_key=identity.key)
         if moment is None and manifest is None:

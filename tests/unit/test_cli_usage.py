@@ -295,14 +295,23 @@ def test_verify_list_only_excludes_deep(tmp_path: Path, capsys: pytest.CaptureFi
 
 @pytest.mark.parametrize("damage", ["garbage", "a folder"])
 @pytest.mark.parametrize(
-    "command", [["verify", "--repo-id", "r1"], ["status"], ["status", "--check-stale"]]
+    "command",
+    [
+        ["verify", "--repo-id", "r1"],
+        ["status"],
+        ["status", "--check-stale"],
+        ["recover", "--repo-id", "r1"],
+        ["recover", "--repo-id", "r1", "--as-of", "1d", "--dry-run"],
+    ],
 )
 def test_an_unusable_run_store_is_a_named_error_not_an_unexpected_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], damage: str
 ) -> None:
     """runs.sqlite damaged or unopenable: exit 2 naming the file, like an unusable state
     file or outbox (it was exit 1, "unexpected error: RunStoreError", which asks for a bug
-    report); the file is left where it is (only the hook's run sets a damaged one aside)."""
+    report); the file is left where it is (only the hook's run sets a damaged one aside).
+    `recover` set a damaged one aside and went on without the history that tells it which
+    states verification found broken."""
     config = write_config(tmp_path)
     runs = tmp_path / "state" / "runs.sqlite"
     runs.parent.mkdir()
