@@ -41,19 +41,22 @@ def run_store_path(state_dir: Path) -> Path:
     return state_dir / "runs.sqlite"
 
 
-def open_run_store(state_dir: Path, *, set_aside_damaged: bool = False) -> SqliteRunStore:
+def open_run_store(
+    state_dir: Path, *, set_aside_damaged: bool = False, read_only: bool = False
+) -> SqliteRunStore:
     """The local run store (`status`, `verify` and the pipeline share it).
 
     `set_aside_damaged` (the hook's pipeline): a damaged file is moved aside and a fresh one
     started, because a hook run that dies on its own history would never alert again.
-    Otherwise an unusable file is a ConfigError naming it (exit 2, like the state file)."""
+    Otherwise an unusable file, or one a caller that writes (not `read_only`) may not
+    write, is a ConfigError naming it (exit 2, like the state file)."""
     from cloud.integrations.runstore_sqlite import RunStoreCorrupt, RunStoreError, SqliteRunStore
     from cloud.integrations.sqlite_file import set_aside
 
     path = run_store_path(state_dir)
     try:
         try:
-            return SqliteRunStore(path)
+            store = SqliteRunStore(path)
         except RunStoreCorrupt as exc:
             if not set_aside_damaged:
                 raise
@@ -64,7 +67,14 @@ def open_run_store(state_dir: Path, *, set_aside_damaged: bool = False) -> Sqlit
                 exc,
                 aside.name,
             )
-            return SqliteRunStore(path)
+            store = SqliteRunStore(path)
+        if not read_only:
+            try:
+                store.check_writable()
+            except RunStoreError:
+                store.close()
+                raise
+        return store
     except RunStoreError as exc:
         raise ConfigError(str(exc)) from None
 

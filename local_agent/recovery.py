@@ -438,7 +438,8 @@ def run_recover(
     lock = config.destination.object_lock
     if lock is not None:
         backend.lock = lock.policy().lock_at(clock())
-    runs = open_run_store(config.state.path())  # its history picks the states: never set aside
+    # Its history picks the states: read, never set aside.
+    runs = open_run_store(config.state.path(), read_only=True)
     try:
         states = list_states(backend, manifest_prefix, runs=runs, repo_key=identity.key)
         if moment is None and manifest is None:
