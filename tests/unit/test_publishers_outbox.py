@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from cloud.contracts.events import EventDetail, MirrorFailed, RepoRef
 from local_agent.events import RunContext, failed_event
 from local_agent.outbox import Outbox
 from local_agent.publishers import EventBridgePublisher, EventLog, PublishError
-from testbed.agent import agent_command, agent_env, write_agent_config
+from testbed.agent import run_agent, write_agent_config
 from testbed.s3.endpoint import S3Endpoint
 
 
@@ -129,15 +128,7 @@ def test_a_read_only_outbox_is_refused_up_front_naming_it(tmp_path: Path, comman
     config = write_agent_config(tmp_path / "relay.toml", endpoint, "bkt", state_dir=state)
     args = [command, "--repo-id", "home", "--config", str(config)]
     args += ["--error", "check failed"] if command == "report-failure" else ["--repo", "/nope"]
-    done = subprocess.run(
-        agent_command(args, honour_file_modes=True),
-        env=agent_env(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_agent(args, timeout=60, honour_file_modes=True)
     assert done.returncode == 2, done.stderr
     said = f"backrest-relay: error: outbox {state / 'outbox.sqlite'}: unusable (attempt to write"
     assert said in done.stderr, done.stderr

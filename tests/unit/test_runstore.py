@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -28,7 +27,7 @@ from cloud.integrations.runstore_dynamodb import (
 )
 from cloud.integrations.runstore_sqlite import SCHEMA_VERSION, RunStoreError, SqliteRunStore
 from cloud.logic.ports import RunKind, RunRecord, RunStatus, RunStore
-from testbed.agent import agent_command, agent_env, write_agent_config
+from testbed.agent import run_agent, write_agent_config
 from testbed.s3.endpoint import S3Endpoint
 from tests.support.doubles.runstore import InMemoryRunStore
 
@@ -562,15 +561,7 @@ def test_a_read_only_run_store_is_refused_by_the_commands_that_write_it(
     (state / "runs.sqlite").chmod(0o444)
     endpoint = S3Endpoint("http://127.0.0.1:9", "AKIDEXAMPLE", "relay-test-secret-key")
     config = write_agent_config(tmp_path / "relay.toml", endpoint, "bkt", state_dir=state)
-    done = subprocess.run(
-        agent_command([*command, "--config", str(config)], honour_file_modes=True),
-        env=agent_env(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_agent([*command, "--config", str(config)], timeout=60, honour_file_modes=True)
     assert done.returncode == code, done.stderr
     if code:
         said = f"backrest-relay: error: run store {state / 'runs.sqlite'}: unusable (attempt to"
