@@ -120,13 +120,13 @@ def parse_as_of(text: str, now: float) -> datetime:
         moment = datetime.fromisoformat(stripped)
     except ValueError:
         try:
-            seconds = parse_duration(stripped)
-        except ValueError:
+            # A duration so long ago that it is before year 1 is as bad as no duration.
+            return datetime.fromtimestamp(now - parse_duration(stripped), UTC)
+        except (ValueError, OverflowError, OSError):
             raise ConfigError(
                 f"--as-of {text!r}: expected a time like 2026-12-06T20:00:00Z or a "
                 "duration ago like 3d"
             ) from None
-        return datetime.fromtimestamp(now - seconds, UTC)
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 

@@ -326,6 +326,21 @@ def test_an_unusable_run_store_is_a_named_error_not_an_unexpected_one(
     assert runs.exists()
 
 
+@pytest.mark.parametrize("as_of", ["yesterday", "10000000d", "1000000000000000000d"])
+def test_recover_refuses_a_time_it_cannot_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], as_of: str
+) -> None:
+    """--as-of a duration so long ago it is before year 1 was exit 1, "unexpected error:
+    ValueError: year -25353 is out of range" (OverflowError further out): a bad time is a
+    usage error, exit 2, before any request."""
+    config = write_config(tmp_path)
+    code = main(["recover", "--config", str(config), "--repo-id", "r1", "--as-of", as_of])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"--as-of {as_of!r}: expected a time like" in err
+    assert "unexpected" not in err
+
+
 def test_manifest_prefix_inside_repository_prefix_is_refused_before_any_request(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
