@@ -535,6 +535,7 @@ def verify_manifest_resumable(
     outcome = MirrorVerifier(store, destination, call_options).verify(key, expected)
     objects = cursor.objects_read + outcome.stats.deep_checked
     size = cursor.bytes_read + outcome.stats.bytes_read
+    new_read = cursor.new_read + outcome.stats.deep_checked_new
     # (Complete as far as the checkpoint goes, a pass may still have skipped an older
     # object's read at the limit: `read_from` says so.)
     unfinished = not outcome.complete or outcome.read_from != PROVEN_ALL
@@ -552,6 +553,7 @@ def verify_manifest_resumable(
             objects_read=objects,
             bytes_read=size,
             calls=cursor.calls + 1,
+            new_read=new_read,
         )
         runs.save_checkpoint(repo.key, name, saved.to_dict())
         return ManifestVerification(
@@ -559,7 +561,9 @@ def verify_manifest_resumable(
         )
     if cursor.calls:
         runs.save_checkpoint(repo.key, name, {})  # done: the next verify starts afresh
-    outcome.stats = outcome.stats.model_copy(update={"deep_checked": objects, "bytes_read": size})
+    outcome.stats = outcome.stats.model_copy(
+        update={"deep_checked": objects, "deep_checked_new": new_read, "bytes_read": size}
+    )
     result = _manifest_result(
         key, outcome, repo=repo, destination=destination, reports=reports, runs=runs,
         started_at=started_at, run_id=run_id,

@@ -287,6 +287,7 @@ class ManifestCursor:
     objects_read: int = 0
     bytes_read: int = 0
     calls: int = 0
+    new_read: int = 0  # of `objects_read`, the manifest's new objects
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": CHECKPOINT_VERSION, "kind": "manifest-cursor", **self.__dict__}
@@ -306,6 +307,7 @@ class ManifestCursor:
             objects_read=int(data.get("objects_read", 0)),
             bytes_read=int(data.get("bytes_read", 0)),
             calls=int(data.get("calls", 0)),
+            new_read=int(data.get("new_read", 0)),
         )
 
 
