@@ -267,6 +267,7 @@ def verify_checkpointed(
             # A Lambda chain's verdict counts the reads of its earlier legs too.
             "deep_checked": outcome.stats.deep_checked + saver.tally[0],
             "bytes_read": outcome.stats.bytes_read + saver.tally[1],
+            "deep_checked_new": outcome.stats.deep_checked_new + saver.tally[3],
         }
     )
     result = _result_for(event, outcome, started_at=now, host=host, report_key=report_key)
@@ -367,6 +368,7 @@ def verify_leg(
             chain_objects=checked.checkpoint.chain_objects + stats.deep_checked,
             chain_bytes=checked.checkpoint.chain_bytes + stats.bytes_read,
             chain_new_bytes=checked.checkpoint.chain_new_bytes + checked.new_bytes_read,
+            chain_new_objects=checked.checkpoint.chain_new_objects + stats.deep_checked_new,
         ).to_dict(),
     )
     continuations.send(event, following)
@@ -390,13 +392,18 @@ class _ProgressSaver:
         self.runs, self.repo_key, self.name = runs, repo_key, name
         self.before, self.plan, self.event, self.now, self.chain = before, plan, event, now, chain
         self.superseded = False
-        # What this chain's earlier legs read: objects, bytes, new objects' bytes (a new
-        # chain starts from nothing).
+        # What this chain's earlier legs read: objects, bytes, new objects' bytes, new
+        # objects (a new chain starts from nothing).
         same_chain = chain is not None and before is not None and before.chain == chain[0]
         self.tally = (
-            (before.chain_objects, before.chain_bytes, before.chain_new_bytes)
+            (
+                before.chain_objects,
+                before.chain_bytes,
+                before.chain_new_bytes,
+                before.chain_new_objects,
+            )
             if same_chain and before
-            else (0, 0, 0)
+            else (0, 0, 0, 0)
         )
 
     def owned(self, checkpoint: VerifyCheckpoint) -> VerifyCheckpoint:
@@ -410,6 +417,7 @@ class _ProgressSaver:
             chain_objects=self.tally[0],
             chain_bytes=self.tally[1],
             chain_new_bytes=self.tally[2],
+            chain_new_objects=self.tally[3],
         )
 
     def claim(self) -> None:
