@@ -59,6 +59,14 @@ class FlushResult:
     error: str | None = None
 
 
+def _init(db: sqlite3.Connection) -> None:
+    """The schema, then a write that changes nothing: every run adds an event, so a file
+    SQLite opened read-only (its mode, its owner) is refused here, by name, before the run."""
+    db.executescript(_SCHEMA)
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    db.execute(f"PRAGMA user_version = {version}")
+
+
 class Outbox:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -83,7 +91,7 @@ class Outbox:
 
     @staticmethod
     def _open(path: Path) -> sqlite3.Connection:
-        return open_sqlite(path, OUTBOX_FILE, init=lambda db: db.executescript(_SCHEMA))
+        return open_sqlite(path, OUTBOX_FILE, init=_init)
 
     def close(self) -> None:
         self._db.close()

@@ -19,6 +19,7 @@ from cloud.contracts.events import EventDetail, MirrorCompleted, MirrorFailed
 from cloud.logic.ports import ChannelError, NotificationChannel
 from cloud.logic.verification import mirror_run_record
 from cloud.logic.verify import VerifyOptions
+from local_agent.errors import ConfigError
 from local_agent.progress import Progress
 from local_agent.publishers import (
     EventBridgePublisher,
@@ -40,28 +41,42 @@ def run_store_path(state_dir: Path) -> Path:
     return state_dir / "runs.sqlite"
 
 
-def open_run_store(state_dir: Path, *, set_aside_damaged: bool = False) -> SqliteRunStore:
+def open_run_store(
+    state_dir: Path, *, set_aside_damaged: bool = False, read_only: bool = False
+) -> SqliteRunStore:
     """The local run store (`status`, `verify` and the pipeline share it).
 
     `set_aside_damaged` (the hook's pipeline): a damaged file is moved aside and a fresh one
-    started, because a hook run that dies on its own history would never alert again."""
-    from cloud.integrations.runstore_sqlite import RunStoreCorrupt, SqliteRunStore
+    started, because a hook run that dies on its own history would never alert again.
+    Otherwise an unusable file, or one a caller that writes (not `read_only`) may not
+    write, is a ConfigError naming it (exit 2, like the state file)."""
+    from cloud.integrations.runstore_sqlite import RunStoreCorrupt, RunStoreError, SqliteRunStore
     from cloud.integrations.sqlite_file import set_aside
 
     path = run_store_path(state_dir)
     try:
-        return SqliteRunStore(path)
-    except RunStoreCorrupt as exc:
-        if not set_aside_damaged:
-            raise
-        aside = set_aside(path)
-        log.warning(
-            "%s; set aside as %s, starting a fresh history (checkpoints and alert state are "
-            "lost: the next pass may read new objects again)",
-            exc,
-            aside.name,
-        )
-        return SqliteRunStore(path)
+        try:
+            store = SqliteRunStore(path)
+        except RunStoreCorrupt as exc:
+            if not set_aside_damaged:
+                raise
+            aside = set_aside(path)
+            log.warning(
+                "%s; set aside as %s, starting a fresh history (checkpoints and alert state "
+                "are lost: the next pass may read new objects again)",
+                exc,
+                aside.name,
+            )
+            store = SqliteRunStore(path)
+        if not read_only:
+            try:
+                store.check_writable()
+            except RunStoreError:
+                store.close()
+                raise
+        return store
+    except RunStoreError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def event_log(state_dir: Path) -> EventLog:

@@ -120,13 +120,13 @@ def parse_as_of(text: str, now: float) -> datetime:
         moment = datetime.fromisoformat(stripped)
     except ValueError:
         try:
-            seconds = parse_duration(stripped)
-        except ValueError:
+            # A duration so long ago that it is before year 1 is as bad as no duration.
+            return datetime.fromtimestamp(now - parse_duration(stripped), UTC)
+        except (ValueError, OverflowError, OSError):
             raise ConfigError(
                 f"--as-of {text!r}: expected a time like 2026-12-06T20:00:00Z or a "
                 "duration ago like 3d"
             ) from None
-        return datetime.fromtimestamp(now - seconds, UTC)
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
@@ -418,7 +418,7 @@ def run_recover(
     from cloud.contracts.ids import is_run_id
     from cloud.integrations.s3 import make_s3_client
     from cloud.integrations.s3_store import S3ObjectStore
-    from local_agent.pipeline import LocalPipeline
+    from local_agent.pipeline import open_run_store
 
     as_of, manifest, into = request.as_of, request.manifest, request.into
     dry_run, as_json = request.dry_run, request.json
@@ -438,7 +438,8 @@ def run_recover(
     lock = config.destination.object_lock
     if lock is not None:
         backend.lock = lock.policy().lock_at(clock())
-    runs = LocalPipeline(config, config.state.path()).runs()
+    # Its history picks the states: read, never set aside.
+    runs = open_run_store(config.state.path(), read_only=True)
     try:
         states = list_states(backend, manifest_prefix, runs=runs, repo_key=identity.key)
         if moment is None and manifest is None:

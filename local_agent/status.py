@@ -124,7 +124,7 @@ def run_status(
     from local_agent.pipeline import open_run_store
 
     now = now or datetime.now(UTC)
-    runs = open_run_store(config.state.path())
+    runs = open_run_store(config.state.path(), read_only=not check_stale)
     max_age_for = staleness_window(config)
     silence = None
     if check_stale:

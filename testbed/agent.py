@@ -157,10 +157,12 @@ def run_agent(
     env: Mapping[str, str] | None = None,
     timeout: float = 300,
     cwd: Path | None = None,
+    honour_file_modes: bool = False,
 ) -> AgentResult:
-    """Run `backrest-relay ARGS` as a separate process, as Backrest would."""
+    """Run `backrest-relay ARGS` as a separate process, as Backrest would
+    (`honour_file_modes`: see `agent_command`)."""
     proc = subprocess.run(
-        agent_command(args),
+        agent_command(args, honour_file_modes=honour_file_modes),
         env=agent_env(env),
         stdin=subprocess.DEVNULL,
         capture_output=True,

@@ -267,6 +267,7 @@ def verify_checkpointed(
             # A Lambda chain's verdict counts the reads of its earlier legs too.
             "deep_checked": outcome.stats.deep_checked + saver.tally[0],
             "bytes_read": outcome.stats.bytes_read + saver.tally[1],
+            "deep_checked_new": outcome.stats.deep_checked_new + saver.tally[3],
         }
     )
     result = _result_for(event, outcome, started_at=now, host=host, report_key=report_key)
@@ -367,6 +368,7 @@ def verify_leg(
             chain_objects=checked.checkpoint.chain_objects + stats.deep_checked,
             chain_bytes=checked.checkpoint.chain_bytes + stats.bytes_read,
             chain_new_bytes=checked.checkpoint.chain_new_bytes + checked.new_bytes_read,
+            chain_new_objects=checked.checkpoint.chain_new_objects + stats.deep_checked_new,
         ).to_dict(),
     )
     continuations.send(event, following)
@@ -390,13 +392,18 @@ class _ProgressSaver:
         self.runs, self.repo_key, self.name = runs, repo_key, name
         self.before, self.plan, self.event, self.now, self.chain = before, plan, event, now, chain
         self.superseded = False
-        # What this chain's earlier legs read: objects, bytes, new objects' bytes (a new
-        # chain starts from nothing).
+        # What this chain's earlier legs read: objects, bytes, new objects' bytes, new
+        # objects (a new chain starts from nothing).
         same_chain = chain is not None and before is not None and before.chain == chain[0]
         self.tally = (
-            (before.chain_objects, before.chain_bytes, before.chain_new_bytes)
+            (
+                before.chain_objects,
+                before.chain_bytes,
+                before.chain_new_bytes,
+                before.chain_new_objects,
+            )
             if same_chain and before
-            else (0, 0, 0)
+            else (0, 0, 0, 0)
         )
 
     def owned(self, checkpoint: VerifyCheckpoint) -> VerifyCheckpoint:
@@ -410,6 +417,7 @@ class _ProgressSaver:
             chain_objects=self.tally[0],
             chain_bytes=self.tally[1],
             chain_new_bytes=self.tally[2],
+            chain_new_objects=self.tally[3],
         )
 
     def claim(self) -> None:
@@ -535,6 +543,7 @@ def verify_manifest_resumable(
     outcome = MirrorVerifier(store, destination, call_options).verify(key, expected)
     objects = cursor.objects_read + outcome.stats.deep_checked
     size = cursor.bytes_read + outcome.stats.bytes_read
+    new_read = cursor.new_read + outcome.stats.deep_checked_new
     # (Complete as far as the checkpoint goes, a pass may still have skipped an older
     # object's read at the limit: `read_from` says so.)
     unfinished = not outcome.complete or outcome.read_from != PROVEN_ALL
@@ -552,6 +561,7 @@ def verify_manifest_resumable(
             objects_read=objects,
             bytes_read=size,
             calls=cursor.calls + 1,
+            new_read=new_read,
         )
         runs.save_checkpoint(repo.key, name, saved.to_dict())
         return ManifestVerification(
@@ -559,7 +569,9 @@ def verify_manifest_resumable(
         )
     if cursor.calls:
         runs.save_checkpoint(repo.key, name, {})  # done: the next verify starts afresh
-    outcome.stats = outcome.stats.model_copy(update={"deep_checked": objects, "bytes_read": size})
+    outcome.stats = outcome.stats.model_copy(
+        update={"deep_checked": objects, "deep_checked_new": new_read, "bytes_read": size}
+    )
     result = _manifest_result(
         key, outcome, repo=repo, destination=destination, reports=reports, runs=runs,
         started_at=started_at, run_id=run_id,

@@ -177,6 +177,17 @@ class SqliteRunStore:
                 (str(SCHEMA_VERSION),),
             )
 
+    def check_writable(self) -> None:
+        """A write that changes nothing. SQLite opens a file it may not write read-only
+        without a word; a command that writes the history learns it here, by name, rather
+        than from its first record mid-run."""
+        with self._lock:
+            try:
+                version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+                self._db.execute(f"PRAGMA user_version = {version}")
+            except sqlite3.Error as exc:
+                raise RunStoreError(f"run store {self.path}: unusable ({exc})") from None
+
     def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         """Callers hold `_lock`."""
         return transaction(self._db, immediate=True)

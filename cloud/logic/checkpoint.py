@@ -50,6 +50,8 @@ class VerifyCheckpoint:
     # Of `chain_bytes`, the new objects' (not the rotation's): the chain's legs share one
     # `new_bytes_budget`, each gets what the earlier ones left.
     chain_new_bytes: int = 0
+    # Of `chain_objects`, the manifest's new objects (the verdict's `deep_checked_new`).
+    chain_new_objects: int = 0
     # Bytes the mirror's manifest lists, as of the last pass (sizes the rotation slice
     # when `rotation_days` is set).
     mirror_bytes: int = 0
@@ -74,6 +76,7 @@ class VerifyCheckpoint:
             "chain_objects": self.chain_objects,
             "chain_bytes": self.chain_bytes,
             "chain_new_bytes": self.chain_new_bytes,
+            "chain_new_objects": self.chain_new_objects,
             "mirror_bytes": self.mirror_bytes,
         }
 
@@ -100,6 +103,7 @@ class VerifyCheckpoint:
             chain_objects=int(data.get("chain_objects", 0)),
             chain_bytes=int(data.get("chain_bytes", 0)),
             chain_new_bytes=int(data.get("chain_new_bytes", 0)),
+            chain_new_objects=int(data.get("chain_new_objects", 0)),
             mirror_bytes=int(data.get("mirror_bytes", 0)),
         )
 
@@ -287,6 +291,7 @@ class ManifestCursor:
     objects_read: int = 0
     bytes_read: int = 0
     calls: int = 0
+    new_read: int = 0  # of `objects_read`, the manifest's new objects
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": CHECKPOINT_VERSION, "kind": "manifest-cursor", **self.__dict__}
@@ -306,6 +311,7 @@ class ManifestCursor:
             objects_read=int(data.get("objects_read", 0)),
             bytes_read=int(data.get("bytes_read", 0)),
             calls=int(data.get("calls", 0)),
+            new_read=int(data.get("new_read", 0)),
         )
 
 

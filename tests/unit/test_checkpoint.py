@@ -299,6 +299,7 @@ def test_the_verify_command_continues_where_its_time_limit_stopped_it() -> None:
     reads = mirror.object_reads()
     assert sorted(reads) == sorted(planned), "each planned object read exactly once"
     assert result.stats.deep_checked == len(planned)  # counted over every call
+    assert result.stats.deep_checked_new == len(new)  # so are the new objects among them
     # Done: the next verify starts afresh (and reads everything planned again).
     again = verify_manifest_resumable(
         b.manifest.key, expected_sha256=b.manifest.sha256, repo=REPO, destination=DEST,

@@ -293,6 +293,54 @@ def test_verify_list_only_excludes_deep(tmp_path: Path, capsys: pytest.CaptureFi
     assert "--list-only" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", ["garbage", "a folder"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["verify", "--repo-id", "r1"],
+        ["status"],
+        ["status", "--check-stale"],
+        ["recover", "--repo-id", "r1"],
+        ["recover", "--repo-id", "r1", "--as-of", "1d", "--dry-run"],
+    ],
+)
+def test_an_unusable_run_store_is_a_named_error_not_an_unexpected_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], damage: str
+) -> None:
+    """runs.sqlite damaged or unopenable: exit 2 naming the file, like an unusable state
+    file or outbox (it was exit 1, "unexpected error: RunStoreError", which asks for a bug
+    report); the file is left where it is (only the hook's run sets a damaged one aside).
+    `recover` set a damaged one aside and went on without the history that tells it which
+    states verification found broken."""
+    config = write_config(tmp_path)
+    runs = tmp_path / "state" / "runs.sqlite"
+    runs.parent.mkdir()
+    if damage == "garbage":
+        runs.write_bytes(b"not a database, " * 512)
+    else:
+        runs.mkdir()
+    assert main([*command, "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"backrest-relay: error: run store {runs}: unusable (" in err
+    assert "unexpected" not in err
+    assert runs.exists()
+
+
+@pytest.mark.parametrize("as_of", ["yesterday", "10000000d", "1000000000000000000d"])
+def test_recover_refuses_a_time_it_cannot_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], as_of: str
+) -> None:
+    """--as-of a duration so long ago it is before year 1 was exit 1, "unexpected error:
+    ValueError: year -25353 is out of range" (OverflowError further out): a bad time is a
+    usage error, exit 2, before any request."""
+    config = write_config(tmp_path)
+    code = main(["recover", "--config", str(config), "--repo-id", "r1", "--as-of", as_of])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"--as-of {as_of!r}: expected a time like" in err
+    assert "unexpected" not in err
+
+
 def test_manifest_prefix_inside_repository_prefix_is_refused_before_any_request(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -13,6 +13,8 @@ from cloud.contracts.events import EventDetail, MirrorFailed, RepoRef
 from local_agent.events import RunContext, failed_event
 from local_agent.outbox import Outbox
 from local_agent.publishers import EventBridgePublisher, EventLog, PublishError
+from testbed.agent import run_agent, write_agent_config
+from testbed.s3.endpoint import S3Endpoint
 
 
 def event(n: int) -> MirrorFailed:
@@ -111,3 +113,22 @@ def test_event_log_appends_json_lines(tmp_path: Path) -> None:
     log(event(2))
     lines = (tmp_path / "events.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"run-002"' in lines[1]
+
+
+@pytest.mark.parametrize("command", ["report-failure", "upload"])
+def test_a_read_only_outbox_is_refused_up_front_naming_it(tmp_path: Path, command: str) -> None:
+    """outbox.sqlite read-only (restored as another user, chmod): the event could not be
+    kept, and the run ended with exit 1 "unexpected error: OperationalError: attempt to
+    write a readonly database", naming no file — an upload only after mirroring. Now the
+    outbox is found unwritable when opened: exit 2 naming it, before anything else."""
+    state = tmp_path / "state"
+    Outbox(state / "outbox.sqlite").close()
+    (state / "outbox.sqlite").chmod(0o444)
+    endpoint = S3Endpoint("http://127.0.0.1:9", "AKIDEXAMPLE", "relay-test-secret-key")
+    config = write_agent_config(tmp_path / "relay.toml", endpoint, "bkt", state_dir=state)
+    args = [command, "--repo-id", "home", "--config", str(config)]
+    args += ["--error", "check failed"] if command == "report-failure" else ["--repo", "/nope"]
+    done = run_agent(args, timeout=60, honour_file_modes=True)
+    assert done.returncode == 2, done.stderr
+    said = f"backrest-relay: error: outbox {state / 'outbox.sqlite'}: unusable (attempt to write"
+    assert said in done.stderr, done.stderr

@@ -27,6 +27,8 @@ from cloud.integrations.runstore_dynamodb import (
 )
 from cloud.integrations.runstore_sqlite import SCHEMA_VERSION, RunStoreError, SqliteRunStore
 from cloud.logic.ports import RunKind, RunRecord, RunStatus, RunStore
+from testbed.agent import run_agent, write_agent_config
+from testbed.s3.endpoint import S3Endpoint
 from tests.support.doubles.runstore import InMemoryRunStore
 
 REPO = "a" * 64
@@ -535,3 +537,32 @@ def test_dynamodb_other_failures_propagate(dynamo: Any, monkeypatch: pytest.Monk
     assert store.latest_verified(REPO) is None
     with pytest.raises(ClientError):
         DynamoRunStore("no-such-table", client=dynamo).record(make_run())
+
+
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        (["verify", "--repo-id", "home"], 2),
+        (["status", "--check-stale"], 2),
+        (["status", "--forget", "home"], 2),
+        (["status"], 0),  # only reads: a read-only history can still be shown
+    ],
+)
+def test_a_read_only_run_store_is_refused_by_the_commands_that_write_it(
+    tmp_path: Path, command: list[str], code: int
+) -> None:
+    """runs.sqlite read-only (restored as another user, chmod): SQLite opens it read-only
+    without a word, and the first write failed mid-run with exit 1 "unexpected error:
+    OperationalError: attempt to write a readonly database", naming no file (a local-mode
+    hook run after mirroring, without its verification recorded or announced). A command
+    that writes the run store now finds out when it opens it: exit 2 naming the file."""
+    state = tmp_path / "state"
+    SqliteRunStore(state / "runs.sqlite").close()
+    (state / "runs.sqlite").chmod(0o444)
+    endpoint = S3Endpoint("http://127.0.0.1:9", "AKIDEXAMPLE", "relay-test-secret-key")
+    config = write_agent_config(tmp_path / "relay.toml", endpoint, "bkt", state_dir=state)
+    done = run_agent([*command, "--config", str(config)], timeout=60, honour_file_modes=True)
+    assert done.returncode == code, done.stderr
+    if code:
+        said = f"backrest-relay: error: run store {state / 'runs.sqlite'}: unusable (attempt to"
+        assert said in done.stderr, done.stderr

@@ -229,6 +229,7 @@ def test_a_mirror_larger_than_one_invocation_is_verified_across_several(world: W
     assert isinstance(result, MirrorVerified) and result.mirror_run_id == event.run_id
     assert result.stats.unproven_objects == 0
     assert result.stats.deep_checked == len(keys), "the verdict counts every leg's reads"
+    assert result.stats.deep_checked_new == len(keys), "new objects too (all are new here)"
     assert result.stats.bytes_read == sum(len(world.store.objects[k]) for k in keys)
     done = checkpoint(world)
     assert done is not None and done.verified and not done.pending
