@@ -18,7 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.contracts.events import EventDetail, parse_detail
-from cloud.integrations.sqlite_file import SqliteFile, UnusableFile, open_sqlite, set_aside
+from cloud.integrations.sqlite_file import (
+    SqliteFile,
+    UnusableFile,
+    check_writable,
+    open_sqlite,
+    set_aside,
+)
 from local_agent.errors import ConfigError
 from local_agent.publishers import Publisher, PublishError
 
@@ -63,8 +69,7 @@ def _init(db: sqlite3.Connection) -> None:
     """The schema, then a write that changes nothing: every run adds an event, so a file
     SQLite opened read-only (its mode, its owner) is refused here, by name, before the run."""
     db.executescript(_SCHEMA)
-    version = int(db.execute("PRAGMA user_version").fetchone()[0])
-    db.execute(f"PRAGMA user_version = {version}")
+    check_writable(db)
 
 
 class Outbox:

@@ -29,7 +29,13 @@ from cloud.integrations.runstore_codec import (
     parse_kind,
     parse_status,
 )
-from cloud.integrations.sqlite_file import SqliteFile, UnusableFile, open_sqlite, transaction
+from cloud.integrations.sqlite_file import (
+    SqliteFile,
+    UnusableFile,
+    check_writable,
+    open_sqlite,
+    transaction,
+)
 from cloud.logic.ports import RepoStatus, RunRecord
 
 SCHEMA_VERSION = 1
@@ -178,13 +184,11 @@ class SqliteRunStore:
             )
 
     def check_writable(self) -> None:
-        """A write that changes nothing. SQLite opens a file it may not write read-only
-        without a word; a command that writes the history learns it here, by name, rather
-        than from its first record mid-run."""
+        """RunStoreError naming the file when this process may not write it (see
+        `sqlite_file.check_writable`)."""
         with self._lock:
             try:
-                version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-                self._db.execute(f"PRAGMA user_version = {version}")
+                check_writable(self._db)
             except sqlite3.Error as exc:
                 raise RunStoreError(f"run store {self.path}: unusable ({exc})") from None
 

@@ -88,6 +88,14 @@ def open_sqlite(
     return db
 
 
+def check_writable(db: sqlite3.Connection) -> None:
+    """A write that changes nothing. SQLite opens a file it may not write (its mode, its
+    owner) read-only without a word; a caller that will write learns it here, before it
+    starts work, instead of from its first write mid-run."""
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    db.execute(f"PRAGMA user_version = {version}")
+
+
 @contextmanager
 def transaction(db: sqlite3.Connection, *, immediate: bool = False) -> Iterator[sqlite3.Connection]:
     """All or nothing; a failure rolls back so later writes are not swallowed by an open
