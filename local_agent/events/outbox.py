@@ -20,7 +20,7 @@ from pathlib import Path
 from cloud.contracts.events import EventDetail, parse_detail
 from cloud.integrations.sqlite_file import SqliteFile, UnusableFile, open_sqlite, set_aside
 from local_agent.errors import ConfigError
-from local_agent.publishers import Publisher, PublishError
+from local_agent.events.publishers import Publisher, PublishError
 
 log = logging.getLogger(__name__)
 
