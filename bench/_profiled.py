@@ -49,7 +49,7 @@ def main() -> int:
     main_profile.enable()
     code = 1
     try:
-        from local_agent.cli import main as cli_main  # its imports are part of the cost
+        from local_agent.cli.main import main as cli_main  # its imports are part of the cost
 
         code = cli_main(argv)
     finally:

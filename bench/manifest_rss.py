@@ -28,9 +28,9 @@ import json, resource, sys, time
 from pathlib import Path
 from cloud.contracts.destination import Destination
 from cloud.integrations.s3 import S3Access
-from local_agent.backend import Backend
-from local_agent.manifest import ManifestWriter
-from local_agent.state import StateStore
+from local_agent.mirror.backend import Backend
+from local_agent.events.manifest import ManifestWriter
+from local_agent.mirror.state import StateStore
 args = json.loads(sys.argv[1])
 dest = Destination(
     provider="s3", endpoint_url=args["url"], bucket=args["bucket"], prefix="restic/bench"
@@ -53,7 +53,7 @@ print(json.dumps({"seconds": time.monotonic() - started, "objects": ref.objects,
 
 
 def fill_state(path: Path, objects: int) -> None:
-    from local_agent.state import RemoteObject, StateStore
+    from local_agent.mirror.state import RemoteObject, StateStore
 
     state = StateStore(path)
     batch = []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cloud.contracts.destination import Destination
 from cloud.integrations.s3 import S3Access
-from local_agent.backend import Backend
+from local_agent.mirror.backend import Backend
 from testbed.s3.rclone import RcloneS3Server
 
 BODY_SIZE = 4096

@@ -484,7 +484,7 @@ def _where_the_time_goes(put_cost: dict[str, float]) -> list[str]:
         "header parsing through the `email` package — about 3 ms of CPU per request, spent "
         "under the GIL, so eight threads did not help (S2 was 2.1× rclone sync, S1 1.7×).",
         "",
-        "The cure (local_agent/object_writer.py on cloud/integrations' sigv4.py, http1.py): "
+        "The cure (local_agent/mirror/object_writer.py on cloud/integrations' sigv4.py, http1.py): "
         "the agent signs single "
         "PUTs itself — the payload hash SigV4 wants is the SHA-256 the file is already named "
         "and checked by — and sends them on one kept-alive HTTP/1.1 connection per thread, "

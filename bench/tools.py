@@ -245,7 +245,7 @@ class Ours(Tool):
         if not stores:
             return
         from local_agent.config import load_config
-        from local_agent.state import state_file_name
+        from local_agent.mirror.state import state_file_name
 
         loaded = load_config(str(config), env={})
         destination = loaded.config.destination_for(repo_id=REPO_ID, repo_guid=None)

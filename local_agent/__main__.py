@@ -2,6 +2,6 @@
 
 import sys
 
-from local_agent.cli import main
+from local_agent.cli.main import main
 
 sys.exit(main())

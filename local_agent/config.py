@@ -35,7 +35,7 @@ from cloud.contracts.manifest import (
 )
 from cloud.integrations.s3 import S3Access
 from local_agent.errors import ConfigError
-from local_agent.objectlock import ObjectLockPolicy
+from local_agent.mirror.objectlock import ObjectLockPolicy
 from local_agent.units import parse_duration, parse_rate, parse_size
 
 ENV_PREFIX = "BACKREST_RELAY_"

@@ -40,9 +40,9 @@ from cloud.logic.verify import (
     VerifyOptions,
     expected_sha256,
 )
-from local_agent.backend import Backend, ObjectVersion
 from local_agent.errors import ConfigError, ExitCode, RelayError
-from local_agent.repository import DELETE_ORDER, UPLOAD_ORDER, Kind, kind_of_key
+from local_agent.mirror.backend import Backend, ObjectVersion
+from local_agent.mirror.repository import DELETE_ORDER, UPLOAD_ORDER, Kind, kind_of_key
 from local_agent.units import parse_duration
 
 if TYPE_CHECKING:
@@ -418,7 +418,7 @@ def run_recover(
     from cloud.contracts.ids import is_run_id
     from cloud.integrations.s3 import make_s3_client
     from cloud.integrations.s3_store import S3ObjectStore
-    from local_agent.pipeline import open_run_store
+    from local_agent.events.pipeline import open_run_store
 
     as_of, manifest, into = request.as_of, request.manifest, request.into
     dry_run, as_json = request.dry_run, request.json
@@ -521,7 +521,7 @@ def _forget_reconciled(
 ) -> None:
     """The next upload must re-read the bucket once: what this host's state store
     believes is there no longer holds after an in-place recovery."""
-    from local_agent.state import StateStore, state_file_name
+    from local_agent.mirror.state import StateStore, state_file_name
 
     if repo_guid:
         path = config.state.path() / state_file_name(destination, repo_guid)

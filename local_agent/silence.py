@@ -19,7 +19,7 @@ from cloud.contracts.events import MirrorStale, RepoRef
 from cloud.integrations.redact import REDACTOR
 from cloud.logic.watchdog import DEFAULT_REPEAT
 from local_agent.errors import ConfigError, RelayError
-from local_agent.pipeline import channels_for_repo, event_log
+from local_agent.events.pipeline import channels_for_repo, event_log
 from local_agent.units import format_duration, plural
 
 if TYPE_CHECKING:

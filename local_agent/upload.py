@@ -25,22 +25,22 @@ from cloud.contracts.events import (
     RepoRef,
     VerificationStats,
 )
-from local_agent.backend import Backend
 from local_agent.config import RelayConfig
-from local_agent.deadline import StopSignal, start_hard_stop
 from local_agent.errors import ExitCode, RelayError
-from local_agent.events import RunContext, completed_event, failed_event
+from local_agent.events.completion import RunContext, completed_event, failed_event
+from local_agent.events.manifest import ManifestWriter
+from local_agent.events.outbox import FlushResult, Outbox
+from local_agent.events.pipeline import make_publisher
+from local_agent.events.publishers import Publisher
 from local_agent.identity import ResolvedRepo
-from local_agent.manifest import ManifestWriter
-from local_agent.mirror import MirrorOptions, MirrorRun, MirrorSummary
-from local_agent.outbox import FlushResult, Outbox
-from local_agent.pipeline import make_publisher
-from local_agent.progress import Progress
-from local_agent.publishers import Publisher
-from local_agent.repository import ensure_repository
-from local_agent.runlock import RunLock
-from local_agent.state import LAST_MANIFEST as LAST_MANIFEST  # re-exported
-from local_agent.state import StateStore, state_file_name
+from local_agent.mirror.backend import Backend
+from local_agent.mirror.deadline import StopSignal, start_hard_stop
+from local_agent.mirror.repository import ensure_repository
+from local_agent.mirror.run import MirrorOptions, MirrorRun, MirrorSummary
+from local_agent.mirror.runlock import RunLock
+from local_agent.mirror.state import LAST_MANIFEST as LAST_MANIFEST  # re-exported
+from local_agent.mirror.state import StateStore, state_file_name
+from local_agent.report.progress import Progress
 
 log = logging.getLogger(__name__)
 

@@ -86,7 +86,7 @@ def recorded_manifest(
     Lets a manual verify detect a manifest altered or deleted in the bucket; elsewhere
     (another machine, no guid) the newest manifest in the bucket is taken as found.
     """
-    from local_agent.state import LAST_MANIFEST, StateStore, state_file_name
+    from local_agent.mirror.state import LAST_MANIFEST, StateStore, state_file_name
 
     if not repo_guid:
         return None
@@ -183,7 +183,7 @@ def _verify(
 ) -> int:
     from cloud.integrations.s3 import make_s3_client
     from cloud.integrations.s3_store import S3ObjectStore, S3ReportSink
-    from local_agent.pipeline import open_run_store
+    from local_agent.events.pipeline import open_run_store
 
     run_id, as_json = request.run, request.json
     repo_id, repo_guid = identity.repo_id, identity.guid

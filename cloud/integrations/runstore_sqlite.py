@@ -151,7 +151,7 @@ class SqliteRunStore:
             self._db = open_sqlite(path, RUN_STORE_FILE, init=self._init_schema_in_transaction)
         except UnusableFile as exc:
             # Locked, read-only or unopenable is not damage: only a damaged file may be
-            # set aside (local_agent.pipeline), never one another process is using.
+            # set aside (local_agent.events.pipeline), never one another process is using.
             raise (RunStoreCorrupt if exc.damaged else RunStoreError)(str(exc)) from None
 
     def _init_schema_in_transaction(self, db: sqlite3.Connection) -> None:

@@ -65,7 +65,7 @@ class _LastVerified(Collector):
 
 def _verified_times(config: RelayConfig) -> list[tuple[str, str | None, float]]:
     from cloud.integrations.runstore_sqlite import RunStoreError, SqliteRunStore
-    from local_agent.pipeline import run_store_path
+    from local_agent.events.pipeline import run_store_path
 
     path = run_store_path(config.state.path())
     if not path.exists():
@@ -293,8 +293,8 @@ async def _stream(run: Run, opening: str) -> AsyncIterator[bytes]:
 
 def _report(config: RelayConfig) -> str:
     from cloud.integrations.runstore_sqlite import SqliteRunStore
-    from local_agent.html_report import render_report
-    from local_agent.pipeline import run_store_path
+    from local_agent.events.pipeline import run_store_path
+    from local_agent.report.html_report import render_report
 
     path = run_store_path(config.state.path())
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ def main() -> int:
     parent = os.environ.get("BACKREST_RELAY_SERVE_PID", "")
     if parent.isdigit():
         _die_with_parent(int(parent))
-    from local_agent.cli import main as cli_main
+    from local_agent.cli.main import main as cli_main
 
     return cli_main(sys.argv[1:])
 

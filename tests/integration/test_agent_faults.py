@@ -441,7 +441,7 @@ def test_bandwidth_limit_holds_the_rate_down(
 # Run the agent with Throttle.consume counting the bytes it lets through.
 _COUNT_THROTTLED = """
 import atexit, os, sys
-from local_agent import throttle
+from local_agent.mirror import throttle
 
 total = [0]
 consume = throttle.Throttle.consume
@@ -454,7 +454,7 @@ def counting(self, amount):
 
 throttle.Throttle.consume = counting
 atexit.register(lambda: open(os.environ["THROTTLED_BYTES_FILE"], "w").write(str(total[0])))
-from local_agent.cli import main
+from local_agent.cli.main import main
 
 sys.exit(main())
 """

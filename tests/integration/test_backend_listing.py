@@ -5,7 +5,7 @@ from __future__ import annotations
 from itertools import islice
 
 from cloud.contracts.destination import Destination
-from local_agent.backend import Backend
+from local_agent.mirror.backend import Backend
 from testbed.s3.endpoint import S3Endpoint
 from testbed.s3.faults import Fault, FaultSchedule
 from testbed.s3.proxy import S3Proxy

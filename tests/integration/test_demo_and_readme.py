@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from local_agent.cli import build_parser
+from local_agent.cli.main import build_parser
 from testbed.agent import run_agent
 
 ROOT = Path(__file__).resolve().parents[2]

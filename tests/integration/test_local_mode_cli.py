@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from local_agent import progress as progress_module
+from local_agent.report import progress as progress_module
 from testbed.agent import agent_config_in, agent_env, run_agent, upload_args, write_agent_config
 from testbed.repos import (
     make_restic_repo,
@@ -171,7 +171,7 @@ class NoMoto(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 sys.meta_path.insert(0, NoMoto())
-from local_agent.cli import main
+from local_agent.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -777,7 +777,7 @@ def test_staleness_window_follows_the_check_schedule_unless_max_age_is_set(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from local_agent.config import load_config
-    from local_agent.status import run_status
+    from local_agent.report.status import run_status
 
     repo = small_restic_repo(tmp_path, restic_password)
     guid = restic_repo_id(repo, restic_password)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from local_agent.repository import multipart_etags
-from local_agent.uploader import part_size_candidates
+from local_agent.mirror.repository import multipart_etags
+from local_agent.mirror.uploader import part_size_candidates
 from testbed.agent import (
     AgentResult,
     agent_command,
@@ -98,7 +98,7 @@ def hooked_upload(
         [
             "import sys",
             textwrap.dedent(hook),
-            "from local_agent.cli import main",
+            "from local_agent.cli.main import main",
             "sys.exit(main(sys.argv[1:]))",
         ]
     )
@@ -351,7 +351,7 @@ def test_unreadable_new_pack_stops_index_and_snapshot_phases(
 RACING_BACKUP_HOOK = """
 import os
 from pathlib import Path
-from local_agent import repository
+from local_agent.mirror import repository
 from testbed.repos import restic_backup, write_random_tree
 
 _repo = Path(os.environ["RACE_REPO"])
@@ -489,7 +489,7 @@ def test_reconcile_replaces_a_corrupted_multipart_object_and_adopts_good_ones(
 
 CHANGING_FILE_HOOK = """
 import os
-from local_agent import uploader
+from local_agent.mirror import uploader
 
 _target = os.environ["CHANGE_KEY"]
 _upload = uploader.ObjectUploader.upload
@@ -688,7 +688,7 @@ def test_multipart_upload_of_a_pack_pruned_before_it_finished_is_aborted(
 
 
 BUGGY_UPLOAD_HOOK = """
-from local_agent import uploader
+from local_agent.mirror import uploader
 
 _upload = uploader.ObjectUploader.upload
 

@@ -14,9 +14,9 @@ import pytest
 
 from cloud.contracts.destination import Destination
 from cloud.integrations.s3 import S3Access
-from local_agent.backend import Backend
 from local_agent.errors import DestinationError
-from local_agent.throttle import Throttle, ThrottledReader
+from local_agent.mirror.backend import Backend
+from local_agent.mirror.throttle import Throttle, ThrottledReader
 from testbed.s3.endpoint import S3Endpoint
 from testbed.s3.faults import Fault, FaultSchedule
 from testbed.s3.operations import RequestInfo

@@ -687,8 +687,8 @@ def test_full_queue_answers_429_and_the_queued_runs_still_complete(
     rclone_server: RcloneS3Server, rclone_bucket: str, restic_password: str, tmp_path: Path
 ) -> None:
     from local_agent.config import load_config
-    from local_agent.runlock import RunLock
-    from local_agent.state import state_file_name
+    from local_agent.mirror.runlock import RunLock
+    from local_agent.mirror.state import state_file_name
 
     repos = {rid: _small_repo(tmp_path / rid, restic_password, n) for n, rid in enumerate("abc")}
     config = service_config(

@@ -17,7 +17,7 @@ from cloud.contracts.events import (
 )
 from cloud.integrations.runstore_sqlite import SqliteRunStore
 from cloud.logic.verification import mirror_run_record, record_verification
-from local_agent.html_report import render_report
+from local_agent.report.html_report import render_report
 from testbed.agent import run_agent, write_agent_config
 from testbed.s3.endpoint import S3Endpoint
 from tests.support import events

@@ -35,7 +35,7 @@ from typing import Literal
 
 import pytest
 
-from local_agent.state import StateStore
+from local_agent.mirror.state import StateStore
 from testbed.agent import (
     run_agent,
     start_agent,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from local_agent import __version__
-from local_agent.cli import COMMANDS, build_parser, main
+from local_agent.cli.main import COMMANDS, build_parser, main
 
 SECRET = "SENTINEL-SECRET-7f3a"
 

@@ -10,9 +10,9 @@ from botocore.stub import Stubber
 
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import EventDetail, MirrorFailed, RepoRef
-from local_agent.events import RunContext, failed_event
-from local_agent.outbox import Outbox
-from local_agent.publishers import EventBridgePublisher, EventLog, PublishError
+from local_agent.events.completion import RunContext, failed_event
+from local_agent.events.outbox import Outbox
+from local_agent.events.publishers import EventBridgePublisher, EventLog, PublishError
 from testbed.agent import run_agent, write_agent_config
 from testbed.s3.endpoint import S3Endpoint
 

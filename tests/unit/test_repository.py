@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from local_agent.errors import ExitCode, GuardError, RepositoryError
-from local_agent.repository import (
+from local_agent.mirror.repository import (
     DELETE_ORDER,
     UPLOAD_ORDER,
     Kind,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from local_agent.errors import ExitCode, GuardError
-from local_agent.runlock import RunLock
+from local_agent.mirror.runlock import RunLock
 
 ROOT = Path(__file__).resolve().parents[2]
 Spawn = Callable[..., "subprocess.Popen[str]"]
@@ -21,7 +21,7 @@ Spawn = Callable[..., "subprocess.Popen[str]"]
 HOLDER = """
 import sys, time
 from pathlib import Path
-from local_agent.runlock import RunLock
+from local_agent.mirror.runlock import RunLock
 lock = RunLock(Path(sys.argv[1]))
 lock.acquire(5)
 print("locked", flush=True)

@@ -14,7 +14,7 @@ import pytest
 from cloud.contracts.destination import Destination
 from local_agent.config import RelayConfig
 from local_agent.errors import ConfigError, ExitCode
-from local_agent.state import (
+from local_agent.mirror.state import (
     SCHEMA_VERSION,
     PendingUpload,
     RemoteObject,

@@ -7,7 +7,7 @@ import io
 import os
 import threading
 
-from local_agent.throttle import Throttle, ThrottledReader
+from local_agent.mirror.throttle import Throttle, ThrottledReader
 
 RATE = 1024 * 1024  # 1 MiB/s: a quarter-second burst is 256 KiB
 

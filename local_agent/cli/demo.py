@@ -169,9 +169,9 @@ class EmbeddedEndpoint:
 
 def run_demo(*, keep: bool = False, notify: Sequence[str] = ()) -> int:
     from local_agent.config import RelayConfig
+    from local_agent.events.pipeline import LocalPipeline
+    from local_agent.events.publishers import LocalPublisher
     from local_agent.identity import ResolvedRepo
-    from local_agent.pipeline import LocalPipeline
-    from local_agent.publishers import LocalPublisher
     from local_agent.units import format_duration, format_size, plural
     from local_agent.upload import run_upload
 

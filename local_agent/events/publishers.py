@@ -4,7 +4,7 @@
   (credential chain, region, `AWS_ENDPOINT_URL_EVENTBRIDGE`) unless `events.region` /
   `events.endpoint_url` say otherwise. These are AWS credentials, never the bucket's.
 - `local`: hands the event to the in-process pipeline on this host (verification and
-  the run store; `local_agent.pipeline`, which also picks the publisher).
+  the run store; `local_agent.events.pipeline`, which also picks the publisher).
 - `none`: drops it.
 """
 

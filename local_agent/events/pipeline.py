@@ -20,14 +20,14 @@ from cloud.logic.ports import ChannelError, NotificationChannel
 from cloud.logic.verification import mirror_run_record
 from cloud.logic.verify import VerifyOptions
 from local_agent.errors import ConfigError
-from local_agent.progress import Progress
-from local_agent.publishers import (
+from local_agent.events.publishers import (
     EventBridgePublisher,
     EventLog,
     LocalPublisher,
     NullPublisher,
     Publisher,
 )
+from local_agent.report.progress import Progress
 from local_agent.units import format_size
 
 if TYPE_CHECKING:

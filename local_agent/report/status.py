@@ -106,7 +106,7 @@ def forget_repo(runs: SqliteRunStore, name: str) -> tuple[str, int]:
 
 def run_forget(config: RelayConfig, name: str) -> int:
     """`status --forget NAME`: drop a repository's history, say how much went."""
-    from local_agent.pipeline import open_run_store
+    from local_agent.events.pipeline import open_run_store
 
     key, removed = forget_repo(open_run_store(config.state.path()), name)
     sys.stdout.write(f"forgot repository {key}: {plural(removed, 'run')} removed\n")
@@ -121,7 +121,7 @@ def run_status(
     html: str | None = None,
     now: datetime | None = None,
 ) -> int:
-    from local_agent.pipeline import open_run_store
+    from local_agent.events.pipeline import open_run_store
 
     now = now or datetime.now(UTC)
     runs = open_run_store(config.state.path(), read_only=not check_stale)
@@ -135,7 +135,7 @@ def run_status(
     if html:
         from pathlib import Path
 
-        from local_agent.html_report import render_report, write_report
+        from local_agent.report.html_report import render_report, write_report
 
         if html == "-":
             sys.stdout.write(render_report(runs))  # the page is the output: no table

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from types_boto3_s3.type_defs import CompletedPartTypeDef
 
     from cloud.integrations.s3 import S3Access
-    from local_agent.object_writer import ObjectWriter
-    from local_agent.objectlock import ObjectLock
+    from local_agent.mirror.object_writer import ObjectWriter
+    from local_agent.mirror.objectlock import ObjectLock
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class Backend:
                 client = self._make_client()
                 if self._direct_put:
                     from cloud.integrations.s3 import USER_AGENT
-                    from local_agent.object_writer import writer_for
+                    from local_agent.mirror.object_writer import writer_for
 
                     assert self._session is not None
                     self._writer = writer_for(
@@ -309,7 +309,7 @@ class Backend:
         lock = self.lock if locked else None
         writer = self._object_writer()
         if writer is not None:
-            from local_agent.object_writer import Payload
+            from local_agent.mirror.object_writer import Payload
 
             payload = Payload.of(body, size, md5_hex, sha256_hex)
             extra = lock.headers() if lock is not None else None

@@ -1,6 +1,6 @@
 """What every command shares: which repository it is about, and which secrets to redact.
 
-Its own module so command modules (cli, doctor, ...) import it without importing each other.
+Its own module so command modules (main, doctor, ...) import it without importing each other.
 """
 
 from __future__ import annotations

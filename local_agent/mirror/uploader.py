@@ -17,12 +17,12 @@ from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from local_agent.backend import Backend, error_code
-from local_agent.deadline import StopSignal
 from local_agent.errors import DestinationError, RepositoryError
-from local_agent.repository import Digest, RepoFile, hash_file
-from local_agent.state import PendingUpload, RemoteObject, StateStore
-from local_agent.throttle import Throttle, ThrottledReader
+from local_agent.mirror.backend import Backend, error_code
+from local_agent.mirror.deadline import StopSignal
+from local_agent.mirror.repository import Digest, RepoFile, hash_file
+from local_agent.mirror.state import PendingUpload, RemoteObject, StateStore
+from local_agent.mirror.throttle import Throttle, ThrottledReader
 
 log = logging.getLogger(__name__)
 

@@ -72,10 +72,10 @@ class Doctor:
 
 
 def run_doctor(args: argparse.Namespace) -> int:
-    from local_agent.backend import Backend, describe_error
-    from local_agent.cli_common import register_secrets, resolve_repo
+    from local_agent.cli.common import register_secrets, resolve_repo
     from local_agent.config import load_config
-    from local_agent.repository import scan_repository
+    from local_agent.mirror.backend import Backend, describe_error
+    from local_agent.mirror.repository import scan_repository
     from local_agent.units import plural
 
     doctor = Doctor()
@@ -299,7 +299,7 @@ def _read_probe(
     doctor: Doctor, required: bool, label: str, backend: Any, key: str, where: str, body: bytes
 ) -> None:
     """GET the probe back: a key without `readFiles` can upload but never verify."""
-    from local_agent.backend import describe_error
+    from local_agent.mirror.backend import describe_error
 
     name = f"read permission ({label})"
     try:

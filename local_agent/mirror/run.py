@@ -25,9 +25,7 @@ from pydantic import ConfigDict
 from cloud.contracts.destination import Destination
 from cloud.contracts.events import ErrorKind, MirrorStats
 from cloud.logic.ports import ListedObject
-from local_agent.backend import Backend
 from local_agent.config import UploadConfig
-from local_agent.deadline import StopRequested, StopSignal
 from local_agent.errors import (
     DeadlineError,
     DestinationError,
@@ -35,9 +33,10 @@ from local_agent.errors import (
     RelayError,
     RepositoryError,
 )
-from local_agent.objectlock import ObjectLock, ObjectLockPolicy
-from local_agent.progress import Progress
-from local_agent.repository import (
+from local_agent.mirror.backend import Backend
+from local_agent.mirror.deadline import StopRequested, StopSignal
+from local_agent.mirror.objectlock import ObjectLock, ObjectLockPolicy
+from local_agent.mirror.repository import (
     DELETE_ORDER,
     UPLOAD_ORDER,
     Digest,
@@ -49,10 +48,11 @@ from local_agent.repository import (
     multipart_etags,
     scan_repository,
 )
-from local_agent.state import RemoteObject, StateStore
-from local_agent.throttle import Throttle
+from local_agent.mirror.state import RemoteObject, StateStore
+from local_agent.mirror.throttle import Throttle
+from local_agent.mirror.uploader import ObjectUploader, part_size_candidates
+from local_agent.report.progress import Progress
 from local_agent.units import format_duration, format_size
-from local_agent.uploader import ObjectUploader, part_size_candidates
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from cloud.integrations.sqlite_file import (
     set_aside,
 )
 from local_agent.errors import ConfigError
-from local_agent.publishers import Publisher, PublishError
+from local_agent.events.publishers import Publisher, PublishError
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import BinaryIO
 
 from cloud.contracts.events import ManifestRef
 from cloud.contracts.manifest import ManifestHeader, manifest_key
-from local_agent.backend import Backend
-from local_agent.state import RemoteObject, StateStore
+from local_agent.mirror.backend import Backend
+from local_agent.mirror.state import RemoteObject, StateStore
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 

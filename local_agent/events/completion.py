@@ -22,7 +22,7 @@ from cloud.contracts.events import (
 )
 from cloud.contracts.ids import new_run_id
 from cloud.integrations.redact import REDACTOR
-from local_agent.mirror import MirrorSummary
+from local_agent.mirror.run import MirrorSummary
 
 
 @dataclass(frozen=True)

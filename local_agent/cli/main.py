@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from cloud.integrations.redact import REDACTOR, RedactingFormatter
 from local_agent import __version__
-from local_agent.cli_common import register_secrets, resolve_repo
+from local_agent.cli.common import register_secrets, resolve_repo
 from local_agent.errors import ConfigError, ExitCode, RelayError
 from local_agent.identity import RepoIdentity, resolve_identity
 
@@ -384,7 +384,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from local_agent.status import run_forget, run_status
+    from local_agent.report.status import run_forget, run_status
 
     config = _load(args)
     if args.forget is not None:
@@ -534,8 +534,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     """Print units that run the silence alarm with this config and this state directory."""
+    from local_agent.cli.schedule import render_schedule
     from local_agent.config import find_config_path, load_config
-    from local_agent.schedule import render_schedule
 
     loaded = load_config(args.config)
     config_path = find_config_path(args.config)
@@ -550,13 +550,13 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from local_agent.doctor import run_doctor
+    from local_agent.cli.doctor import run_doctor
 
     return run_doctor(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from local_agent.demo import run_demo
+    from local_agent.cli.demo import run_demo
 
     return run_demo(keep=args.keep, notify=args.notify)
 

@@ -1,0 +1,1 @@
+"""After a run: its manifest, its event, and where events go."""

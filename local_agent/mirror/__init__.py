@@ -1,0 +1,1 @@
+"""Mirroring a restic repository to S3: scan, plan, upload, state."""

@@ -1,0 +1,1 @@
+"""What the agent shows: the progress line, status and its HTML page."""
